@@ -1,0 +1,83 @@
+"""``calibrate``: estimate the backdoor direction at the split layer and write the direction file.
+
+Reads only what ``fire export`` wrote (head.onnx, split.json) and the training split. Calibration
+samples come from the training split; evaluation uses the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibration.estimators import clean_threshold, paired_direction, unpaired_direction
+from fire_backend.attacks import Attack, attack_from_spec
+from fire_backend.data import load_dataset, to_tensor_batch
+from fire_backend.directions import DirectionFile
+from fire_backend.export import FEATURES, INPUT, ExportInfo, onnx_session
+from fire_backend.repair import Repair
+
+
+@dataclass
+class CalibrationConfig:
+    estimator: str = "paired"  # paired | unpaired
+    mode: str = "project"  # the default repair mode written into the file
+    alpha: float = 1.0
+    n_poisoned: int = 200  # poisoned calibration samples (the defender's observations)
+    n_clean: int = 1000  # clean samples for mu and the gated threshold
+    fpr: float = 0.01  # gated: share of clean samples allowed above the threshold
+    views: int = 4  # unpaired: photometric views per image
+    seed: int = 0
+    attack: dict[str, Any] = field(default_factory=dict)  # empty: the attack recorded in split.json
+
+
+class HeadFeatures:
+    """The deployed head (ONNX, onnxruntime) as a feature function on uint8 NHWC images."""
+
+    def __init__(self, export_dir: str | Path, threads: int = 2):
+        self.session = onnx_session(Path(export_dir) / "head.onnx", threads=threads)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run([FEATURES], {INPUT: to_tensor_batch(images)})[0]
+
+
+def _calibration_samples(dataset: str, attack: Attack, n_poisoned: int, n_clean: int, seed: int):
+    """Disjoint sets from the training split: images to trigger (not of the target class) and clean ones."""
+    train = load_dataset(dataset, "train")
+    order = np.random.default_rng(seed).permutation(len(train))
+    candidates = order[train.labels[order] != attack.target]
+    poison_idx = candidates[:n_poisoned]
+    clean_idx = np.setdiff1d(order, poison_idx, assume_unique=True)[:n_clean]
+    if len(poison_idx) < n_poisoned or len(clean_idx) < n_clean:
+        raise ValueError(f"training split too small for {n_poisoned} poisoned + {n_clean} clean samples")
+    return train.images[poison_idx], train.images[clean_idx]
+
+
+def calibrate(export_dir: str | Path, out_path: str | Path, config: CalibrationConfig | None = None) -> DirectionFile:
+    config = config or CalibrationConfig()
+    info = ExportInfo.read(export_dir)
+    attack = attack_from_spec(config.attack or info.attack)
+    features = HeadFeatures(export_dir)
+    to_poison, clean = _calibration_samples(info.dataset, attack, config.n_poisoned, config.n_clean, config.seed)
+    poisoned = attack.apply(to_poison)
+    if config.estimator == "paired":
+        beta = paired_direction(features, to_poison, poisoned)
+    elif config.estimator == "unpaired":
+        beta = unpaired_direction(features, clean, poisoned, views=config.views, seed=config.seed)
+    else:
+        raise ValueError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
+    clean_feats = np.concatenate([features(clean[i : i + 256]) for i in range(0, len(clean), 256)])
+    mu = clean_feats.mean(axis=0, dtype=np.float64).astype(np.float32)
+    directions = DirectionFile(
+        beta=torch.from_numpy(beta), mu=torch.from_numpy(mu), threshold=0.0, layer=info.layer, mode=config.mode,
+        alpha=config.alpha, head_sha256=info.head_sha256, estimator=config.estimator,
+        n_poisoned=config.n_poisoned, n_clean=config.n_clean, fpr=config.fpr,
+        extra={"attack": attack.spec(), "calibration": asdict(config), "dataset": info.dataset},
+    )
+    scores = Repair(directions).scores(torch.from_numpy(clean_feats)).numpy()
+    directions.threshold = clean_threshold(scores, config.fpr)
+    directions.save(out_path)
+    return directions

@@ -1,0 +1,81 @@
+"""A small client for FIRE-protected models over gRPC or HTTP (tritonclient).
+
+    client = FireClient("127.0.0.1:8001", protocol="grpc")
+    logits = client.infer("cifar10", images)          # float32 (N, 3, 32, 32) in [0, 1]
+    labels = client.classify("cifar10", uint8_images) # (N, 32, 32, 3) uint8, e.g. from load_images()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fire_backend.data import to_tensor_batch
+
+INPUT, LOGITS = "INPUT", "LOGITS"
+
+
+class FireClient:
+    def __init__(self, url: str, protocol: str = "grpc", max_batch_size: int = 64, timeout_s: float = 60.0):
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        elif protocol == "http":
+            import tritonclient.http as tc
+        else:
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.tc, self.protocol, self.max_batch_size = tc, protocol, max_batch_size
+        self.timeout_s = timeout_s
+        kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
+        self.client = tc.InferenceServerClient(url=url, **kwargs)
+
+    def is_ready(self, model: str) -> bool:
+        return bool(self.client.is_model_ready(model))
+
+    def infer(self, model: str, images: np.ndarray, input_name: str = INPUT, output_name: str = LOGITS) -> np.ndarray:
+        """Logits for a float32 NCHW batch; batches above the model's limit are sent in chunks."""
+        images = np.asarray(images)
+        outs = []
+        for i in range(0, max(len(images), 1), self.max_batch_size):
+            outs.append(self._infer_once(model, images[i : i + self.max_batch_size], input_name, output_name))
+        return np.concatenate(outs)
+
+    def _infer_once(self, model: str, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
+        inp = self.tc.InferInput(input_name, list(x.shape), _triton_dtype(x.dtype))
+        if self.protocol == "http":
+            inp.set_data_from_numpy(x, binary_data=True)
+            out = self.tc.InferRequestedOutput(output_name, binary_data=True)
+            result = self.client.infer(model, [inp], outputs=[out], timeout=int(self.timeout_s * 1e6))
+        else:
+            inp.set_data_from_numpy(x)
+            result = self.client.infer(model, [inp], outputs=[self.tc.InferRequestedOutput(output_name)],
+                                       client_timeout=self.timeout_s)
+        return result.as_numpy(output_name)
+
+    def classify(self, model: str, images_uint8: np.ndarray) -> np.ndarray:
+        """Predicted labels for uint8 NHWC images."""
+        return self.infer(model, to_tensor_batch(images_uint8)).argmax(axis=1)
+
+    def predictor(self, model: str):
+        """A ``metrics.Predictor`` backed by this server model."""
+        return lambda x: self.infer(model, x)
+
+
+def _triton_dtype(dtype: np.dtype) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(np.dtype(dtype))
+
+
+def load_images(paths: Sequence[str | Path], size: int = 32) -> np.ndarray:
+    """Image files -> uint8 (N, size, size, 3), resized where needed."""
+    out = []
+    for p in paths:
+        with Image.open(p) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            out.append(np.asarray(img, dtype=np.uint8))
+    return np.stack(out)

@@ -1,0 +1,170 @@
+"""The direction file: what calibration learns and the repair model loads.
+
+A safetensors file with tensors ``beta`` (the trigger direction, feature shape), ``mu`` (clean feature
+mean, feature shape) and ``threshold`` (scalar, for ``gated``), plus string metadata: format version,
+layer, feature shape, dtype, mode, alpha, sample counts, estimator, the sha256 of the head ONNX the
+directions belong to, creation time, and a sha256 over the tensors themselves.
+
+``DirectionFile.load`` validates everything and raises ``DirectionFileError`` naming the file and the
+reason; the repair model refuses to load on any of them (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MODES = ("subtract", "project", "gated")
+ESTIMATORS = ("paired", "unpaired", "streaming")
+TENSORS = ("beta", "mu", "threshold")
+
+
+class DirectionFileError(ValueError):
+    """A direction file is missing, corrupt, or does not fit the deployment."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"direction file {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in TENSORS:
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{list(t.shape)}:".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class DirectionFile:
+    beta: torch.Tensor
+    mu: torch.Tensor
+    threshold: float
+    layer: str
+    mode: str
+    alpha: float
+    head_sha256: str
+    estimator: str
+    n_poisoned: int
+    n_clean: int
+    fpr: float = 0.01
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    extra: dict = field(default_factory=dict)  # free-form provenance (attack spec, seed, ...)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.beta.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"beta": self.beta.detach().float().contiguous().cpu(),
+                "mu": self.mu.detach().float().contiguous().cpu(),
+                "threshold": torch.tensor([self.threshold], dtype=torch.float32)}
+
+    def metadata(self) -> dict[str, str]:
+        t = self.tensors()
+        return {
+            "format_version": str(FORMAT_VERSION), "layer": self.layer,
+            "feature_shape": json.dumps(list(self.feature_shape)), "dtype": "float32", "mode": self.mode,
+            "alpha": repr(float(self.alpha)), "head_sha256": self.head_sha256, "estimator": self.estimator,
+            "n_poisoned": str(self.n_poisoned), "n_clean": str(self.n_clean), "fpr": repr(float(self.fpr)),
+            "created": self.created, "tensors_sha256": tensors_sha256(t), "extra": json.dumps(self.extra),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename): a reader never sees a half-written file."""
+        self.validate(path)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata=self.metadata())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def validate(self, path: str | Path = "<memory>") -> None:
+        def fail(reason: str) -> None:
+            raise DirectionFileError(path, reason)
+
+        if self.mode not in MODES:
+            fail(f"unknown mode {self.mode!r} (expected one of {MODES})")
+        if self.estimator not in ESTIMATORS:
+            fail(f"unknown estimator {self.estimator!r} (expected one of {ESTIMATORS})")
+        if self.beta.shape != self.mu.shape:
+            fail(f"beta shape {tuple(self.beta.shape)} != mu shape {tuple(self.mu.shape)}")
+        for name, t in (("beta", self.beta), ("mu", self.mu)):
+            if t.dtype != torch.float32:
+                fail(f"{name} has dtype {t.dtype}, expected float32")
+            if not bool(torch.isfinite(t).all()):
+                fail(f"{name} contains NaN or Inf values")
+        if not float(self.beta.norm()) > 0:
+            fail("beta is all zeros: no direction to repair along")
+        for name, v in (("alpha", self.alpha), ("threshold", self.threshold), ("fpr", self.fpr)):
+            if not math.isfinite(v):
+                fail(f"{name} is not finite ({v})")
+
+    @classmethod
+    def load(cls, path: str | Path, *, feature_shape: tuple[int, ...] | None = None,
+             head_sha256: str | None = None) -> DirectionFile:
+        """Read and validate; optionally check it fits a deployment (feature shape, head fingerprint)."""
+        path = Path(path)
+
+        def fail(reason: str) -> DirectionFileError:
+            return DirectionFileError(path, reason)
+
+        if not path.is_file():
+            raise fail("not found")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise fail(f"not a readable safetensors file (truncated or corrupted?): {e}") from None
+        version = meta.get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise fail(f"unknown format version {version!r} (this FIRE reads version {FORMAT_VERSION})")
+        missing = [k for k in TENSORS if k not in tensors]
+        if missing:
+            raise fail(f"missing tensors {missing}")
+        required = ("layer", "feature_shape", "mode", "alpha", "head_sha256", "estimator", "n_poisoned",
+                    "n_clean", "fpr", "created", "tensors_sha256")
+        absent = [k for k in required if k not in meta]
+        if absent:
+            raise fail(f"missing metadata {absent}")
+        if meta["tensors_sha256"] != tensors_sha256(tensors):
+            raise fail("tensor checksum mismatch: the tensors were modified after the file was written")
+        try:
+            recorded_shape = tuple(json.loads(meta["feature_shape"]))
+            d = cls(beta=tensors["beta"], mu=tensors["mu"], threshold=float(tensors["threshold"].reshape(-1)[0]),
+                    layer=meta["layer"], mode=meta["mode"], alpha=float(meta["alpha"]),
+                    head_sha256=meta["head_sha256"], estimator=meta["estimator"],
+                    n_poisoned=int(meta["n_poisoned"]), n_clean=int(meta["n_clean"]), fpr=float(meta["fpr"]),
+                    created=meta["created"], extra=json.loads(meta.get("extra", "{}")))
+        except (ValueError, TypeError, json.JSONDecodeError, IndexError) as e:
+            raise fail(f"malformed metadata: {e}") from None
+        if recorded_shape != d.feature_shape:
+            raise fail(f"metadata feature_shape {recorded_shape} != tensor shape {d.feature_shape}")
+        d.validate(path)
+        if feature_shape is not None and tuple(feature_shape) != d.feature_shape:
+            raise fail(f"feature shape {d.feature_shape} does not match the deployed layer's {tuple(feature_shape)}")
+        if head_sha256 is not None and head_sha256 != d.head_sha256:
+            raise fail(f"calibrated for head {d.head_sha256[:12]}..., but the deployed head is {head_sha256[:12]}...; "
+                       "re-run `fire calibrate` against the deployed model")
+        return d

@@ -1,0 +1,74 @@
+"""The repair itself: plain torch, batched, on any device. No Triton here.
+
+With beta the trigger direction, b = beta / |beta|, mu the clean feature mean, and the projection
+score s(x) = <x - mu, b> (flattened per sample):
+
+- ``subtract``: x <- x - alpha * beta                      (the paper's form; moves every input)
+- ``project``:  x <- x - max(0, s(x)) * b                  (removes only the trigger component present)
+- ``gated``:    x <- x - alpha * beta  where s(x) > tau    (tau: clean-score quantile at a chosen FPR)
+
+``Repair.__call__(x, inplace=True)`` edits ``x``'s memory and returns a view of it: no copy, which is
+what the Triton model relies on for a zero-copy DLPack round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fire_backend.directions import MODES, DirectionFile
+
+
+class RepairInputError(ValueError):
+    """The activation tensor cannot be repaired (shape, dtype, device or non-finite values)."""
+
+
+class Repair:
+    def __init__(self, directions: DirectionFile, mode: str | None = None, device: str | torch.device = "cpu"):
+        self.mode = mode or directions.mode
+        if self.mode not in MODES:
+            raise ValueError(f"unknown repair mode {self.mode!r}; choose one of {MODES}")
+        self.device = torch.device(device)
+        self.feature_shape = directions.feature_shape
+        beta = directions.beta.to(self.device, torch.float32).reshape(-1)
+        mu = directions.mu.to(self.device, torch.float32).reshape(-1)
+        self.alpha = float(directions.alpha)
+        self.shift = self.alpha * beta  # subtracted by subtract / gated
+        self.unit = beta / beta.norm()  # b
+        self.mu_dot_unit = float(mu @ self.unit)  # <mu, b>, so s(x) = <x, b> - <mu, b> needs no (x - mu)
+        self.threshold = float(directions.threshold)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Projection score s(x) = <x - mu, b> per sample."""
+        return x.reshape(len(x), -1) @ self.unit - self.mu_dot_unit
+
+    def check(self, x: torch.Tensor) -> None:
+        if x.dtype != torch.float32:
+            raise RepairInputError(f"features must be float32, got {x.dtype}")
+        if tuple(x.shape[1:]) != self.feature_shape or x.ndim != len(self.feature_shape) + 1:
+            raise RepairInputError(f"features must have shape (N, {', '.join(map(str, self.feature_shape))}), "
+                                   f"got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise RepairInputError(f"features are on {x.device}, the repair runs on {self.device}")
+        if not bool(torch.isfinite(x).all()):
+            raise RepairInputError("features contain NaN or Inf (non-finite values in the input image?)")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        self.check(x)
+        if len(x) == 0:
+            return x
+        if not x.is_contiguous():
+            if inplace:
+                raise RepairInputError("in-place repair needs a contiguous tensor")
+            x = x.contiguous()
+        flat = x.view(len(x), -1)
+        out = flat if inplace else flat.clone()
+        if self.mode == "subtract":
+            out.sub_(self.shift)
+        else:
+            s = flat @ self.unit - self.mu_dot_unit  # read before any write: flat may alias out
+            if self.mode == "project":
+                out.addr_(s.clamp_(min=0), self.unit, alpha=-1)
+            else:  # gated
+                out.addr_((s > self.threshold).to(out.dtype), self.shift, alpha=-1)
+        return out.view(x.shape)

@@ -1,0 +1,51 @@
+"""A model half (head or tail) served from its ONNX file with onnxruntime: the CPU profile.
+
+All requests of one ``execute`` call are concatenated, run once, and split back. The head (which
+receives client pixels) validates them first when ``INPUT_RANGE`` is set in the config.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from fire_backend.export import onnx_session
+from fire_backend.triton.common import error_response, parse_args
+from fire_backend.validation import pixel_problem
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config, params, version_dir = parse_args(args)
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+        self.session = onnx_session(version_dir / params.get("ONNX_FILE", "model.onnx"),
+                                    threads=int(params.get("THREADS", "1")))
+        rng = params.get("INPUT_RANGE")
+        self.input_range = tuple(float(v) for v in rng.split(",")) if rng else None
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        arrays, owners = [], []
+        for i, request in enumerate(requests):
+            x = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            problem = pixel_problem(x, *self.input_range) if self.input_range else None
+            if problem:
+                responses[i] = error_response(problem)
+            else:
+                arrays.append(x)
+                owners.append(i)
+        if arrays:
+            batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            try:
+                out = self.session.run([self.output_name], {self.input_name: batch})[0]
+            except Exception as e:  # an ONNX runtime failure fails these requests, not the server
+                for i in owners:
+                    responses[i] = error_response(f"inference failed: {e}", pb_utils.TritonError.INTERNAL)
+                return responses
+            start = 0
+            for i, x in zip(owners, arrays, strict=True):
+                part = out[start : start + len(x)]
+                start += len(x)
+                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, part)])
+        return responses

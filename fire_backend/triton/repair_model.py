@@ -1,0 +1,56 @@
+"""FIRE's repair step: features in, repaired features out, edited in place through DLPack.
+
+At initialize it loads the direction file and validates it against the deployment (feature shape
+from this model's config, sha256 of the deployed head ONNX); any problem raises, so the model and
+every ensemble using it stay unavailable (fail closed). It places itself on the instance's device;
+with FORCE_CPU_ONLY_INPUT_TENSORS=no (GPU profile) inputs arrive as CUDA tensors and stay there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+from fire_backend.directions import DirectionFile
+from fire_backend.export import sha256_file
+from fire_backend.repair import Repair, RepairInputError
+from fire_backend.triton.common import error_response, parse_args
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config, params, version_dir = parse_args(args)
+        torch.set_num_threads(int(params.get("THREADS", "1")))
+        if args.get("model_instance_kind", "").upper().endswith("GPU"):  # KIND_GPU -> "GPU"
+            self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
+        else:
+            self.device = torch.device("cpu")
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+        feature_shape = tuple(int(d) for d in config["input"][0]["dims"])
+        repo_root = Path(args["model_repository"]).parent
+        head_onnx = repo_root / params["HEAD_ONNX"]
+        if not head_onnx.is_file():
+            raise FileNotFoundError(f"FIRE: deployed head {head_onnx} not found; refusing to serve unverified")
+        directions = DirectionFile.load(version_dir / params.get("DIRECTIONS", "directions.safetensors"),
+                                        feature_shape=feature_shape, head_sha256=sha256_file(head_onnx))
+        self.repair = Repair(directions, mode=params.get("MODE") or None, device=self.device)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:  # one by one: each input is repaired in place, nothing concatenated
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+            x = from_dlpack(tensor.to_dlpack())
+            if x.device != self.device:
+                x = x.to(self.device)
+            try:
+                y = self.repair(x, inplace=True)
+            except RepairInputError as e:
+                responses.append(error_response(f"FIRE repair: {e}"))
+                continue
+            out = pb_utils.Tensor.from_dlpack(self.output_name, to_dlpack(y))
+            responses.append(pb_utils.InferenceResponse([out]))
+        return responses
