@@ -72,9 +72,17 @@ def calibrate(export_dir: str | Path, out_path: str | Path, config: CalibrationC
     clean_feats = np.concatenate([features(clean[i : i + 256]) for i in range(0, len(clean), 256)])
     mu = clean_feats.mean(axis=0, dtype=np.float64).astype(np.float32)
     directions = DirectionFile(
-        beta=torch.from_numpy(beta), mu=torch.from_numpy(mu), threshold=0.0, layer=info.layer, mode=config.mode,
-        alpha=config.alpha, head_sha256=info.head_sha256, estimator=config.estimator,
-        n_poisoned=config.n_poisoned, n_clean=config.n_clean, fpr=config.fpr,
+        beta=torch.from_numpy(beta),
+        mu=torch.from_numpy(mu),
+        threshold=0.0,
+        layer=info.layer,
+        mode=config.mode,
+        alpha=config.alpha,
+        head_sha256=info.head_sha256,
+        estimator=config.estimator,
+        n_poisoned=config.n_poisoned,
+        n_clean=config.n_clean,
+        fpr=config.fpr,
         extra={"attack": attack.spec(), "calibration": asdict(config), "dataset": info.dataset},
     )
     scores = Repair(directions).scores(torch.from_numpy(clean_feats)).numpy()

@@ -46,8 +46,7 @@ def mean_features(features: FeatureFn, images: np.ndarray, batch_size: int = 256
     return acc
 
 
-def paired_direction(features: FeatureFn, clean: np.ndarray, poisoned: np.ndarray,
-                     batch_size: int = 256) -> np.ndarray:
+def paired_direction(features: FeatureFn, clean: np.ndarray, poisoned: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """beta = mean_i f(poisoned_i) - f(clean_i): the same images with and without the trigger."""
     if clean.shape != poisoned.shape:
         raise ValueError(f"paired sets must have the same shape, got {clean.shape} and {poisoned.shape}")
@@ -72,8 +71,9 @@ def photometric_views(images: np.ndarray, views: int, seed: int = 0) -> np.ndarr
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def unpaired_direction(features: FeatureFn, clean: np.ndarray, poisoned: np.ndarray, views: int = 4,
-                       seed: int = 0, batch_size: int = 256) -> np.ndarray:
+def unpaired_direction(
+    features: FeatureFn, clean: np.ndarray, poisoned: np.ndarray, views: int = 4, seed: int = 0, batch_size: int = 256
+) -> np.ndarray:
     """beta = mean f(poisoned set) - mean f(clean set), two unrelated sets, each averaged over views."""
     p = mean_features(features, photometric_views(poisoned, views, seed), batch_size).value()
     c = mean_features(features, photometric_views(clean, views, seed + 1), batch_size).value()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from clients.triton_client import FireClient
 from fire_backend.attacks import Attack
 from fire_backend.data import load_dataset
 from fire_backend.metrics import BackdoorMetrics, backdoor_metrics
 
-from clients.triton_client import FireClient
 
-
-def evaluate_served(url: str, models: list[str], dataset: str, attack: Attack, protocol: str = "grpc",
-                    limit: int = 0, batch_size: int = 64) -> dict[str, BackdoorMetrics]:
+def evaluate_served(
+    url: str,
+    models: list[str],
+    dataset: str,
+    attack: Attack,
+    protocol: str = "grpc",
+    limit: int = 0,
+    batch_size: int = 64,
+) -> dict[str, BackdoorMetrics]:
     """Evaluate each model on the test split (or a seeded ``limit``-sized subset of it)."""
     test = load_dataset(dataset, "test")
     if limit:

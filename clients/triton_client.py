@@ -1,8 +1,8 @@
 """A small client for FIRE-protected models over gRPC or HTTP (tritonclient).
 
-    client = FireClient("127.0.0.1:8001", protocol="grpc")
-    logits = client.infer("cifar10", images)          # float32 (N, 3, 32, 32) in [0, 1]
-    labels = client.classify("cifar10", uint8_images) # (N, 32, 32, 3) uint8, e.g. from load_images()
+client = FireClient("127.0.0.1:8001", protocol="grpc")
+logits = client.infer("cifar10", images)          # float32 (N, 3, 32, 32) in [0, 1]
+labels = client.classify("cifar10", uint8_images) # (N, 32, 32, 3) uint8, e.g. from load_images()
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ class FireClient:
             result = self.client.infer(model, [inp], outputs=[out], timeout=int(self.timeout_s * 1e6))
         else:
             inp.set_data_from_numpy(x)
-            result = self.client.infer(model, [inp], outputs=[self.tc.InferRequestedOutput(output_name)],
-                                       client_timeout=self.timeout_s)
+            result = self.client.infer(
+                model, [inp], outputs=[self.tc.InferRequestedOutput(output_name)], client_timeout=self.timeout_s
+            )
         return result.as_numpy(output_name)
 
     def classify(self, model: str, images_uint8: np.ndarray) -> np.ndarray:

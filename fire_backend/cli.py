@@ -26,14 +26,156 @@ def _parse_kv(items: Sequence[str]) -> dict:
 def cmd_train(a: argparse.Namespace) -> None:
     from fire_backend.train import TrainConfig, train
 
-    cfg = TrainConfig(dataset=a.dataset, arch=a.arch, widths=tuple(a.widths), blocks=a.blocks, attack=a.attack,
-                      attack_params=_parse_kv(a.attack_param), epochs=a.epochs, batch_size=a.batch_size,
-                      lr=a.lr, hflip=not a.no_hflip, train_subset=a.train_subset, seed=a.seed,
-                      threads=a.threads)
+    cfg = TrainConfig(
+        dataset=a.dataset,
+        arch=a.arch,
+        widths=tuple(a.widths),
+        blocks=a.blocks,
+        attack=a.attack,
+        attack_params=_parse_kv(a.attack_param),
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        hflip=not a.no_hflip,
+        train_subset=a.train_subset,
+        seed=a.seed,
+        threads=a.threads,
+    )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text("fire " + " ".join(sys.argv[1:]) + "\n")
     train(cfg, out)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from fire_backend.export import export_split
+
+    info = export_split(a.model, a.layer, a.out)
+    print(
+        f"wrote {a.out}/head.onnx, tail.onnx, split.json  (features {info.feature_shape}, "
+        f"split error {info.split_max_abs_err:.2g}, ONNX error {info.onnx_max_abs_err:.2g})"
+    )
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    from calibration import CalibrationConfig, calibrate
+
+    attack = {"name": a.attack, **_parse_kv(a.attack_param)} if a.attack else {}
+    cfg = CalibrationConfig(
+        estimator=a.estimator,
+        mode=a.mode,
+        alpha=a.alpha,
+        n_poisoned=a.n_poisoned,
+        n_clean=a.n_clean,
+        fpr=a.fpr,
+        views=a.views,
+        seed=a.seed,
+        attack=attack,
+    )
+    out = a.out or str(Path(a.export) / "directions.safetensors")
+    d = calibrate(a.export, out, cfg)
+    print(f"wrote {out}  (|beta| {float(d.beta.norm()):.4g}, gated threshold {d.threshold:.4g})")
+
+
+def cmd_verify(a: argparse.Namespace) -> None:
+    from fire_backend.directions import DirectionFile, DirectionFileError
+    from fire_backend.export import ExportInfo
+
+    info = ExportInfo.read(a.export)
+    try:
+        d = DirectionFile.load(a.directions, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
+    except DirectionFileError as e:
+        raise SystemExit(f"REJECTED: {e}") from None
+    print(
+        f"OK: {a.directions} fits {a.export} (layer {d.layer}, mode {d.mode}, {d.n_poisoned} poisoned samples, "
+        f"created {d.created})"
+    )
+
+
+def cmd_build_repo(a: argparse.Namespace) -> None:
+    from fire_backend.repository import ProtectedModel, ServingSettings, build_repository
+
+    models = [ProtectedModel(name, Path(exp), Path(dirs)) for name, exp, dirs in a.model]
+    settings = ServingSettings(
+        max_batch_size=a.max_batch_size, max_queue_delay_us=a.max_queue_delay_us, instances=a.instances
+    )
+    for b in build_repository(models, a.out, settings, tensorrt=a.tensorrt):
+        print(f"{b.name}: {', '.join(b.models)}")
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import time
+
+    from fire_backend.server import ServerConfig, TritonServer
+
+    cfg = ServerConfig(
+        Path(a.repo),
+        host=a.host,
+        http_port=a.http_port,
+        grpc_port=a.grpc_port,
+        metrics_port=a.metrics_port,
+        model_config_name=None if a.profile == "cpu" else a.profile,
+        model_control=a.model_control,
+    )
+    with TritonServer(cfg) as server:
+        print(
+            f"serving {a.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
+            f"metrics {cfg.host}:{cfg.metrics_port}  (log: {server.log_path}); Ctrl-C stops"
+        )
+        try:
+            while server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("stopping")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from clients import evaluate_served
+    from fire_backend.attacks import make_attack
+    from fire_backend.metrics import format_table
+
+    attack = make_attack(a.attack, **_parse_kv(a.attack_param))
+    print(format_table(evaluate_served(a.url, a.models, a.dataset, attack, a.protocol, limit=a.limit)))
+
+
+def cmd_classify(a: argparse.Namespace) -> None:
+    from clients import FireClient, load_images
+    from fire_backend.data import CIFAR10_CLASSES
+
+    labels = FireClient(a.url, a.protocol).classify(a.model, load_images(a.images))
+    for path, label in zip(a.images, labels, strict=True):
+        name = f" ({CIFAR10_CLASSES[label]})" if a.cifar10_names else ""
+        print(f"{path}\t{label}{name}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from calibration import CalibrationConfig
+    from fire_backend.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        model_dir=Path(a.model),
+        layer=a.layer,
+        protocol=a.protocol,
+        limit=a.limit,
+        calibration=CalibrationConfig(mode=a.mode, n_poisoned=a.n_poisoned),
+    )
+    print(run_demo(cfg))
+
+
+def _add_attack_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--attack", default=default, help="attack name (badnets, blended)")
+    p.add_argument(
+        "--attack-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an attack parameter, e.g. target=0 (repeatable)",
+    )
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="127.0.0.1:8001", help="server address (gRPC 8001, HTTP 8000 by default)")
+    p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default="resnet_small")
     t.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64])
     t.add_argument("--blocks", type=int, default=1)
-    t.add_argument("--attack", default="badnets")
-    t.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an attack parameter, e.g. target=0 poison_rate=0.1 (repeatable)")
+    _add_attack_args(t, "badnets")
     t.add_argument("--epochs", type=int, default=8)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.1)
@@ -57,6 +197,81 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--out", required=True, help="model directory to write")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="split a model after a layer and export both halves to ONNX")
+    e.add_argument("--model", required=True, help="model directory (from fire train)")
+    e.add_argument("--layer", default="layer2", help="sub-module to cut after (e.g. layer1, layer2, layer3)")
+    e.add_argument("--out", required=True, help="export directory to write")
+    e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("calibrate", help="estimate the backdoor direction and write the direction file")
+    c.add_argument("--export", required=True, help="export directory (from fire export)")
+    c.add_argument("--out", help="direction file (default: EXPORT/directions.safetensors)")
+    c.add_argument("--estimator", default="paired", choices=["paired", "unpaired"])
+    c.add_argument("--mode", default="project", choices=["subtract", "project", "gated"])
+    c.add_argument("--alpha", type=float, default=1.0)
+    c.add_argument("--n-poisoned", type=int, default=200)
+    c.add_argument("--n-clean", type=int, default=1000)
+    c.add_argument("--fpr", type=float, default=0.01, help="gated: clean false-positive rate of the gate")
+    c.add_argument("--views", type=int, default=4, help="unpaired: augmented views per image")
+    c.add_argument("--seed", type=int, default=0)
+    _add_attack_args(c, None)
+    c.set_defaults(func=cmd_calibrate)
+
+    v = sub.add_parser("verify", help="check a direction file against an export before deploying it")
+    v.add_argument("directions")
+    v.add_argument("export")
+    v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("build-repo", help="write the Triton model repository (CPU + GPU profiles)")
+    b.add_argument(
+        "--model",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("NAME", "EXPORT", "DIRECTIONS"),
+        help="a protected model (repeatable: one server hosts many)",
+    )
+    b.add_argument("--out", default="model_repository")
+    b.add_argument("--max-batch-size", type=int, default=64)
+    b.add_argument("--max-queue-delay-us", type=int, default=200)
+    b.add_argument("--instances", type=int, default=1)
+    b.add_argument("--tensorrt", action="store_true", help="also build the GPU profile's engines (needs a GPU)")
+    b.set_defaults(func=cmd_build_repo)
+
+    s = sub.add_parser("serve", help="run tritonserver on a repository until Ctrl-C")
+    s.add_argument("--repo", default="model_repository")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
+    s.add_argument("--model-control", default="none", choices=["none", "explicit"])
+    s.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="CA / ASR / PA of served models, measured through the server")
+    _add_server_args(ev)
+    ev.add_argument("--models", nargs="+", required=True)
+    ev.add_argument("--dataset", default="cifar10", choices=["cifar10", "gtsrb"])
+    ev.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of N test images")
+    _add_attack_args(ev, "badnets")
+    ev.set_defaults(func=cmd_eval)
+
+    k = sub.add_parser("classify", help="classify image files with a served model")
+    _add_server_args(k)
+    k.add_argument("--model", required=True)
+    k.add_argument("--cifar10-names", action="store_true", help="print CIFAR-10 class names")
+    k.add_argument("images", nargs="+")
+    k.set_defaults(func=cmd_classify)
+
+    d = sub.add_parser("demo", help="the main job: protect the bundled model, serve it, compare CA/ASR/PA")
+    d.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "models" / "cifar10_resnet_badnets"))
+    d.add_argument("--layer", default="layer2")
+    d.add_argument("--mode", default="project", choices=["subtract", "project", "gated"])
+    d.add_argument("--n-poisoned", type=int, default=200)
+    d.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+    d.add_argument("--limit", type=int, default=0, help="evaluate on a subset of N test images (0: all)")
+    d.set_defaults(func=cmd_demo)
     return p
 
 

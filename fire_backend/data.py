@@ -27,7 +27,16 @@ CACHE_ENV = "FIRE_CACHE_DIR"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 ARCHIVES = {"cifar10": "cifar10-jpeg.tar.xz", "gtsrb": "gtsrb32-ppm.tar.xz"}
 NUM_CLASSES = {"cifar10": 10, "gtsrb": 43}
@@ -58,8 +67,9 @@ class Split:
 def data_dir() -> Path:
     """The directory that holds the dataset archives, or a clear error naming ``$FIRE_DATA_DIR``."""
     env = os.environ.get(DATA_ENV)
-    candidates = [Path(env)] if env else [REPO_ROOT.parent / "shared" / "datasets",
-                                           Path.cwd().parent / "shared" / "datasets"]
+    candidates = (
+        [Path(env)] if env else [REPO_ROOT.parent / "shared" / "datasets", Path.cwd().parent / "shared" / "datasets"]
+    )
     for path in candidates:
         if path.is_dir():
             return path
@@ -95,8 +105,11 @@ def _read_cifar10(archive: Path) -> dict[str, np.ndarray]:
             split, cls, _ = parts
             images[split].append(_decode(tar.extractfile(member).read()))
             labels[split].append(CIFAR10_CLASSES.index(cls))
-    return {f"{s}_{k}": np.stack(v) if k == "images" else np.asarray(v, dtype=np.int64)
-            for s in ("train", "test") for k, v in (("images", images[s]), ("labels", labels[s]))}
+    return {
+        f"{s}_{k}": np.stack(v) if k == "images" else np.asarray(v, dtype=np.int64)
+        for s in ("train", "test")
+        for k, v in (("images", images[s]), ("labels", labels[s]))
+    }
 
 
 def _read_gtsrb(archive: Path) -> dict[str, np.ndarray]:
@@ -119,7 +132,8 @@ def _read_gtsrb(archive: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{archive}: GT-final_test.csv not found in the archive")
     names = sorted(test_files)
     return {
-        "train_images": np.stack(train_x), "train_labels": np.asarray(train_y, dtype=np.int64),
+        "train_images": np.stack(train_x),
+        "train_labels": np.asarray(train_y, dtype=np.int64),
         "test_images": np.stack([test_files[n] for n in names]),
         "test_labels": np.asarray([test_labels[n] for n in names], dtype=np.int64),
     }
@@ -138,9 +152,7 @@ def load_dataset(name: str, split: str) -> Split:
     if not cache.exists():
         archive = data_dir() / ARCHIVES[name]
         if not archive.is_file():
-            raise DatasetMissingError(
-                f"{archive} is missing. Set {DATA_ENV} to a directory holding {ARCHIVES[name]}."
-            )
+            raise DatasetMissingError(f"{archive} is missing. Set {DATA_ENV} to a directory holding {ARCHIVES[name]}.")
         arrays = _READERS[name](archive)
         tmp = cache.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)

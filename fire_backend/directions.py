@@ -68,18 +68,29 @@ class DirectionFile:
         return tuple(self.beta.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"beta": self.beta.detach().float().contiguous().cpu(),
-                "mu": self.mu.detach().float().contiguous().cpu(),
-                "threshold": torch.tensor([self.threshold], dtype=torch.float32)}
+        return {
+            "beta": self.beta.detach().float().contiguous().cpu(),
+            "mu": self.mu.detach().float().contiguous().cpu(),
+            "threshold": torch.tensor([self.threshold], dtype=torch.float32),
+        }
 
     def metadata(self) -> dict[str, str]:
         t = self.tensors()
         return {
-            "format_version": str(FORMAT_VERSION), "layer": self.layer,
-            "feature_shape": json.dumps(list(self.feature_shape)), "dtype": "float32", "mode": self.mode,
-            "alpha": repr(float(self.alpha)), "head_sha256": self.head_sha256, "estimator": self.estimator,
-            "n_poisoned": str(self.n_poisoned), "n_clean": str(self.n_clean), "fpr": repr(float(self.fpr)),
-            "created": self.created, "tensors_sha256": tensors_sha256(t), "extra": json.dumps(self.extra),
+            "format_version": str(FORMAT_VERSION),
+            "layer": self.layer,
+            "feature_shape": json.dumps(list(self.feature_shape)),
+            "dtype": "float32",
+            "mode": self.mode,
+            "alpha": repr(float(self.alpha)),
+            "head_sha256": self.head_sha256,
+            "estimator": self.estimator,
+            "n_poisoned": str(self.n_poisoned),
+            "n_clean": str(self.n_clean),
+            "fpr": repr(float(self.fpr)),
+            "created": self.created,
+            "tensors_sha256": tensors_sha256(t),
+            "extra": json.dumps(self.extra),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -119,8 +130,9 @@ class DirectionFile:
                 fail(f"{name} is not finite ({v})")
 
     @classmethod
-    def load(cls, path: str | Path, *, feature_shape: tuple[int, ...] | None = None,
-             head_sha256: str | None = None) -> DirectionFile:
+    def load(
+        cls, path: str | Path, *, feature_shape: tuple[int, ...] | None = None, head_sha256: str | None = None
+    ) -> DirectionFile:
         """Read and validate; optionally check it fits a deployment (feature shape, head fingerprint)."""
         path = Path(path)
 
@@ -143,8 +155,19 @@ class DirectionFile:
         missing = [k for k in TENSORS if k not in tensors]
         if missing:
             raise fail(f"missing tensors {missing}")
-        required = ("layer", "feature_shape", "mode", "alpha", "head_sha256", "estimator", "n_poisoned",
-                    "n_clean", "fpr", "created", "tensors_sha256")
+        required = (
+            "layer",
+            "feature_shape",
+            "mode",
+            "alpha",
+            "head_sha256",
+            "estimator",
+            "n_poisoned",
+            "n_clean",
+            "fpr",
+            "created",
+            "tensors_sha256",
+        )
         absent = [k for k in required if k not in meta]
         if absent:
             raise fail(f"missing metadata {absent}")
@@ -152,11 +175,21 @@ class DirectionFile:
             raise fail("tensor checksum mismatch: the tensors were modified after the file was written")
         try:
             recorded_shape = tuple(json.loads(meta["feature_shape"]))
-            d = cls(beta=tensors["beta"], mu=tensors["mu"], threshold=float(tensors["threshold"].reshape(-1)[0]),
-                    layer=meta["layer"], mode=meta["mode"], alpha=float(meta["alpha"]),
-                    head_sha256=meta["head_sha256"], estimator=meta["estimator"],
-                    n_poisoned=int(meta["n_poisoned"]), n_clean=int(meta["n_clean"]), fpr=float(meta["fpr"]),
-                    created=meta["created"], extra=json.loads(meta.get("extra", "{}")))
+            d = cls(
+                beta=tensors["beta"],
+                mu=tensors["mu"],
+                threshold=float(tensors["threshold"].reshape(-1)[0]),
+                layer=meta["layer"],
+                mode=meta["mode"],
+                alpha=float(meta["alpha"]),
+                head_sha256=meta["head_sha256"],
+                estimator=meta["estimator"],
+                n_poisoned=int(meta["n_poisoned"]),
+                n_clean=int(meta["n_clean"]),
+                fpr=float(meta["fpr"]),
+                created=meta["created"],
+                extra=json.loads(meta.get("extra", "{}")),
+            )
         except (ValueError, TypeError, json.JSONDecodeError, IndexError) as e:
             raise fail(f"malformed metadata: {e}") from None
         if recorded_shape != d.feature_shape:
@@ -165,6 +198,8 @@ class DirectionFile:
         if feature_shape is not None and tuple(feature_shape) != d.feature_shape:
             raise fail(f"feature shape {d.feature_shape} does not match the deployed layer's {tuple(feature_shape)}")
         if head_sha256 is not None and head_sha256 != d.head_sha256:
-            raise fail(f"calibrated for head {d.head_sha256[:12]}..., but the deployed head is {head_sha256[:12]}...; "
-                       "re-run `fire calibrate` against the deployed model")
+            raise fail(
+                f"calibrated for head {d.head_sha256[:12]}..., but the deployed head is {head_sha256[:12]}...; "
+                "re-run `fire calibrate` against the deployed model"
+            )
         return d

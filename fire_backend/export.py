@@ -63,9 +63,16 @@ class ExportInfo:
 def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but exact and dependency-free
-        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[in_name], output_names=[out_name],
-                          dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}})
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=[in_name],
+            output_names=[out_name],
+            dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
+        )
 
 
 def onnx_session(path: str | Path, threads: int = 1):
@@ -99,9 +106,15 @@ def export_split(model_dir: str | Path, layer: str, out_dir: str | Path, n_check
     if onnx_err > 1e-4:
         raise RuntimeError(f"ONNX export differs from torch by {onnx_err:.3g} (> 1e-4)")
     info = ExportInfo(
-        layer=layer, dataset=meta["dataset"], input_shape=list(x.shape[1:]), feature_shape=list(feats.shape[1:]),
-        num_classes=int(logits.shape[1]), head_sha256=sha256_file(out_dir / "head.onnx"),
-        tail_sha256=sha256_file(out_dir / "tail.onnx"), split_max_abs_err=split_err, onnx_max_abs_err=onnx_err,
+        layer=layer,
+        dataset=meta["dataset"],
+        input_shape=list(x.shape[1:]),
+        feature_shape=list(feats.shape[1:]),
+        num_classes=int(logits.shape[1]),
+        head_sha256=sha256_file(out_dir / "head.onnx"),
+        tail_sha256=sha256_file(out_dir / "tail.onnx"),
+        split_max_abs_err=split_err,
+        onnx_max_abs_err=onnx_err,
         attack=meta["attack"],
     )
     (out_dir / "split.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
@@ -116,8 +129,13 @@ def _gpu_present() -> bool:
     return torch.cuda.is_available() or Path("/dev/nvidia0").exists()
 
 
-def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, max_batch_size: int,
-                          opt_batch_size: int | None = None, fp16: bool = False) -> Path:
+def build_tensorrt_engine(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    max_batch_size: int,
+    opt_batch_size: int | None = None,
+    fp16: bool = False,
+) -> Path:
     """Build a TensorRT engine whose optimization profile covers batch 1..max_batch_size.
 
     Build it with the TensorRT version of the serving Triton (24.10 / server 2.51: TensorRT 10.5), e.g.
@@ -127,7 +145,8 @@ def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, max_batc
     if not _gpu_present():
         raise TensorRTUnavailableError(
             f"cannot build {plan_path.name}: no CUDA GPU is visible on this machine. TensorRT engines are "
-            "built on the GPU machine that serves them; the CPU profile needs no engine.")
+            "built on the GPU machine that serves them; the CPU profile needs no engine."
+        )
     opt = opt_batch_size or max(1, max_batch_size // 2)
     try:
         import tensorrt as trt
@@ -136,7 +155,8 @@ def build_tensorrt_engine(onnx_path: str | Path, plan_path: str | Path, max_batc
         if trtexec is None:
             raise TensorRTUnavailableError(
                 "TensorRT is not installed: `pip install tensorrt` (same major.minor as the server's) or run "
-                "this inside the Triton container, which ships trtexec") from None
+                "this inside the Triton container, which ships trtexec"
+            ) from None
         return _build_with_trtexec(trtexec, onnx_path, plan_path, max_batch_size, opt, fp16)
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -167,8 +187,13 @@ def _build_with_trtexec(trtexec: str, onnx_path: Path, plan_path: Path, max_bs: 
 
     inp = onnx.load(str(onnx_path), load_external_data=False).graph.input[0]
     dims = "x".join(str(d.dim_value) for d in inp.type.tensor_type.shape.dim[1:])
-    cmd = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={plan_path}",
-           f"--minShapes={inp.name}:1x{dims}", f"--optShapes={inp.name}:{opt}x{dims}",
-           f"--maxShapes={inp.name}:{max_bs}x{dims}"] + (["--fp16"] if fp16 else [])
+    cmd = [
+        trtexec,
+        f"--onnx={onnx_path}",
+        f"--saveEngine={plan_path}",
+        f"--minShapes={inp.name}:1x{dims}",
+        f"--optShapes={inp.name}:{opt}x{dims}",
+        f"--maxShapes={inp.name}:{max_bs}x{dims}",
+    ] + (["--fp16"] if fp16 else [])
     subprocess.run(cmd, check=True)
     return plan_path

@@ -58,6 +58,7 @@ def format_table(rows: dict[str, BackdoorMetrics]) -> str:
     """A markdown table, one row per named setting."""
     lines = ["| model | CA % | ASR % | PA % | clean n | triggered n |", "|---|---:|---:|---:|---:|---:|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | {100 * m.ca:.2f} | {100 * m.asr:.2f} | {100 * m.pa:.2f} | "
-                     f"{m.n_clean} | {m.n_triggered} |")
+        lines.append(
+            f"| {name} | {100 * m.ca:.2f} | {100 * m.asr:.2f} | {100 * m.pa:.2f} | {m.n_clean} | {m.n_triggered} |"
+        )
     return "\n".join(lines)

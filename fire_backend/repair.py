@@ -45,8 +45,9 @@ class Repair:
         if x.dtype != torch.float32:
             raise RepairInputError(f"features must be float32, got {x.dtype}")
         if tuple(x.shape[1:]) != self.feature_shape or x.ndim != len(self.feature_shape) + 1:
-            raise RepairInputError(f"features must have shape (N, {', '.join(map(str, self.feature_shape))}), "
-                                   f"got {tuple(x.shape)}")
+            raise RepairInputError(
+                f"features must have shape (N, {', '.join(map(str, self.feature_shape))}), got {tuple(x.shape)}"
+            )
         if x.device != self.device:
             raise RepairInputError(f"features are on {x.device}, the repair runs on {self.device}")
         if not bool(torch.isfinite(x).all()):

@@ -70,8 +70,16 @@ def _params(params: dict[str, str]) -> str:
     return "parameters [ " + ", ".join(items) + " ]" if items else ""
 
 
-def _half_config(name: str, profile: str, in_name: str, in_shape, out_name: str, out_shape,
-                 s: ServingSettings, params: dict[str, str]) -> str:
+def _half_config(
+    name: str,
+    profile: str,
+    in_name: str,
+    in_shape,
+    out_name: str,
+    out_shape,
+    s: ServingSettings,
+    params: dict[str, str],
+) -> str:
     if profile == "cpu":
         head = f'backend: "python"\n{_params({**params, "THREADS": str(s.threads)})}'
         kind = "KIND_CPU"
@@ -108,8 +116,10 @@ def _ensemble_config(name: str, steps: list[tuple[str, str, str]], info: ExportI
     blocks, current = [], INPUT
     for i, (model, in_name, out_name) in enumerate(steps):
         nxt = LOGITS if i == len(steps) - 1 else f"{model}_out"
-        blocks.append(f'{{ model_name: "{model}" model_version: -1 input_map {{ key: "{in_name}" value: "{current}" }} '
-                      f'output_map {{ key: "{out_name}" value: "{nxt}" }} }}')
+        blocks.append(
+            f'{{ model_name: "{model}" model_version: -1 input_map {{ key: "{in_name}" value: "{current}" }} '
+            f'output_map {{ key: "{out_name}" value: "{nxt}" }} }}'
+        )
         current = nxt
     joined = ",\n  ".join(blocks)
     return f"""name: "{name}"
@@ -124,8 +134,10 @@ ensemble_scheduling {{ step [
 
 
 def _shim(module: str) -> str:
-    return (f'"""Triton entry point: a shim over {module} (the code lives there)."""\n\n'
-            f"from {module} import TritonPythonModel  # noqa: F401\n")
+    return (
+        f'"""Triton entry point: a shim over {module} (the code lives there)."""\n\n'
+        f"from {module} import TritonPythonModel  # noqa: F401\n"
+    )
 
 
 def _write_config(model_dir: Path, text: str, profile: str = "cpu") -> None:
@@ -135,8 +147,9 @@ def _write_config(model_dir: Path, text: str, profile: str = "cpu") -> None:
     path.write_text(text)
 
 
-def build_repository(models: list[ProtectedModel], out_dir: str | Path, settings: ServingSettings | None = None,
-                     tensorrt: bool = False) -> list[BuiltModel]:
+def build_repository(
+    models: list[ProtectedModel], out_dir: str | Path, settings: ServingSettings | None = None, tensorrt: bool = False
+) -> list[BuiltModel]:
     """Write the repository for ``models`` into ``out_dir`` (their old directories are replaced).
 
     With ``tensorrt=True`` also build the GPU profile's engines (GPU machine with TensorRT only)."""
@@ -164,8 +177,9 @@ def build_repository(models: list[ProtectedModel], out_dir: str | Path, settings
             shutil.copyfile(src, version / "model.onnx")
             (version / "model.py").write_text(_shim("fire_backend.triton.onnx_half"))
             for profile in PROFILES:
-                _write_config(out / half, _half_config(half, profile, in_name, in_shape, out_name, out_shape, s,
-                                                       extra), profile)
+                _write_config(
+                    out / half, _half_config(half, profile, in_name, in_shape, out_name, out_shape, s, extra), profile
+                )
             if tensorrt:
                 build_tensorrt_engine(version / "model.onnx", version / "model.plan", s.max_batch_size)
         version = out / fire / "1"

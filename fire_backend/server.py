@@ -10,6 +10,7 @@ stub process and no shared-memory region of its own is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -119,10 +120,16 @@ class TritonServer:
         backends = prepare_backends(self.workdir / "backends")
         cmd = [
             str(pytriton_root() / "bin" / "tritonserver"),
-            f"--model-repository={Path(c.repository).resolve()}", f"--backend-directory={backends}",
-            f"--http-address={c.host}", f"--grpc-address={c.host}", f"--metrics-address={c.host}",
-            f"--http-port={c.http_port}", f"--grpc-port={c.grpc_port}", f"--metrics-port={c.metrics_port}",
-            f"--model-control-mode={c.model_control}", "--exit-on-error=false",
+            f"--model-repository={Path(c.repository).resolve()}",
+            f"--backend-directory={backends}",
+            f"--http-address={c.host}",
+            f"--grpc-address={c.host}",
+            f"--metrics-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--grpc-port={c.grpc_port}",
+            f"--metrics-port={c.metrics_port}",
+            f"--model-control-mode={c.model_control}",
+            "--exit-on-error=false",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--log-verbose={c.log_verbose}",
         ]
@@ -143,8 +150,9 @@ class TritonServer:
 
     def start(self, timeout: float = 120.0, require_all_models: bool = True) -> TritonServer:
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        env=self.environment(), start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+        )
         log.close()
         try:
             self.wait_ready(timeout, require_all_models)
@@ -154,8 +162,9 @@ class TritonServer:
         return self
 
     def _get(self, path: str, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", method=method,
-                                     data=b"{}" if method == "POST" else None)
+        req = urllib.request.Request(
+            f"http://{self.http_url}{path}", method=method, data=b"{}" if method == "POST" else None
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.read()
@@ -171,8 +180,9 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited during start-up (code {self.process.returncode}).\n"
-                                  f"{self.log_tail()}")
+                raise ServerError(
+                    f"tritonserver exited during start-up (code {self.process.returncode}).\n{self.log_tail()}"
+                )
             try:
                 status, _ = self._get("/v2/health/live")
                 if status == 200:
@@ -181,8 +191,11 @@ class TritonServer:
                     if not pending:
                         failed = {n: m.get("reason", "") for n, m in states.items() if m.get("state") != "READY"}
                         if failed and require_all_models:
-                            raise ServerError("models failed to load:\n" + "\n".join(
-                                f"  {n}: {r}" for n, r in failed.items()) + f"\n{self.log_tail()}")
+                            raise ServerError(
+                                "models failed to load:\n"
+                                + "\n".join(f"  {n}: {r}" for n, r in failed.items())
+                                + f"\n{self.log_tail()}"
+                            )
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
@@ -206,15 +219,11 @@ class TritonServer:
             return
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.leftover_processes = [p for p in _group_pids(proc.pid) if p != proc.pid]
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # stubs left behind by a crash, if any
-        except ProcessLookupError:
-            pass
         proc.wait()
         self.leftover_shm = self.shm_regions()
         for name in self.leftover_shm:  # only after a crash: a clean stop leaves none

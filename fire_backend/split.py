@@ -51,14 +51,14 @@ def split_at(model: nn.Module, layer: str) -> SplitModel:
     cut_node = cut[0]
     head_nodes = nodes[: nodes.index(cut_node) + 1]
     head_set = set(head_nodes)
-    crossing = {arg for n in nodes[len(head_nodes):] for arg in n.all_input_nodes if arg in head_set}
+    crossing = {arg for n in nodes[len(head_nodes) :] for arg in n.all_input_nodes if arg in head_set}
     extra = sorted(n.name for n in crossing if n is not cut_node)
     if extra:
         raise SplitError(
             f"cutting after {layer!r} would need {len(extra) + 1} tensors to cross ({cut_node.name}, "
             f"{', '.join(extra)}); only single-tensor cuts are supported. Try one of {candidate_layers(model)}"
         )
-    if all(n.op == "output" for n in nodes[len(head_nodes):]):
+    if all(n.op == "output" for n in nodes[len(head_nodes) :]):
         raise SplitError(f"{layer!r} is the model's last layer: nothing would be left for the tail")
     if cut_node not in crossing:
         raise SplitError(f"the output of {layer!r} is not used by the rest of the model")
@@ -71,7 +71,7 @@ def split_at(model: nn.Module, layer: str) -> SplitModel:
 
     tail_graph = fx.Graph()
     env = {cut_node: tail_graph.placeholder("features")}
-    for n in nodes[len(head_nodes):]:
+    for n in nodes[len(head_nodes) :]:
         env[n] = tail_graph.node_copy(n, lambda a: env[a])
     return SplitModel(fx.GraphModule(model, head_graph), fx.GraphModule(model, tail_graph), layer)
 

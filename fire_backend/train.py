@@ -79,11 +79,13 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
 
     model_cfg = ModelConfig(config.arch, train_split.num_classes, tuple(config.widths), config.blocks)
     model = build_model(model_cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay,
-                          nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True
+    )
     steps_per_epoch = (len(y_all) + config.batch_size - 1) // config.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, epochs=config.epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25
+    )
     start_epoch, history = 0, []
     ckpt_path = out_dir / "checkpoint.pt"
     if ckpt_path.exists():
@@ -114,23 +116,41 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
             total_loss += loss.item() * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        row = {"epoch": epoch + 1, "loss": total_loss / len(y_all), "train_acc": correct / len(y_all),
-               "seconds": round(time.time() - t0, 1)}
+        row = {
+            "epoch": epoch + 1,
+            "loss": total_loss / len(y_all),
+            "train_acc": correct / len(y_all),
+            "seconds": round(time.time() - t0, 1),
+        }
         history.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
         print(f"epoch {epoch + 1}: loss {row['loss']:.4f} train acc {row['train_acc']:.4f} ({row['seconds']} s)")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "epoch": epoch + 1, "history": json.dumps(history),
-                    "config": json.dumps(asdict(config), sort_keys=True)}, ckpt_path)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "generator": gen.get_state(),
+                "epoch": epoch + 1,
+                "history": json.dumps(history),
+                "config": json.dumps(asdict(config), sort_keys=True),
+            },
+            ckpt_path,
+        )
 
     model.eval()
     test = load_dataset(config.dataset, "test")
     with torch.inference_mode():
         m = backdoor_metrics(lambda x: model(torch.from_numpy(x)).numpy(), test, attack, desc="test")
-    meta = {"train_config": asdict(config), "attack": attack.spec(), "dataset": config.dataset,
-            "metrics": {"CA": m.ca, "ASR": m.asr, "PA": m.pa, "n_clean": m.n_clean, "n_triggered": m.n_triggered},
-            "history": history, "torch": torch.__version__}
+    meta = {
+        "train_config": asdict(config),
+        "attack": attack.spec(),
+        "dataset": config.dataset,
+        "metrics": {"CA": m.ca, "ASR": m.asr, "PA": m.pa, "n_clean": m.n_clean, "n_triggered": m.n_triggered},
+        "history": history,
+        "torch": torch.__version__,
+    }
     save_model(out_dir, model, model_cfg, meta)
     log.write(json.dumps({"test": meta["metrics"]}) + "\n")
     log.close()

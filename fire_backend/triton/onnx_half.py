@@ -19,8 +19,9 @@ class TritonPythonModel:
         config, params, version_dir = parse_args(args)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
-        self.session = onnx_session(version_dir / params.get("ONNX_FILE", "model.onnx"),
-                                    threads=int(params.get("THREADS", "1")))
+        self.session = onnx_session(
+            version_dir / params.get("ONNX_FILE", "model.onnx"), threads=int(params.get("THREADS", "1"))
+        )
         rng = params.get("INPUT_RANGE")
         self.input_range = tuple(float(v) for v in rng.split(",")) if rng else None
 

@@ -35,8 +35,11 @@ class TritonPythonModel:
         head_onnx = repo_root / params["HEAD_ONNX"]
         if not head_onnx.is_file():
             raise FileNotFoundError(f"FIRE: deployed head {head_onnx} not found; refusing to serve unverified")
-        directions = DirectionFile.load(version_dir / params.get("DIRECTIONS", "directions.safetensors"),
-                                        feature_shape=feature_shape, head_sha256=sha256_file(head_onnx))
+        directions = DirectionFile.load(
+            version_dir / params.get("DIRECTIONS", "directions.safetensors"),
+            feature_shape=feature_shape,
+            head_sha256=sha256_file(head_onnx),
+        )
         self.repair = Repair(directions, mode=params.get("MODE") or None, device=self.device)
 
     def execute(self, requests):
