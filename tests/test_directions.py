@@ -1,0 +1,95 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fire_backend.directions import DirectionFile, DirectionFileError
+
+
+def make(**kw) -> DirectionFile:
+    g = torch.Generator().manual_seed(0)
+    base = dict(beta=torch.randn(4, 2, 2, generator=g), mu=torch.randn(4, 2, 2, generator=g), threshold=1.5,
+                layer="layer2", mode="project", alpha=1.0, head_sha256="ab" * 32, estimator="paired",
+                n_poisoned=50, n_clean=100)
+    return DirectionFile(**{**base, **kw})
+
+
+def test_round_trip_keeps_tensors_and_metadata(tmp_path):
+    d = make(extra={"attack": {"name": "badnets"}})
+    path = d.save(tmp_path / "d.safetensors")
+    back = DirectionFile.load(path, feature_shape=(4, 2, 2), head_sha256="ab" * 32)
+    assert torch.equal(back.beta, d.beta) and torch.equal(back.mu, d.mu)
+    assert math.isclose(back.threshold, 1.5)
+    for field in ("layer", "mode", "alpha", "head_sha256", "estimator", "n_poisoned", "n_clean", "created", "extra"):
+        assert getattr(back, field) == getattr(d, field)
+    assert not list(tmp_path.glob(".*.tmp")), "the atomic write leaves no temp file"
+
+
+def _write_raw(path, tensors, metadata):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(("corrupt", "reason"), [
+    ("missing", "not found"),
+    ("truncated", "not a readable safetensors"),
+    ("bad_header", "not a readable safetensors"),
+    ("not_safetensors", "not a readable safetensors"),
+    ("version", "unknown format version"),
+    ("tampered", "checksum mismatch"),
+    ("nan", "NaN or Inf"),
+    ("shape_meta", "feature_shape"),
+    ("missing_tensor", "missing tensors"),
+])
+def test_corrupt_files_are_refused_with_the_reason(tmp_path, corrupt, reason):
+    good = make()
+    path = tmp_path / "d.safetensors"
+    good.save(path)
+    raw = path.read_bytes()
+    tensors, meta = good.tensors(), good.metadata()
+    if corrupt == "missing":
+        path.unlink()
+    elif corrupt == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif corrupt == "bad_header":
+        path.write_bytes((2**40).to_bytes(8, "little") + raw[8:])
+    elif corrupt == "not_safetensors":
+        path.write_bytes(b"\x80\x04\x95 this is a pickle, not safetensors")
+    elif corrupt == "version":
+        _write_raw(path, tensors, {**meta, "format_version": "99"})
+    elif corrupt == "tampered":
+        _write_raw(path, {**tensors, "beta": tensors["beta"] * 2}, meta)
+    elif corrupt == "nan":
+        bad = {**tensors, "mu": tensors["mu"].clone()}
+        bad["mu"][0, 0, 0] = float("nan")
+        _write_raw(path, bad, {**meta, "tensors_sha256": _checksum(bad)})
+    elif corrupt == "shape_meta":
+        _write_raw(path, tensors, {**meta, "feature_shape": json.dumps([1, 2, 3])})
+    elif corrupt == "missing_tensor":
+        _write_raw(path, {"beta": tensors["beta"], "mu": tensors["mu"]}, meta)
+    with pytest.raises(DirectionFileError, match=reason) as e:
+        DirectionFile.load(path)
+    assert str(path) in str(e.value), "the message names the file"
+
+
+def _checksum(tensors):
+    from fire_backend.directions import tensors_sha256
+
+    return tensors_sha256(tensors)
+
+
+def test_deployment_mismatches_are_refused(tmp_path):
+    path = make().save(tmp_path / "d.safetensors")
+    with pytest.raises(DirectionFileError, match="does not match the deployed layer"):
+        DirectionFile.load(path, feature_shape=(8, 2, 2))
+    with pytest.raises(DirectionFileError, match="re-run `fire calibrate`"):
+        DirectionFile.load(path, head_sha256="cd" * 32)
+
+
+@pytest.mark.parametrize("bad", [dict(mode="bogus"), dict(beta=torch.zeros(4, 2, 2)), dict(alpha=float("inf")),
+                                 dict(mu=torch.zeros(3)), dict(beta=torch.ones(4, 2, 2, dtype=torch.float64))])
+def test_invalid_directions_are_never_written(tmp_path, bad):
+    with pytest.raises(DirectionFileError):
+        make(**bad).save(tmp_path / "d.safetensors")
+    assert not (tmp_path / "d.safetensors").exists()

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+from fire_backend.directions import DirectionFile
+from fire_backend.repair import Repair, RepairInputError
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def directions(beta, mu, mode="subtract", alpha=1.0, threshold=0.0) -> DirectionFile:
+    return DirectionFile(beta=torch.tensor(beta, dtype=torch.float32), mu=torch.tensor(mu, dtype=torch.float32),
+                         threshold=threshold, layer="l", mode=mode, alpha=alpha, head_sha256="0" * 64,
+                         estimator="paired", n_poisoned=1, n_clean=1)
+
+
+# beta = (3, 4): |beta| = 5, b = (0.6, 0.8); mu = (1, 1); scores s = <x - mu, b> = (0, 5, -1.4)
+X = [[1.0, 1.0], [4.0, 5.0], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("mode", "alpha", "threshold", "expected"), [
+    ("subtract", 1.0, 0.0, [[-2, -3], [1, 1], [-3, -4]]),
+    ("subtract", 0.5, 0.0, [[-0.5, -1], [2.5, 3], [-1.5, -2]]),
+    ("project", 1.0, 0.0, [[1, 1], [1, 1], [0, 0]]),  # only row 2 carries the direction (s = 5)
+    ("gated", 0.5, 2.0, [[1, 1], [2.5, 3], [0, 0]]),  # only s = 5 > 2 is gated, shifted by 0.5 * beta
+    ("gated", 1.0, -2.0, [[-2, -3], [1, 1], [-3, -4]]),  # every s > -2: same as subtract
+])
+def test_modes_match_hand_computed_values(device, mode, alpha, threshold, expected):
+    r = Repair(directions([3, 4], [1, 1], mode, alpha, threshold), device=device)
+    x = torch.tensor(X, device=device)
+    assert torch.allclose(r.scores(x).cpu(), torch.tensor([0.0, 5.0, -1.4]), atol=1e-6)
+    assert torch.allclose(r(x).cpu(), torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+    assert torch.equal(x.cpu(), torch.tensor(X)), "out-of-place repair must not touch its input"
+
+
+@pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
+def test_inplace_repair_reuses_the_input_memory(mode):
+    r = Repair(directions([[3.0, 4.0]], [[1.0, 1.0]], mode, threshold=1.0))
+    x = torch.tensor([[[4.0, 5.0]]])
+    expected = r(x.clone())
+    out = r(x, inplace=True)
+    assert out.data_ptr() == x.data_ptr()
+    assert torch.equal(out, expected) and torch.equal(x, expected)
+
+
+def test_dlpack_round_trip_is_zero_copy():
+    """numpy buffer -> DLPack -> torch -> in-place repair -> DLPack -> numpy: one buffer throughout,
+    the path the Triton model takes with pb_utils tensors."""
+    arr = np.random.default_rng(0).normal(size=(8, 4, 3, 3)).astype(np.float32)
+    ptr = arr.__array_interface__["data"][0]
+    beta = np.random.default_rng(1).normal(size=(4, 3, 3)).astype(np.float32)
+    r = Repair(directions(beta.tolist(), np.zeros_like(beta).tolist(), "project"))
+    expected = r(torch.from_numpy(arr.copy()))
+    x = from_dlpack(arr)
+    assert x.data_ptr() == ptr
+    y = r(x, inplace=True)
+    back = np.from_dlpack(from_dlpack(to_dlpack(y)))
+    assert y.data_ptr() == ptr and back.__array_interface__["data"][0] == ptr
+    np.testing.assert_allclose(back, expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(("x", "match"), [
+    (torch.zeros(2, 3), "shape"),
+    (torch.zeros(2, 2, dtype=torch.float64), "float32"),
+    (torch.tensor([[0.0, float("nan")]]), "NaN"),
+    (torch.tensor([[float("inf"), 0.0]]), "NaN or Inf"),
+])
+def test_bad_features_are_rejected(x, match):
+    with pytest.raises(RepairInputError, match=match):
+        Repair(directions([3, 4], [1, 1]))(x)
+
+
+def test_empty_batch_passes_through():
+    assert Repair(directions([3, 4], [1, 1]))(torch.zeros(0, 2)).shape == (0, 2)
+
+
+vectors = st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=4, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=st.lists(vectors, min_size=1, max_size=5), beta=vectors, mu=vectors)
+def test_project_leaves_no_positive_trigger_component(x, beta, mu):
+    if np.linalg.norm(beta) < 1e-3:
+        return
+    r = Repair(directions(beta, mu, "project"))
+    xt = torch.tensor(x)
+    before, after = r.scores(xt), r.scores(r(xt))
+    tol = 1e-3 * (1 + xt.abs().max().item() + abs(r.mu_dot_unit))
+    assert torch.all(after <= tol)  # nothing left along +b
+    assert torch.allclose(after, before.clamp(max=0), atol=tol)  # and nothing else moved along b

@@ -1,0 +1,63 @@
+import pytest
+from tritonclient.grpc import model_config_pb2
+
+from fire_backend.directions import DirectionFileError
+from fire_backend.repository import ProtectedModel, build_repository, parse_config
+
+KIND_CPU, KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_CPU, model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+def _configs(repo, profile):
+    """Every model's config as Triton would pick it with --model-config-name=<profile>."""
+    out = {}
+    for model_dir in sorted(p for p in repo.iterdir() if p.is_dir()):
+        custom = model_dir / "configs" / f"{profile}.pbtxt"
+        path = custom if profile != "cpu" and custom.exists() else model_dir / "config.pbtxt"
+        out[model_dir.name] = parse_config(path.read_text())
+    return out
+
+
+def test_every_config_parses_with_tritons_schema_for_both_profiles(repository, artifacts):
+    for profile in ("cpu", "gpu"):
+        configs = _configs(repository, profile)
+        for name in artifacts:
+            expected = {name, f"{name}_plain", f"{name}_head", f"{name}_fire", f"{name}_tail"}
+            assert expected <= set(configs)
+        for name, cfg in configs.items():
+            assert cfg.name == name
+            if cfg.platform == "ensemble":
+                steps = [s.model_name for s in cfg.ensemble_scheduling.step]
+                assert all(cfg.max_batch_size <= configs[s].max_batch_size for s in steps)
+            else:
+                assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+
+
+def test_profiles_place_the_halves_and_the_repair(repository):
+    cpu, gpu = _configs(repository, "cpu"), _configs(repository, "gpu")
+    assert cpu["cifar10_head"].backend == "python" and cpu["cifar10_head"].instance_group[0].kind == KIND_CPU
+    assert gpu["cifar10_head"].platform == "tensorrt_plan" and gpu["cifar10_head"].instance_group[0].kind == KIND_GPU
+    assert gpu["cifar10_tail"].default_model_filename == "model.plan"
+    fire = gpu["cifar10_fire"]
+    assert fire.backend == "python" and fire.instance_group[0].kind == KIND_GPU
+    assert fire.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu["cifar10_fire"].parameters
+    assert [s.model_name for s in cpu["cifar10"].ensemble_scheduling.step] == [
+        "cifar10_head", "cifar10_fire", "cifar10_tail"]
+    assert [s.model_name for s in cpu["cifar10_plain"].ensemble_scheduling.step] == ["cifar10_head", "cifar10_tail"]
+    for half in ("head", "tail"):
+        assert (repository / f"cifar10_{half}" / "1" / "model.onnx").is_file()
+    shim = (repository / "cifar10_fire" / "1" / "model.py").read_text()
+    assert "from fire_backend.triton.repair_model import TritonPythonModel" in shim and len(shim.splitlines()) <= 4
+
+
+def test_builder_refuses_directions_of_another_model(artifacts, tmp_path):
+    a, other = artifacts["cifar10"], artifacts["gtsrb"]
+    with pytest.raises(DirectionFileError, match="re-run `fire calibrate`"):
+        build_repository([ProtectedModel("x", a.export_dir, other.directions)], tmp_path)
+    with pytest.raises(ValueError, match="unique"):
+        build_repository([ProtectedModel("x", a.export_dir, a.directions)] * 2, tmp_path)
+
+
+def test_a_broken_config_is_caught_by_the_schema():
+    with pytest.raises(Exception, match="no_such_field"):
+        parse_config('name: "x" no_such_field: 1')

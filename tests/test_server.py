@@ -1,0 +1,116 @@
+"""Integration: a real tritonserver serving the CIFAR-10 and GTSRB models, protected and plain."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tritonclient.utils import InferenceServerException
+
+from clients import FireClient
+from fire_backend.checkpoint import load_model
+from fire_backend.data import to_tensor_batch
+from fire_backend.directions import DirectionFile
+from fire_backend.repair import Repair
+from fire_backend.server import ServerConfig, TritonServer
+from fire_backend.split import split_at
+
+from .conftest import triggered_subset
+
+PROTOCOLS = ["grpc", "http"]
+
+
+def client(server, protocol) -> FireClient:
+    return FireClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+
+
+def local_logits(a, x: np.ndarray, protected: bool) -> np.ndarray:
+    model, _ = load_model(a.model_dir)
+    split = split_at(model, a.info.layer)
+    with torch.no_grad():
+        feats = split.head(torch.from_numpy(x))
+        if protected:
+            feats = Repair(DirectionFile.load(a.directions))(feats)
+        return split.tail(feats).numpy()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_served_logits_equal_the_local_torch_pipeline(server, artifacts, protocol):
+    c = client(server, protocol)
+    for a in artifacts.values():
+        x = to_tensor_batch(np.concatenate([a.test.images[:20], triggered_subset(a, 20)[0]]))
+        for model, protected in ((a.name, True), (f"{a.name}_plain", False)):
+            np.testing.assert_allclose(c.infer(model, x), local_logits(a, x, protected), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "gtsrb"])
+def test_two_protected_models_lower_asr_on_one_server(server, artifacts, name):
+    a = artifacts[name]
+    c = client(server, "grpc")
+    triggered, labels = triggered_subset(a)
+    plain = c.classify(f"{name}_plain", triggered)
+    fire = c.classify(name, triggered)
+    asr_plain, asr_fire = (plain == a.attack.target).mean(), (fire == a.attack.target).mean()
+    assert asr_plain > 0.8 and asr_fire < 0.15, (asr_plain, asr_fire)
+    assert (fire == labels).mean() > (plain == labels).mean() + 0.4
+
+
+BAD_INPUTS = {
+    "wrong dtype": (np.zeros((2, 3, 32, 32), np.float64), "FP64|data-type|datatype"),
+    "wrong spatial size": (np.zeros((2, 3, 16, 16), np.float32), "unexpected shape|shape"),
+    "wrong channels": (np.zeros((2, 1, 32, 32), np.float32), "unexpected shape|shape"),
+    "wrong rank": (np.zeros((2, 3, 32), np.float32), "unexpected shape|shape"),
+    "NaN pixels": (np.full((2, 3, 32, 32), np.nan, np.float32), "NaN or Inf"),
+    "out of range": (np.full((2, 3, 32, 32), 300.0, np.float32), "outside the expected pixel range"),
+    "oversize batch": (np.zeros((65, 3, 32, 32), np.float32), "batch size|max"),
+}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, artifacts, protocol, case):
+    x, pattern = BAD_INPUTS[case]
+    c = client(server, protocol)
+    with pytest.raises(InferenceServerException, match=pattern):
+        c._infer_once("cifar10", x, "INPUT", "LOGITS")
+    good = to_tensor_batch(artifacts["cifar10"].test.images[:4])
+    assert c.infer("cifar10", good).shape == (4, 10)
+
+
+def test_fire_eval_cli_measures_through_the_server(server):
+    fire = shutil.which("fire") or f"{sys.executable} -m fire_backend.cli"
+    out = subprocess.run([*fire.split(), "eval", "--url", server.grpc_url, "--models", "cifar10", "cifar10_plain",
+                          "--limit", "100"], capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| cifar10")}
+    asr = {m: float(rows[m].split("|")[3]) for m in ("cifar10", "cifar10_plain")}
+    assert asr["cifar10"] < asr["cifar10_plain"] - 50
+
+
+def test_bad_directions_fail_closed_and_stop_cleanly(artifacts, tmp_path):
+    """A corrupt direction file: the repair model and the protected ensemble are not served, the plain
+    twin still is; stopping the server leaves no stub process and no shared-memory region."""
+    from fire_backend.repository import ProtectedModel, build_repository
+
+    a = artifacts["cifar10"]
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    target = repo / "cifar10_fire" / "1" / "directions.safetensors"
+    target.write_bytes(target.read_bytes()[:100])  # truncated after the build-time check
+    server = TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0))
+    server.start(require_all_models=False)
+    try:
+        states = server.model_states()
+        assert states["cifar10_fire"]["state"] == "UNAVAILABLE"
+        assert "directions.safetensors" in states["cifar10_fire"]["reason"]
+        assert states["cifar10"]["state"] == "UNAVAILABLE" and states["cifar10_plain"]["state"] == "READY"
+        c = client(server, "grpc")
+        x = to_tensor_batch(a.test.images[:4])
+        with pytest.raises(InferenceServerException):
+            c.infer("cifar10", x)
+        assert c.infer("cifar10_plain", x).shape == (4, 10)
+        assert server.shm_regions(), "the running server has shared-memory regions of its own"
+    finally:
+        server.stop()
+    assert server.leftover_processes == [] and server.leftover_shm == []

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from fire_backend.checkpoint import load_model
+from fire_backend.data import load_dataset, to_tensor_batch
+from fire_backend.export import FEATURES, INPUT, LOGITS, TensorRTUnavailableError, build_tensorrt_engine, onnx_session
+from fire_backend.split import SplitError, check_equivalence, split_at
+
+from .conftest import MODELS
+
+
+@pytest.fixture(scope="module")
+def model_and_images():
+    model, _ = load_model(MODELS["cifar10"])
+    x = torch.from_numpy(to_tensor_batch(load_dataset("cifar10", "test").subset(64, seed=3).images))
+    return model, x
+
+
+@pytest.mark.parametrize("layer", ["stem", "layer1", "layer2", "layer2.0", "layer3", "pool"])
+def test_every_single_tensor_cut_reproduces_the_model(model_and_images, layer):
+    model, x = model_and_images
+    split = split_at(model, layer)
+    assert check_equivalence(model, split, x, atol=1e-5) <= 1e-5
+
+
+@pytest.mark.parametrize(("layer", "match"), [
+    ("layer2.0.conv1", "tensors to cross"),  # inside a residual block: the skip connection crosses too
+    ("layer2.0.bn2", "tensors to cross"),
+    ("nope", "no sub-module named"),
+    ("fc", "last layer"),
+])
+def test_impossible_cuts_are_refused(model_and_images, layer, match):
+    with pytest.raises(SplitError, match=match):
+        split_at(model_and_images[0], layer)
+
+
+def test_onnx_halves_match_torch_with_a_dynamic_batch(artifacts):
+    a = artifacts["cifar10"]
+    assert a.info.onnx_max_abs_err <= 1e-4 and a.info.split_max_abs_err <= 1e-5
+    model, _ = load_model(a.model_dir)
+    split = split_at(model, a.info.layer)
+    head, tail = onnx_session(a.export_dir / "head.onnx"), onnx_session(a.export_dir / "tail.onnx")
+    for n in (1, 7, 33):  # batch sizes never seen at export time
+        x = to_tensor_batch(a.test.images[:n])
+        feats = head.run([FEATURES], {INPUT: x})[0]
+        logits = tail.run([LOGITS], {FEATURES: feats})[0]
+        with torch.no_grad():
+            ref = split.head(torch.from_numpy(x))
+            np.testing.assert_allclose(feats, ref.numpy(), atol=1e-4)
+            np.testing.assert_allclose(logits, model(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine builds the engine for real")
+def test_tensorrt_build_fails_clearly_without_a_gpu(artifacts, tmp_path):
+    with pytest.raises(TensorRTUnavailableError, match="no CUDA GPU"):
+        build_tensorrt_engine(artifacts["cifar10"].export_dir / "head.onnx", tmp_path / "head.plan", 64)
+    assert not (tmp_path / "head.plan").exists()
