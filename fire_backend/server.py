@@ -185,11 +185,17 @@ class TritonServer:
                 )
             try:
                 status, _ = self._get("/v2/health/live")
-                if status == 200:
+                if status == 200:  # live comes after the start-up loads; a model may still be (re)loading
                     states = self.model_states()
-                    pending = [n for n, m in states.items() if m.get("state") not in ("READY", "UNAVAILABLE")]
-                    if not pending:
-                        failed = {n: m.get("reason", "") for n, m in states.items() if m.get("state") != "READY"}
+                    if self.config.model_control == "explicit":
+                        states = {n: m for n, m in states.items() if n in self.config.load_models}
+                    if not any(m.get("state") in ("LOADING", "UNLOADING") for m in states.values()):
+                        # no state at all: never loaded, e.g. an ensemble whose step failed to load
+                        failed = {
+                            n: m.get("reason") or "not loaded (a model it depends on failed?)"
+                            for n, m in states.items()
+                            if m.get("state") != "READY"
+                        }
                         if failed and require_all_models:
                             raise ServerError(
                                 "models failed to load:\n"

@@ -45,7 +45,7 @@ def test_real_splits_have_the_documented_shapes():
         assert train.images.shape == (n_train, 32, 32, 3) and test.images.shape == (n_test, 32, 32, 3)
         assert set(np.unique(test.labels)) == set(range(k))
     x = to_tensor_batch(test.images[:2])
-    assert x.shape == (2, 3, 32, 32) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (2, 3, 32, 32) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
 
 
 def test_missing_data_names_the_environment_variable(tmp_path, monkeypatch):

@@ -50,8 +50,11 @@ def test_paired_directions_remove_the_backdoor_locally(artifacts, name):
 
 def test_unpaired_estimate_also_lowers_asr(artifacts, tmp_path):
     a = artifacts["cifar10"]
-    d = calibrate(a.export_dir, tmp_path / "u.safetensors",
-                  CalibrationConfig(estimator="unpaired", n_poisoned=100, n_clean=300, views=2))
+    d = calibrate(
+        a.export_dir,
+        tmp_path / "u.safetensors",
+        CalibrationConfig(estimator="unpaired", n_poisoned=100, n_clean=300, views=2),
+    )
     assert d.estimator == "unpaired"
     triggered, _ = triggered_subset(a)
     plain = (_predict(a, triggered, None) == a.attack.target).mean()

@@ -10,9 +10,18 @@ from fire_backend.directions import DirectionFile, DirectionFileError
 
 def make(**kw) -> DirectionFile:
     g = torch.Generator().manual_seed(0)
-    base = dict(beta=torch.randn(4, 2, 2, generator=g), mu=torch.randn(4, 2, 2, generator=g), threshold=1.5,
-                layer="layer2", mode="project", alpha=1.0, head_sha256="ab" * 32, estimator="paired",
-                n_poisoned=50, n_clean=100)
+    base = dict(
+        beta=torch.randn(4, 2, 2, generator=g),
+        mu=torch.randn(4, 2, 2, generator=g),
+        threshold=1.5,
+        layer="layer2",
+        mode="project",
+        alpha=1.0,
+        head_sha256="ab" * 32,
+        estimator="paired",
+        n_poisoned=50,
+        n_clean=100,
+    )
     return DirectionFile(**{**base, **kw})
 
 
@@ -31,17 +40,20 @@ def _write_raw(path, tensors, metadata):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-@pytest.mark.parametrize(("corrupt", "reason"), [
-    ("missing", "not found"),
-    ("truncated", "not a readable safetensors"),
-    ("bad_header", "not a readable safetensors"),
-    ("not_safetensors", "not a readable safetensors"),
-    ("version", "unknown format version"),
-    ("tampered", "checksum mismatch"),
-    ("nan", "NaN or Inf"),
-    ("shape_meta", "feature_shape"),
-    ("missing_tensor", "missing tensors"),
-])
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        ("missing", "not found"),
+        ("truncated", "not a readable safetensors"),
+        ("bad_header", "not a readable safetensors"),
+        ("not_safetensors", "not a readable safetensors"),
+        ("version", "unknown format version"),
+        ("tampered", "checksum mismatch"),
+        ("nan", "NaN or Inf"),
+        ("shape_meta", "feature_shape"),
+        ("missing_tensor", "missing tensors"),
+    ],
+)
 def test_corrupt_files_are_refused_with_the_reason(tmp_path, corrupt, reason):
     good = make()
     path = tmp_path / "d.safetensors"
@@ -87,8 +99,16 @@ def test_deployment_mismatches_are_refused(tmp_path):
         DirectionFile.load(path, head_sha256="cd" * 32)
 
 
-@pytest.mark.parametrize("bad", [dict(mode="bogus"), dict(beta=torch.zeros(4, 2, 2)), dict(alpha=float("inf")),
-                                 dict(mu=torch.zeros(3)), dict(beta=torch.ones(4, 2, 2, dtype=torch.float64))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(mode="bogus"),
+        dict(beta=torch.zeros(4, 2, 2)),
+        dict(alpha=float("inf")),
+        dict(mu=torch.zeros(3)),
+        dict(beta=torch.ones(4, 2, 2, dtype=torch.float64)),
+    ],
+)
 def test_invalid_directions_are_never_written(tmp_path, bad):
     with pytest.raises(DirectionFileError):
         make(**bad).save(tmp_path / "d.safetensors")

@@ -12,9 +12,18 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def directions(beta, mu, mode="subtract", alpha=1.0, threshold=0.0) -> DirectionFile:
-    return DirectionFile(beta=torch.tensor(beta, dtype=torch.float32), mu=torch.tensor(mu, dtype=torch.float32),
-                         threshold=threshold, layer="l", mode=mode, alpha=alpha, head_sha256="0" * 64,
-                         estimator="paired", n_poisoned=1, n_clean=1)
+    return DirectionFile(
+        beta=torch.tensor(beta, dtype=torch.float32),
+        mu=torch.tensor(mu, dtype=torch.float32),
+        threshold=threshold,
+        layer="l",
+        mode=mode,
+        alpha=alpha,
+        head_sha256="0" * 64,
+        estimator="paired",
+        n_poisoned=1,
+        n_clean=1,
+    )
 
 
 # beta = (3, 4): |beta| = 5, b = (0.6, 0.8); mu = (1, 1); scores s = <x - mu, b> = (0, 5, -1.4)
@@ -22,13 +31,16 @@ X = [[1.0, 1.0], [4.0, 5.0], [0.0, 0.0]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("mode", "alpha", "threshold", "expected"), [
-    ("subtract", 1.0, 0.0, [[-2, -3], [1, 1], [-3, -4]]),
-    ("subtract", 0.5, 0.0, [[-0.5, -1], [2.5, 3], [-1.5, -2]]),
-    ("project", 1.0, 0.0, [[1, 1], [1, 1], [0, 0]]),  # only row 2 carries the direction (s = 5)
-    ("gated", 0.5, 2.0, [[1, 1], [2.5, 3], [0, 0]]),  # only s = 5 > 2 is gated, shifted by 0.5 * beta
-    ("gated", 1.0, -2.0, [[-2, -3], [1, 1], [-3, -4]]),  # every s > -2: same as subtract
-])
+@pytest.mark.parametrize(
+    ("mode", "alpha", "threshold", "expected"),
+    [
+        ("subtract", 1.0, 0.0, [[-2, -3], [1, 1], [-3, -4]]),
+        ("subtract", 0.5, 0.0, [[-0.5, -1], [2.5, 3], [-1.5, -2]]),
+        ("project", 1.0, 0.0, [[1, 1], [1, 1], [0, 0]]),  # only row 2 carries the direction (s = 5)
+        ("gated", 0.5, 2.0, [[1, 1], [2.5, 3], [0, 0]]),  # only s = 5 > 2 is gated, shifted by 0.5 * beta
+        ("gated", 1.0, -2.0, [[-2, -3], [1, 1], [-3, -4]]),  # every s > -2: same as subtract
+    ],
+)
 def test_modes_match_hand_computed_values(device, mode, alpha, threshold, expected):
     r = Repair(directions([3, 4], [1, 1], mode, alpha, threshold), device=device)
     x = torch.tensor(X, device=device)
@@ -63,12 +75,15 @@ def test_dlpack_round_trip_is_zero_copy():
     np.testing.assert_allclose(back, expected.numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize(("x", "match"), [
-    (torch.zeros(2, 3), "shape"),
-    (torch.zeros(2, 2, dtype=torch.float64), "float32"),
-    (torch.tensor([[0.0, float("nan")]]), "NaN"),
-    (torch.tensor([[float("inf"), 0.0]]), "NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (torch.zeros(2, 3), "shape"),
+        (torch.zeros(2, 2, dtype=torch.float64), "float32"),
+        (torch.tensor([[0.0, float("nan")]]), "NaN"),
+        (torch.tensor([[float("inf"), 0.0]]), "NaN or Inf"),
+    ],
+)
 def test_bad_features_are_rejected(x, match):
     with pytest.raises(RepairInputError, match=match):
         Repair(directions([3, 4], [1, 1]))(x)

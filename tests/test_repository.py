@@ -42,7 +42,10 @@ def test_profiles_place_the_halves_and_the_repair(repository):
     assert fire.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu["cifar10_fire"].parameters
     assert [s.model_name for s in cpu["cifar10"].ensemble_scheduling.step] == [
-        "cifar10_head", "cifar10_fire", "cifar10_tail"]
+        "cifar10_head",
+        "cifar10_fire",
+        "cifar10_tail",
+    ]
     assert [s.model_name for s in cpu["cifar10_plain"].ensemble_scheduling.step] == ["cifar10_head", "cifar10_tail"]
     for half in ("head", "tail"):
         assert (repository / f"cifar10_{half}" / "1" / "model.onnx").is_file()

@@ -24,12 +24,15 @@ def test_every_single_tensor_cut_reproduces_the_model(model_and_images, layer):
     assert check_equivalence(model, split, x, atol=1e-5) <= 1e-5
 
 
-@pytest.mark.parametrize(("layer", "match"), [
-    ("layer2.0.conv1", "tensors to cross"),  # inside a residual block: the skip connection crosses too
-    ("layer2.0.bn2", "tensors to cross"),
-    ("nope", "no sub-module named"),
-    ("fc", "last layer"),
-])
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        ("layer2.0.conv1", "tensors to cross"),  # inside a residual block: the skip connection crosses too
+        ("layer2.0.bn2", "tensors to cross"),
+        ("nope", "no sub-module named"),
+        ("fc", "last layer"),
+    ],
+)
 def test_impossible_cuts_are_refused(model_and_images, layer, match):
     with pytest.raises(SplitError, match=match):
         split_at(model_and_images[0], layer)
