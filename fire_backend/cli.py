@@ -104,6 +104,7 @@ def cmd_build_repo(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    import signal
     import time
 
     from fire_backend.server import ServerConfig, TritonServer
@@ -117,16 +118,21 @@ def cmd_serve(a: argparse.Namespace) -> None:
         model_config_name=None if a.profile == "cpu" else a.profile,
         model_control=a.model_control,
     )
+    # SIGTERM (kill, systemd, CI) unwinds like Ctrl-C, so the server and its stubs are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with TritonServer(cfg) as server:
         print(
             f"serving {a.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
-            f"metrics {cfg.host}:{cfg.metrics_port}  (log: {server.log_path}); Ctrl-C stops"
+            f"metrics {cfg.host}:{cfg.metrics_port}  (log: {server.log_path}); Ctrl-C stops",
+            flush=True,
         )
         try:
             while server.process.poll() is None:
-                time.sleep(1)
+                time.sleep(0.5)
         except KeyboardInterrupt:
-            print("stopping")
+            print("stopping", flush=True)
+        if server.process.poll() is not None:
+            raise SystemExit(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:

@@ -196,13 +196,16 @@ class TritonServer:
                             for n, m in states.items()
                             if m.get("state") != "READY"
                         }
-                        if failed and require_all_models:
+                        if not require_all_models:
+                            return
+                        if failed:
                             raise ServerError(
                                 "models failed to load:\n"
                                 + "\n".join(f"  {n}: {r}" for n, r in failed.items())
                                 + f"\n{self.log_tail()}"
                             )
-                        return
+                        if self._get("/v2/health/ready")[0] == 200:
+                            return
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
             time.sleep(0.25)

@@ -121,3 +121,81 @@ def test_bad_directions_fail_closed_and_stop_cleanly(artifacts, tmp_path):
     finally:
         server.stop()
     assert server.leftover_processes == [] and server.leftover_shm == []
+
+
+def test_classify_image_files_matches_arrays(server, artifacts, tmp_path):
+    from PIL import Image
+
+    from clients import load_images
+
+    a = artifacts["cifar10"]
+    paths = []
+    for i, img in enumerate(a.test.images[:6]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    c = client(server, "http")
+    np.testing.assert_array_equal(c.classify("cifar10", load_images(paths)), c.classify("cifar10", a.test.images[:6]))
+    fire = shutil.which("fire")
+    out = subprocess.run(
+        [fire, "classify", "--url", server.grpc_url, "--model", "cifar10", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert [int(line.split("\t")[1]) for line in out.splitlines()] == list(c.classify("cifar10", a.test.images[:6]))
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live process."""
+    from pathlib import Path
+
+    out = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] != "Z":
+                out[int(proc.name)] = (int(stat[1]), (proc / "cmdline").read_bytes().decode(errors="replace"))
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def test_fire_serve_binds_loopback_and_stops_cleanly_on_sigterm(repository):
+    import signal
+
+    from fire_backend.server import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen(
+        [
+            shutil.which("fire"),
+            "serve",
+            "--repo",
+            str(repository),
+            "--http-port",
+            ports[0],
+            "--grpc-port",
+            ports[1],
+            "--metrics-port",
+            ports[2],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"HTTP 127.0.0.1:{ports[0]}" in line and f"gRPC 127.0.0.1:{ports[1]}" in line, line
+        assert FireClient(f"127.0.0.1:{ports[1]}").is_ready("gtsrb")
+        procs = _processes()
+        server_pids = [p for p, (_, cmd) in procs.items() if f"--http-port={ports[0]}" in cmd]
+        assert len(server_pids) == 1
+        stubs = [p for p, (ppid, _) in procs.items() if ppid == server_pids[0]]
+        assert len(stubs) == 6, "one stub per Python-backend model (2 x head, fire, tail)"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    alive = set(_processes())
+    assert not alive & {*server_pids, *stubs}, "tritonserver or a stub outlived `fire serve`"
