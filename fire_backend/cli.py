@@ -160,10 +160,12 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
     cfg = DemoConfig(
         model_dir=Path(a.model),
+        name=a.name,
         layer=a.layer,
         protocol=a.protocol,
         limit=a.limit,
         calibration=CalibrationConfig(mode=a.mode, n_poisoned=a.n_poisoned),
+        results=Path(a.results) if a.results else None,
     )
     print(run_demo(cfg))
 
@@ -272,11 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: protect the bundled model, serve it, compare CA/ASR/PA")
     d.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "models" / "cifar10_resnet_badnets"))
+    d.add_argument("--name", default="cifar10", help="name of the protected model on the server")
     d.add_argument("--layer", default="layer2")
     d.add_argument("--mode", default="project", choices=["subtract", "project", "gated"])
     d.add_argument("--n-poisoned", type=int, default=200)
     d.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
     d.add_argument("--limit", type=int, default=0, help="evaluate on a subset of N test images (0: all)")
+    d.add_argument("--results", default="results/demo.md", help="markdown report to write ('' for none)")
     d.set_defaults(func=cmd_demo)
     return p
 
