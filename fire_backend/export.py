@@ -2,6 +2,7 @@
 
 ``export_split`` writes into one directory (the "export"):
   head.onnx, tail.onnx   the halves; input INPUT (N,3,H,W) -> FEATURES (N,...) -> LOGITS (N,K)
+  model.onnx             the unsplit model (INPUT -> LOGITS), the unprotected serving baseline
   split.json             layer, shapes, sha256 of each file, the equivalence errors measured
 ``build_tensorrt_engine`` turns an ONNX half into ``.plan`` on a GPU machine (TensorRT Python API, or
 ``trtexec`` when only that is installed); without TensorRT or a GPU it fails with a clear message.
@@ -98,11 +99,19 @@ def export_split(model_dir: str | Path, layer: str, out_dir: str | Path, n_check
     with torch.no_grad():  # not inference_mode: the ONNX exporter re-traces with these tensors
         feats = split.head(x)
         logits = model(x)
+    _onnx_export(model, x[:2], out_dir / "model.onnx", INPUT, LOGITS)  # the unsplit model: serving baseline
     _onnx_export(split.head, x[:2], out_dir / "head.onnx", INPUT, FEATURES)
     _onnx_export(split.tail, feats[:2], out_dir / "tail.onnx", FEATURES, LOGITS)
     onnx_feats = onnx_session(out_dir / "head.onnx").run(None, {INPUT: x.numpy()})[0]
     onnx_logits = onnx_session(out_dir / "tail.onnx").run(None, {FEATURES: onnx_feats})[0]
-    onnx_err = float(max(np.abs(onnx_feats - feats.numpy()).max(), np.abs(onnx_logits - logits.numpy()).max()))
+    whole_logits = onnx_session(out_dir / "model.onnx").run(None, {INPUT: x.numpy()})[0]
+    onnx_err = float(
+        max(
+            np.abs(onnx_feats - feats.numpy()).max(),
+            np.abs(onnx_logits - logits.numpy()).max(),
+            np.abs(whole_logits - logits.numpy()).max(),
+        )
+    )
     if onnx_err > 1e-4:
         raise RuntimeError(f"ONNX export differs from torch by {onnx_err:.3g} (> 1e-4)")
     info = ExportInfo(

@@ -6,6 +6,10 @@ For each protected model ``<name>``:
   <name>_tail   second half  (like the head)
   <name>        ensemble head -> fire -> tail   (the protected model)
   <name>_plain  ensemble head -> tail           (same halves, no repair: for comparison)
+optionally:
+  <name>_<mode>           more repair variants sharing the halves (<name>_fire_<mode> as their repair step)
+  <name>_fused            head -> repair -> tail folded into one ONNX graph (no hot swap, no extra hops)
+  <name>_whole            the unsplit model, unprotected, as one model (the serving baseline)
 
 ``config.pbtxt`` is the CPU profile; ``configs/gpu.pbtxt`` the GPU profile, chosen at server start with
 ``--model-config-name=gpu`` (models without one, the ensembles, fall back to config.pbtxt). Every config
@@ -44,6 +48,9 @@ class ProtectedModel:
     export_dir: Path
     directions: Path
     mode: str | None = None  # override the mode written in the direction file
+    extra_modes: tuple[str, ...] = ()  # also serve <name>_<mode> for each of these
+    fused: bool = False  # also serve <name>_fused
+    whole: bool = False  # also serve <name>_whole
 
 
 @dataclass
@@ -147,12 +154,44 @@ def _write_config(model_dir: Path, text: str, profile: str = "cpu") -> None:
     path.write_text(text)
 
 
+def _write_onnx_model(
+    out: Path, name: str, onnx_src: Path, io: tuple, s: ServingSettings, params: dict[str, str], tensorrt: bool
+) -> None:
+    """A model served from one ONNX file: onnxruntime in the Python backend (CPU) or a TensorRT plan (GPU)."""
+    in_name, in_shape, out_name, out_shape = io
+    version = out / name / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(onnx_src, version / "model.onnx")
+    (version / "model.py").write_text(_shim("fire_backend.triton.onnx_model"))
+    for profile in PROFILES:
+        text = _half_config(name, profile, in_name, in_shape, out_name, out_shape, s, params)
+        _write_config(out / name, text, profile)
+    if tensorrt:
+        build_tensorrt_engine(version / "model.onnx", version / "model.plan", s.max_batch_size)
+
+
+def _write_repair_model(
+    out: Path, name: str, m: ProtectedModel, mode: str | None, head: str, info: ExportInfo, s: ServingSettings
+) -> None:
+    version = out / name / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(m.directions, version / "directions.safetensors")
+    (version / "model.py").write_text(_shim("fire_backend.triton.repair_model"))
+    params = {"DIRECTIONS": "directions.safetensors", "HEAD_ONNX": f"{head}/1/model.onnx"}
+    if mode:
+        params["MODE"] = mode
+    for profile in PROFILES:
+        _write_config(out / name, _repair_config(name, profile, info.feature_shape, s, params), profile)
+
+
 def build_repository(
     models: list[ProtectedModel], out_dir: str | Path, settings: ServingSettings | None = None, tensorrt: bool = False
 ) -> list[BuiltModel]:
     """Write the repository for ``models`` into ``out_dir`` (their old directories are replaced).
 
     With ``tensorrt=True`` also build the GPU profile's engines (GPU machine with TensorRT only)."""
+    from fire_backend.fuse import build_fused_onnx
+
     s = settings or ServingSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,35 +204,32 @@ def build_repository(
         # Fail at build time on a direction file that the repair model would refuse at load time.
         DirectionFile.load(m.directions, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
         head, fire, tail = f"{m.name}_head", f"{m.name}_fire", f"{m.name}_tail"
-        for d in (head, fire, tail, m.name, f"{m.name}_plain"):
+        variants = {m.name: (fire, m.mode)} | {f"{m.name}_{x}": (f"{fire}_{x}", x) for x in m.extra_modes}
+        names = [head, tail, *(f for f, _ in variants.values()), *variants, f"{m.name}_plain"]
+        names += [f"{m.name}_fused"] * m.fused + [f"{m.name}_whole"] * m.whole
+        for d in names:
             shutil.rmtree(out / d, ignore_errors=True)
-        for half, in_name, in_shape, out_name, out_shape, extra in (
-            (head, INPUT, info.input_shape, FEATURES, info.feature_shape, {"INPUT_RANGE": "0,1"}),
-            (tail, FEATURES, info.feature_shape, LOGITS, [info.num_classes], {}),
-        ):
-            version = out / half / "1"
-            version.mkdir(parents=True)
-            src = Path(m.export_dir) / ("head.onnx" if half == head else "tail.onnx")
-            shutil.copyfile(src, version / "model.onnx")
-            (version / "model.py").write_text(_shim("fire_backend.triton.onnx_half"))
-            for profile in PROFILES:
-                _write_config(
-                    out / half, _half_config(half, profile, in_name, in_shape, out_name, out_shape, s, extra), profile
-                )
-            if tensorrt:
-                build_tensorrt_engine(version / "model.onnx", version / "model.plan", s.max_batch_size)
-        version = out / fire / "1"
-        version.mkdir(parents=True)
-        shutil.copyfile(m.directions, version / "directions.safetensors")
-        (version / "model.py").write_text(_shim("fire_backend.triton.repair_model"))
-        params = {"DIRECTIONS": "directions.safetensors", "HEAD_ONNX": f"{head}/1/model.onnx"}
-        if m.mode:
-            params["MODE"] = m.mode
-        for profile in PROFILES:
-            _write_config(out / fire, _repair_config(fire, profile, info.feature_shape, s, params), profile)
-        protected = [(head, INPUT, FEATURES), (fire, FEATURES, REPAIRED), (tail, FEATURES, LOGITS)]
-        for ens, steps in ((m.name, protected), (f"{m.name}_plain", [protected[0], protected[2]])):
-            (out / ens / "1").mkdir(parents=True)
-            _write_config(out / ens, _ensemble_config(ens, steps, info, s))
-        built.append(BuiltModel(m.name, [head, fire, tail, m.name, f"{m.name}_plain"]))
+        pixels = (INPUT, info.input_shape, FEATURES, info.feature_shape)
+        _write_onnx_model(out, head, Path(m.export_dir) / "head.onnx", pixels, s, {"INPUT_RANGE": "0,1"}, tensorrt)
+        features = (FEATURES, info.feature_shape, LOGITS, [info.num_classes])
+        _write_onnx_model(out, tail, Path(m.export_dir) / "tail.onnx", features, s, {}, tensorrt)
+        end_to_end = (INPUT, info.input_shape, LOGITS, [info.num_classes])
+        if m.whole:
+            whole_src = Path(m.export_dir) / "model.onnx"
+            _write_onnx_model(out, f"{m.name}_whole", whole_src, end_to_end, s, {"INPUT_RANGE": "0,1"}, tensorrt)
+        if m.fused:
+            fused_src = build_fused_onnx(m.export_dir, m.directions, out / f".{m.name}_fused.onnx", m.mode)
+            _write_onnx_model(out, f"{m.name}_fused", fused_src, end_to_end, s, {"INPUT_RANGE": "0,1"}, tensorrt)
+            fused_src.unlink()
+        for ensemble, (repair, mode) in variants.items():
+            _write_repair_model(out, repair, m, mode, head, info, s)
+            steps = [(head, INPUT, FEATURES), (repair, FEATURES, REPAIRED), (tail, FEATURES, LOGITS)]
+            (out / ensemble / "1").mkdir(parents=True)
+            _write_config(out / ensemble, _ensemble_config(ensemble, steps, info, s))
+        plain = f"{m.name}_plain"
+        (out / plain / "1").mkdir(parents=True)
+        _write_config(
+            out / plain, _ensemble_config(plain, [(head, INPUT, FEATURES), (tail, FEATURES, LOGITS)], info, s)
+        )
+        built.append(BuiltModel(m.name, names))
     return built

@@ -49,7 +49,11 @@ def artifacts(tmp_path_factory) -> dict[str, Artifact]:
 @pytest.fixture(scope="session")
 def repository(artifacts, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
-    build_repository([ProtectedModel(a.name, a.export_dir, a.directions) for a in artifacts.values()], repo)
+    extras = {"cifar10": dict(extra_modes=("subtract", "gated"), fused=True, whole=True)}
+    build_repository(
+        [ProtectedModel(a.name, a.export_dir, a.directions, **extras.get(a.name, {})) for a in artifacts.values()],
+        repo,
+    )
     return repo
 
 

@@ -23,6 +23,8 @@ def test_every_config_parses_with_tritons_schema_for_both_profiles(repository, a
         for name in artifacts:
             expected = {name, f"{name}_plain", f"{name}_head", f"{name}_fire", f"{name}_tail"}
             assert expected <= set(configs)
+        extras = {"cifar10_whole", "cifar10_fused", "cifar10_subtract", "cifar10_fire_subtract", "cifar10_gated"}
+        assert extras <= set(configs)
         for name, cfg in configs.items():
             assert cfg.name == name
             if cfg.platform == "ensemble":
@@ -49,6 +51,13 @@ def test_profiles_place_the_halves_and_the_repair(repository):
     assert [s.model_name for s in cpu["cifar10_plain"].ensemble_scheduling.step] == ["cifar10_head", "cifar10_tail"]
     for half in ("head", "tail"):
         assert (repository / f"cifar10_{half}" / "1" / "model.onnx").is_file()
+    assert gpu["cifar10_fused"].platform == "tensorrt_plan" and cpu["cifar10_fused"].backend == "python"
+    assert cpu["cifar10_fire_gated"].parameters["MODE"].string_value == "gated"
+    assert [s.model_name for s in cpu["cifar10_gated"].ensemble_scheduling.step] == [
+        "cifar10_head",
+        "cifar10_fire_gated",
+        "cifar10_tail",
+    ]
     shim = (repository / "cifar10_fire" / "1" / "model.py").read_text()
     assert "from fire_backend.triton.repair_model import TritonPythonModel" in shim and len(shim.splitlines()) <= 4
 

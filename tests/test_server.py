@@ -26,13 +26,13 @@ def client(server, protocol) -> FireClient:
     return FireClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
 
 
-def local_logits(a, x: np.ndarray, protected: bool) -> np.ndarray:
+def local_logits(a, x: np.ndarray, protected: bool, mode: str | None = None) -> np.ndarray:
     model, _ = load_model(a.model_dir)
     split = split_at(model, a.info.layer)
     with torch.no_grad():
         feats = split.head(torch.from_numpy(x))
         if protected:
-            feats = Repair(DirectionFile.load(a.directions))(feats)
+            feats = Repair(DirectionFile.load(a.directions), mode)(feats)
         return split.tail(feats).numpy()
 
 
@@ -43,6 +43,19 @@ def test_served_logits_equal_the_local_torch_pipeline(server, artifacts, protoco
         x = to_tensor_batch(np.concatenate([a.test.images[:20], triggered_subset(a, 20)[0]]))
         for model, protected in ((a.name, True), (f"{a.name}_plain", False)):
             np.testing.assert_allclose(c.infer(model, x), local_logits(a, x, protected), atol=1e-4)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_fused_whole_and_mode_variants_equal_their_local_pipelines(server, artifacts, protocol):
+    a = artifacts["cifar10"]
+    c = client(server, protocol)
+    x = to_tensor_batch(np.concatenate([a.test.images[:10], triggered_subset(a, 10)[0]]))
+    model, _ = load_model(a.model_dir)
+    with torch.no_grad():
+        np.testing.assert_allclose(c.infer("cifar10_whole", x), model(torch.from_numpy(x)).numpy(), atol=1e-4)
+    np.testing.assert_allclose(c.infer("cifar10_fused", x), local_logits(a, x, True), atol=1e-4)
+    for mode in ("subtract", "gated"):
+        np.testing.assert_allclose(c.infer(f"cifar10_{mode}", x), local_logits(a, x, True, mode), atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["cifar10", "gtsrb"])
@@ -192,7 +205,7 @@ def test_fire_serve_binds_loopback_and_stops_cleanly_on_sigterm(repository):
         server_pids = [p for p, (_, cmd) in procs.items() if f"--http-port={ports[0]}" in cmd]
         assert len(server_pids) == 1
         stubs = [p for p, (ppid, _) in procs.items() if ppid == server_pids[0]]
-        assert len(stubs) == 6, "one stub per Python-backend model (2 x head, fire, tail)"
+        assert len(stubs) == 10, "one stub per Python-backend model (2 x head, fire, tail; 4 cifar10 extras)"
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:

@@ -1,4 +1,4 @@
-"""A model half (head or tail) served from its ONNX file with onnxruntime: the CPU profile.
+"""An ONNX model (a half, the whole model, or FIRE fused) served with onnxruntime: the CPU profile.
 
 All requests of one ``execute`` call are concatenated, run once, and split back. The head (which
 receives client pixels) validates them first when ``INPUT_RANGE`` is set in the config.
