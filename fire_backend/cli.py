@@ -170,6 +170,18 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(run_demo(cfg))
 
 
+def cmd_bench(a: argparse.Namespace) -> None:
+    from benchmarks.serving import ServingBenchConfig, main
+
+    cfg = ServingBenchConfig(protocol=a.protocol, profile=a.profile)
+    if a.quick:  # a smoke run: every code path, numbers not meant to be reported
+        cfg.batch_sizes, cfg.concurrency, cfg.window_s, cfg.rounds, cfg.warmup_s = (1, 8), (1, 2), 0.5, 1, 0.2
+        cfg.name = "serving-quick"
+    if a.out:
+        cfg.out_dir = Path(a.out)
+    main(cfg)
+
+
 def _add_attack_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--attack", default=default, help="attack name (badnets, blended)")
     p.add_argument(
@@ -242,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--out", default="model_repository")
     b.add_argument("--max-batch-size", type=int, default=64)
-    b.add_argument("--max-queue-delay-us", type=int, default=200)
+    b.add_argument("--max-queue-delay-us", type=int, default=0)
     b.add_argument("--instances", type=int, default=1)
     b.add_argument("--tensorrt", action="store_true", help="also build the GPU profile's engines (needs a GPU)")
     b.set_defaults(func=cmd_build_repo)
@@ -271,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--cifar10-names", action="store_true", help="print CIFAR-10 class names")
     k.add_argument("images", nargs="+")
     k.set_defaults(func=cmd_classify)
+
+    bn = sub.add_parser("bench", help="benchmarks: serving (throughput, latency, overhead ratios)")
+    bn.add_argument("which", choices=["serving"])
+    bn.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+    bn.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
+    bn.add_argument("--quick", action="store_true", help="a short smoke run (batch 1/8, concurrency 1/2)")
+    bn.add_argument("--out", help="output directory (default: results/)")
+    bn.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job: protect the bundled model, serve it, compare CA/ASR/PA")
     d.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "models" / "cifar10_resnet_badnets"))

@@ -37,7 +37,7 @@ class ServingSettings:
     """Batching and placement of the composing models (ensembles have none of their own)."""
 
     max_batch_size: int = 64
-    max_queue_delay_us: int = 200
+    max_queue_delay_us: int = 0  # batch what is queued, never wait: each hop would add the delay at low load
     instances: int = 1
     threads: int = 1  # onnxruntime / torch threads per instance
 

@@ -1,4 +1,4 @@
-"""FIRE's repair step: features in, repaired features out, edited in place through DLPack.
+"""FIRE's repair step: features in, repaired features out, edited in place (DLPack in, no copy of ours).
 
 At initialize it loads the direction file and validates it against the deployment (feature shape
 from this model's config, sha256 of the deployed head ONNX); any problem raises, so the model and
@@ -42,6 +42,17 @@ class TritonPythonModel:
         )
         self.repair = Repair(directions, mode=params.get("MODE") or None, device=self.device)
 
+    def _output(self, y: torch.Tensor):
+        """Hand the repaired memory back without a copy of ours.
+
+        CUDA tensors go through DLPack. For CPU tensors a NumPy view of the same memory is measurably
+        cheaper with this Python backend (2.51): at batch 32, compute_infer 1.16 ms vs 2.2 ms through
+        ``Tensor.from_dlpack`` (see README, "Serving performance"); the backend copies into the response's
+        shared memory either way."""
+        if y.is_cuda:
+            return pb_utils.Tensor.from_dlpack(self.output_name, to_dlpack(y))
+        return pb_utils.Tensor(self.output_name, y.numpy())
+
     def execute(self, requests):
         responses = []
         for request in requests:  # one by one: each input is repaired in place, nothing concatenated
@@ -54,6 +65,5 @@ class TritonPythonModel:
             except RepairInputError as e:
                 responses.append(error_response(f"FIRE repair: {e}"))
                 continue
-            out = pb_utils.Tensor.from_dlpack(self.output_name, to_dlpack(y))
-            responses.append(pb_utils.InferenceResponse([out]))
+            responses.append(pb_utils.InferenceResponse([self._output(y)]))
         return responses
