@@ -182,6 +182,27 @@ def cmd_bench(a: argparse.Namespace) -> None:
     main(cfg)
 
 
+def cmd_loadtest(a: argparse.Namespace) -> None:
+    from loadtest.runner import LoadTestConfig, run_loadtest
+
+    cfg = LoadTestConfig(
+        models=a.models,
+        protocol=a.protocol,
+        url=a.url,
+        repository=Path(a.repo),
+        users=a.users,
+        spawn_rate=a.spawn_rate or a.users,
+        run_time_s=a.run_time,
+        batch_size=a.batch_size,
+        triggered_ratio=a.triggered_ratio,
+        dataset=a.dataset,
+        attack=a.attack,
+        out_dir=Path(a.out),
+        allow_remote=a.allow_remote,
+    )
+    print(run_loadtest(cfg).read_text())
+
+
 def _add_attack_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--attack", default=default, help="attack name (badnets, blended)")
     p.add_argument(
@@ -291,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--quick", action="store_true", help="a short smoke run (batch 1/8, concurrency 1/2)")
     bn.add_argument("--out", help="output directory (default: results/)")
     bn.set_defaults(func=cmd_bench)
+
+    lt = sub.add_parser("loadtest", help="headless locust run against protected and plain models")
+    lt.add_argument("--models", nargs="+", default=["cifar10", "cifar10_plain"])
+    lt.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+    lt.add_argument("--url", help="host:port of a running server (default: start one on --repo)")
+    lt.add_argument("--repo", default="model_repository")
+    lt.add_argument("--users", type=int, default=4)
+    lt.add_argument("--spawn-rate", type=float, default=0, help="users started per second (default: all at once)")
+    lt.add_argument("--run-time", type=int, default=20, help="seconds per model")
+    lt.add_argument("--batch-size", type=int, default=1)
+    lt.add_argument("--triggered-ratio", type=float, default=0.5)
+    lt.add_argument("--dataset", default="cifar10", choices=["cifar10", "gtsrb"])
+    lt.add_argument("--attack", default="badnets")
+    lt.add_argument("--out", default="results/loadtest")
+    lt.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
+    lt.set_defaults(func=cmd_loadtest)
 
     d = sub.add_parser("demo", help="the main job: protect the bundled model, serve it, compare CA/ASR/PA")
     d.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "models" / "cifar10_resnet_badnets"))

@@ -27,6 +27,7 @@ class RepairGraph(nn.Module):
     def __init__(self, d: DirectionFile, mode: str | None = None):
         super().__init__()
         self.mode = mode or d.mode
+        self.feature_shape = tuple(d.feature_shape)
         beta = d.beta.reshape(-1).float()
         unit = beta / beta.norm()
         self.register_buffer("shift", d.alpha * beta)
@@ -44,7 +45,9 @@ class RepairGraph(nn.Module):
                 out = flat - torch.relu(s)[:, None] * self.unit
             else:
                 out = flat - (s > self.threshold).to(flat.dtype)[:, None] * self.shift
-        return out.reshape(x.shape)
+        # A constant target shape keeps (C, H, W) static for the tail: with reshape(x.shape) onnxruntime
+        # loses them and its layout optimizations, costing ~15 % of the fused model's time.
+        return out.reshape(-1, *self.feature_shape)
 
 
 def _prefixed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> onnx.GraphProto:

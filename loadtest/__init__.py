@@ -1,0 +1,1 @@
+"""Load tests: locustfiles for HTTP and gRPC, and a headless runner (``fire loadtest``)."""

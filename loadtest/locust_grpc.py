@@ -1,0 +1,55 @@
+"""locust over gRPC: a User around tritonclient.grpc, cooperative under gevent, firing locust's
+request events itself (locust has no built-in gRPC client).
+
+    locust -f loadtest/locust_grpc.py --host 127.0.0.1:8001 --model cifar10 --batch-size 8 --web-host 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()  # before any gRPC object exists: let gevent schedule gRPC's I/O
+
+import time  # noqa: E402
+
+import tritonclient.grpc as grpcclient  # noqa: E402
+from locust import User, constant, task  # noqa: E402
+
+from loadtest.common import tally, traffic  # noqa: E402
+from loadtest.targets import host_of  # noqa: E402
+
+
+class TritonGrpcUser(User):
+    wait_time = constant(0)  # closed loop: the next request as soon as the answer is in
+
+    def on_start(self) -> None:
+        host = self.host or "127.0.0.1:8001"
+        port = host.rsplit(":", 1)[-1] if ":" in host.split("//")[-1] else "8001"
+        self.client = grpcclient.InferenceServerClient(url=f"{host_of(host)}:{port}")
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def infer(self) -> None:
+        opts = self.environment.parsed_options
+        t = traffic(opts)
+        images, triggered = t.next()
+        inp = grpcclient.InferInput("INPUT", list(images.shape), "FP32")
+        inp.set_data_from_numpy(images)
+        start, exc, logits = time.perf_counter(), None, None
+        try:
+            result = self.client.infer(opts.model, [inp], outputs=[grpcclient.InferRequestedOutput("LOGITS")])
+            logits = result.as_numpy("LOGITS")
+        except Exception as e:  # an error response is a failure in locust's statistics
+            exc = e
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=opts.model,
+            response_time=(time.perf_counter() - start) * 1000,
+            response_length=0 if logits is None else logits.nbytes,
+            exception=exc,
+            context={},
+        )
+        if logits is not None:
+            tally.record(logits, triggered, t.target)

@@ -1,0 +1,66 @@
+"""The operator tools run for real, briefly: locust over both protocols against the session server, and
+the serving benchmark in its quick form (their numbers are not asserted: those live in results/)."""
+
+import csv
+import json
+
+import pytest
+
+from benchmarks.serving import ServingBenchConfig
+from benchmarks.serving import main as bench_main
+from loadtest.runner import LoadTestConfig, run_loadtest
+from loadtest.targets import is_loopback
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_headless_locust_reports_throughput_failures_and_live_asr(server, tmp_path, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    cfg = LoadTestConfig(
+        models=["cifar10", "cifar10_plain"],
+        protocol=protocol,
+        url=url,
+        users=2,
+        run_time_s=4,
+        batch_size=4,
+        out_dir=tmp_path,
+    )
+    summary = run_loadtest(cfg)
+    rows = json.loads((tmp_path / f"{protocol}_summary.json").read_text())
+    for model in ("cifar10", "cifar10_plain"):
+        r = rows[model]
+        assert r["requests"] > 10 and r["failures"] == 0 and r["p50_ms"] > 0
+        assert r["triggered_images"] > 0 and r["clean_images"] > 0
+        assert (tmp_path / f"{protocol}_{model}_stats_history.csv").stat().st_size > 0
+    assert rows["cifar10"]["live_asr"] < 0.2 < 0.7 < rows["cifar10_plain"]["live_asr"]
+    assert "| cifar10 |" in summary.read_text()
+    assert (tmp_path / f"{protocol}_latency.png").stat().st_size > 10_000
+
+
+def test_loadtests_refuse_non_loopback_targets(tmp_path):
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("192.0.2.1")
+    with pytest.raises(ValueError, match="not a loopback"):
+        run_loadtest(LoadTestConfig(url="192.0.2.1:8001", out_dir=tmp_path))
+
+
+def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
+    cfg = ServingBenchConfig(
+        batch_sizes=(1, 4),
+        concurrency=(1, 2),
+        window_s=0.3,
+        rounds=1,
+        warmup_s=0.1,
+        work_dir=tmp_path / "work",
+        out_dir=tmp_path / "out",
+        name="quick",
+    )
+    md = bench_main(cfg)
+    with (tmp_path / "out" / "quick.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    models = {"whole", "plain", "fire_project", "fire_subtract", "fire_gated", "fused"}
+    assert {r["model"] for r in rows} == models and len(rows) == len(models) * 4
+    assert all(float(r["images_per_s"]) > 0 and float(r["p99_ms"]) >= float(r["p50_ms"]) for r in rows)
+    fire = [r for r in rows if r["model"].startswith("fire")]
+    assert all(float(r["repair_infer_us_per_exec"]) > 0 and "fire" in r["steps_queue_compute_us"] for r in fire)
+    text = md.read_text()
+    assert "FIRE/plain images/s" in text and "Repair core" in text
+    assert (tmp_path / "out" / "quick.png").stat().st_size > 10_000
