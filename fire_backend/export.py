@@ -61,7 +61,7 @@ class ExportInfo:
         return cls(**json.loads(path.read_text()))
 
 
-def _onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:
+def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but exact and dependency-free
         torch.onnx.export(
@@ -99,9 +99,9 @@ def export_split(model_dir: str | Path, layer: str, out_dir: str | Path, n_check
     with torch.no_grad():  # not inference_mode: the ONNX exporter re-traces with these tensors
         feats = split.head(x)
         logits = model(x)
-    _onnx_export(model, x[:2], out_dir / "model.onnx", INPUT, LOGITS)  # the unsplit model: serving baseline
-    _onnx_export(split.head, x[:2], out_dir / "head.onnx", INPUT, FEATURES)
-    _onnx_export(split.tail, feats[:2], out_dir / "tail.onnx", FEATURES, LOGITS)
+    onnx_export(model, x[:2], out_dir / "model.onnx", INPUT, LOGITS)  # the unsplit model: serving baseline
+    onnx_export(split.head, x[:2], out_dir / "head.onnx", INPUT, FEATURES)
+    onnx_export(split.tail, feats[:2], out_dir / "tail.onnx", FEATURES, LOGITS)
     onnx_feats = onnx_session(out_dir / "head.onnx").run(None, {INPUT: x.numpy()})[0]
     onnx_logits = onnx_session(out_dir / "tail.onnx").run(None, {FEATURES: onnx_feats})[0]
     whole_logits = onnx_session(out_dir / "model.onnx").run(None, {INPUT: x.numpy()})[0]

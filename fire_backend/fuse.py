@@ -8,7 +8,6 @@ stitched by renaming their internal tensors apart.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import onnx
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from fire_backend.directions import DirectionFile
-from fire_backend.export import FEATURES, INPUT, LOGITS, ONNX_OPSET, ExportInfo
+from fire_backend.export import FEATURES, INPUT, LOGITS, ExportInfo, onnx_export
 
 REPAIRED = "REPAIRED"
 
@@ -69,19 +68,7 @@ def _prefixed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> onnx
 
 
 def _export_repair(d: DirectionFile, mode: str | None, path: Path) -> onnx.ModelProto:
-    example = torch.zeros(2, *d.feature_shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            RepairGraph(d, mode),
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=ONNX_OPSET,
-            input_names=[FEATURES],
-            output_names=[REPAIRED],
-            dynamic_axes={FEATURES: {0: "batch"}, REPAIRED: {0: "batch"}},
-        )
+    onnx_export(RepairGraph(d, mode), torch.zeros(2, *d.feature_shape), path, FEATURES, REPAIRED)
     return onnx.load(str(path))
 
 

@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+ADMIN_HEADER = "fire-admin-key"  # header (HTTP) / metadata key (gRPC) carrying the admin key
+RESTRICTED = "model-repository,logging,trace"  # APIs that need it
 
 
 class ServerError(RuntimeError):
@@ -89,6 +92,9 @@ class ServerConfig:
     load_models: list[str] = field(default_factory=list)  # explicit mode: models to load at start
     backend_config: list[str] = field(default_factory=list)  # e.g. "python,shm-default-byte-size=..."
     log_verbose: int = 0
+    admin_key: str | None = None  # guards model control/repository; None: a random key per start
+    tls_cert: Path | None = None  # PEM server certificate and key: gRPC over TLS
+    tls_key: Path | None = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -103,6 +109,7 @@ class TritonServer:
         self.shm_prefix = f"fire_{uuid.uuid4().hex[:10]}_"
         self.workdir = Path(tempfile.mkdtemp(prefix="fire-triton-"))
         self.log_path = self.workdir / "tritonserver.log"
+        self.admin_key = config.admin_key or secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
         self.leftover_processes: list[int] = []  # what the last stop() found and had to clean up
         self.leftover_shm: list[str] = []
@@ -132,7 +139,15 @@ class TritonServer:
             "--exit-on-error=false",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--log-verbose={c.log_verbose}",
+            # Whoever can load/unload models can swap a protected model for an unprotected one: those
+            # endpoints (and the logging/trace controls) need the admin key on both protocols.
+            f"--http-restricted-api={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
         ]
+        if c.tls_cert or c.tls_key:
+            if not (c.tls_cert and c.tls_key):
+                raise ServerError("TLS needs both a certificate and a key")
+            cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={c.tls_cert}", f"--grpc-server-key={c.tls_key}"]
         cmd += [f"--backend-config={b}" for b in c.backend_config]
         if c.model_config_name:
             cmd.append(f"--model-config-name={c.model_config_name}")
@@ -163,7 +178,10 @@ class TritonServer:
 
     def _get(self, path: str, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
         req = urllib.request.Request(
-            f"http://{self.http_url}{path}", method=method, data=b"{}" if method == "POST" else None
+            f"http://{self.http_url}{path}",
+            method=method,
+            data=b"{}" if method == "POST" else None,
+            headers={ADMIN_HEADER: self.admin_key},
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
