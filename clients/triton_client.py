@@ -19,7 +19,14 @@ INPUT, LOGITS = "INPUT", "LOGITS"
 
 
 class FireClient:
-    def __init__(self, url: str, protocol: str = "grpc", max_batch_size: int = 64, timeout_s: float = 60.0):
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "grpc",
+        max_batch_size: int = 64,
+        timeout_s: float = 60.0,
+        tls_root_cert: str | Path | None = None,
+    ):
         if protocol == "grpc":
             import tritonclient.grpc as tc
         elif protocol == "http":
@@ -29,6 +36,10 @@ class FireClient:
         self.tc, self.protocol, self.max_batch_size = tc, protocol, max_batch_size
         self.timeout_s = timeout_s
         kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
+        if tls_root_cert is not None:  # gRPC over TLS, trusting this (e.g. self-signed) certificate
+            if protocol != "grpc":
+                raise ValueError("TLS is set up for gRPC; put an HTTPS proxy in front of HTTP")
+            kwargs = {"ssl": True, "root_certificates": str(tls_root_cert)}
         self.client = tc.InferenceServerClient(url=url, **kwargs)
 
     def is_ready(self, model: str) -> bool:

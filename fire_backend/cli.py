@@ -103,12 +103,33 @@ def cmd_build_repo(a: argparse.Namespace) -> None:
         print(f"{b.name}: {', '.join(b.models)}")
 
 
+def _admin_key_file() -> Path:
+    from fire_backend.data import cache_dir
+
+    return cache_dir() / "admin_key"
+
+
+def _admin_key() -> str:
+    """$FIRE_ADMIN_KEY, else the key `fire serve` generated last."""
+    import os
+
+    key = os.environ.get("FIRE_ADMIN_KEY")
+    if key:
+        return key
+    path = _admin_key_file()
+    if not path.is_file():
+        raise SystemExit(f"no admin key: set FIRE_ADMIN_KEY or start `fire serve` (it writes {path})")
+    return path.read_text().strip()
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
+    import os
     import signal
     import time
 
     from fire_backend.server import ServerConfig, TritonServer
 
+    explicit = a.model_control == "explicit"
     cfg = ServerConfig(
         Path(a.repo),
         host=a.host,
@@ -117,13 +138,25 @@ def cmd_serve(a: argparse.Namespace) -> None:
         metrics_port=a.metrics_port,
         model_config_name=None if a.profile == "cpu" else a.profile,
         model_control=a.model_control,
+        load_models=["*"] if explicit else [],
+        watchdog=explicit,
+        admin_key=os.environ.get("FIRE_ADMIN_KEY"),
+        tls_cert=Path(a.tls_cert) if a.tls_cert else None,
+        tls_key=Path(a.tls_key) if a.tls_key else None,
     )
     # SIGTERM (kill, systemd, CI) unwinds like Ctrl-C, so the server and its stubs are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with TritonServer(cfg) as server:
+        if cfg.admin_key is None:
+            key_file = _admin_key_file()
+            key_file.touch(mode=0o600)
+            key_file.write_text(server.admin_key + "\n")
+            where = f"generated, in {key_file}"
+        else:
+            where = "from $FIRE_ADMIN_KEY"
         print(
-            f"serving {a.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
-            f"metrics {cfg.host}:{cfg.metrics_port}  (log: {server.log_path}); Ctrl-C stops",
+            f"serving {a.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}{' (TLS)' if cfg.tls_cert else ''}  "
+            f"metrics {cfg.host}:{cfg.metrics_port}  (log: {server.log_path}); admin key {where}; Ctrl-C stops",
             flush=True,
         )
         try:
@@ -133,6 +166,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
             print("stopping", flush=True)
         if server.process.poll() is not None:
             raise SystemExit(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
+
+
+def cmd_reload(a: argparse.Namespace) -> None:
+    from fire_backend.control import reload_directions
+
+    repair = a.model if a.model.endswith("_fire") or "_fire_" in a.model else f"{a.model}_fire"
+    d = reload_directions(a.url, _admin_key(), Path(a.repo), repair, Path(a.directions))
+    print(f"{repair} now serves {a.directions} (mode {d.mode}, created {d.created})")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -287,8 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
-    s.add_argument("--model-control", default="none", choices=["none", "explicit"])
+    s.add_argument(
+        "--model-control",
+        default="explicit",
+        choices=["none", "explicit"],
+        help="explicit (default): load everything, allow hot reloads, run the stub watchdog",
+    )
+    s.add_argument("--tls-cert", help="PEM certificate: serve gRPC over TLS (with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
     s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("reload", help="hot-swap a protected model's direction file (zero failed requests)")
+    r.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    r.add_argument("--repo", default="model_repository")
+    r.add_argument("--model", required=True, help="protected model (or its _fire repair model)")
+    r.add_argument("--directions", required=True, help="the new direction file")
+    r.set_defaults(func=cmd_reload)
 
     ev = sub.add_parser("eval", help="CA / ASR / PA of served models, measured through the server")
     _add_server_args(ev)

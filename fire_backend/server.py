@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-ADMIN_HEADER = "fire-admin-key"  # header (HTTP) / metadata key (gRPC) carrying the admin key
+ADMIN_HEADER = "fire-admin-key"  # HTTP header carrying the admin key
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # the gRPC metadata key Triton checks for it
 RESTRICTED = "model-repository,logging,trace"  # APIs that need it
 
 
@@ -95,6 +96,7 @@ class ServerConfig:
     admin_key: str | None = None  # guards model control/repository; None: a random key per start
     tls_cert: Path | None = None  # PEM server certificate and key: gRPC over TLS
     tls_key: Path | None = None
+    watchdog: bool = False  # explicit mode: reload a model whose Python stub died (see control.py)
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -111,6 +113,7 @@ class TritonServer:
         self.log_path = self.workdir / "tritonserver.log"
         self.admin_key = config.admin_key or secrets.token_urlsafe(24)
         self.process: subprocess.Popen | None = None
+        self.watchdog = None
         self.leftover_processes: list[int] = []  # what the last stop() found and had to clean up
         self.leftover_shm: list[str] = []
 
@@ -171,6 +174,12 @@ class TritonServer:
         log.close()
         try:
             self.wait_ready(timeout, require_all_models)
+            if self.config.watchdog:
+                if self.config.model_control != "explicit":
+                    raise ServerError("the stub watchdog reloads models: it needs model_control='explicit'")
+                from fire_backend.control import StubWatchdog
+
+                self.watchdog = StubWatchdog(self.process.pid, self.http_url, self.admin_key).__enter__()
         except BaseException:
             self.stop()
             raise
@@ -205,7 +214,7 @@ class TritonServer:
                 status, _ = self._get("/v2/health/live")
                 if status == 200:  # live comes after the start-up loads; a model may still be (re)loading
                     states = self.model_states()
-                    if self.config.model_control == "explicit":
+                    if self.config.model_control == "explicit" and "*" not in self.config.load_models:
                         states = {n: m for n, m in states.items() if n in self.config.load_models}
                     if not any(m.get("state") in ("LOADING", "UNLOADING") for m in states.values()):
                         # no state at all: never loaded, e.g. an ensemble whose step failed to load
@@ -241,6 +250,9 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, wait for a clean unload, then SIGKILL whatever is left of the process group."""
+        if self.watchdog is not None:  # first: stubs exiting at shutdown are no crash
+            self.watchdog.__exit__(None, None, None)
+            self.watchdog = None
         proc = self.process
         if proc is None:
             return

@@ -1,0 +1,327 @@
+"""Reliability and security against a real tritonserver in explicit model-control mode, with the stub
+watchdog on: restricted model control, hot reload under load, bad reloads, a killed stub, TLS."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from tritonclient.utils import InferenceServerException
+
+from clients import FireClient
+from fire_backend.checkpoint import load_model
+from fire_backend.control import ControlError, reload_directions
+from fire_backend.control import load_model as control_load
+from fire_backend.data import to_tensor_batch
+from fire_backend.directions import DirectionFile, DirectionFileError
+from fire_backend.repair import Repair
+from fire_backend.repository import ProtectedModel, build_repository
+from fire_backend.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, ServerConfig, TritonServer
+from fire_backend.split import split_at
+
+from .conftest import triggered_subset
+
+
+@pytest.fixture(scope="module")
+def explicit(artifacts, tmp_path_factory):
+    a = artifacts["cifar10"]
+    repo = tmp_path_factory.mktemp("explicit_repo")
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    cfg = ServerConfig(
+        repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit", load_models=["*"], watchdog=True
+    )
+    with TritonServer(cfg) as server:
+        yield server, repo, a
+
+
+def pipeline(a, x: np.ndarray, directions: DirectionFile | None) -> np.ndarray:
+    model, _ = load_model(a.model_dir)
+    split = split_at(model, a.info.layer)
+    with torch.no_grad():
+        feats = split.head(torch.from_numpy(x))
+        if directions is not None:
+            feats = Repair(directions)(feats)
+        return split.tail(feats).numpy()
+
+
+def batch_of(a) -> np.ndarray:
+    return to_tensor_batch(np.concatenate([a.test.images[:4], triggered_subset(a, 4)[0]]))
+
+
+class Load:
+    """Bounded background traffic: ``clients`` threads sending the same batch until stopped (<= 60 s)."""
+
+    def __init__(self, url: str, x: np.ndarray, clients: int = 2):
+        self.x, self.stop_flag = x, threading.Event()
+        self.log: list[list[tuple[float, np.ndarray | None, str | None]]] = [[] for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._run, args=(url, i), daemon=True) for i in range(clients)]
+
+    def _run(self, url: str, i: int) -> None:
+        c = FireClient(url, "grpc", timeout_s=30)
+        deadline = time.time() + 60
+        while not self.stop_flag.is_set() and time.time() < deadline:
+            t = time.time()
+            try:
+                self.log[i].append((t, c.infer("cifar10", self.x), None))
+            except InferenceServerException as e:
+                self.log[i].append((t, None, str(e)))
+            time.sleep(0.01)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_model_control_needs_the_admin_key_on_both_protocols(explicit):
+    server, _, _ = explicit
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/repository/models/cifar10_fire/unload", method="POST", data=b"{}"
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 403 and ADMIN_HEADER in e.value.read().decode()
+    import tritonclient.grpc as grpcclient
+
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        g.unload_model("cifar10_fire")
+    with pytest.raises(InferenceServerException, match="restricted"):
+        g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: "wrong-key"})
+    assert len(g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: server.admin_key}).models) == 5
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://{server.http_url}/v2/repository/index",
+            method="POST",
+            data=b"{}",
+            headers={ADMIN_HEADER: server.admin_key},
+        )
+    ) as r:
+        assert r.status == 200
+    assert g.is_model_ready("cifar10")  # the refused calls changed nothing
+
+
+def test_hot_reload_under_load_switches_once_with_zero_failures(explicit, tmp_path):
+    server, repo, a = explicit
+    x = batch_of(a)
+    old = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
+    new = DirectionFile.load(a.directions)
+    new.mode, new.alpha = "subtract", 3.0  # a visible change in every output
+    new_path = new.save(tmp_path / "new.safetensors")
+    expected_old, expected_new = pipeline(a, x, old), pipeline(a, x, new)
+    assert np.abs(expected_old - expected_new).max() > 0.1
+    try:
+        with Load(server.grpc_url, x) as load:
+            time.sleep(1.0)
+            reload_directions(server.http_url, server.admin_key, repo, "cifar10_fire", new_path)
+            time.sleep(1.0)
+        for log in load.log:
+            assert [e for _, _, e in log if e] == [], "a request failed during the reload"
+            which = []
+            for _, logits, _ in log:
+                if np.allclose(logits, expected_old, atol=1e-4):
+                    which.append("old")
+                elif np.allclose(logits, expected_new, atol=1e-4):
+                    which.append("new")
+                else:
+                    pytest.fail("a response matched neither the old nor the new directions")
+            switch = which.index("new")
+            assert "old" not in which[switch:] and switch > 0, "every response before the switch is old, after new"
+    finally:
+        reload_directions(server.http_url, server.admin_key, repo, "cifar10_fire", a.directions)
+
+
+def test_a_bad_new_file_leaves_the_old_directions_serving(explicit, tmp_path):
+    server, repo, a = explicit
+    x = batch_of(a)
+    expected = pipeline(a, x, DirectionFile.load(a.directions))
+    deployed = repo / "cifar10_fire" / "1" / "directions.safetensors"
+    before = deployed.read_bytes()
+    other = DirectionFile.load(a.directions)
+    other.head_sha256 = "0" * 64
+    with pytest.raises(DirectionFileError, match="re-run `fire calibrate`"):  # refused before touching anything
+        reload_directions(server.http_url, server.admin_key, repo, "cifar10_fire", other.save(tmp_path / "o.st"))
+    assert deployed.read_bytes() == before
+    try:  # and if a corrupt file lands in the repository anyway, the server refuses it and keeps the old one
+        deployed.write_bytes(before[:64])
+        with pytest.raises(ControlError, match="directions.safetensors"):
+            control_load(server.http_url, server.admin_key, "cifar10_fire")
+        np.testing.assert_allclose(FireClient(server.grpc_url).infer("cifar10", x), expected, atol=1e-4)
+    finally:
+        deployed.write_bytes(before)
+
+
+def _stub_pid(server, model: str) -> int:
+    from fire_backend.control import _stubs
+
+    return next(pid for pid, m in _stubs(server.process.pid).items() if m == model)
+
+
+def test_a_killed_repair_stub_fails_closed_and_the_watchdog_restores_it(explicit):
+    server, _, a = explicit
+    x = batch_of(a)
+    protected = pipeline(a, x, DirectionFile.load(a.directions))
+    unprotected = pipeline(a, x, None)
+    n_before = len(server.watchdog.recoveries)
+    with Load(server.grpc_url, x) as load:
+        time.sleep(0.5)
+        killed_at = time.time()
+        os.kill(_stub_pid(server, "cifar10_fire"), signal.SIGKILL)
+        deadline = time.time() + 45
+        while time.time() < deadline and not any(
+            t > killed_at and e is None and t > killed_at + 0.5 for log in load.log for t, _, e in log
+        ):
+            time.sleep(0.2)
+        time.sleep(0.5)
+    answers = [(t, logits, e) for log in load.log for t, logits, e in log]
+    for _, logits, _ in answers:
+        if logits is not None:
+            assert not np.allclose(logits, unprotected, atol=1e-3), "an unprotected answer was served"
+            np.testing.assert_allclose(logits, protected, atol=1e-4)
+    errors = [e for t, _, e in answers if e]
+    assert errors and all("not healthy" in e or "cifar10_fire" in e for e in errors)
+    recovered = [t for t, _, e in answers if e is None and t > killed_at + 0.5]
+    assert recovered, "the model did not come back"
+    r = server.watchdog.recoveries[n_before]
+    assert r.model == "cifar10_fire" and r.error is None and r.recovered_at - killed_at < 30
+
+
+def _bad_http(server, body: bytes, headers: dict | None = None, model: str = "cifar10") -> tuple[int, str]:
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{model}/infer",
+        method="POST",
+        data=body,
+        headers=headers or {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_malformed_http_requests_get_clear_errors(explicit):
+    import json
+
+    server, _, a = explicit
+    good = to_tensor_batch(a.test.images[:2])
+    header = {
+        "inputs": [
+            {
+                "name": "INPUT",
+                "shape": [2, 3, 32, 32],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": good.nbytes},
+            }
+        ]
+    }
+    head = json.dumps(header).encode()
+    cases = {
+        "malformed JSON": (b'{"inputs": [ {"name": ', None, "parse|JSON|json|Missing"),
+        "truncated binary body": (
+            head + good.tobytes()[: good.nbytes // 2],
+            {"Inference-Header-Content-Length": str(len(head))},
+            "unexpected|size|expected",
+        ),
+        "oversized payload": (
+            head + good.tobytes() + b"\0" * 4096,
+            {"Inference-Header-Content-Length": str(len(head))},
+            "unexpected|size|expected",
+        ),
+        "wrong input name": (
+            json.dumps(
+                {"inputs": [{"name": "PIXELS", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.5] * 3072}]}
+            ).encode(),
+            None,
+            "PIXELS",
+        ),
+        "missing input": (json.dumps({"inputs": []}).encode(), None, "expected 1 inputs|input"),
+    }
+    for case, (body, headers, pattern) in cases.items():
+        status, text = _bad_http(server, body, headers)
+        assert status in (400, 500), (case, status, text)  # Triton answers malformed JSON with 500
+        assert __import__("re").search(pattern, text), (case, text)
+    status, text = _bad_http(server, json.dumps(header).encode(), model="no_such_model")
+    assert status in (400, 404) and "no_such_model" in text
+    assert FireClient(server.http_url, "http").infer("cifar10", good).shape == (2, 10)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unknown_model_version_and_empty_batch(explicit, protocol):
+    server, _, a = explicit
+    c = FireClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+    x = to_tensor_batch(a.test.images[:2])
+    with pytest.raises(InferenceServerException, match="no_such_model"):
+        c._infer_once("no_such_model", x, "INPUT", "LOGITS")
+    inp = c.tc.InferInput("INPUT", list(x.shape), "FP32")
+    if protocol == "http":
+        inp.set_data_from_numpy(x, binary_data=True)
+    else:
+        inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match="version"):
+        c.client.infer("cifar10_plain", [inp], model_version="7")
+    with pytest.raises(InferenceServerException):
+        c._infer_once("cifar10", np.zeros((0, 3, 32, 32), np.float32), "INPUT", "LOGITS")
+    assert c.infer("cifar10", x).shape == (2, 10)
+
+
+def _self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_grpc_over_tls_with_a_self_signed_certificate(artifacts, tmp_path):
+    a = artifacts["cifar10"]
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    shutil.rmtree(repo / "cifar10")  # the plain twin alone keeps this server small
+    cert, key = _self_signed(tmp_path)
+    cfg = ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0, tls_cert=cert, tls_key=key)
+    x = to_tensor_batch(a.test.images[:2])
+    with TritonServer(cfg) as server:
+        url = f"localhost:{server.config.grpc_port}"
+        assert FireClient(url, "grpc", tls_root_cert=cert).infer("cifar10_plain", x).shape == (2, 10)
+        with pytest.raises(InferenceServerException):
+            FireClient(url, "grpc", timeout_s=5).infer("cifar10_plain", x)  # plaintext is refused
