@@ -78,16 +78,25 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 
 def cmd_verify(a: argparse.Namespace) -> None:
+    from fire_backend.control import deployed_expectations
     from fire_backend.directions import DirectionFile, DirectionFileError
     from fire_backend.export import ExportInfo
 
-    info = ExportInfo.read(a.export)
+    target = Path(a.target)
+    if (target / "split.json").is_file():  # an export directory
+        info = ExportInfo.read(target)
+        shape, head_sha = tuple(info.feature_shape), info.head_sha256
+    elif (target / "config.pbtxt").is_file():  # a protected model (or its repair model) in a repository
+        repair = target.name if "_fire" in target.name else f"{target.name}_fire"
+        shape, head_sha = deployed_expectations(target.parent, repair)
+    else:
+        raise SystemExit(f"{target} is neither an export directory nor a model in a repository")
     try:
-        d = DirectionFile.load(a.directions, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
+        d = DirectionFile.load(a.directions, feature_shape=shape, head_sha256=head_sha)
     except DirectionFileError as e:
         raise SystemExit(f"REJECTED: {e}") from None
     print(
-        f"OK: {a.directions} fits {a.export} (layer {d.layer}, mode {d.mode}, {d.n_poisoned} poisoned samples, "
+        f"OK: {a.directions} fits {target} (layer {d.layer}, mode {d.mode}, {d.n_poisoned} poisoned samples, "
         f"created {d.created})"
     )
 
@@ -244,6 +253,25 @@ def cmd_loadtest(a: argparse.Namespace) -> None:
     print(run_loadtest(cfg).read_text())
 
 
+def cmd_soak(a: argparse.Namespace) -> None:
+    from loadtest.soak import SoakConfig, run_soak
+
+    cfg = SoakConfig(
+        repository=Path(a.repo),
+        model=a.model,
+        duration_s=a.minutes * 60,
+        warmup_s=min(60.0, a.minutes * 60 / 5),
+        rate_per_s=a.rate,
+        batch_size=a.batch_size,
+        out=Path(a.out),
+        command="fire " + " ".join(sys.argv[1:]),
+    )
+    r = run_soak(cfg)
+    print(cfg.out.read_text())
+    if not r.passed:
+        raise SystemExit(1)
+
+
 def _add_attack_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--attack", default=default, help="attack name (badnets, blended)")
     p.add_argument(
@@ -302,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check a direction file against an export before deploying it")
     v.add_argument("directions")
-    v.add_argument("export")
+    v.add_argument("target", help="export directory, or a model in a repository (e.g. model_repository/cifar10)")
     v.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("build-repo", help="write the Triton model repository (CPU + GPU profiles)")
@@ -383,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--out", default="results/loadtest")
     lt.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     lt.set_defaults(func=cmd_loadtest)
+
+    so = sub.add_parser("soak", help="bounded soak: fixed rate, both protocols, errors/RSS/shm watched")
+    so.add_argument("--repo", default="model_repository")
+    so.add_argument("--model", default="cifar10")
+    so.add_argument("--minutes", type=float, default=10)
+    so.add_argument("--rate", type=float, default=40, help="requests per second, gRPC and HTTP together")
+    so.add_argument("--batch-size", type=int, default=4)
+    so.add_argument("--out", default="results/soak.md")
+    so.set_defaults(func=cmd_soak)
 
     d = sub.add_parser("demo", help="the main job: protect the bundled model, serve it, compare CA/ASR/PA")
     d.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "models" / "cifar10_resnet_badnets"))

@@ -3,7 +3,7 @@
 A safetensors file with tensors ``beta`` (the trigger direction, feature shape), ``mu`` (clean feature
 mean, feature shape) and ``threshold`` (scalar, for ``gated``), plus string metadata: format version,
 layer, feature shape, dtype, mode, alpha, sample counts, estimator, the sha256 of the head ONNX the
-directions belong to, creation time, and a sha256 over the tensors themselves.
+directions belong to, creation time, a sha256 over the tensors and one over the rest of the metadata.
 
 ``DirectionFile.load`` validates everything and raises ``DirectionFileError`` naming the file and the
 reason; the repair model refuses to load on any of them (fail closed).
@@ -36,6 +36,12 @@ class DirectionFileError(ValueError):
     def __init__(self, path: str | Path, reason: str):
         super().__init__(f"direction file {path}: {reason}")
         self.path, self.reason = str(path), reason
+
+
+def metadata_sha256(metadata: dict[str, str]) -> str:
+    """sha256 over every metadata field but this checksum itself (canonical JSON)."""
+    fields = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -76,7 +82,7 @@ class DirectionFile:
 
     def metadata(self) -> dict[str, str]:
         t = self.tensors()
-        return {
+        meta = {
             "format_version": str(FORMAT_VERSION),
             "layer": self.layer,
             "feature_shape": json.dumps(list(self.feature_shape)),
@@ -92,6 +98,7 @@ class DirectionFile:
             "tensors_sha256": tensors_sha256(t),
             "extra": json.dumps(self.extra),
         }
+        return {**meta, "metadata_sha256": metadata_sha256(meta)}
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename): a reader never sees a half-written file."""
@@ -167,10 +174,13 @@ class DirectionFile:
             "fpr",
             "created",
             "tensors_sha256",
+            "metadata_sha256",
         )
         absent = [k for k in required if k not in meta]
         if absent:
             raise fail(f"missing metadata {absent}")
+        if meta["metadata_sha256"] != metadata_sha256(meta):
+            raise fail("metadata checksum mismatch: the metadata was modified after the file was written")
         if meta["tensors_sha256"] != tensors_sha256(tensors):
             raise fail("tensor checksum mismatch: the tensors were modified after the file was written")
         try:

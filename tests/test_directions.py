@@ -36,7 +36,12 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "the atomic write leaves no temp file"
 
 
-def _write_raw(path, tensors, metadata):
+def _write_raw(path, tensors, metadata, resign: bool = True):
+    """Write a crafted file; ``resign`` recomputes the metadata checksum, as a careful forger would."""
+    from fire_backend.directions import metadata_sha256
+
+    if resign:
+        metadata = {**metadata, "metadata_sha256": metadata_sha256(metadata)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
@@ -48,7 +53,8 @@ def _write_raw(path, tensors, metadata):
         ("bad_header", "not a readable safetensors"),
         ("not_safetensors", "not a readable safetensors"),
         ("version", "unknown format version"),
-        ("tampered", "checksum mismatch"),
+        ("tampered", "tensor checksum mismatch"),
+        ("metadata_tampered", "metadata checksum mismatch"),
         ("nan", "NaN or Inf"),
         ("shape_meta", "feature_shape"),
         ("missing_tensor", "missing tensors"),
@@ -76,6 +82,8 @@ def test_corrupt_files_are_refused_with_the_reason(tmp_path, corrupt, reason):
         bad = {**tensors, "mu": tensors["mu"].clone()}
         bad["mu"][0, 0, 0] = float("nan")
         _write_raw(path, bad, {**meta, "tensors_sha256": _checksum(bad)})
+    elif corrupt == "metadata_tampered":
+        _write_raw(path, tensors, {**meta, "head_sha256": "cd" * 32}, resign=False)
     elif corrupt == "shape_meta":
         _write_raw(path, tensors, {**meta, "feature_shape": json.dumps([1, 2, 3])})
     elif corrupt == "missing_tensor":
@@ -113,3 +121,47 @@ def test_invalid_directions_are_never_written(tmp_path, bad):
     with pytest.raises(DirectionFileError):
         make(**bad).save(tmp_path / "d.safetensors")
     assert not (tmp_path / "d.safetensors").exists()
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_corruption_is_refused_or_harmless(tmp_path, data):
+    """Flip, cut or overwrite bytes anywhere in a valid file: the reader either refuses with
+    DirectionFileError or (a change it cannot see, e.g. header padding) returns the same directions."""
+    good = make()
+    path = tmp_path / "d.safetensors"
+    good.save(path)
+    raw = bytearray(path.read_bytes())
+    op = data.draw(st.sampled_from(["flip", "truncate", "overwrite"]))
+    if op == "flip":
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    elif op == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        i = data.draw(st.integers(0, len(raw) - 1))
+        chunk = data.draw(st.binary(min_size=1, max_size=32))
+        raw[i : i + len(chunk)] = chunk
+    path.write_bytes(bytes(raw))
+    try:
+        back = DirectionFile.load(path)
+    except DirectionFileError:
+        return
+    assert torch.equal(back.beta, good.beta) and torch.equal(back.mu, good.mu)
+    assert back.threshold == pytest.approx(good.threshold) and back.head_sha256 == good.head_sha256
+
+
+def test_fire_verify_checks_a_file_before_deployment(artifacts, tmp_path):
+    import shutil
+    import subprocess
+
+    a, other = artifacts["cifar10"], artifacts["gtsrb"]
+    fire = shutil.which("fire")
+    ok = subprocess.run([fire, "verify", str(a.directions), str(a.export_dir)], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK")
+    bad = subprocess.run([fire, "verify", str(other.directions), str(a.export_dir)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "REJECTED" in bad.stderr and str(other.directions) in bad.stderr

@@ -64,3 +64,16 @@ def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
     text = md.read_text()
     assert "FIRE/plain images/s" in text and "Repair core" in text
     assert (tmp_path / "out" / "quick.png").stat().st_size > 10_000
+
+
+def test_short_soak_keeps_errors_memory_and_shm_in_bounds(server, tmp_path):
+    """CI's one-minute version of `fire soak` (the 10-minute run's report is results/soak.md)."""
+    from loadtest.soak import SoakConfig, run_soak
+
+    cfg = SoakConfig(duration_s=50, warmup_s=15, rate_per_s=20, sample_every_s=2, out=tmp_path / "soak.md")
+    r = run_soak(cfg, server=server)
+    assert sum(r.requests.values()) > 0.8 * cfg.rate_per_s * cfg.duration_s
+    assert r.errors == {"grpc": 0, "http": 0}, r.first_errors
+    assert r.shm_stable and r.rss_growth < cfg.max_rss_growth, (r.rss_growth, r.samples[-3:])
+    assert r.passed and "PASS" in (tmp_path / "soak.md").read_text()
+    assert r.triggered_to_target < 0.2 * r.triggered_images  # protected under load, too
