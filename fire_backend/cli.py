@@ -221,6 +221,11 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
+    if a.which == "adaptive":
+        from benchmarks.adaptive import run
+
+        print(run())
+        return
     from benchmarks.serving import ServingBenchConfig, main
 
     cfg = ServingBenchConfig(protocol=a.protocol, profile=a.profile)
@@ -388,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("images", nargs="+")
     k.set_defaults(func=cmd_classify)
 
-    bn = sub.add_parser("bench", help="benchmarks: serving (throughput, latency, overhead ratios)")
-    bn.add_argument("which", choices=["serving"])
+    bn = sub.add_parser("bench", help="benchmarks: serving (throughput, latency, ratios), adaptive (attacker)")
+    bn.add_argument("which", choices=["serving", "adaptive"])
     bn.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
     bn.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
     bn.add_argument("--quick", action="store_true", help="a short smoke run (batch 1/8, concurrency 1/2)")
