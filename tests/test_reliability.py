@@ -165,6 +165,73 @@ def test_a_bad_new_file_leaves_the_old_directions_serving(explicit, tmp_path):
         deployed.write_bytes(before)
 
 
+CORRUPTIONS = {
+    "missing": lambda p, d: p.unlink(),
+    "truncated": lambda p, d: p.write_bytes(p.read_bytes()[:100]),
+    "bad header": lambda p, d: p.write_bytes((2**40).to_bytes(8, "little") + p.read_bytes()[8:]),
+    "wrong feature shape": lambda p, d: _rewrite(p, d, beta=torch.ones(4, 2, 2), mu=torch.zeros(4, 2, 2)),
+    "non-finite values": lambda p, d: _forge(p, d, nan=True),
+    "other head": lambda p, d: _rewrite(p, d, head_sha256="0" * 64),
+    "unknown format version": lambda p, d: _forge(p, d, version="99"),
+}
+REASONS = {
+    "missing": "not found",
+    "truncated": "not a readable",
+    "bad header": "not a readable",
+    "wrong feature shape": "does not match the deployed layer",
+    "non-finite values": "NaN or Inf",
+    "other head": "re-run `fire calibrate`",
+    "unknown format version": "unknown format version",
+}
+
+
+def _rewrite(path, d: DirectionFile, **changes) -> None:
+    for k, v in changes.items():
+        setattr(d, k, v)
+    d.save(path)
+
+
+def _forge(path, d: DirectionFile, nan: bool = False, version: str | None = None) -> None:
+    """What save() would refuse to write, signed like a real file."""
+    from safetensors.torch import save_file
+
+    from fire_backend.directions import metadata_sha256, tensors_sha256
+
+    t, meta = d.tensors(), d.metadata()
+    if nan:
+        t["beta"][0, 0, 0] = float("nan")
+        meta["tensors_sha256"] = tensors_sha256(t)
+    if version:
+        meta["format_version"] = version
+    meta["metadata_sha256"] = metadata_sha256(meta)
+    save_file(t, str(path), metadata=meta)
+
+
+def test_every_kind_of_bad_direction_file_keeps_the_protected_model_down(artifacts, tmp_path):
+    """Explicit mode, nothing loaded: loading the protected model with a bad direction file fails with a
+    message naming the file and the reason; the ensemble is not ready and answers with an error."""
+    a = artifacts["cifar10"]
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    target = repo / "cifar10_fire" / "1" / "directions.safetensors"
+    cfg = ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit")
+    x = to_tensor_batch(a.test.images[:2])
+    with TritonServer(cfg) as server:
+        c = FireClient(server.grpc_url)
+        for kind, corrupt in CORRUPTIONS.items():
+            shutil.copyfile(a.directions, target)
+            corrupt(target, DirectionFile.load(a.directions))
+            with pytest.raises(ControlError) as e:
+                control_load(server.http_url, server.admin_key, "cifar10")
+            assert str(target) in str(e.value) and REASONS[kind] in str(e.value), (kind, str(e.value))
+            assert not c.is_ready("cifar10")
+            with pytest.raises(InferenceServerException):
+                c.infer("cifar10", x)
+        shutil.copyfile(a.directions, target)  # and the good file loads
+        control_load(server.http_url, server.admin_key, "cifar10")
+        assert c.infer("cifar10", x).shape == (2, 10)
+
+
 def _stub_pid(server, model: str) -> int:
     from fire_backend.control import _stubs
 

@@ -76,6 +76,10 @@ BAD_INPUTS = {
     "wrong channels": (np.zeros((2, 1, 32, 32), np.float32), "unexpected shape|shape"),
     "wrong rank": (np.zeros((2, 3, 32), np.float32), "unexpected shape|shape"),
     "NaN pixels": (np.full((2, 3, 32, 32), np.nan, np.float32), "NaN or Inf"),
+    "Inf pixels": (
+        np.where(np.eye(32, dtype=bool), np.inf, 0.5).astype(np.float32)[None, None].repeat(3, 1),
+        "NaN or Inf",
+    ),
     "out of range": (np.full((2, 3, 32, 32), 300.0, np.float32), "outside the expected pixel range"),
     "oversize batch": (np.zeros((65, 3, 32, 32), np.float32), "batch-size must be <= 64"),
 }
@@ -90,6 +94,15 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, artif
         c._infer_once("cifar10", x, "INPUT", "LOGITS")
     good = to_tensor_batch(artifacts["cifar10"].test.images[:4])
     assert c.infer("cifar10", good).shape == (4, 10)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_wrong_input_name_is_named_in_the_error(server, artifacts, protocol):
+    c = client(server, protocol)
+    x = to_tensor_batch(artifacts["cifar10"].test.images[:2])
+    with pytest.raises(InferenceServerException, match="PIXELS"):
+        c._infer_once("cifar10", x, "PIXELS", "LOGITS")
+    assert c.infer("cifar10", x).shape == (2, 10)
 
 
 def test_fire_eval_cli_measures_through_the_server(server):
