@@ -159,6 +159,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         if cfg.admin_key is None:
             key_file = _admin_key_file()
             key_file.touch(mode=0o600)
+            key_file.chmod(0o600)
             key_file.write_text(server.admin_key + "\n")
             where = f"generated, in {key_file}"
         else:
