@@ -66,6 +66,29 @@ class ResNetSmall(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
+class VGGSmall(nn.Module):
+    """A VGG-style net: three stages of ``blocks`` conv-BN-ReLU layers, each stage ending in max-pooling."""
+
+    def __init__(self, num_classes: int, widths: tuple[int, int, int] = (16, 32, 64), blocks: int = 2):
+        super().__init__()
+        self.normalize = Normalize()
+        c_in, stages = 3, []
+        for w in widths:
+            layers: list[nn.Module] = []
+            for _ in range(blocks):
+                layers += [nn.Conv2d(c_in, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+                c_in = w
+            stages.append(nn.Sequential(*layers, nn.MaxPool2d(2)))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.normalize(x))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet_small"
@@ -75,7 +98,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
 
-ARCHITECTURES = {"resnet_small": ResNetSmall}
+ARCHITECTURES = {"resnet_small": ResNetSmall, "vgg_small": VGGSmall}
 
 
 def build_model(config: ModelConfig) -> nn.Module:

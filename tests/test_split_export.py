@@ -59,3 +59,15 @@ def test_tensorrt_build_fails_clearly_without_a_gpu(artifacts, tmp_path):
     with pytest.raises(TensorRTUnavailableError, match="no CUDA GPU"):
         build_tensorrt_engine(artifacts["cifar10"].export_dir / "head.onnx", tmp_path / "head.plan", 64)
     assert not (tmp_path / "head.plan").exists()
+
+
+@pytest.mark.parametrize("layer", ["layer1", "layer2", "layer3"])
+def test_vgg_style_cuts_reproduce_the_model(layer):
+    from fire_backend.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(arch="vgg_small", blocks=2)).eval()
+    x = torch.rand(8, 3, 32, 32)
+    split = split_at(model, layer)
+    assert check_equivalence(model, split, x, atol=1e-5) <= 1e-5
+    with pytest.raises(SplitError, match="no sub-module"):
+        split_at(model, "stem")
