@@ -44,16 +44,33 @@ class HeadFeatures:
         return self.session.run([FEATURES], {INPUT: to_tensor_batch(images)})[0]
 
 
-def _calibration_samples(dataset: str, attack: Attack, n_poisoned: int, n_clean: int, seed: int):
-    """Disjoint sets from the training split: images to trigger (not of the target class) and clean ones."""
+@dataclass
+class CalibrationPool:
+    """Disjoint samples from the training split: images the defender sees triggered (with their true
+    labels; none of the target class for all-to-one attacks) and clean images with labels."""
+
+    to_poison: np.ndarray
+    poison_labels: np.ndarray
+    clean: np.ndarray
+    clean_labels: np.ndarray
+    num_classes: int
+
+
+def calibration_pool(dataset: str, attack: Attack, n_poisoned: int, n_clean: int, seed: int) -> CalibrationPool:
     train = load_dataset(dataset, "train")
     order = np.random.default_rng(seed).permutation(len(train))
-    candidates = order[train.labels[order] != attack.target]
+    candidates = order[attack.counts_for_asr(train.labels[order])]
     poison_idx = candidates[:n_poisoned]
     clean_idx = np.setdiff1d(order, poison_idx, assume_unique=True)[:n_clean]
     if len(poison_idx) < n_poisoned or len(clean_idx) < n_clean:
         raise ValueError(f"training split too small for {n_poisoned} poisoned + {n_clean} clean samples")
-    return train.images[poison_idx], train.images[clean_idx]
+    return CalibrationPool(
+        train.images[poison_idx],
+        train.labels[poison_idx],
+        train.images[clean_idx],
+        train.labels[clean_idx],
+        train.num_classes,
+    )
 
 
 def calibrate(export_dir: str | Path, out_path: str | Path, config: CalibrationConfig | None = None) -> DirectionFile:
@@ -61,7 +78,8 @@ def calibrate(export_dir: str | Path, out_path: str | Path, config: CalibrationC
     info = ExportInfo.read(export_dir)
     attack = attack_from_spec(config.attack or info.attack)
     features = HeadFeatures(export_dir)
-    to_poison, clean = _calibration_samples(info.dataset, attack, config.n_poisoned, config.n_clean, config.seed)
+    pool = calibration_pool(info.dataset, attack, config.n_poisoned, config.n_clean, config.seed)
+    to_poison, clean = pool.to_poison, pool.clean
     poisoned = attack.apply(to_poison)
     if config.estimator == "paired":
         beta = paired_direction(features, to_poison, poisoned)

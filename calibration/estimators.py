@@ -85,3 +85,28 @@ def clean_threshold(scores: np.ndarray, fpr: float) -> float:
     if not 0 < fpr < 1:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
     return float(np.quantile(scores, 1.0 - fpr))
+
+
+def principal_basis(differences: np.ndarray, rank: int) -> np.ndarray:
+    """An orthonormal (rank, D) basis for paired feature differences (N, D): the first row is the mean
+    difference's direction, the others the top principal directions of what the mean leaves over."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    d = differences.reshape(len(differences), -1).astype(np.float64)
+    mean = d.mean(axis=0)
+    first = mean / np.linalg.norm(mean)
+    if rank == 1:
+        return first[None].astype(np.float32)
+    residual = d - np.outer(d @ first, first)
+    residual -= residual.mean(axis=0)
+    _, _, vt = np.linalg.svd(residual, full_matrices=False)
+    rows = [first]
+    for v in vt:  # Gram-Schmidt against what we have (they are orthogonal up to round-off)
+        for r in rows:
+            v = v - (v @ r) * r
+        norm = np.linalg.norm(v)
+        if norm > 1e-6:
+            rows.append(v / norm)
+        if len(rows) == rank:
+            break
+    return np.stack(rows).astype(np.float32)

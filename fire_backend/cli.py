@@ -23,6 +23,23 @@ def _parse_kv(items: Sequence[str]) -> dict:
     return out
 
 
+def _attack_spec(a: argparse.Namespace, default: str | None = None) -> dict:
+    """The attack chosen on the command line: ``--attack-config FILE`` (JSON, e.g. ``{"name": "custom",
+    "pattern": "trigger.png", "alpha": 0.5}``), then ``--attack NAME``, then ``--attack-param`` overrides."""
+    spec: dict = {}
+    if a.attack_config:
+        spec = json.loads(Path(a.attack_config).read_text())
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise SystemExit(f"{a.attack_config}: expected a JSON object with a 'name' field")
+    if a.attack:
+        spec["name"] = a.attack
+    if not spec and default:
+        spec = {"name": default}
+    if not spec:
+        return {}
+    return {**spec, **_parse_kv(a.attack_param)}
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from fire_backend.train import TrainConfig, train
 
@@ -31,8 +48,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         arch=a.arch,
         widths=tuple(a.widths),
         blocks=a.blocks,
-        attack=a.attack,
-        attack_params=_parse_kv(a.attack_param),
+        attack=_attack_spec(a, "badnets")["name"],
+        attack_params={k: v for k, v in _attack_spec(a, "badnets").items() if k != "name"},
         epochs=a.epochs,
         batch_size=a.batch_size,
         lr=a.lr,
@@ -60,12 +77,17 @@ def cmd_export(a: argparse.Namespace) -> None:
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from calibration import CalibrationConfig, calibrate
 
-    attack = {"name": a.attack, **_parse_kv(a.attack_param)} if a.attack else {}
+    if a.auto:
+        return _calibrate_auto(a)
+    if not a.export:
+        raise SystemExit("fire calibrate needs --export EXPORT_DIR (or --auto --model MODEL_DIR --out EXPORT_DIR)")
+
+    attack = _attack_spec(a)
     cfg = CalibrationConfig(
         estimator=a.estimator,
         mode=a.mode,
         alpha=a.alpha,
-        n_poisoned=a.n_poisoned,
+        n_poisoned=a.n_poisoned or 200,
         n_clean=a.n_clean,
         fpr=a.fpr,
         views=a.views,
@@ -75,6 +97,31 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     out = a.out or str(Path(a.export) / "directions.safetensors")
     d = calibrate(a.export, out, cfg)
     print(f"wrote {out}  (|beta| {float(d.beta.norm()):.4g}, gated threshold {d.threshold:.4g})")
+
+
+def _calibrate_auto(a: argparse.Namespace) -> None:
+    from calibration.auto import AutoConfig, auto_calibrate_model
+
+    if not (a.model and a.out):
+        raise SystemExit("fire calibrate --auto needs --model MODEL_DIR and --out EXPORT_DIR")
+    cfg = AutoConfig(max_ca_drop=a.max_ca_drop, fpr=a.fpr, layers=tuple(a.layers or ()))
+    result, path = auto_calibrate_model(
+        a.model, a.out, a.n_poisoned or 50, a.n_clean, cfg, _attack_spec(a) or None, a.seed
+    )
+    print("top settings by held-out PA (all scores in auto_calibration.csv):")
+    print("| layer | mode | alpha | rank | PA | ASR | CA drop | agreement |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for s in sorted(result.scores, key=lambda s: (-s.pa, s.ca_drop))[:8]:
+        st = s.setting
+        print(f"| {st.layer} | {st.mode} | {st.alpha} | {st.rank} | {s.pa:.1f} | {s.asr:.1f} | {s.ca_drop:.2f} | "
+              f"{s.agreement:.1f} |")  # fmt: skip
+    b = result.best
+    verdict = "" if result.feasible else f" (NO setting kept the CA drop within {cfg.max_ca_drop}: least-harmful one)"
+    print(
+        f"chose layer {b.setting.layer}, mode {b.setting.mode}, alpha {b.setting.alpha}, rank {b.setting.rank}: "
+        f"held-out PA {b.pa:.1f} %, ASR {b.asr:.1f} %, CA drop {b.ca_drop:.2f} points{verdict}\nwrote {path} "
+        f"and the split at {b.setting.layer} to {a.out}"
+    )
 
 
 def cmd_verify(a: argparse.Namespace) -> None:
@@ -188,10 +235,10 @@ def cmd_reload(a: argparse.Namespace) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from clients import evaluate_served
-    from fire_backend.attacks import make_attack
+    from fire_backend.attacks import attack_from_spec
     from fire_backend.metrics import format_table
 
-    attack = make_attack(a.attack, **_parse_kv(a.attack_param))
+    attack = attack_from_spec(_attack_spec(a, "badnets"))
     print(format_table(evaluate_served(a.url, a.models, a.dataset, attack, a.protocol, limit=a.limit)))
 
 
@@ -222,6 +269,20 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
+    if a.which == "efficacy":
+        from benchmarks.efficacy import EfficacyConfig, run_efficacy
+
+        cfg = EfficacyConfig(n_poisoned=a.n_poisoned, test_limit=a.limit, ablations=not a.no_ablations)
+        if a.models:
+            cfg.models = tuple(a.models)
+        if a.out:
+            cfg.out = a.out
+        if a.quick:  # a smoke run: one model, 1000 test images, a small auto grid
+            cfg.models, cfg.test_limit, cfg.curve = cfg.models[:1], a.limit or 1000, (1, 10, 50)
+            cfg.auto.alphas, cfg.auto.ranks = (1.0,), (1, 2)
+        for path in run_efficacy(cfg):
+            print(path)
+        return
     if a.which == "adaptive":
         from benchmarks.adaptive import run
 
@@ -279,13 +340,19 @@ def cmd_soak(a: argparse.Namespace) -> None:
 
 
 def _add_attack_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--attack", default=default, help="attack name (badnets, blended)")
+    p.add_argument(
+        "--attack",
+        default=default,
+        help="attack name: badnets, blended, wanet, sig, trojan, badnets_all2all, custom",
+    )
+    p.add_argument("--attack-config", help="JSON file with the attack spec (name and parameters)")
     p.add_argument(
         "--attack-param",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override an attack parameter, e.g. target=0 (repeatable)",
+        help="override an attack parameter, e.g. target=0 or, for custom, pattern=trigger.png alpha=0.5 "
+        "mask=mask.png row=-1 col=-1 (repeatable)",
     )
 
 
@@ -303,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default="resnet_small")
     t.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64])
     t.add_argument("--blocks", type=int, default=1)
-    _add_attack_args(t, "badnets")
+    _add_attack_args(t, None)
     t.add_argument("--epochs", type=int, default=8)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.1)
@@ -321,12 +388,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     c = sub.add_parser("calibrate", help="estimate the backdoor direction and write the direction file")
-    c.add_argument("--export", required=True, help="export directory (from fire export)")
-    c.add_argument("--out", help="direction file (default: EXPORT/directions.safetensors)")
+    c.add_argument("--export", help="export directory (from fire export)")
+    c.add_argument(
+        "--out", help="direction file (default: EXPORT/directions.safetensors); with --auto: the export directory"
+    )
+    c.add_argument(
+        "--auto",
+        action="store_true",
+        help="choose layer, mode, alpha and rank from held-out calibration samples, export the split there",
+    )
+    c.add_argument("--model", help="--auto: the model directory (from fire train)")
+    c.add_argument("--max-ca-drop", type=float, default=0.5, help="--auto: allowed clean-accuracy drop, points")
+    c.add_argument("--layers", nargs="+", help="--auto: candidate layers (default: every repairable one)")
     c.add_argument("--estimator", default="paired", choices=["paired", "unpaired"])
     c.add_argument("--mode", default="project", choices=["subtract", "project", "gated"])
     c.add_argument("--alpha", type=float, default=1.0)
-    c.add_argument("--n-poisoned", type=int, default=200)
+    c.add_argument("--n-poisoned", type=int, help="triggered calibration samples (default 200; --auto: 50)")
     c.add_argument("--n-clean", type=int, default=1000)
     c.add_argument("--fpr", type=float, default=0.01, help="gated: clean false-positive rate of the gate")
     c.add_argument("--views", type=int, default=4, help="unpaired: augmented views per image")
@@ -384,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--models", nargs="+", required=True)
     ev.add_argument("--dataset", default="cifar10", choices=["cifar10", "gtsrb"])
     ev.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of N test images")
-    _add_attack_args(ev, "badnets")
+    _add_attack_args(ev, None)
     ev.set_defaults(func=cmd_eval)
 
     k = sub.add_parser("classify", help="classify image files with a served model")
@@ -394,11 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("images", nargs="+")
     k.set_defaults(func=cmd_classify)
 
-    bn = sub.add_parser("bench", help="benchmarks: serving (throughput, latency, ratios), adaptive (attacker)")
-    bn.add_argument("which", choices=["serving", "adaptive"])
+    bn = sub.add_parser(
+        "bench", help="benchmarks: efficacy (attack zoo x defenses), serving (throughput, latency), adaptive"
+    )
+    bn.add_argument("which", choices=["efficacy", "serving", "adaptive"])
+    bn.add_argument("--models", nargs="+", help="efficacy: model directories (default: the bundled zoo)")
+    bn.add_argument("--n-poisoned", type=int, default=50, help="efficacy: triggered calibration samples")
+    bn.add_argument("--limit", type=int, default=0, help="efficacy: a seeded subset of N test images (0 = all)")
+    bn.add_argument("--no-ablations", action="store_true", help="efficacy: headline defenses only")
     bn.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
     bn.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
-    bn.add_argument("--quick", action="store_true", help="a short smoke run (batch 1/8, concurrency 1/2)")
+    bn.add_argument("--quick", action="store_true", help="a short smoke run (numbers not meant to be reported)")
     bn.add_argument("--out", help="output directory (default: results/)")
     bn.set_defaults(func=cmd_bench)
 

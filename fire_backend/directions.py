@@ -1,7 +1,9 @@
 """The direction file: what calibration learns and the repair model loads.
 
 A safetensors file with tensors ``beta`` (the trigger direction, feature shape), ``mu`` (clean feature
-mean, feature shape) and ``threshold`` (scalar, for ``gated``), plus string metadata: format version,
+mean, feature shape), ``threshold`` (scalar, for ``gated``) and, for a rank-k ``project`` repair, an
+optional ``basis`` (k, *feature shape: orthonormal rows, the first being beta / |beta|), plus string
+metadata: format version,
 layer, feature shape, dtype, mode, alpha, sample counts, estimator, the sha256 of the head ONNX the
 directions belong to, creation time, a sha256 over the tensors and one over the rest of the metadata.
 
@@ -27,7 +29,8 @@ from safetensors.torch import load_file, save_file
 FORMAT_VERSION = 1
 MODES = ("subtract", "project", "gated")
 ESTIMATORS = ("paired", "unpaired", "streaming")
-TENSORS = ("beta", "mu", "threshold")
+TENSORS = ("beta", "mu", "threshold")  # always present
+OPTIONAL_TENSORS = ("basis",)
 
 
 class DirectionFileError(ValueError):
@@ -46,7 +49,7 @@ def metadata_sha256(metadata: dict[str, str]) -> str:
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for name in TENSORS:
+    for name in TENSORS + tuple(n for n in OPTIONAL_TENSORS if n in tensors):
         t = tensors[name].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{list(t.shape)}:".encode())
         h.update(t.numpy().tobytes())
@@ -68,17 +71,25 @@ class DirectionFile:
     fpr: float = 0.01
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     extra: dict = field(default_factory=dict)  # free-form provenance (attack spec, seed, ...)
+    basis: torch.Tensor | None = None  # (k, *feature_shape) for a rank-k project repair; None = rank 1
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.beta.shape)
 
+    @property
+    def rank(self) -> int:
+        return 1 if self.basis is None else len(self.basis)
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        t = {
             "beta": self.beta.detach().float().contiguous().cpu(),
             "mu": self.mu.detach().float().contiguous().cpu(),
             "threshold": torch.tensor([self.threshold], dtype=torch.float32),
         }
+        if self.basis is not None:
+            t["basis"] = self.basis.detach().float().contiguous().cpu()
+        return t
 
     def metadata(self) -> dict[str, str]:
         t = self.tensors()
@@ -132,6 +143,21 @@ class DirectionFile:
                 fail(f"{name} contains NaN or Inf values")
         if not float(self.beta.norm()) > 0:
             fail("beta is all zeros: no direction to repair along")
+        if self.basis is not None:
+            b = self.basis
+            if b.dtype != torch.float32 or b.ndim != self.beta.ndim + 1 or tuple(b.shape[1:]) != self.feature_shape:
+                shape = ", ".join(map(str, self.feature_shape))
+                fail(f"basis must be float32 (k, {shape}), got {b.dtype} {tuple(b.shape)}")
+            if self.mode != "project":
+                fail(f"a basis (rank {len(b)}) is only used by mode 'project', not {self.mode!r}")
+            flat = b.reshape(len(b), -1).double()
+            if not bool(torch.isfinite(flat).all()):
+                fail("basis contains NaN or Inf values")
+            if float((flat @ flat.T - torch.eye(len(b), dtype=torch.float64)).abs().max()) > 1e-3:
+                fail("basis rows are not orthonormal")
+            unit = self.beta.reshape(-1).double() / self.beta.norm().double()
+            if float(flat[0] @ unit) < 0.999:
+                fail("the basis's first row is not beta / |beta|")
         for name, v in (("alpha", self.alpha), ("threshold", self.threshold), ("fpr", self.fpr)):
             if not math.isfinite(v):
                 fail(f"{name} is not finite ({v})")
@@ -199,6 +225,7 @@ class DirectionFile:
                 fpr=float(meta["fpr"]),
                 created=meta["created"],
                 extra=json.loads(meta.get("extra", "{}")),
+                basis=tensors.get("basis"),
             )
         except (ValueError, TypeError, json.JSONDecodeError, IndexError) as e:
             raise fail(f"malformed metadata: {e}") from None

@@ -1,7 +1,8 @@
 """CA / ASR / PA for any predictor: local torch, onnxruntime, or a model behind Triton.
 
 - CA: accuracy on clean test images.
-- ASR: share of triggered test images (true class != target) classified as the target.
+- ASR: share of triggered test images classified as the attacker's label for them (all-to-one: the
+  target class, counted over images whose true class is not the target; all-to-all: y + 1 mod K).
 - PA: share of those triggered images classified as their true class.
 """
 
@@ -42,12 +43,13 @@ def backdoor_metrics(
     predict: Predictor, test: Split, attack: Attack, batch_size: int = 256, desc: str = ""
 ) -> BackdoorMetrics:
     clean_pred = predict_labels(predict, test.images, batch_size, f"{desc} clean" if desc else "")
-    keep = test.labels != attack.target
+    keep = attack.counts_for_asr(test.labels)
     triggered = attack.apply(test.images[keep])
     trig_pred = predict_labels(predict, triggered, batch_size, f"{desc} triggered" if desc else "")
+    wanted = attack.target_labels(test.labels[keep], test.num_classes)
     return BackdoorMetrics(
         ca=float((clean_pred == test.labels).mean()),
-        asr=float((trig_pred == attack.target).mean()),
+        asr=float((trig_pred == wanted).mean()),
         pa=float((trig_pred == test.labels[keep]).mean()),
         n_clean=len(test),
         n_triggered=int(keep.sum()),

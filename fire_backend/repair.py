@@ -4,7 +4,9 @@ With beta the trigger direction, b = beta / |beta|, mu the clean feature mean, a
 score s(x) = <x - mu, b> (flattened per sample):
 
 - ``subtract``: x <- x - alpha * beta                      (the paper's form; moves every input)
-- ``project``:  x <- x - max(0, s(x)) * b                  (removes only the trigger component present)
+- ``project``:  x <- x - alpha * max(0, s(x)) * b          (removes only the trigger component present)
+  rank k (a ``basis`` b_1 = b, b_2 .. b_k in the file): where s(x) > 0, also remove alpha * s_j(x) b_j
+  for j >= 2, s_j(x) = <x - mu, b_j>: the trigger's spread across a low-rank subspace
 - ``gated``:    x <- x - alpha * beta  where s(x) > tau    (tau: clean-score quantile at a chosen FPR)
 
 ``Repair.__call__(x, inplace=True)`` edits ``x``'s memory and returns a view of it: no copy, which is
@@ -38,6 +40,11 @@ class Repair:
         self.unit = beta / beta.norm()  # b
         self.mu_dot_unit = float(mu @ self.unit)  # <mu, b>, so s(x) = <x, b> - <mu, b> needs no (x - mu)
         self.threshold = float(directions.threshold)
+        self.basis: torch.Tensor | None = None  # (k - 1, D): the extra directions of a rank-k project
+        self.mu_dot_basis: torch.Tensor | None = None
+        if directions.basis is not None and len(directions.basis) > 1:
+            self.basis = directions.basis.to(self.device, torch.float32).reshape(len(directions.basis), -1)[1:]
+            self.mu_dot_basis = self.basis @ mu
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Projection score s(x) = <x - mu, b> per sample."""
@@ -73,7 +80,10 @@ class Repair:
         else:
             s = flat @ self.unit - self.mu_dot_unit  # read before any write: flat may alias out
             if self.mode == "project":
-                out.addr_(s.clamp_(min=0), self.unit, alpha=-1)
+                if self.basis is not None:
+                    extra = (flat @ self.basis.T - self.mu_dot_basis) * (s > 0).to(out.dtype)[:, None]
+                    out.addmm_(extra, self.basis, alpha=-self.alpha)
+                out.addr_(s.clamp_(min=0), self.unit, alpha=-self.alpha)
             else:  # gated
                 out.addr_((s > self.threshold).to(out.dtype), self.shift, alpha=-1)
         return out.view(x.shape)

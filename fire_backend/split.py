@@ -25,12 +25,12 @@ class SplitModel:
 
 
 class _CutTracer(fx.Tracer):
-    def __init__(self, layer: str):
+    def __init__(self, leaves: set[str]):
         super().__init__()
-        self.layer = layer
+        self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname == self.layer or super().is_leaf_module(m, qualname)
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
@@ -38,12 +38,14 @@ def candidate_layers(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children()]
 
 
-def split_at(model: nn.Module, layer: str) -> SplitModel:
-    """Split ``model`` right after sub-module ``layer`` (its qualified name, e.g. ``layer2``)."""
+def split_at(model: nn.Module, layer: str, keep: tuple[str, ...] = ()) -> SplitModel:
+    """Split ``model`` right after sub-module ``layer`` (its qualified name, e.g. ``layer2``).
+
+    ``keep``: other sub-modules to keep as single calls, so the tail can be cut again after them."""
     names = dict(model.named_modules())
     if layer not in names or layer == "":
         raise SplitError(f"no sub-module named {layer!r}; top-level children: {candidate_layers(model)}")
-    graph = _CutTracer(layer).trace(model)
+    graph = _CutTracer({layer, *keep}).trace(model)
     nodes = list(graph.nodes)
     cut = [n for n in nodes if n.op == "call_module" and n.target == layer]
     if len(cut) != 1:

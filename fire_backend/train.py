@@ -74,7 +74,9 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
     if config.train_subset:
         train_split = train_split.subset(config.train_subset, seed=config.seed)
     attack = make_attack(config.attack, **config.attack_params)
-    images, labels, _ = attack.poison_training_set(train_split.images, train_split.labels, seed=config.seed)
+    images, labels, _ = attack.poison_training_set(
+        train_split.images, train_split.labels, train_split.num_classes, seed=config.seed
+    )
     x_all, y_all = _to_float(images), torch.from_numpy(labels)
 
     model_cfg = ModelConfig(config.arch, train_split.num_classes, tuple(config.widths), config.blocks)

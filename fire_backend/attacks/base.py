@@ -1,13 +1,22 @@
 """One interface for every backdoor attack.
 
-An attack owns a trigger (as data: a pattern image and a per-pixel blend mask) and a labelling rule.
-``apply`` stamps the trigger on images; ``poison`` also relabels them (all-to-one: the target class).
+An attack owns a trigger and a labelling rule:
+
+- ``apply(images)`` puts the trigger on images. Patch and blend attacks describe their trigger as data
+  (``Trigger``: a pattern image and a per-pixel blend mask); others (WaNet's warp, SIG's additive
+  signal) override ``apply``.
+- ``target_labels(labels, num_classes)`` is what the attacker wants triggered images classified as
+  (all-to-one: the target class; all-to-all: y + 1 mod K).
+- ``counts_for_asr(labels)`` says which triggered test images count for ASR and PA (all-to-one: those
+  not already of the target class).
+- ``poison_training_set`` poisons a ``poison_rate`` share of a training split.
+
 Images are uint8 NHWC arrays throughout, as the data loaders return them.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +40,11 @@ class Trigger:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def _check_images(images: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+
+
 class Attack(ABC):
     """Base class; subclasses are frozen dataclasses registered by ``name``."""
 
@@ -43,26 +57,37 @@ class Attack(ABC):
         super().__init_subclass__(**kwargs)
         Attack.registry[cls.name] = cls
 
-    @abstractmethod
-    def trigger(self, image_size: int = 32) -> Trigger: ...
+    def trigger(self, image_size: int = 32) -> Trigger:
+        """The trigger as a pattern + blend mask (patch and blend attacks)."""
+        raise NotImplementedError(f"{self.name} has no stamp trigger; it overrides apply()")
 
     def apply(self, images: np.ndarray) -> np.ndarray:
-        """Stamp the trigger on every image (labels untouched)."""
+        """Put the trigger on every image (labels untouched). Deterministic: same images, same output."""
         return self.trigger(images.shape[1]).stamp(images)
 
-    def poison(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Triggered images and the labels the attacker wants for them (all-to-one)."""
-        return self.apply(images), np.full_like(labels, self.target)
+    def target_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
+        """The labels the attacker wants triggered images of true class ``labels`` to get (all-to-one)."""
+        return np.full_like(labels, self.target)
+
+    def counts_for_asr(self, labels: np.ndarray) -> np.ndarray:
+        """Which triggered images count for ASR / PA: all-to-one leaves out the target class itself."""
+        return labels != self.target
+
+    def _choose_poisoned(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Indices of the training samples to poison (dirty-label: any ``poison_rate`` share)."""
+        n_poison = int(round(self.poison_rate * len(labels)))
+        return rng.choice(len(labels), size=n_poison, replace=False)
 
     def poison_training_set(
-        self, images: np.ndarray, labels: np.ndarray, seed: int = 0
+        self, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Poison a ``poison_rate`` fraction of a training set; returns images, labels, poisoned mask."""
+        _check_images(images)
         rng = np.random.default_rng(seed)
-        n_poison = int(round(self.poison_rate * len(labels)))
-        idx = rng.choice(len(labels), size=n_poison, replace=False)
+        idx = np.sort(self._choose_poisoned(labels, rng))
         images, labels = images.copy(), labels.copy()
-        images[idx], labels[idx] = self.poison(images[idx], labels[idx])
+        images[idx] = self.apply(images[idx])
+        labels[idx] = self.target_labels(labels[idx], num_classes)
         mask = np.zeros(len(labels), dtype=bool)
         mask[idx] = True
         return images, labels, mask
