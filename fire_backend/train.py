@@ -74,10 +74,16 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
     if config.train_subset:
         train_split = train_split.subset(config.train_subset, seed=config.seed)
     attack = make_attack(config.attack, **config.attack_params)
-    images, labels, _ = attack.poison_training_set(
-        train_split.images, train_split.labels, train_split.num_classes, seed=config.seed
-    )
-    x_all, y_all = _to_float(images), torch.from_numpy(labels)
+
+    def poisoned(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Attacks that ask for it (WaNet) poison a fresh draw of samples every epoch, as their papers do.
+        seed = config.seed + (1000 * epoch if attack.fresh_poison_each_epoch else 0)
+        images, labels, _ = attack.poison_training_set(
+            train_split.images, train_split.labels, train_split.num_classes, seed=seed
+        )
+        return _to_float(images), torch.from_numpy(labels)
+
+    x_all, y_all = poisoned(0)
 
     model_cfg = ModelConfig(config.arch, train_split.num_classes, tuple(config.widths), config.blocks)
     model = build_model(model_cfg)
@@ -102,6 +108,8 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
 
     log = (out_dir / "train.log").open("a")
     for epoch in range(start_epoch, config.epochs):
+        if attack.fresh_poison_each_epoch and epoch:
+            x_all, y_all = poisoned(epoch)
         model.train()
         t0, total_loss, correct = time.time(), 0.0, 0
         perm = torch.randperm(len(y_all), generator=gen)

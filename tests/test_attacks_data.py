@@ -26,7 +26,7 @@ def test_blended_mixes_a_fixed_pattern(images):
 
 
 def test_poison_training_set_rate_and_labels(images):
-    x, y, mask = BadNets(target=3, poison_rate=0.25).poison_training_set(images.images, images.labels, seed=1)
+    x, y, mask = BadNets(target=3, poison_rate=0.25).poison_training_set(images.images, images.labels, 10, seed=1)
     assert mask.sum() == 16 and (y[mask] == 3).all()
     np.testing.assert_array_equal(y[~mask], images.labels[~mask])
     assert (x[mask][:, -3:, -3:] == 255).all()

@@ -52,6 +52,7 @@ class Attack(ABC):
     registry: ClassVar[dict[str, type[Attack]]] = {}
     target: int
     poison_rate: float
+    fresh_poison_each_epoch: ClassVar[bool] = False  # training re-draws the poisoned samples every epoch
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -4,7 +4,8 @@ The warp field is a k x k grid of random offsets, normalised to mean magnitude 1
 to the image and scaled by ``s / H``: at s = 0.5 a pixel moves by a fraction of a pixel. In "noise mode"
 another ``cross_ratio`` x (poisoned count) training images are warped with the same field plus
 per-pixel random jitter and keep their true label, so the network must learn this exact warp rather
-than "any warp".
+than "any warp". As in the paper, training re-draws the poisoned and cross samples every epoch, so
+the network sees the warp on many images rather than memorising a fixed few.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fire_backend.attacks.base import Attack, _check_images
 @dataclass(frozen=True)
 class WaNet(Attack):
     name = "wanet"
+    fresh_poison_each_epoch = True
     target: int = 0
     poison_rate: float = 0.1
     k: int = 4  # control points per side of the warp field
