@@ -36,6 +36,7 @@ from calibration.inprocess import ChainRunner, FitInputs, SplitRunner, fit_direc
 from fire_backend.attacks import Attack, attack_from_spec
 from fire_backend.checkpoint import load_meta, load_model
 from fire_backend.data import load_dataset
+from fire_backend.export import sha256_file
 from fire_backend.repair import Repair
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -235,16 +236,24 @@ def _ablations(model, cfg: EfficacyConfig, ev: EvalSet, caches: dict[str, LayerC
 
     # PA against the number of triggered samples seen: offline (an independent draw of n) and streaming
     # (one running mean over a stream, updated one sample at a time, read when it has seen n).
+    # "streaming unpaired" is what `fire update` does with reported samples: a running mean of the
+    # triggered features minus the clean mean (no clean originals needed).
     rng = np.random.default_rng(cfg.seed + 7)
-    stream, seen = RunningMean(), 0
+    stream, stream_p, seen = RunningMean(), RunningMean(), 0
     diffs = (fixed.pair_poisoned - fixed.pair_clean).numpy()
+    clean_mean = fixed.clean.double().mean(0).numpy()
     for k in tqdm(sorted(cfg.curve), desc=f"{ident['model']} curve", unit="n"):
         draw = np.sort(rng.choice(len(diffs), size=k, replace=False))
         d = fit_directions(fixed.inputs(idx=draw), cfg.fixed_layer, "project")
         add("curve", "offline", fixed.evaluate(ev, Repair(d)), layer=cfg.fixed_layer, mode="project", n_poisoned=k)
         while seen < k:
             stream.update(diffs[seen : seen + 1])
+            stream_p.update(fixed.pair_poisoned[seen : seen + 1].numpy())
             seen += 1
+        beta = torch.from_numpy((stream_p.mean - clean_mean).astype(np.float32))
+        d = fit_directions(fixed.inputs(k), cfg.fixed_layer, "project", estimator="streaming", beta=beta)
+        add("curve", "streaming unpaired", fixed.evaluate(ev, Repair(d)), layer=cfg.fixed_layer, mode="project",
+            estimator="streaming-unpaired", n_poisoned=k)  # fmt: skip
         d = fit_directions(fixed.inputs(k), cfg.fixed_layer, "project", estimator="streaming",
                            beta=torch.from_numpy(stream.value()))  # fmt: skip
         add("curve", "streaming", fixed.evaluate(ev, Repair(d)), layer=cfg.fixed_layer, mode="project",
@@ -347,7 +356,8 @@ def write_report(rows: list[dict], cfg: EfficacyConfig, seconds: float, models_d
             f"# FIRE efficacy on {dataset}",
             "",
             f"`fire bench efficacy` ({', '.join(f'{k}={v}' for k, v in asdict(cfg).items() if k != 'auto')}); "
-            f"whole run {seconds / 60:.1f} min on this machine. Test split: every metric; training split: every "
+            f"evaluation time of all models {seconds / 60:.1f} min on this machine (2 cores). "
+            f"Test split: every metric; training split: every "
             f"calibration sample. CA / ASR / PA in %. Headline FIRE rows use {cfg.n_poisoned} triggered samples.",
             "",
             "## The models",
@@ -405,7 +415,7 @@ def _plots(rows: list[dict], out: Path) -> list[Path]:
         fig, axes = plt.subplots(grid_rows, cols, figsize=(4 * cols, 3.3 * grid_rows), squeeze=False)
         for ax, model in zip(axes.flat, models, strict=False):
             ca = next(r["CA"] for r in rows if r["model"] == model and r["defense"] == "none")
-            for kind, style in (("offline", "o-"), ("streaming", "s--")):
+            for kind, style in (("offline", "o-"), ("streaming", "s--"), ("streaming unpaired", "^:")):
                 pts = [(r["n_poisoned"], r["PA"]) for r in curve if r["model"] == model and r["defense"] == kind]
                 ax.plot(*zip(*pts, strict=True), style, label=f"PA {kind}")
             ax.axhline(ca, color="grey", lw=1, ls=":", label="CA, no defense")
@@ -441,14 +451,33 @@ def _plots(rows: list[dict], out: Path) -> list[Path]:
 
 
 def run_efficacy(cfg: EfficacyConfig | None = None, models_dir: str | Path | None = None) -> list[Path]:
+    """Evaluate every model and write the report. Each model's rows are kept in
+    ``OUT/efficacy_runs/MODEL.json`` and reused by a later run with the same config and weights, so an
+    interrupted run resumes where it stopped (delete the folder to start over)."""
     cfg = cfg or EfficacyConfig()
     models_dir = Path(models_dir) if models_dir else REPO_ROOT / "models"
-    t0 = time.time()
+    runs = Path(cfg.out) / "efficacy_runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    key = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("models", "out", "plots")}, sort_keys=True)
     rows: list[dict] = []
+    seconds = 0.0
     for model in tqdm(cfg.models, desc="efficacy", unit="model"):
         path = Path(model) if Path(model).is_absolute() or Path(model).exists() else REPO_ROOT / model
-        rows += evaluate_model(path, cfg)
-    return write_report(rows, cfg, time.time() - t0, models_dir)
+        weights = sha256_file(path / "model.safetensors")
+        cached = runs / f"{path.name}.json"
+        if cached.is_file():
+            saved = json.loads(cached.read_text())
+            if saved["config"] == key and saved["weights"] == weights:
+                rows += saved["rows"]
+                seconds += saved["seconds"]
+                continue
+        t0 = time.time()
+        model_rows = evaluate_model(path, cfg)
+        took = time.time() - t0
+        cached.write_text(json.dumps({"config": key, "weights": weights, "seconds": took, "rows": model_rows}))
+        rows += model_rows
+        seconds += took
+    return write_report(rows, cfg, seconds, models_dir)
 
 
 if __name__ == "__main__":

@@ -131,4 +131,10 @@ def test_efficacy_benchmark_end_to_end(tmp_path):
     assert float(none["ASR"]) > 80 and float(auto["ASR"]) < 15 and float(auto["PA"]) > 60
     assert float(rand["ASR"]) > 70  # the control: a random direction of the same norm does not repair
     assert {r["group"] for r in rows} == {"headline", "layer", "estimator", "curve", "multilayer"}
-    assert sorted(int(r["n_poisoned"]) for r in rows if r["defense"] == "streaming") == [1, 10, 50]
+    for kind in ("offline", "streaming", "streaming unpaired"):
+        assert sorted(int(r["n_poisoned"]) for r in rows if r["defense"] == kind) == [1, 10, 50]
+    # a second run with the same config reuses the per-model rows instead of recomputing them
+    cached = tmp_path / "efficacy_runs" / "cifar10_resnet_badnets.json"
+    stamp = cached.stat().st_mtime_ns
+    run_efficacy(cfg)
+    assert cached.stat().st_mtime_ns == stamp
