@@ -78,6 +78,15 @@ class DirectionFile:
         return tuple(self.beta.shape)
 
     @property
+    def version(self) -> int:
+        """1 for a calibrated file; each streaming update (``fire update``) writes version + 1."""
+        return int(self.extra.get("stream", {}).get("version", 1))
+
+    @property
+    def updates(self) -> int:
+        return int(self.extra.get("stream", {}).get("updates", 0))
+
+    @property
     def rank(self) -> int:
         return 1 if self.basis is None else len(self.basis)
 

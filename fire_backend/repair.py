@@ -37,7 +37,8 @@ class Repair:
         mu = directions.mu.to(self.device, torch.float32).reshape(-1)
         self.alpha = float(directions.alpha)
         self.shift = self.alpha * beta  # subtracted by subtract / gated
-        self.unit = beta / beta.norm()  # b
+        self.beta_norm = float(beta.norm())
+        self.unit = beta / self.beta_norm  # b
         self.mu_dot_unit = float(mu @ self.unit)  # <mu, b>, so s(x) = <x, b> - <mu, b> needs no (x - mu)
         self.threshold = float(directions.threshold)
         self.basis: torch.Tensor | None = None  # (k - 1, D): the extra directions of a rank-k project
@@ -66,19 +67,25 @@ class Repair:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return self.repair_with_scores(x, inplace)[0]
+
+    @torch.no_grad()
+    def repair_with_scores(self, x: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The repaired features and each sample's projection score s(x) (read before the edit)."""
         self.check(x)
         if len(x) == 0:
-            return x
+            return x, x.new_zeros(0)
         if not x.is_contiguous():
             if inplace:
                 raise RepairInputError("in-place repair needs a contiguous tensor")
             x = x.contiguous()
         flat = x.view(len(x), -1)
         out = flat if inplace else flat.clone()
+        s = flat @ self.unit - self.mu_dot_unit  # read before any write: flat may alias out
+        scores = s.clone()
         if self.mode == "subtract":
             out.sub_(self.shift)
         else:
-            s = flat @ self.unit - self.mu_dot_unit  # read before any write: flat may alias out
             if self.mode == "project":
                 if self.basis is not None:
                     extra = (flat @ self.basis.T - self.mu_dot_basis) * (s > 0).to(out.dtype)[:, None]
@@ -86,4 +93,10 @@ class Repair:
                 out.addr_(s.clamp_(min=0), self.unit, alpha=-self.alpha)
             else:  # gated
                 out.addr_((s > self.threshold).to(out.dtype), self.shift, alpha=-1)
-        return out.view(x.shape)
+        return out.view(x.shape), scores
+
+    def changed(self, scores: torch.Tensor) -> int:
+        """How many samples with these scores the repair moves (subtract: all)."""
+        if self.mode == "subtract":
+            return len(scores)
+        return int((scores > (self.threshold if self.mode == "gated" else 0.0)).sum())

@@ -122,6 +122,10 @@ class TritonServer:
         return f"{self.config.host}:{self.config.http_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.metrics_port}/metrics"
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.config.host}:{self.config.grpc_port}"
 

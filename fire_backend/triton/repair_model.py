@@ -18,6 +18,7 @@ from fire_backend.directions import DirectionFile
 from fire_backend.export import sha256_file
 from fire_backend.repair import Repair, RepairInputError
 from fire_backend.triton.common import error_response, parse_args
+from fire_backend.triton.metrics import RepairMetrics
 
 
 class TritonPythonModel:
@@ -41,6 +42,10 @@ class TritonPythonModel:
             head_sha256=sha256_file(head_onnx),
         )
         self.repair = Repair(directions, mode=params.get("MODE") or None, device=self.device)
+        self.metrics = None
+        if params.get("METRICS", "on") != "off":
+            interval = float(params.get("METRICS_INTERVAL_S", "1.0"))
+            self.metrics = RepairMetrics(args["model_name"], directions, self.repair, interval)
 
     def _output(self, y: torch.Tensor):
         """Hand the repaired memory back without a copy of ours.
@@ -61,9 +66,17 @@ class TritonPythonModel:
             if x.device != self.device:
                 x = x.to(self.device)
             try:
-                y = self.repair(x, inplace=True)
+                y, scores = self.repair.repair_with_scores(x, inplace=True)
             except RepairInputError as e:
+                if self.metrics:
+                    self.metrics.record_rejected()
                 responses.append(error_response(f"FIRE repair: {e}"))
                 continue
+            if self.metrics:
+                self.metrics.record(scores)
             responses.append(pb_utils.InferenceResponse([self._output(y)]))
         return responses
+
+    def finalize(self) -> None:
+        if self.metrics:
+            self.metrics.close()
