@@ -124,6 +124,37 @@ def _calibrate_auto(a: argparse.Namespace) -> None:
     )
 
 
+def _stream(a: argparse.Namespace):
+    from calibration.streaming import DirectionStream
+
+    repair = a.model if a.model.endswith("_fire") else f"{a.model}_fire"
+    return DirectionStream(a.url, _admin_key(), a.repo, repair)
+
+
+def cmd_update(a: argparse.Namespace) -> None:
+    from calibration.streaming import GuardRails, head_features, read_images
+
+    stream = _stream(a)
+    head = f"{stream.repair_model.removesuffix('_fire')}_head"
+    poisoned = head_features(a.url, head, read_images(a.poisoned), "http")
+    clean = head_features(a.url, head, read_images(a.clean), "http") if a.clean else None
+    r = stream.update(poisoned, clean, GuardRails(min_samples=a.min_samples, max_step=a.max_step))
+    if r.status == "pending":
+        print(f"pending: {r.reported_poisoned} of {a.min_samples} triggered reports; version {r.version} keeps serving")
+    else:
+        clip = f" (clipped from {r.proposed_step:.3f})" if r.clipped else ""
+        print(
+            f"updated {stream.repair_model} to version {r.version}: beta moved {r.step:.3f} x |beta|{clip}, "
+            f"cosine to the old direction {r.cosine:.4f}; {r.reported_poisoned} triggered reports so far"
+        )
+
+
+def cmd_rollback(a: argparse.Namespace) -> None:
+    stream = _stream(a)
+    d = stream.rollback(a.to)
+    print(f"{stream.repair_model} now serves direction version {d.version} (created {d.created})")
+
+
 def cmd_verify(a: argparse.Namespace) -> None:
     from fire_backend.control import deployed_expectations
     from fire_backend.directions import DirectionFile, DirectionFileError
@@ -455,6 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True, help="protected model (or its _fire repair model)")
     r.add_argument("--directions", required=True, help="the new direction file")
     r.set_defaults(func=cmd_reload)
+
+    up = sub.add_parser("update", help="streaming update: refine a served direction from reported samples")
+    up.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    up.add_argument("--repo", default="model_repository")
+    up.add_argument("--model", required=True, help="protected model (e.g. cifar10)")
+    up.add_argument("--poisoned", nargs="+", required=True, help="images known/suspected triggered: files, dirs, .npz")
+    up.add_argument("--clean", nargs="+", help="clean images (optional): files, dirs, .npz")
+    up.add_argument("--min-samples", type=int, default=10, help="triggered reports before an update takes effect")
+    up.add_argument("--max-step", type=float, default=0.5, help="largest move of beta per update, x |beta|")
+    up.set_defaults(func=cmd_update)
+
+    rb = sub.add_parser("rollback", help="reinstate an earlier direction version of a protected model")
+    rb.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    rb.add_argument("--repo", default="model_repository")
+    rb.add_argument("--model", required=True)
+    rb.add_argument("--to", type=int, help="version to reinstate (default: the one before the live one)")
+    rb.set_defaults(func=cmd_rollback)
 
     ev = sub.add_parser("eval", help="CA / ASR / PA of served models, measured through the server")
     _add_server_args(ev)

@@ -1,0 +1,94 @@
+"""Streaming direction updates against a real tritonserver under load: pending until enough reports,
+bounded steps, zero failed requests, rollback, and the version visible in the metrics."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from calibration.streaming import DirectionStream, GuardRails, head_features
+from fire_backend.attacks import make_attack
+from fire_backend.data import load_dataset
+from fire_backend.directions import DirectionFile
+from fire_backend.repository import ProtectedModel, build_repository
+from fire_backend.server import ServerConfig, TritonServer
+
+from .test_reliability import Load, batch_of, pipeline
+
+
+@pytest.fixture(scope="module")
+def served(artifacts, tmp_path_factory):
+    a = artifacts["cifar10"]
+    repo = tmp_path_factory.mktemp("stream_repo")
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    cfg = ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit", load_models=["*"])
+    with TritonServer(cfg) as server:
+        yield server, repo, a
+
+
+def served_version(server) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    line = next(x for x in text.splitlines() if x.startswith('fire_direction_version{model="cifar10_fire"}'))
+    return float(line.split()[-1])
+
+
+def test_streaming_updates_guard_rails_and_rollback(served, monkeypatch):
+    server, repo, a = served
+    stream = DirectionStream(server.http_url, server.admin_key, repo, "cifar10_fire")
+    train = load_dataset("cifar10", "train").subset(400, seed=11)
+    images = train.images[train.labels != 0]
+    badnets = make_attack("badnets")
+    feats = head_features(server.grpc_url, "cifar10_head", badnets.apply(images[:60]))
+    x = batch_of(a)
+    v1 = stream.current()
+
+    with Load(server.grpc_url, x) as load:
+        r = stream.update(feats[:5])  # fewer than min_samples: nothing changes
+        assert r.status == "pending" and r.version == 1 and stream.current().version == 1
+        r = stream.update(feats[5:40], head_features(server.grpc_url, "cifar10_head", images[100:160]))
+        assert r.status == "updated" and r.version == 2 and r.step <= 0.5 and r.cosine > 0.9
+        time.sleep(0.5)
+    for log in load.log:
+        assert log and [e for _, _, e in log if e] == [], "a request failed during the update"
+    v2 = stream.current()
+    assert v2.version == 2 and v2.estimator == "streaming" and v2.n_poisoned == v1.n_poisoned + 40
+    np.testing.assert_allclose(load.log[0][-1][1], pipeline(a, x, v2), atol=1e-4)  # the new file serves
+    time.sleep(1.5)
+    assert served_version(server) == 2
+
+    # a very different report (another trigger) is clipped to the allowed step
+    blended = head_features(server.grpc_url, "cifar10_head", make_attack("blended").apply(images[:30]))
+    r = stream.update(blended, rails=GuardRails(max_step=0.05))
+    assert r.status == "updated" and r.clipped and r.proposed_step > 0.05 and r.step == pytest.approx(0.05)
+    v3 = stream.current()
+    step = float((v3.beta - v2.beta).norm() / v2.beta.norm())
+    assert step == pytest.approx(0.05, rel=1e-3)
+
+    # bad reports are refused before anything changes
+    with pytest.raises(ValueError, match="finite"):
+        stream.update(np.full_like(feats[:12], np.nan))
+    assert stream.current().version == 3
+
+    assert stream.rollback().version == 2
+    from clients import FireClient
+
+    np.testing.assert_allclose(FireClient(server.grpc_url).infer("cifar10", x), pipeline(a, x, v2), atol=1e-4)
+    assert stream.rollback(1).version == 1
+    np.testing.assert_allclose(FireClient(server.grpc_url).infer("cifar10", x), pipeline(a, x, v1), atol=1e-4)
+    with pytest.raises(ValueError, match="no version 9"):
+        stream.rollback(9)
+    events = [e["event"] for e in stream.history()]
+    assert events == ["pending", "updated", "updated", "rollback", "rollback"]
+
+    # the CLI drives the same loop: an update from an .npz of reported images lands as a new version
+    npz = repo.parent / "reports.npz"
+    np.savez(npz, images=badnets.apply(images[60:80]))
+    monkeypatch.setenv("FIRE_ADMIN_KEY", server.admin_key)
+    from fire_backend.cli import main
+
+    main(["update", "--url", server.http_url, "--repo", str(repo), "--model", "cifar10", "--poisoned", str(npz)])
+    d = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
+    assert d.version == 4 and d.updates == 1  # after the rollback to v1, numbering continues past v3
