@@ -314,6 +314,17 @@ def cmd_bench(a: argparse.Namespace) -> None:
         for path in run_efficacy(cfg):
             print(path)
         return
+    if a.which == "multimodel":
+        from benchmarks.multimodel import MultiModelConfig, run_multimodel
+
+        cfg = MultiModelConfig()
+        if a.out:
+            cfg.out = str(Path(a.out) / "multimodel.md")
+        r = run_multimodel(cfg)
+        print(Path(cfg.out).read_text())
+        if not r.passed:
+            raise SystemExit(1)
+        return
     if a.which == "adaptive":
         from benchmarks.adaptive import run
 
@@ -520,9 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_classify)
 
     bn = sub.add_parser(
-        "bench", help="benchmarks: efficacy (attack zoo x defenses), serving (throughput, latency), adaptive"
+        "bench",
+        help="benchmarks: efficacy (attack zoo x defenses), serving (throughput, latency), adaptive (attacker), "
+        "multimodel (one server, three protected models)",
     )
-    bn.add_argument("which", choices=["efficacy", "serving", "adaptive"])
+    bn.add_argument("which", choices=["efficacy", "serving", "adaptive", "multimodel"])
     bn.add_argument("--models", nargs="+", help="efficacy: model directories (default: the bundled zoo)")
     bn.add_argument("--n-poisoned", type=int, default=50, help="efficacy: triggered calibration samples")
     bn.add_argument("--limit", type=int, default=0, help="efficacy: a seeded subset of N test images (0 = all)")
