@@ -155,6 +155,17 @@ def cmd_rollback(a: argparse.Namespace) -> None:
     print(f"{stream.repair_model} now serves direction version {d.version} (created {d.created})")
 
 
+def cmd_build_engines(a: argparse.Namespace) -> None:
+    from fire_backend.export import TensorRTUnavailableError
+    from fire_backend.repository import build_engines
+
+    try:
+        built = build_engines(a.repo, rebuild=a.rebuild)
+    except TensorRTUnavailableError as e:
+        raise SystemExit(f"fire build-engines: {e}") from None
+    print(f"built {len(built)} TensorRT engine(s)" + "".join(f"\n  {p}" for p in built))
+
+
 def cmd_verify(a: argparse.Namespace) -> None:
     from fire_backend.control import deployed_expectations
     from fire_backend.directions import DirectionFile, DirectionFileError
@@ -473,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--instances", type=int, default=1)
     b.add_argument("--tensorrt", action="store_true", help="also build the GPU profile's engines (needs a GPU)")
     b.set_defaults(func=cmd_build_repo)
+
+    be = sub.add_parser("build-engines", help="build missing TensorRT engines of a repository on this GPU")
+    be.add_argument("--repo", default="model_repository")
+    be.add_argument("--rebuild", action="store_true", help="rebuild engines that exist too")
+    be.set_defaults(func=cmd_build_engines)
 
     s = sub.add_parser("serve", help="run tritonserver on a repository until Ctrl-C")
     s.add_argument("--repo", default="model_repository")

@@ -233,3 +233,21 @@ def build_repository(
         )
         built.append(BuiltModel(m.name, names))
     return built
+
+
+def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = False) -> list[Path]:
+    """Build the missing ``model.plan`` of every TensorRT model of ``profile`` in a repository, from the
+    ``model.onnx`` next to it, on this machine's GPU (a Kubernetes init container, see deploy/)."""
+    built = []
+    for cfg_path in sorted(Path(repository).glob(f"*/configs/{profile}.pbtxt")):
+        cfg = parse_config(cfg_path.read_text())
+        if cfg.platform != "tensorrt_plan":
+            continue
+        version = cfg_path.parent.parent / "1"
+        plan = version / (cfg.default_model_filename or "model.plan")
+        if plan.is_file() and not rebuild:
+            continue
+        if not (version / "model.onnx").is_file():
+            raise FileNotFoundError(f"{cfg.name}: no {version / 'model.onnx'} to build {plan.name} from")
+        built.append(build_tensorrt_engine(version / "model.onnx", plan, cfg.max_batch_size))
+    return built
