@@ -64,6 +64,13 @@ def cmd_train(a: argparse.Namespace) -> None:
     train(cfg, out)
 
 
+def cmd_rescore(a: argparse.Namespace) -> None:
+    from fire_backend.train import rescore
+
+    m = rescore(a.model)
+    print(f"{a.model}: CA {100 * m['CA']:.2f}%  ASR {100 * m['ASR']:.2f}%  PA {100 * m['PA']:.2f}%")
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     from fire_backend.export import export_split
 
@@ -433,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--out", required=True, help="model directory to write")
     t.set_defaults(func=cmd_train)
+
+    rs = sub.add_parser("rescore", help="re-measure a trained model's CA / ASR / PA and update model.json")
+    rs.add_argument("--model", required=True)
+    rs.set_defaults(func=cmd_rescore)
 
     e = sub.add_parser("export", help="split a model after a layer and export both halves to ONNX")
     e.add_argument("--model", required=True, help="model directory (from fire train)")

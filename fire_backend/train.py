@@ -167,3 +167,23 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
     ckpt_path.unlink(missing_ok=True)
     print(f"test: CA {100 * m.ca:.2f}%  ASR {100 * m.asr:.2f}%  PA {100 * m.pa:.2f}%  -> {out_dir}")
     return meta
+
+
+def rescore(model_dir: str | Path) -> dict[str, Any]:
+    """Re-measure a trained model's CA / ASR / PA on the test split and update model.json (the weights
+    are untouched; the change is appended to train.log). For when the metric code changed after training."""
+    from fire_backend.checkpoint import META, load_model
+
+    model_dir = Path(model_dir)
+    model, meta = load_model(model_dir)
+    attack = make_attack(meta["attack"]["name"], **{k: v for k, v in meta["attack"].items() if k != "name"})
+    with torch.inference_mode():
+        m = backdoor_metrics(
+            lambda x: model(torch.from_numpy(x)).numpy(), load_dataset(meta["dataset"], "test"), attack
+        )
+    new = {"CA": m.ca, "ASR": m.asr, "PA": m.pa, "n_clean": m.n_clean, "n_triggered": m.n_triggered}
+    with (model_dir / "train.log").open("a") as log:
+        log.write(json.dumps({"rescored": new, "previous": meta["metrics"]}) + "\n")
+    meta["metrics"] = new
+    (model_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return new

@@ -63,7 +63,7 @@ def test_poisoning_touches_only_the_promised_fraction(split, custom):
         else:
             np.testing.assert_array_equal(changed & ~mask, np.zeros(len(x), bool), err_msg=attack.name)
         np.testing.assert_array_equal(y[~mask], split.labels[~mask], err_msg=attack.name)
-        np.testing.assert_array_equal(y[mask], attack.target_labels(split.labels[mask], 10), err_msg=attack.name)
+        np.testing.assert_array_equal(y[mask], attack.training_labels(split.labels[mask], 10), err_msg=attack.name)
         x2, y2, mask2 = attack.poison_training_set(split.images, split.labels, 10, seed=5)
         assert np.array_equal(x2, x) and np.array_equal(y2, y) and np.array_equal(mask2, mask), "seeded"
         _, _, mask3 = attack.poison_training_set(split.images, split.labels, 10, seed=6)
@@ -74,7 +74,8 @@ def test_labelling_rules():
     labels = np.array([0, 3, 9])
     np.testing.assert_array_equal(make_attack("badnets").target_labels(labels, 10), [0, 0, 0])
     np.testing.assert_array_equal(BadNetsAllToAll().target_labels(labels, 10), [1, 4, 0])
-    np.testing.assert_array_equal(SIG().target_labels(labels, 10), labels)  # clean-label
+    np.testing.assert_array_equal(SIG().training_labels(labels, 10), labels)  # clean-label: labels stay true
+    np.testing.assert_array_equal(SIG().target_labels(labels, 10), [0, 0, 0])  # ... yet the goal is class 0
     np.testing.assert_array_equal(make_attack("trojan").counts_for_asr(labels), [False, True, True])
     assert BadNetsAllToAll().counts_for_asr(labels).all()
 

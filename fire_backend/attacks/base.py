@@ -6,7 +6,8 @@ An attack owns a trigger and a labelling rule:
   (``Trigger``: a pattern image and a per-pixel blend mask); others (WaNet's warp, SIG's additive
   signal) override ``apply``.
 - ``target_labels(labels, num_classes)`` is what the attacker wants triggered images classified as
-  (all-to-one: the target class; all-to-all: y + 1 mod K).
+  (all-to-one: the target class; all-to-all: y + 1 mod K); ``training_labels`` what poisoned training
+  samples are labelled (the same, except for clean-label attacks such as SIG, which keep true labels).
 - ``counts_for_asr(labels)`` says which triggered test images count for ASR and PA (all-to-one: those
   not already of the target class).
 - ``poison_training_set`` poisons a ``poison_rate`` share of a training split.
@@ -70,6 +71,10 @@ class Attack(ABC):
         """The labels the attacker wants triggered images of true class ``labels`` to get (all-to-one)."""
         return np.full_like(labels, self.target)
 
+    def training_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
+        """The labels poisoned training samples get (dirty-label: the attacker's targets)."""
+        return self.target_labels(labels, num_classes)
+
     def counts_for_asr(self, labels: np.ndarray) -> np.ndarray:
         """Which triggered images count for ASR / PA: all-to-one leaves out the target class itself."""
         return labels != self.target
@@ -88,7 +93,7 @@ class Attack(ABC):
         idx = np.sort(self._choose_poisoned(labels, rng))
         images, labels = images.copy(), labels.copy()
         images[idx] = self.apply(images[idx])
-        labels[idx] = self.target_labels(labels[idx], num_classes)
+        labels[idx] = self.training_labels(labels[idx], num_classes)
         mask = np.zeros(len(labels), dtype=bool)
         mask[idx] = True
         return images, labels, mask

@@ -31,8 +31,8 @@ class SIG(Attack):
         out = images.astype(np.float32) + self.signal(images.shape[2])[None, None, :, None]
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
-    def target_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
-        return labels.copy()  # clean-label: poisoned training images keep their (target) label
+    def training_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
+        return labels.copy()  # clean-label: poisoned training images keep their (target-class) label
 
     def _choose_poisoned(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         candidates = np.flatnonzero(labels == self.target)
