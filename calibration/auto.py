@@ -37,8 +37,8 @@ from fire_backend.split import SplitError, candidate_layers, split_at
 class AutoConfig:
     layers: tuple[str, ...] = ()  # empty: every top-level child a single-tensor cut is possible after
     modes: tuple[str, ...] = ("subtract", "project", "gated")
-    alphas: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
-    ranks: tuple[int, ...] = (1, 2, 4)  # tried with mode project
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    ranks: tuple[int, ...] = (1, 2)  # tried with mode project
     folds: int = 5
     max_ca_drop: float = 0.5  # percentage points, on the held-out clean half
     fpr: float = 0.01
