@@ -17,7 +17,7 @@ from calibration.estimators import clean_threshold, paired_direction, unpaired_d
 from fire_backend.attacks import Attack, attack_from_spec
 from fire_backend.data import load_dataset, to_tensor_batch
 from fire_backend.directions import DirectionFile
-from fire_backend.export import FEATURES, INPUT, ExportInfo, onnx_session
+from fire_backend.export import FEATURES, FEATURES2, INPUT, ExportInfo, onnx_session
 from fire_backend.repair import Repair
 
 
@@ -74,10 +74,40 @@ def calibration_pool(dataset: str, attack: Attack, n_poisoned: int, n_clean: int
 
 
 def calibrate(export_dir: str | Path, out_path: str | Path, config: CalibrationConfig | None = None) -> DirectionFile:
+    """Estimate the direction at the export's (first) layer from the deployed head; write ``out_path``."""
     config = config or CalibrationConfig()
     info = ExportInfo.read(export_dir)
-    attack = attack_from_spec(config.attack or info.attack)
     features = HeadFeatures(export_dir)
+    d = _estimate(features, info, info.layer, info.head_sha256, config)
+    d.save(out_path)
+    return d
+
+
+def calibrate_second(
+    export_dir: str | Path, first: DirectionFile, out_path: str | Path, config: CalibrationConfig | None = None
+) -> DirectionFile:
+    """Multi-layer: the direction at ``layer2``, estimated on what the served chain computes there,
+    mid(repair1(head(x))), and bound to mid.onnx (the model that produces the second repair's input)."""
+    config = config or CalibrationConfig()
+    info = ExportInfo.read(export_dir)
+    if not info.multilayer:
+        raise ValueError(f"{export_dir} has one layer; export with a second layer for multi-layer repair")
+    head = HeadFeatures(export_dir)
+    mid = onnx_session(Path(export_dir) / "mid.onnx", threads=2)
+    repair = Repair(first)
+
+    def features(images: np.ndarray) -> np.ndarray:
+        repaired = repair(torch.from_numpy(head(images))).numpy()
+        return mid.run([FEATURES2], {FEATURES: repaired})[0]
+
+    d = _estimate(features, info, info.layer2, info.mid_sha256, config)
+    d.extra["first_layer_directions_sha256"] = first.metadata()["tensors_sha256"]
+    d.save(out_path)
+    return d
+
+
+def _estimate(features, info: ExportInfo, layer: str, producer_sha256: str, config: CalibrationConfig) -> DirectionFile:
+    attack = attack_from_spec(config.attack or info.attack)
     pool = calibration_pool(info.dataset, attack, config.n_poisoned, config.n_clean, config.seed)
     to_poison, clean = pool.to_poison, pool.clean
     poisoned = attack.apply(to_poison)
@@ -93,10 +123,10 @@ def calibrate(export_dir: str | Path, out_path: str | Path, config: CalibrationC
         beta=torch.from_numpy(beta),
         mu=torch.from_numpy(mu),
         threshold=0.0,
-        layer=info.layer,
+        layer=layer,
         mode=config.mode,
         alpha=config.alpha,
-        head_sha256=info.head_sha256,
+        head_sha256=producer_sha256,
         estimator=config.estimator,
         n_poisoned=config.n_poisoned,
         n_clean=config.n_clean,
@@ -105,5 +135,4 @@ def calibrate(export_dir: str | Path, out_path: str | Path, config: CalibrationC
     )
     scores = Repair(directions).scores(torch.from_numpy(clean_feats)).numpy()
     directions.threshold = clean_threshold(scores, config.fpr)
-    directions.save(out_path)
     return directions

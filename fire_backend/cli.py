@@ -74,9 +74,10 @@ def cmd_rescore(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from fire_backend.export import export_split
 
-    info = export_split(a.model, a.layer, a.out)
+    info = export_split(a.model, a.layer, a.out, layer2=a.layer2)
+    parts = "head.onnx, mid.onnx, tail.onnx" if info.multilayer else "head.onnx, tail.onnx"
     print(
-        f"wrote {a.out}/head.onnx, tail.onnx, split.json  (features {info.feature_shape}, "
+        f"wrote {a.out}/{parts}, split.json  (features {info.feature_shape}, "
         f"split error {info.split_max_abs_err:.2g}, ONNX error {info.onnx_max_abs_err:.2g})"
     )
 
@@ -104,6 +105,14 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     out = a.out or str(Path(a.export) / "directions.safetensors")
     d = calibrate(a.export, out, cfg)
     print(f"wrote {out}  (|beta| {float(d.beta.norm()):.4g}, gated threshold {d.threshold:.4g})")
+    from fire_backend.export import ExportInfo
+
+    if ExportInfo.read(a.export).multilayer:  # the second layer, on what the first repair leaves
+        from calibration import calibrate_second
+
+        out2 = a.out2 or str(Path(out).with_name(Path(out).stem + "2.safetensors"))
+        d2 = calibrate_second(a.export, d, out2, cfg)
+        print(f"wrote {out2}  ({d2.layer}: |beta| {float(d2.beta.norm()):.4g})")
 
 
 def _calibrate_auto(a: argparse.Namespace) -> None:
@@ -200,7 +209,10 @@ def cmd_verify(a: argparse.Namespace) -> None:
 def cmd_build_repo(a: argparse.Namespace) -> None:
     from fire_backend.repository import ProtectedModel, ServingSettings, build_repository
 
-    models = [ProtectedModel(name, Path(exp), Path(dirs)) for name, exp, dirs in a.model]
+    models = []
+    for name, exp, dirs in a.model:  # DIRECTIONS, or FIRST,SECOND for a two-layer export
+        first, _, second = dirs.partition(",")
+        models.append(ProtectedModel(name, Path(exp), Path(first), directions2=Path(second) if second else None))
     settings = ServingSettings(
         max_batch_size=a.max_batch_size, max_queue_delay_us=a.max_queue_delay_us, instances=a.instances
     )
@@ -448,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="split a model after a layer and export both halves to ONNX")
     e.add_argument("--model", required=True, help="model directory (from fire train)")
     e.add_argument("--layer", default="layer2", help="sub-module to cut after (e.g. layer1, layer2, layer3)")
+    e.add_argument("--layer2", help="multi-layer repair: a second, later cut (e.g. --layer layer1 --layer2 layer2)")
     e.add_argument("--out", required=True, help="export directory to write")
     e.set_defaults(func=cmd_export)
 
@@ -456,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--out", help="direction file (default: EXPORT/directions.safetensors); with --auto: the export directory"
     )
+    c.add_argument("--out2", help="two-layer export: the second direction file (default: EXPORT/directions2...)")
     c.add_argument(
         "--auto",
         action="store_true",
@@ -487,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar=("NAME", "EXPORT", "DIRECTIONS"),
-        help="a protected model (repeatable: one server hosts many)",
+        help="a protected model (repeatable: one server hosts many); DIRECTIONS is FIRST,SECOND for a two-layer export",
     )
     b.add_argument("--out", default="model_repository")
     b.add_argument("--max-batch-size", type=int, default=64)

@@ -4,6 +4,8 @@
   head.onnx, tail.onnx   the halves; input INPUT (N,3,H,W) -> FEATURES (N,...) -> LOGITS (N,K)
   model.onnx             the unsplit model (INPUT -> LOGITS), the unprotected serving baseline
   split.json             layer, shapes, sha256 of each file, the equivalence errors measured
+With a second layer (multi-layer repair) the model is cut twice: head.onnx ends after ``layer``,
+mid.onnx (FEATURES -> FEATURES2) after ``layer2``, and tail.onnx starts from there.
 ``build_tensorrt_engine`` turns an ONNX half into ``.plan`` on a GPU machine (TensorRT Python API, or
 ``trtexec`` when only that is installed); without TensorRT or a GPU it fails with a clear message.
 """
@@ -26,7 +28,7 @@ from fire_backend.checkpoint import load_model
 from fire_backend.data import load_dataset, to_tensor_batch
 from fire_backend.split import check_equivalence, split_at
 
-INPUT, FEATURES, LOGITS = "INPUT", "FEATURES", "LOGITS"
+INPUT, FEATURES, FEATURES2, LOGITS = "INPUT", "FEATURES", "FEATURES2", "LOGITS"
 ONNX_OPSET = 17
 
 
@@ -52,6 +54,13 @@ class ExportInfo:
     split_max_abs_err: float
     onnx_max_abs_err: float
     attack: dict
+    layer2: str | None = None  # multi-layer: the second cut, after ``layer``
+    feature2_shape: list[int] | None = None  # the features at layer2 (tail.onnx's input)
+    mid_sha256: str | None = None  # mid.onnx: features at layer -> features at layer2
+
+    @property
+    def multilayer(self) -> bool:
+        return self.layer2 is not None
 
     @classmethod
     def read(cls, export_dir: str | Path) -> ExportInfo:
@@ -87,44 +96,52 @@ def onnx_session(path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def export_split(model_dir: str | Path, layer: str, out_dir: str | Path, n_check: int = 256) -> ExportInfo:
-    """Split the model in ``model_dir`` after ``layer``; write head.onnx, tail.onnx and split.json."""
+def export_split(
+    model_dir: str | Path, layer: str, out_dir: str | Path, n_check: int = 256, layer2: str | None = None
+) -> ExportInfo:
+    """Split the model in ``model_dir`` after ``layer`` (and ``layer2``); write the ONNX parts and split.json."""
     model, meta = load_model(model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    split = split_at(model, layer)
+    split = split_at(model, layer, keep=(layer2,) if layer2 else ())
     test = load_dataset(meta["dataset"], "test").subset(n_check, seed=0)
     x = torch.from_numpy(to_tensor_batch(test.images))
     split_err = check_equivalence(model, split, x, atol=1e-5)
+    parts = [(split.head, INPUT, FEATURES, "head.onnx")]
+    if layer2:
+        second = split_at(split.tail, layer2)
+        parts += [(second.head, FEATURES, FEATURES2, "mid.onnx"), (second.tail, FEATURES2, LOGITS, "tail.onnx")]
+    else:
+        parts.append((split.tail, FEATURES, LOGITS, "tail.onnx"))
     with torch.no_grad():  # not inference_mode: the ONNX exporter re-traces with these tensors
-        feats = split.head(x)
         logits = model(x)
-    onnx_export(model, x[:2], out_dir / "model.onnx", INPUT, LOGITS)  # the unsplit model: serving baseline
-    onnx_export(split.head, x[:2], out_dir / "head.onnx", INPUT, FEATURES)
-    onnx_export(split.tail, feats[:2], out_dir / "tail.onnx", FEATURES, LOGITS)
-    onnx_feats = onnx_session(out_dir / "head.onnx").run(None, {INPUT: x.numpy()})[0]
-    onnx_logits = onnx_session(out_dir / "tail.onnx").run(None, {FEATURES: onnx_feats})[0]
+        onnx_export(model, x[:2], out_dir / "model.onnx", INPUT, LOGITS)  # the unsplit model: serving baseline
+        h, onnx_h, outputs = x, x.numpy(), []
+        for module, in_name, out_name, filename in parts:
+            onnx_export(module, h[:2], out_dir / filename, in_name, out_name)
+            h = module(h)
+            onnx_h = onnx_session(out_dir / filename).run(None, {in_name: onnx_h})[0]
+            outputs.append((h, onnx_h))
     whole_logits = onnx_session(out_dir / "model.onnx").run(None, {INPUT: x.numpy()})[0]
-    onnx_err = float(
-        max(
-            np.abs(onnx_feats - feats.numpy()).max(),
-            np.abs(onnx_logits - logits.numpy()).max(),
-            np.abs(whole_logits - logits.numpy()).max(),
-        )
-    )
+    errors = [np.abs(o - t.numpy()).max() for t, o in outputs] + [np.abs(whole_logits - logits.numpy()).max()]
+    errors.append(np.abs(outputs[-1][0].numpy() - logits.numpy()).max())
+    onnx_err = float(max(errors))
     if onnx_err > 1e-4:
         raise RuntimeError(f"ONNX export differs from torch by {onnx_err:.3g} (> 1e-4)")
     info = ExportInfo(
         layer=layer,
         dataset=meta["dataset"],
         input_shape=list(x.shape[1:]),
-        feature_shape=list(feats.shape[1:]),
+        feature_shape=list(outputs[0][0].shape[1:]),
         num_classes=int(logits.shape[1]),
         head_sha256=sha256_file(out_dir / "head.onnx"),
         tail_sha256=sha256_file(out_dir / "tail.onnx"),
         split_max_abs_err=split_err,
         onnx_max_abs_err=onnx_err,
         attack=meta["attack"],
+        layer2=layer2,
+        feature2_shape=list(outputs[1][0].shape[1:]) if layer2 else None,
+        mid_sha256=sha256_file(out_dir / "mid.onnx") if layer2 else None,
     )
     (out_dir / "split.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info

@@ -6,6 +6,8 @@ For each protected model ``<name>``:
   <name>_tail   second half  (like the head)
   <name>        ensemble head -> fire -> tail   (the protected model)
   <name>_plain  ensemble head -> tail           (same halves, no repair: for comparison)
+with a second layer (an export made with ``layer2``, and ``directions2``): multi-layer repair,
+  <name>_head -> <name>_fire -> <name>_mid -> <name>_fire2 -> <name>_tail
 optionally:
   <name>_<mode>           more repair variants sharing the halves (<name>_fire_<mode> as their repair step)
   <name>_fused            head -> repair -> tail folded into one ONNX graph (no hot swap, no extra hops)
@@ -26,7 +28,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from fire_backend.directions import DirectionFile
-from fire_backend.export import FEATURES, INPUT, LOGITS, ExportInfo, build_tensorrt_engine
+from fire_backend.export import FEATURES, FEATURES2, INPUT, LOGITS, ExportInfo, build_tensorrt_engine
 
 REPAIRED = "REPAIRED"
 PROFILES = ("cpu", "gpu")
@@ -51,6 +53,7 @@ class ProtectedModel:
     extra_modes: tuple[str, ...] = ()  # also serve <name>_<mode> for each of these
     fused: bool = False  # also serve <name>_fused
     whole: bool = False  # also serve <name>_whole
+    directions2: Path | None = None  # multi-layer: the direction file for the export's second layer
 
 
 @dataclass
@@ -171,17 +174,18 @@ def _write_onnx_model(
 
 
 def _write_repair_model(
-    out: Path, name: str, m: ProtectedModel, mode: str | None, head: str, info: ExportInfo, s: ServingSettings
+    out: Path, name: str, directions: Path, mode: str | None, producer: str, shape, s: ServingSettings
 ) -> None:
+    """A repair model; ``producer`` is the model whose ONNX computes its input (the file is bound to it)."""
     version = out / name / "1"
     version.mkdir(parents=True)
-    shutil.copyfile(m.directions, version / "directions.safetensors")
+    shutil.copyfile(directions, version / "directions.safetensors")
     (version / "model.py").write_text(_shim("fire_backend.triton.repair_model"))
-    params = {"DIRECTIONS": "directions.safetensors", "HEAD_ONNX": f"{head}/1/model.onnx"}
+    params = {"DIRECTIONS": "directions.safetensors", "HEAD_ONNX": f"{producer}/1/model.onnx"}
     if mode:
         params["MODE"] = mode
     for profile in PROFILES:
-        _write_config(out / name, _repair_config(name, profile, info.feature_shape, s, params), profile)
+        _write_config(out / name, _repair_config(name, profile, shape, s, params), profile)
 
 
 def build_repository(
@@ -203,6 +207,9 @@ def build_repository(
         info = ExportInfo.read(m.export_dir)
         # Fail at build time on a direction file that the repair model would refuse at load time.
         DirectionFile.load(m.directions, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
+        if info.multilayer:
+            built.append(_build_multilayer(out, m, info, s, tensorrt))
+            continue
         head, fire, tail = f"{m.name}_head", f"{m.name}_fire", f"{m.name}_tail"
         variants = {m.name: (fire, m.mode)} | {f"{m.name}_{x}": (f"{fire}_{x}", x) for x in m.extra_modes}
         names = [head, tail, *(f for f, _ in variants.values()), *variants, f"{m.name}_plain"]
@@ -222,7 +229,7 @@ def build_repository(
             _write_onnx_model(out, f"{m.name}_fused", fused_src, end_to_end, s, {"INPUT_RANGE": "0,1"}, tensorrt)
             fused_src.unlink()
         for ensemble, (repair, mode) in variants.items():
-            _write_repair_model(out, repair, m, mode, head, info, s)
+            _write_repair_model(out, repair, m.directions, mode, head, info.feature_shape, s)
             steps = [(head, INPUT, FEATURES), (repair, FEATURES, REPAIRED), (tail, FEATURES, LOGITS)]
             (out / ensemble / "1").mkdir(parents=True)
             _write_config(out / ensemble, _ensemble_config(ensemble, steps, info, s))
@@ -251,3 +258,40 @@ def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = 
             raise FileNotFoundError(f"{cfg.name}: no {version / 'model.onnx'} to build {plan.name} from")
         built.append(build_tensorrt_engine(version / "model.onnx", plan, cfg.max_batch_size))
     return built
+
+
+def _build_multilayer(out: Path, m: ProtectedModel, info: ExportInfo, s: ServingSettings, tensorrt: bool) -> BuiltModel:
+    """head -> fire -> mid -> fire2 -> tail, and the plain head -> mid -> tail."""
+    if m.directions2 is None:
+        raise ValueError(f"{m.name}: the export has a second layer ({info.layer2}); give its direction file")
+    if m.extra_modes or m.fused:
+        raise ValueError(f"{m.name}: extra modes and the fused model are single-layer only")
+    DirectionFile.load(m.directions2, feature_shape=tuple(info.feature2_shape), head_sha256=info.mid_sha256)
+    head, fire, mid, fire2, tail = (f"{m.name}_{p}" for p in ("head", "fire", "mid", "fire2", "tail"))
+    names = [head, fire, mid, fire2, tail, m.name, f"{m.name}_plain"] + [f"{m.name}_whole"] * m.whole
+    for d in names:
+        shutil.rmtree(out / d, ignore_errors=True)
+    src = Path(m.export_dir)
+    k = [info.num_classes]
+    _write_onnx_model(out, head, src / "head.onnx", (INPUT, info.input_shape, FEATURES, info.feature_shape), s,
+                      {"INPUT_RANGE": "0,1"}, tensorrt)  # fmt: skip
+    mid_io = (FEATURES, info.feature_shape, FEATURES2, info.feature2_shape)
+    _write_onnx_model(out, mid, src / "mid.onnx", mid_io, s, {}, tensorrt)
+    _write_onnx_model(out, tail, src / "tail.onnx", (FEATURES2, info.feature2_shape, LOGITS, k), s, {}, tensorrt)
+    if m.whole:
+        _write_onnx_model(out, f"{m.name}_whole", src / "model.onnx", (INPUT, info.input_shape, LOGITS, k), s,
+                          {"INPUT_RANGE": "0,1"}, tensorrt)  # fmt: skip
+    _write_repair_model(out, fire, m.directions, m.mode, head, info.feature_shape, s)
+    _write_repair_model(out, fire2, m.directions2, m.mode, mid, info.feature2_shape, s)
+    steps = [
+        (head, INPUT, FEATURES),
+        (fire, FEATURES, REPAIRED),
+        (mid, FEATURES, FEATURES2),
+        (fire2, FEATURES, REPAIRED),
+        (tail, FEATURES2, LOGITS),
+    ]
+    plain = [(head, INPUT, FEATURES), (mid, FEATURES, FEATURES2), (tail, FEATURES2, LOGITS)]
+    for ensemble, chain in ((m.name, steps), (f"{m.name}_plain", plain)):
+        (out / ensemble / "1").mkdir(parents=True)
+        _write_config(out / ensemble, _ensemble_config(ensemble, chain, info, s))
+    return BuiltModel(m.name, names)
