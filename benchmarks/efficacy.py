@@ -416,8 +416,10 @@ def _plots(rows: list[dict], out: Path) -> list[Path]:
         for ax, model in zip(axes.flat, models, strict=False):
             ca = next(r["CA"] for r in rows if r["model"] == model and r["defense"] == "none")
             for kind, style in (("offline", "o-"), ("streaming", "s--"), ("streaming unpaired", "^:")):
-                pts = [(r["n_poisoned"], r["PA"]) for r in curve if r["model"] == model and r["defense"] == kind]
-                ax.plot(*zip(*pts, strict=True), style, label=f"PA {kind}")
+                sel = [r for r in curve if r["model"] == model and r["defense"] == kind]
+                line = ax.plot([r["n_poisoned"] for r in sel], [r["PA"] for r in sel], style, label=f"PA {kind}")
+                ax.plot([r["n_poisoned"] for r in sel], [r["CA"] for r in sel], style, color=line[0].get_color(),
+                        alpha=0.35, lw=1, label=f"CA {kind}")  # fmt: skip
             ax.axhline(ca, color="grey", lw=1, ls=":", label="CA, no defense")
             ax.set_xscale("log")
             ax.set_title(model, fontsize=9)
