@@ -36,6 +36,7 @@ def value(metrics: dict[str, float], name: str, model: str, extra: str = "") -> 
 def test_repair_metrics_count_samples_scores_and_rejections(server, artifacts):
     a = artifacts["cifar10"]
     c = FireClient(server.grpc_url, "grpc")
+    time.sleep(2.5)  # earlier tests' traffic: let the stub's once-a-second flush publish it first
     before = scrape(server)
     clean = to_tensor_batch(a.test.images[:30])
     triggered = to_tensor_batch(triggered_subset(a, 20)[0])
