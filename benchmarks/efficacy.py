@@ -395,9 +395,38 @@ def write_report(rows: list[dict], cfg: EfficacyConfig, seconds: float, models_d
         path = out / f"efficacy_{dataset}.md"
         path.write_text("\n".join(lines))
         written.append(path)
+    written.append(_overview(rows, out / "efficacy.md", seconds))
     if cfg.plots:
         written += _plots(rows, out)
     return written
+
+
+def _overview(rows: list[dict], path: Path, seconds: float) -> Path:
+    """One line per model: no defense, auto-calibrated FIRE, the best input transform (by PA)."""
+    lines = [
+        "# FIRE efficacy: overview",
+        "",
+        f"Every model, the whole test split unless limited, "
+        f"{max(r['n_poisoned'] for r in rows if r['defense'] == 'FIRE auto')} triggered calibration samples; "
+        f"evaluation time {seconds / 60:.1f} min. CA / ASR / PA in %. "
+        "Per-dataset tables with every defense and ablation: efficacy_<dataset>.md.",
+        "",
+        "| model | attack | none CA / ASR / PA | FIRE auto: setting | FIRE auto CA / ASR / PA "
+        "| best input transform | its CA / ASR / PA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        head = {r["defense"]: r for r in rows if r["model"] == model and r["group"] == "headline"}
+        none, auto = head["none"], head["FIRE auto"]
+        best = max((head[b] for b in BASELINES), key=lambda r: r["PA"])
+        trio = lambda r: f"{r['CA']:.2f} / {r['ASR']:.2f} / {r['PA']:.2f}"  # noqa: E731
+        setting = f"{auto['mode']} @{auto['layer']}, alpha {auto['alpha']}, rank {auto['rank']}"
+        lines.append(
+            f"| {model} | {auto['attack']} | {trio(none)} | {setting} | {trio(auto)} | {best['defense']} "
+            f"| {trio(best)} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _plots(rows: list[dict], out: Path) -> list[Path]:

@@ -116,7 +116,13 @@ def test_efficacy_benchmark_end_to_end(tmp_path):
     )
     paths = run_efficacy(cfg)
     names = {p.name for p in paths}
-    assert {"efficacy.csv", "efficacy_cifar10.md", "efficacy_pa_vs_n.png", "efficacy_defenses.png"} <= names
+    assert {
+        "efficacy.csv",
+        "efficacy.md",
+        "efficacy_cifar10.md",
+        "efficacy_pa_vs_n.png",
+        "efficacy_defenses.png",
+    } <= names
     assert (tmp_path / "efficacy_features_cifar10_resnet_badnets.png").stat().st_size > 10_000
     with (tmp_path / "efficacy.csv").open() as f:
         reader = csv.DictReader(f)
