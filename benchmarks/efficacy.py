@@ -48,7 +48,7 @@ DEFAULT_MODELS = (
     "models/cifar10_resnet_trojan",
     "models/cifar10_resnet_all2all",
     "models/cifar10_vgg_badnets",
-    "models/gtsrb_resnet_badnets",
+    "models/gtsrb_resnet_badnets12",  # 12 epochs: the 8-epoch bundled one stops at ASR 89.7 %
 )
 CSV_FIELDS = (
     "dataset",
