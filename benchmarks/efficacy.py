@@ -356,7 +356,8 @@ def write_report(rows: list[dict], cfg: EfficacyConfig, seconds: float, models_d
             f"# FIRE efficacy on {dataset}",
             "",
             f"`fire bench efficacy` ({', '.join(f'{k}={v}' for k, v in asdict(cfg).items() if k != 'auto')}); "
-            f"evaluation time of all models {seconds / 60:.1f} min on this machine (2 cores). "
+            f"evaluation time, summed over models, {seconds / 60:.1f} min on this machine (2 cores, shared with "
+            f"other jobs while it ran). "
             f"Test split: every metric; training split: every "
             f"calibration sample. CA / ASR / PA in %. Headline FIRE rows use {cfg.n_poisoned} triggered samples.",
             "",
@@ -370,9 +371,14 @@ def write_report(rows: list[dict], cfg: EfficacyConfig, seconds: float, models_d
             ca, asr = 100 * meta["metrics"]["CA"], 100 * meta["metrics"]["ASR"]
             twin, twin_ca = twins.get((dataset, meta["model"]["arch"]), ("-", float("nan")))
             gap = twin_ca - ca
-            ok = asr >= 90 and gap <= 3
+            if asr < 90:
+                ok = f"no (ASR {asr:.1f} < 90)"
+            elif twin == "-":
+                ok = "ASR yes; CA: no clean twin trained"
+            else:
+                ok = "yes" if gap <= 3 else f"no (CA gap {gap:.1f} > 3)"
             lines.append(f"| {model} | {meta['attack']['name']} | {ca:.2f} | {asr:.2f} | {twin} | {twin_ca:.2f} | "
-                         f"{gap:.2f} | {'yes' if ok else 'no'} |")  # fmt: skip
+                         f"{gap:.2f} | {ok} |")  # fmt: skip
         lines += ["", "## Targets (auto-calibrated FIRE)", "", *_targets(rs), ""]
         for group, title in (
             ("headline", "Defenses"),
