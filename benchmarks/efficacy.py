@@ -138,6 +138,17 @@ class LayerCache:
         )
 
 
+def _row(ident: dict, group: str, defense: str, metrics: dict, **setting) -> dict:
+    """One CSV row; settings a defense does not have stay empty."""
+    empty = {"layer": "", "mode": "", "alpha": "", "rank": "", "estimator": "", "n_poisoned": ""}
+    return {**ident, "group": group, "defense": defense, **empty, **setting, **metrics}
+
+
+def _headline(rows: list[dict], model: str) -> dict[str, dict]:
+    """A model's headline rows by defense name."""
+    return {r["defense"]: r for r in rows if r["model"] == model and r["group"] == "headline"}
+
+
 def _clean_twins(models_dir: Path) -> dict[tuple[str, str], tuple[str, float]]:
     """(dataset, arch) -> (model dir, CA) of clean models (poison rate 0) trained with the same recipe."""
     out = {}
@@ -157,8 +168,7 @@ def evaluate_model(model_dir: str | Path, cfg: EfficacyConfig) -> list[dict]:
     rows: list[dict] = []
 
     def add(group: str, defense: str, metrics: dict, **setting) -> None:
-        base = {"layer": "", "mode": "", "alpha": "", "rank": "", "estimator": "", "n_poisoned": ""}
-        rows.append({**ident, "group": group, "defense": defense, **base, **setting, **metrics})
+        rows.append(_row(ident, group, defense, metrics, **setting))
 
     ev = EvalSet.build(dataset, attack, cfg.test_limit, cfg.seed)
     n_pool = max(max(cfg.curve) if cfg.ablations else 0, cfg.n_poisoned)
@@ -213,8 +223,8 @@ def _ablations(model, cfg: EfficacyConfig, ev: EvalSet, caches: dict[str, LayerC
     n = cfg.n_poisoned
 
     def add(group: str, defense: str, metrics: dict, **setting) -> None:
-        base = {"layer": "", "mode": "", "alpha": 1.0, "rank": 1, "estimator": "paired", "n_poisoned": n}
-        rows.append({**ident, "group": group, "defense": defense, **base, **setting, **metrics})
+        fire = {"alpha": 1.0, "rank": 1, "estimator": "paired", "n_poisoned": n}  # these rows' defaults
+        rows.append(_row(ident, group, defense, metrics, **{**fire, **setting}))
 
     for layer, cache in caches.items():
         for mode in ("subtract", "project", "gated"):
@@ -277,9 +287,8 @@ def _two_layers(model, cfg: EfficacyConfig, ev: EvalSet, caches, pool, poisoned,
     second = Repair(fit_directions(inputs, "layer2", "project"))
     pred_x = chain.run(ev.clean, [first, second]).argmax(1).numpy()
     pred_t = chain.run(ev.triggered, [first, second]).argmax(1).numpy()
-    return {**ident, "group": "multilayer", "defense": "FIRE project @layer1+layer2", "layer": "layer1+layer2",
-            "mode": "project", "alpha": 1.0, "rank": 1, "estimator": "paired", "n_poisoned": n,
-            **ev.score(pred_x, pred_t)}  # fmt: skip
+    return _row(ident, "multilayer", "FIRE project @layer1+layer2", ev.score(pred_x, pred_t), layer="layer1+layer2",
+                mode="project", alpha=1.0, rank=1, estimator="paired", n_poisoned=n)  # fmt: skip
 
 
 def _plot_features(cache: LayerCache, directions, ev: EvalSet, path: Path, n: int = 400) -> None:
@@ -324,7 +333,7 @@ def _targets(rows: list[dict]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
-        head = {r["defense"]: r for r in rows if r["model"] == model and r["group"] == "headline"}
+        head = _headline(rows, model)
         none, auto = head["none"], head["FIRE auto"]
         drop = none["CA"] - auto["CA"]
         short = none["CA"] - 3 - auto["PA"]
@@ -422,7 +431,7 @@ def _overview(rows: list[dict], path: Path, seconds: float) -> Path:
         "|---|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
-        head = {r["defense"]: r for r in rows if r["model"] == model and r["group"] == "headline"}
+        head = _headline(rows, model)
         none, auto = head["none"], head["FIRE auto"]
         best = max((head[b] for b in BASELINES), key=lambda r: r["PA"])
         trio = lambda r: f"{r['CA']:.2f} / {r['ASR']:.2f} / {r['PA']:.2f}"  # noqa: E731
@@ -471,7 +480,7 @@ def _plots(rows: list[dict], out: Path) -> list[Path]:
     defenses = list(dict.fromkeys(r["defense"] for r in rows if r["group"] == "headline"))
     fig, axes = plt.subplots(len(models), 1, figsize=(11, 2.4 * len(models)), squeeze=False)
     for ax, model in zip(axes[:, 0], models, strict=True):
-        head = {r["defense"]: r for r in rows if r["model"] == model and r["group"] == "headline"}
+        head = _headline(rows, model)
         xs = np.arange(len(defenses))
         ax.bar(xs - 0.2, [head[d]["CA"] for d in defenses], 0.4, label="CA")
         ax.bar(xs + 0.2, [head[d]["PA"] for d in defenses], 0.4, label="PA")

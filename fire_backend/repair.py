@@ -82,18 +82,16 @@ class Repair:
         flat = x.view(len(x), -1)
         out = flat if inplace else flat.clone()
         s = flat @ self.unit - self.mu_dot_unit  # read before any write: flat may alias out
-        scores = s.clone()
         if self.mode == "subtract":
             out.sub_(self.shift)
-        else:
-            if self.mode == "project":
-                if self.basis is not None:
-                    extra = (flat @ self.basis.T - self.mu_dot_basis) * (s > 0).to(out.dtype)[:, None]
-                    out.addmm_(extra, self.basis, alpha=-self.alpha)
-                out.addr_(s.clamp_(min=0), self.unit, alpha=-self.alpha)
-            else:  # gated
-                out.addr_((s > self.threshold).to(out.dtype), self.shift, alpha=-1)
-        return out.view(x.shape), scores
+        elif self.mode == "project":
+            if self.basis is not None:
+                extra = (flat @ self.basis.T - self.mu_dot_basis) * (s > 0).to(out.dtype)[:, None]
+                out.addmm_(extra, self.basis, alpha=-self.alpha)
+            out.addr_(s.clamp(min=0), self.unit, alpha=-self.alpha)
+        else:  # gated
+            out.addr_((s > self.threshold).to(out.dtype), self.shift, alpha=-1)
+        return out.view(x.shape), s
 
     def changed(self, scores: torch.Tensor) -> int:
         """How many samples with these scores the repair moves (subtract: all)."""
