@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from calibration.estimators import RunningMean, clean_threshold
 from fire_backend.control import DIRECTIONS, reload_directions
-from fire_backend.directions import DirectionFile
+from fire_backend.directions import DirectionFile, atomic_write
 from fire_backend.repair import Repair
 
 
@@ -98,19 +96,7 @@ class StreamState:
             "clean_mean": torch.from_numpy(np.asarray(self.clean.mean, dtype=np.float64)),
             "counts": torch.tensor(counts, dtype=torch.int64),
         }
-        _atomic(path, lambda tmp: save_file(tensors, tmp))
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 class DirectionStream:
@@ -218,7 +204,7 @@ class DirectionStream:
             raise ValueError(f"no version {target} to roll back to for {self.repair_model}; kept: {kept}")
         d = reload_directions(self.http_url, self.admin_key, self.repository, self.repair_model, path)
         state = self.dir / "history" / f"state_v{target}.safetensors"
-        _atomic(self.dir / "state.safetensors", lambda tmp: Path(tmp).write_bytes(state.read_bytes()))
+        atomic_write(self.dir / "state.safetensors", lambda tmp: Path(tmp).write_bytes(state.read_bytes()))
         self._log({"event": "rollback", "from_version": current.version, "version": target})
         return d
 

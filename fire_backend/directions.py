@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +40,19 @@ class DirectionFileError(ValueError):
     def __init__(self, path: str | Path, reason: str):
         super().__init__(f"direction file {path}: {reason}")
         self.path, self.reason = str(path), reason
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` into a temp file next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def metadata_sha256(metadata: dict[str, str]) -> str:
@@ -124,15 +138,7 @@ class DirectionFile:
         """Write atomically (temp file + rename): a reader never sees a half-written file."""
         self.validate(path)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file(self.tensors(), tmp, metadata=self.metadata()))
         return path
 
     def validate(self, path: str | Path = "<memory>") -> None:
