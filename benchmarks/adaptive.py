@@ -19,10 +19,12 @@ import torch
 from tqdm import tqdm
 
 from calibration import CalibrationConfig, HeadFeatures, calibrate
-from fire_backend.attacks import Trigger
-from fire_backend.data import load_dataset
-from fire_backend.export import FEATURES, LOGITS, export_split, onnx_session
+from fire_backend.names import FEATURES, LOGITS
+from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
+from modelio.export import export_split
+from zoo.attacks import Trigger
+from zoo.data import load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0
@@ -88,7 +90,7 @@ def run(
         "| trigger at test time | " + " | ".join(f"ASR / PA {n}" for n in repairs) + " |",
         "|---|" + "---:|" * len(repairs),
     ]
-    for name, trig in tqdm(variants().items(), desc="triggers"):
+    for name, trig in tqdm(variants().items(), desc="triggers", disable=None):
         x = trig.stamp(test.images[keep])
         cells = []
         for r in repairs.values():

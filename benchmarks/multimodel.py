@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +21,14 @@ import numpy as np
 
 from calibration import CalibrationConfig, calibrate
 from clients import FireClient
-from fire_backend.control import _stubs, load_model, reload_directions
-from fire_backend.data import load_dataset, to_tensor_batch
 from fire_backend.directions import DirectionFile
-from fire_backend.export import export_split
-from fire_backend.repository import ProtectedModel, build_repository
-from fire_backend.server import ADMIN_HEADER, ServerConfig, TritonServer
+from modelio.export import export_split
+from serving.admin import load_model, unload_model
+from serving.control import reload_directions
+from serving.procfs import pss_mib, rss_mib, stubs
+from serving.repository import ProtectedModel, build_repository
+from serving.server import ServerConfig, TritonServer
+from zoo.data import load_dataset, to_tensor_batch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = {
@@ -46,35 +47,8 @@ class MultiModelConfig:
     clients_per_model: int = 2
 
 
-def rss_mib(pid: int) -> float:
-    """Resident set size: counts shared pages (the torch libraries every stub maps) in full."""
-    return _proc_kib(f"/proc/{pid}/status", "VmRSS:") / 1024
-
-
-def pss_mib(pid: int) -> float:
-    """Proportional set size: shared pages divided among the processes sharing them (what adds up)."""
-    return _proc_kib(f"/proc/{pid}/smaps_rollup", "Pss:") / 1024
-
-
-def _proc_kib(path: str, key: str) -> float:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
-
-
 def _unload(http_url: str, admin_key: str, model: str) -> None:
-    req = urllib.request.Request(
-        f"http://{http_url}/v2/repository/models/{model}/unload",
-        method="POST",
-        data=b'{"parameters": {"unload_dependents": true}}',
-        headers={ADMIN_HEADER: admin_key},
-    )
-    with urllib.request.urlopen(req, timeout=60):
-        pass
+    unload_model(http_url, admin_key, model, timeout=60, dependents=True)
 
 
 class Traffic:
@@ -161,13 +135,13 @@ def run_multimodel(cfg: MultiModelConfig | None = None) -> MultiModelResult:
         for name in names:
             _group(server, name, load_model)  # an ensemble load brings its steps with it
             time.sleep(1.0)
-            stubs = _stubs(pid)
+            live = stubs(pid)
             memory.append(
                 {
                     "step": f"+ {name} (+ plain twin)",
                     "server_rss": rss_mib(pid),
-                    "stubs": {m: rss_mib(p) for p, m in stubs.items()},
-                    "stubs_pss": {m: pss_mib(p) for p, m in stubs.items()},
+                    "stubs": {m: rss_mib(p) for p, m in live.items()},
+                    "stubs_pss": {m: pss_mib(p) for p, m in live.items()},
                 }
             )
 

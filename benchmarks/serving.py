@@ -29,12 +29,13 @@ import torch
 from tqdm import tqdm
 
 from calibration import CalibrationConfig, calibrate
-from fire_backend.data import load_dataset, to_tensor_batch
 from fire_backend.directions import DirectionFile
-from fire_backend.export import export_split
 from fire_backend.repair import Repair
-from fire_backend.repository import ProtectedModel, ServingSettings, build_repository
-from fire_backend.server import ServerConfig, TritonServer
+from modelio.export import export_split
+from serving.configs import ServingSettings
+from serving.repository import ProtectedModel, Variant, build_repository
+from serving.server import ServerConfig, TritonServer
+from zoo.data import load_dataset, to_tensor_batch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("project", "subtract", "gated")
@@ -56,6 +57,11 @@ class ServingBenchConfig:
     work_dir: Path = REPO_ROOT / "build" / "bench"
     out_dir: Path = REPO_ROOT / "results"
     name: str = "serving"  # output file stem
+
+    @classmethod
+    def quick(cls) -> ServingBenchConfig:
+        """A smoke run: every code path in seconds, numbers not meant to be reported."""
+        return cls(batch_sizes=(1, 8), concurrency=(1, 2), window_s=0.5, rounds=1, warmup_s=0.2, name="serving-quick")
 
 
 def _models(name: str) -> dict[str, str]:
@@ -165,7 +171,8 @@ def prepare(cfg: ServingBenchConfig) -> Path:
     directions = export_dir / "directions.safetensors"
     calibrate(export_dir, directions, CalibrationConfig(mode="project"))
     repo = cfg.work_dir / "repo"
-    model = ProtectedModel("bench", export_dir, directions, extra_modes=("subtract", "gated"), fused=True, whole=True)
+    variants = tuple(Variant.of_mode(m) for m in ("subtract", "gated"))
+    model = ProtectedModel("bench", export_dir, directions, variants=variants, fused=True, whole=True)
     build_repository([model], repo, cfg.settings, tensorrt=cfg.profile == "gpu")
     return repo
 
@@ -187,7 +194,7 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
         url = server.grpc_url if cfg.protocol == "grpc" else server.http_url
         _, http = _client(server.http_url, "http")
         cells = [(b, c) for b in cfg.batch_sizes for c in cfg.concurrency]
-        bar = tqdm(total=len(cells) * cfg.rounds * len(labels), desc="serving bench", unit="window")
+        bar = tqdm(total=len(cells) * cfg.rounds * len(labels), desc="serving bench", unit="window", disable=None)
         for b, c in cells:
             batch = to_tensor_batch(images[:b])
             for model in labels.values():

@@ -24,13 +24,14 @@ from torch import nn
 from tqdm import tqdm
 
 from calibration.calibrate import calibration_pool
-from calibration.inprocess import FitInputs, SplitRunner, fit_directions
-from fire_backend.attacks import attack_from_spec
-from fire_backend.checkpoint import load_model
+from calibration.factory import FitInputs, fit_directions
+from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
-from fire_backend.export import export_split
 from fire_backend.repair import Repair
-from fire_backend.split import SplitError, candidate_layers, split_at
+from modelio.export import export_split
+from modelio.split import SplitError, candidate_layers, split_at
+from zoo.attacks import attack_from_spec
+from zoo.checkpoint import load_model
 
 
 @dataclass
@@ -132,7 +133,7 @@ def auto_calibrate(
     layers = list(config.layers) or usable_layers(model)
     scores: list[Scored] = []
     runners: dict[str, tuple[SplitRunner, FitInputs]] = {}
-    for layer in tqdm(layers, desc="auto-calibrate", unit="layer"):
+    for layer in tqdm(layers, desc="auto-calibrate", unit="layer", disable=None):
         runner = SplitRunner(model, layer)
         fc, fp, fk = runner.features(pair_clean), runner.features(pair_poisoned), runner.features(clean)
         runners[layer] = (runner, FitInputs(fc, fp, fk[fit_clean]))

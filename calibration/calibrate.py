@@ -13,12 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibration.estimators import clean_threshold, paired_direction, unpaired_direction
-from fire_backend.attacks import Attack, attack_from_spec
-from fire_backend.data import load_dataset, to_tensor_batch
+from calibration.estimators import mean_features, paired_direction, photometric_views, unpaired_direction
+from calibration.factory import make_directions
 from fire_backend.directions import DirectionFile
-from fire_backend.export import FEATURES, FEATURES2, INPUT, ExportInfo, onnx_session
+from fire_backend.names import FEATURES, FEATURES2, INPUT
+from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
+from modelio.export import ExportInfo
+from zoo.attacks import Attack, attack_from_spec
+from zoo.data import load_dataset, to_tensor_batch
 
 
 @dataclass
@@ -106,33 +109,38 @@ def calibrate_second(
     return d
 
 
+def batched(features, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``features`` over ``images`` in batches, concatenated."""
+    return np.concatenate([features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def unpaired_beta(features, clean: np.ndarray, poisoned: np.ndarray, views: int, seed: int):
+    """The unpaired estimate from two unrelated image sets, each averaged over photometric views."""
+    return unpaired_direction(
+        mean_features(features, photometric_views(clean, views, seed + 1)),
+        mean_features(features, photometric_views(poisoned, views, seed)),
+    )
+
+
 def _estimate(features, info: ExportInfo, layer: str, producer_sha256: str, config: CalibrationConfig) -> DirectionFile:
     attack = attack_from_spec(config.attack or info.attack)
     pool = calibration_pool(info.dataset, attack, config.n_poisoned, config.n_clean, config.seed)
-    to_poison, clean = pool.to_poison, pool.clean
-    poisoned = attack.apply(to_poison)
+    poisoned = attack.apply(pool.to_poison)
     if config.estimator == "paired":
-        beta = paired_direction(features, to_poison, poisoned)
+        beta = paired_direction(batched(features, pool.to_poison), batched(features, poisoned))
     elif config.estimator == "unpaired":
-        beta = unpaired_direction(features, clean, poisoned, views=config.views, seed=config.seed)
+        beta = unpaired_beta(features, pool.clean, poisoned, config.views, config.seed)
     else:
         raise ValueError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
-    clean_feats = np.concatenate([features(clean[i : i + 256]) for i in range(0, len(clean), 256)])
-    mu = clean_feats.mean(axis=0, dtype=np.float64).astype(np.float32)
-    directions = DirectionFile(
-        beta=torch.from_numpy(beta),
-        mu=torch.from_numpy(mu),
-        threshold=0.0,
+    return make_directions(
+        beta,
+        batched(features, pool.clean),
         layer=layer,
         mode=config.mode,
         alpha=config.alpha,
-        head_sha256=producer_sha256,
-        estimator=config.estimator,
-        n_poisoned=config.n_poisoned,
-        n_clean=config.n_clean,
         fpr=config.fpr,
+        estimator=config.estimator,
+        head_sha256=producer_sha256,
+        n_poisoned=config.n_poisoned,
         extra={"attack": attack.spec(), "calibration": asdict(config), "dataset": info.dataset},
     )
-    scores = Repair(directions).scores(torch.from_numpy(clean_feats)).numpy()
-    directions.threshold = clean_threshold(scores, config.fpr)
-    return directions

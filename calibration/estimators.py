@@ -1,13 +1,16 @@
-"""Direction estimators over feature batches. Means are running (batched Chan/Welford updates), so no
-estimator keeps every sample: the same code serves offline calibration and streaming updates."""
+"""Direction estimators over features (torch tensors or NumPy arrays, N samples first).
+
+Every estimator here sees features, never images: turning images into features is the caller's job
+(the deployed ONNX head, the in-process torch head, or the server's head for streaming updates), so
+offline calibration, auto-calibration, benchmarks and streaming updates share one estimator each.
+Means are accumulated in float64 (``RunningMean`` for streams, nothing kept but the mean and count)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC images -> float32 features (N, ...)
+import torch
 
 
 class RunningMean:
@@ -17,7 +20,8 @@ class RunningMean:
         self.count = 0
         self.mean: np.ndarray | None = None
 
-    def update(self, batch: np.ndarray) -> None:
+    def update(self, batch) -> None:
+        batch = np.asarray(batch)
         if len(batch) == 0:
             return
         batch_mean = batch.astype(np.float64).mean(axis=0)
@@ -33,31 +37,48 @@ class RunningMean:
             raise ValueError("no samples seen")
         return self.mean.astype(np.float32)
 
+    @classmethod
+    def of(cls, batch) -> RunningMean:
+        r = cls()
+        r.update(batch)
+        return r
 
-def _batches(images: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
-    for i in range(0, len(images), batch_size):
-        yield images[i : i + batch_size]
+
+def _numpy(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]  # images -> features (N, ...)
 
 
 def mean_features(features: FeatureFn, images: np.ndarray, batch_size: int = 256) -> RunningMean:
+    """The running mean of ``features(images)``, computed batch by batch (no feature is kept)."""
     acc = RunningMean()
-    for chunk in _batches(images, batch_size):
-        acc.update(features(chunk))
+    for i in range(0, len(images), batch_size):
+        acc.update(_numpy(features(images[i : i + batch_size])))
     return acc
 
 
-def paired_direction(features: FeatureFn, clean: np.ndarray, poisoned: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """beta = mean_i f(poisoned_i) - f(clean_i): the same images with and without the trigger."""
-    if clean.shape != poisoned.shape:
-        raise ValueError(f"paired sets must have the same shape, got {clean.shape} and {poisoned.shape}")
-    acc = RunningMean()
-    for c, p in zip(_batches(clean, batch_size), _batches(poisoned, batch_size), strict=True):
-        acc.update(features(p) - features(c))
-    return acc.value()
+def paired_direction(clean, poisoned) -> torch.Tensor:
+    """beta = mean_i f(T(x_i)) - f(x_i): features of the same images without and with the trigger."""
+    if tuple(clean.shape) != tuple(poisoned.shape):
+        raise ValueError(f"paired sets must have the same shape, got {tuple(clean.shape)} and {tuple(poisoned.shape)}")
+    if len(clean) == 0:
+        raise ValueError("no paired samples")
+    diffs = _numpy(poisoned).astype(np.float64) - _numpy(clean)
+    return torch.from_numpy(RunningMean.of(diffs).value())
+
+
+def unpaired_direction(clean: RunningMean, poisoned: RunningMean) -> torch.Tensor:
+    """beta = mean f(poisoned set) - mean f(clean set), two unrelated sets given as running means (an
+    offline set and a stream of reports alike)."""
+    if not (clean.count and poisoned.count):
+        raise ValueError("the unpaired estimate needs clean and triggered samples")
+    return torch.from_numpy((poisoned.mean - clean.mean).astype(np.float32))
 
 
 def photometric_views(images: np.ndarray, views: int, seed: int = 0) -> np.ndarray:
-    """``views`` jittered copies of each image (brightness, contrast, pixel noise).
+    """``views`` jittered copies of each uint8 NHWC image (brightness, contrast, pixel noise).
 
     Spatial augmentations (crops, flips) are left out on purpose: they would move a position-bound
     trigger such as a corner patch, and smear the direction being estimated."""
@@ -71,28 +92,19 @@ def photometric_views(images: np.ndarray, views: int, seed: int = 0) -> np.ndarr
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def unpaired_direction(
-    features: FeatureFn, clean: np.ndarray, poisoned: np.ndarray, views: int = 4, seed: int = 0, batch_size: int = 256
-) -> np.ndarray:
-    """beta = mean f(poisoned set) - mean f(clean set), two unrelated sets, each averaged over views."""
-    p = mean_features(features, photometric_views(poisoned, views, seed), batch_size).value()
-    c = mean_features(features, photometric_views(clean, views, seed + 1), batch_size).value()
-    return p - c
-
-
-def clean_threshold(scores: np.ndarray, fpr: float) -> float:
+def clean_threshold(scores, fpr: float) -> float:
     """The score above which only a ``fpr`` share of clean samples lie."""
     if not 0 < fpr < 1:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    return float(np.quantile(scores, 1.0 - fpr))
+    return float(np.quantile(np.asarray(scores), 1.0 - fpr))
 
 
-def principal_basis(differences: np.ndarray, rank: int) -> np.ndarray:
+def principal_basis(differences, rank: int) -> np.ndarray:
     """An orthonormal (rank, D) basis for paired feature differences (N, D): the first row is the mean
     difference's direction, the others the top principal directions of what the mean leaves over."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    d = differences.reshape(len(differences), -1).astype(np.float64)
+    d = np.asarray(differences).reshape(len(differences), -1).astype(np.float64)
     mean = d.mean(axis=0)
     first = mean / np.linalg.norm(mean)
     if rank == 1:

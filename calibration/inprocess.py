@@ -7,17 +7,13 @@ checks the halves against torch to ~1e-6)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from calibration.estimators import clean_threshold, principal_basis
-from fire_backend.data import to_tensor_batch
-from fire_backend.directions import DirectionFile
-from fire_backend.repair import Repair
-from fire_backend.split import split_at
+from modelio.split import split_at
+from zoo.data import to_tensor_batch
 
 Editor = Callable[[torch.Tensor], torch.Tensor]  # features -> repaired features
 
@@ -57,52 +53,6 @@ class SplitRunner:
         if changed.any():
             out[changed] = self.labels(edited[torch.from_numpy(changed)])
         return out
-
-
-@dataclass
-class FitInputs:
-    """Features the defender has at one layer: paired clean / triggered calibration images and clean ones."""
-
-    pair_clean: torch.Tensor
-    pair_poisoned: torch.Tensor
-    clean: torch.Tensor  # for mu and the gated threshold
-
-
-def fit_directions(
-    inputs: FitInputs,
-    layer: str,
-    mode: str = "project",
-    alpha: float = 1.0,
-    rank: int = 1,
-    fpr: float = 0.01,
-    estimator: str = "paired",
-    head_sha256: str = "in-process",
-    beta: torch.Tensor | None = None,
-) -> DirectionFile:
-    """A direction file (in memory) from features: beta = mean paired difference unless given."""
-    diffs = (inputs.pair_poisoned - inputs.pair_clean).double()
-    if beta is None:
-        beta = diffs.mean(0).float()
-    mu = inputs.clean.double().mean(0).float()
-    basis = None
-    if rank > 1:
-        basis = torch.from_numpy(principal_basis(diffs.numpy(), rank)).reshape(-1, *beta.shape)
-    d = DirectionFile(
-        beta=beta,
-        mu=mu,
-        threshold=0.0,
-        layer=layer,
-        mode=mode,
-        alpha=alpha,
-        head_sha256=head_sha256,
-        estimator=estimator,
-        n_poisoned=len(inputs.pair_poisoned),
-        n_clean=len(inputs.clean),
-        fpr=fpr,
-        basis=basis,
-    )
-    d.threshold = clean_threshold(Repair(d).scores(inputs.clean).numpy(), fpr)
-    return d
 
 
 class ChainRunner:

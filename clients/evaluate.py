@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from clients.triton_client import FireClient
-from fire_backend.attacks import Attack
-from fire_backend.data import load_dataset
-from fire_backend.metrics import BackdoorMetrics, backdoor_metrics
+from zoo.attacks import Attack
+from zoo.data import load_dataset
+from zoo.metrics import BackdoorMetrics, backdoor_metrics
 
 
 def evaluate_served(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fire_backend.data import to_tensor_batch
+from zoo.data import to_tensor_batch
 
 INPUT, LOGITS = "INPUT", "LOGITS"
 

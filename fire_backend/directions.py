@@ -16,16 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from fire_backend.files import atomic_write
 
 FORMAT_VERSION = 1
 MODES = ("subtract", "project", "gated")
@@ -40,19 +39,6 @@ class DirectionFileError(ValueError):
     def __init__(self, path: str | Path, reason: str):
         super().__init__(f"direction file {path}: {reason}")
         self.path, self.reason = str(path), reason
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` into a temp file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def metadata_sha256(metadata: dict[str, str]) -> str:
@@ -183,47 +169,7 @@ class DirectionFile:
     ) -> DirectionFile:
         """Read and validate; optionally check it fits a deployment (feature shape, head fingerprint)."""
         path = Path(path)
-
-        def fail(reason: str) -> DirectionFileError:
-            return DirectionFileError(path, reason)
-
-        if not path.is_file():
-            raise fail("not found")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise fail(f"not a readable safetensors file (truncated or corrupted?): {e}") from None
-        version = meta.get("format_version")
-        if version != str(FORMAT_VERSION):
-            raise fail(f"unknown format version {version!r} (this FIRE reads version {FORMAT_VERSION})")
-        missing = [k for k in TENSORS if k not in tensors]
-        if missing:
-            raise fail(f"missing tensors {missing}")
-        required = (
-            "layer",
-            "feature_shape",
-            "mode",
-            "alpha",
-            "head_sha256",
-            "estimator",
-            "n_poisoned",
-            "n_clean",
-            "fpr",
-            "created",
-            "tensors_sha256",
-            "metadata_sha256",
-        )
-        absent = [k for k in required if k not in meta]
-        if absent:
-            raise fail(f"missing metadata {absent}")
-        if meta["metadata_sha256"] != metadata_sha256(meta):
-            raise fail("metadata checksum mismatch: the metadata was modified after the file was written")
-        if meta["tensors_sha256"] != tensors_sha256(tensors):
-            raise fail("tensor checksum mismatch: the tensors were modified after the file was written")
+        meta, tensors = _read_checked(path)
         try:
             recorded_shape = tuple(json.loads(meta["feature_shape"]))
             d = cls(
@@ -243,15 +189,68 @@ class DirectionFile:
                 basis=tensors.get("basis"),
             )
         except (ValueError, TypeError, json.JSONDecodeError, IndexError) as e:
-            raise fail(f"malformed metadata: {e}") from None
+            raise DirectionFileError(path, f"malformed metadata: {e}") from None
         if recorded_shape != d.feature_shape:
-            raise fail(f"metadata feature_shape {recorded_shape} != tensor shape {d.feature_shape}")
+            raise DirectionFileError(path, f"metadata feature_shape {recorded_shape} != tensor shape {d.feature_shape}")
         d.validate(path)
-        if feature_shape is not None and tuple(feature_shape) != d.feature_shape:
-            raise fail(f"feature shape {d.feature_shape} does not match the deployed layer's {tuple(feature_shape)}")
-        if head_sha256 is not None and head_sha256 != d.head_sha256:
-            raise fail(
-                f"calibrated for head {d.head_sha256[:12]}..., but the deployed head is {head_sha256[:12]}...; "
-                "re-run `fire calibrate` against the deployed model"
-            )
+        d.check_fits(path, feature_shape, head_sha256)
         return d
+
+    def check_fits(self, path, feature_shape: tuple[int, ...] | None, head_sha256: str | None) -> None:
+        """Raise unless the file fits the deployment: the layer's feature shape and the producer's sha256."""
+        if feature_shape is not None and tuple(feature_shape) != self.feature_shape:
+            raise DirectionFileError(
+                path, f"feature shape {self.feature_shape} does not match the deployed layer's {tuple(feature_shape)}"
+            )
+        if head_sha256 is not None and head_sha256 != self.head_sha256:
+            raise DirectionFileError(
+                path,
+                f"calibrated for head {self.head_sha256[:12]}..., but the deployed head is {head_sha256[:12]}...; "
+                "re-run `fire calibrate` against the deployed model",
+            )
+
+
+REQUIRED_METADATA = (
+    "layer",
+    "feature_shape",
+    "mode",
+    "alpha",
+    "head_sha256",
+    "estimator",
+    "n_poisoned",
+    "n_clean",
+    "fpr",
+    "created",
+    "tensors_sha256",
+    "metadata_sha256",
+)
+
+
+def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a readable file in this format, both matching their checksums."""
+
+    def fail(reason: str) -> DirectionFileError:
+        return DirectionFileError(path, reason)
+
+    if not path.is_file():
+        raise fail("not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise fail(f"not a readable safetensors file (truncated or corrupted?): {e}") from None
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise fail(f"unknown format version {version!r} (this FIRE reads version {FORMAT_VERSION})")
+    missing = [k for k in TENSORS if k not in tensors]
+    if missing:
+        raise fail(f"missing tensors {missing}")
+    absent = [k for k in REQUIRED_METADATA if k not in meta]
+    if absent:
+        raise fail(f"missing metadata {absent}")
+    if meta["metadata_sha256"] != metadata_sha256(meta):
+        raise fail("metadata checksum mismatch: the metadata was modified after the file was written")
+    if meta["tensors_sha256"] != tensors_sha256(tensors):
+        raise fail("tensor checksum mismatch: the tensors were modified after the file was written")
+    return meta, tensors

@@ -1,23 +1,35 @@
-"""The repair itself: plain torch, batched, on any device. No Triton here.
+"""FIRE's repair: one formula, two forms. No Triton here.
 
-With beta the trigger direction, b = beta / |beta|, mu the clean feature mean, and the projection
-score s(x) = <x - mu, b> (flattened per sample):
+Every repair mode is the same edit of the flattened features ``x`` (N, D):
 
-- ``subtract``: x <- x - alpha * beta                      (the paper's form; moves every input)
-- ``project``:  x <- x - alpha * max(0, s(x)) * b          (removes only the trigger component present)
-  rank k (a ``basis`` b_1 = b, b_2 .. b_k in the file): where s(x) > 0, also remove alpha * s_j(x) b_j
-  for j >= 2, s_j(x) = <x - mu, b_j>: the trigger's spread across a low-rank subspace
-- ``gated``:    x <- x - alpha * beta  where s(x) > tau    (tau: clean-score quantile at a chosen FPR)
+    s(x) = x V^T - m                        scores along k unit directions V (k, D), m = V mu
+    C(s) = [s_1 > tau] * (s * w + c)        coefficients (N, k): a gate on the first score
+    x'   = x - C(s(x)) V
 
-``Repair.__call__(x, inplace=True)`` edits ``x``'s memory and returns a view of it: no copy, which is
-what the Triton model relies on for a zero-copy DLPack round trip.
+with, from the direction file (b = beta / |beta|, mu the clean mean):
+
+    mode       V                            w       c                tau
+    project    b, or the rank-k basis       alpha   0                0          (remove the trigger component)
+    gated      b                            0       alpha |beta|     threshold  (subtract where s > tau)
+    subtract   b                            0       alpha |beta|     -inf       (subtract everywhere)
+
+``scores``, ``gate`` and ``coefficients`` are written once, with array operators only, so they compute
+the same on torch tensors and NumPy arrays. Both forms FIRE needs are derived from them:
+
+- ``Repair``: the serving form. Validates the features and edits them in place (``addmm_``: no copy, so
+  the Triton model's DLPack round trip stays zero-copy).
+- ``RepairGraph``: an ``nn.Module`` computing ``x - C V`` out of place, traceable to ONNX (the fused model).
+
+The tests hold the two equal for every mode, alpha and rank.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fire_backend.directions import MODES, DirectionFile
 
@@ -26,30 +38,93 @@ class RepairInputError(ValueError):
     """The activation tensor cannot be repaired (shape, dtype, device or non-finite values)."""
 
 
+@dataclass(frozen=True)
+class RepairParams:
+    """The parameters of the formula above, for one direction file, mode and alpha (float32)."""
+
+    mode: str
+    directions: torch.Tensor  # V (k, D), orthonormal rows, the first b
+    offsets: torch.Tensor  # m = V mu (k,)
+    weights: torch.Tensor  # w (k,)
+    shifts: torch.Tensor  # c (k,)
+    threshold: torch.Tensor  # tau (1,)
+    feature_shape: tuple[int, ...]
+    beta_norm: float
+
+    @classmethod
+    def from_directions(
+        cls, d: DirectionFile, mode: str | None = None, device: str | torch.device = "cpu"
+    ) -> RepairParams:
+        mode = mode or d.mode
+        if mode not in MODES:
+            raise ValueError(f"unknown repair mode {mode!r}; choose one of {MODES}")
+        beta = d.beta.reshape(-1).double()
+        norm = float(beta.norm())
+        if mode == "project" and d.basis is not None:
+            v = d.basis.reshape(len(d.basis), -1).double()
+        else:
+            v = (beta / norm)[None]
+        k = len(v)
+        if mode == "project":
+            w, c, tau = torch.full((k,), float(d.alpha)), torch.zeros(k), 0.0
+        else:
+            w, c = torch.zeros(1), torch.tensor([d.alpha * norm])
+            tau = float(d.threshold) if mode == "gated" else -math.inf
+
+        def f32(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=torch.float32).contiguous()
+
+        return cls(
+            mode=mode,
+            directions=f32(v),
+            offsets=f32(v @ d.mu.reshape(-1).double()),
+            weights=f32(w),
+            shifts=f32(c),
+            threshold=f32(torch.tensor([tau])),
+            feature_shape=tuple(d.feature_shape),
+            beta_norm=norm,
+        )
+
+
+# The formula. ``p`` is anything with the parameter attributes (RepairParams, RepairGraph's buffers).
+def scores(flat, p):
+    """s = x V^T - m: (N, k), the first column is the projection score <x - mu, b>."""
+    return flat @ p.directions.T - p.offsets
+
+
+def gate(s, p):
+    """(N, 1): which samples the repair moves."""
+    return s[:, :1] > p.threshold
+
+
+def coefficients(s, p):
+    """C = [s_1 > tau] * (s * w + c): (N, k), how far to move each sample along each direction."""
+    return gate(s, p) * (s * p.weights + p.shifts)
+
+
+def repaired(flat, p):
+    """x - C(s(x)) V, out of place (the exportable form)."""
+    return flat - coefficients(scores(flat, p), p) @ p.directions
+
+
 class Repair:
+    """The serving form: ``repair(x, inplace=True)`` edits ``x``'s memory and returns a view of it."""
+
     def __init__(self, directions: DirectionFile, mode: str | None = None, device: str | torch.device = "cpu"):
-        self.mode = mode or directions.mode
-        if self.mode not in MODES:
-            raise ValueError(f"unknown repair mode {self.mode!r}; choose one of {MODES}")
         self.device = torch.device(device)
-        self.feature_shape = directions.feature_shape
-        beta = directions.beta.to(self.device, torch.float32).reshape(-1)
-        mu = directions.mu.to(self.device, torch.float32).reshape(-1)
-        self.alpha = float(directions.alpha)
-        self.shift = self.alpha * beta  # subtracted by subtract / gated
-        self.beta_norm = float(beta.norm())
-        self.unit = beta / self.beta_norm  # b
-        self.mu_dot_unit = float(mu @ self.unit)  # <mu, b>, so s(x) = <x, b> - <mu, b> needs no (x - mu)
-        self.threshold = float(directions.threshold)
-        self.basis: torch.Tensor | None = None  # (k - 1, D): the extra directions of a rank-k project
-        self.mu_dot_basis: torch.Tensor | None = None
-        if directions.basis is not None and len(directions.basis) > 1:
-            self.basis = directions.basis.to(self.device, torch.float32).reshape(len(directions.basis), -1)[1:]
-            self.mu_dot_basis = self.basis @ mu
+        self.params = RepairParams.from_directions(directions, mode, self.device)
+        self.mode = self.params.mode
+        self.feature_shape = self.params.feature_shape
+        self.beta_norm = self.params.beta_norm
+
+    @property
+    def unit(self) -> torch.Tensor:
+        """b = beta / |beta|, flattened."""
+        return self.params.directions[0]
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Projection score s(x) = <x - mu, b> per sample."""
-        return x.reshape(len(x), -1) @ self.unit - self.mu_dot_unit
+        return scores(x.reshape(len(x), -1), self.params)[:, 0]
 
     def check(self, x: torch.Tensor) -> None:
         if x.dtype != torch.float32:
@@ -60,9 +135,9 @@ class Repair:
             )
         if x.device != self.device:
             raise RepairInputError(f"features are on {x.device}, the repair runs on {self.device}")
-        # One reduction instead of an elementwise isfinite pass (~40x cheaper at batch 32): any NaN or Inf
-        # makes the sum non-finite; so would finite values near 3e38, which no sane activation reaches.
-        if x.numel() and not math.isfinite(float(x.sum())):
+        # One reduction instead of an elementwise isfinite pass (~40x cheaper): any NaN or Inf makes the
+        # sum non-finite. Accumulated in float64, so no sum of finite float32 values can overflow.
+        if x.numel() and not math.isfinite(float(x.sum(dtype=torch.float64))):
             raise RepairInputError("features contain NaN or Inf (non-finite values in the input image?)")
 
     @torch.no_grad()
@@ -71,7 +146,7 @@ class Repair:
 
     @torch.no_grad()
     def repair_with_scores(self, x: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The repaired features and each sample's projection score s(x) (read before the edit)."""
+        """The repaired features and each sample's projection score (read before the edit)."""
         self.check(x)
         if len(x) == 0:
             return x, x.new_zeros(0)
@@ -80,21 +155,27 @@ class Repair:
                 raise RepairInputError("in-place repair needs a contiguous tensor")
             x = x.contiguous()
         flat = x.view(len(x), -1)
+        s = scores(flat, self.params)
         out = flat if inplace else flat.clone()
-        s = flat @ self.unit - self.mu_dot_unit  # read before any write: flat may alias out
-        if self.mode == "subtract":
-            out.sub_(self.shift)
-        elif self.mode == "project":
-            if self.basis is not None:
-                extra = (flat @ self.basis.T - self.mu_dot_basis) * (s > 0).to(out.dtype)[:, None]
-                out.addmm_(extra, self.basis, alpha=-self.alpha)
-            out.addr_(s.clamp(min=0), self.unit, alpha=-self.alpha)
-        else:  # gated
-            out.addr_((s > self.threshold).to(out.dtype), self.shift, alpha=-1)
-        return out.view(x.shape), s
+        out.addmm_(coefficients(s, self.params), self.params.directions, alpha=-1)
+        return out.view(x.shape), s[:, 0]
 
-    def changed(self, scores: torch.Tensor) -> int:
-        """How many samples with these scores the repair moves (subtract: all)."""
-        if self.mode == "subtract":
-            return len(scores)
-        return int((scores > (self.threshold if self.mode == "gated" else 0.0)).sum())
+    def changed(self, projection_scores: torch.Tensor) -> int:
+        """How many samples with these projection scores the repair moves."""
+        return int((projection_scores > self.params.threshold).sum())
+
+
+class RepairGraph(nn.Module):
+    """The exportable form: the same formula as ``Repair``, out of place, as traceable torch ops."""
+
+    def __init__(self, directions: DirectionFile, mode: str | None = None):
+        super().__init__()
+        p = RepairParams.from_directions(directions, mode)
+        self.mode, self.feature_shape = p.mode, p.feature_shape
+        for name in ("directions", "offsets", "weights", "shifts", "threshold"):
+            self.register_buffer(name, getattr(p, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A constant target shape keeps (C, H, W) static for the tail: with reshape(x.shape) onnxruntime
+        # loses them and its layout optimizations, costing ~15 % of the fused model's time.
+        return repaired(x.flatten(1), self).reshape(-1, *self.feature_shape)

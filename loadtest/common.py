@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from locust import events
 
-from fire_backend.attacks import make_attack
-from fire_backend.data import load_dataset, to_tensor_batch
 from loadtest.targets import host_of, is_loopback
+from zoo.attacks import make_attack
+from zoo.data import load_dataset, to_tensor_batch
 
 
 @events.init_command_line_parser.add_listener

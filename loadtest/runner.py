@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fire_backend.server import ServerConfig, TritonServer
 from loadtest.targets import host_of, is_loopback
+from serving.server import ServerConfig, TritonServer
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent

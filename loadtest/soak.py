@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from clients import FireClient
-from fire_backend.attacks import make_attack
-from fire_backend.data import load_dataset, to_tensor_batch
-from fire_backend.server import ServerConfig, TritonServer
+from serving.server import ServerConfig, TritonServer
+from zoo.attacks import make_attack
+from zoo.data import load_dataset, to_tensor_batch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

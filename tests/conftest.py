@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from calibration import CalibrationConfig, calibrate
-from fire_backend.attacks import Attack, attack_from_spec
-from fire_backend.data import Split, load_dataset
-from fire_backend.export import ExportInfo, export_split
-from fire_backend.repository import ProtectedModel, build_repository
-from fire_backend.server import ServerConfig, TritonServer
+from modelio.export import ExportInfo, export_split
+from serving.repository import ProtectedModel, Variant, build_repository
+from serving.server import ServerConfig, TritonServer
+from zoo.attacks import Attack, attack_from_spec
+from zoo.data import Split, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"cifar10": REPO / "models" / "cifar10_resnet_badnets", "gtsrb": REPO / "models" / "gtsrb_resnet_badnets"}
@@ -49,7 +49,8 @@ def artifacts(tmp_path_factory) -> dict[str, Artifact]:
 @pytest.fixture(scope="session")
 def repository(artifacts, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
-    extras = {"cifar10": dict(extra_modes=("subtract", "gated"), fused=True, whole=True)}
+    variants = (Variant.of_mode("subtract"), Variant.of_mode("gated"))
+    extras = {"cifar10": dict(variants=variants, fused=True, whole=True)}
     build_repository(
         [ProtectedModel(a.name, a.export_dir, a.directions, **extras.get(a.name, {})) for a in artifacts.values()],
         repo,

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fire_backend.attacks import BadNets, Blended, attack_from_spec, make_attack
-from fire_backend.data import DATA_ENV, DatasetMissingError, load_dataset, to_tensor_batch
+from zoo.attacks import BadNets, Blended, attack_from_spec, make_attack
+from zoo.data import DATA_ENV, DatasetMissingError, load_dataset, to_tensor_batch
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import torch
 
 from calibration import CalibrationConfig, HeadFeatures, RunningMean, calibrate
 from fire_backend.directions import DirectionFile
-from fire_backend.export import FEATURES, LOGITS, onnx_session
+from fire_backend.names import FEATURES, LOGITS
+from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
 
 from .conftest import triggered_subset

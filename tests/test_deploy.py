@@ -17,8 +17,9 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from fire_backend.repository import build_engines
-from fire_backend.server import ADMIN_HEADER, free_port, prepare_backends, pytriton_root
+from fire_backend.names import ADMIN_HEADER
+from serving.repository import build_engines
+from serving.server import free_port, prepare_backends, pytriton_root
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -119,7 +120,7 @@ def test_entrypoint_starts_the_real_tritonserver_with_restricted_model_control(r
 
 
 def test_build_engines_explains_itself_without_a_gpu(repository):
-    from fire_backend.export import TensorRTUnavailableError
+    from modelio.tensorrt import TensorRTUnavailableError
 
     with pytest.raises(TensorRTUnavailableError, match="GPU"):
         build_engines(repository)

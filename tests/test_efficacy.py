@@ -13,10 +13,10 @@ from benchmarks.efficacy import CSV_FIELDS, EfficacyConfig, run_efficacy
 from calibration.auto import AutoConfig, Scored, Setting, _pick, auto_calibrate_model
 from calibration.estimators import principal_basis
 from calibration.inprocess import ChainRunner, SplitRunner
-from fire_backend.checkpoint import load_model
 from fire_backend.directions import DirectionFile, DirectionFileError
-from fire_backend.export import ExportInfo
 from fire_backend.repair import Repair
+from modelio.export import ExportInfo
+from zoo.checkpoint import load_model
 
 from .conftest import MODELS
 
@@ -69,7 +69,7 @@ def test_chain_runner_equals_the_model():
     images = np.random.default_rng(0).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
     chain = ChainRunner(model, ["layer1", "layer2"])
     one = SplitRunner(model, "layer1")
-    from fire_backend.data import to_tensor_batch
+    from zoo.data import to_tensor_batch
 
     with torch.inference_mode():
         ref = model(torch.from_numpy(to_tensor_batch(images)))

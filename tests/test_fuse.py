@@ -1,28 +1,90 @@
+"""One repair formula, three places it runs: the fused ONNX graph, the served ensemble (the repair model
+editing features in place) and the local torch pipeline agree for every mode, alpha and rank."""
+
+from __future__ import annotations
+
+import itertools
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
+from calibration import HeadFeatures
+from calibration.calibrate import calibration_pool
+from calibration.factory import FitInputs, fit_directions
+from clients import FireClient
 from fire_backend.directions import DirectionFile
-from fire_backend.export import FEATURES, INPUT, LOGITS, onnx_session
-from fire_backend.fuse import build_fused_onnx
+from fire_backend.names import FEATURES, INPUT, LOGITS
+from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
+from modelio.fuse import build_fused_onnx
+from serving.repository import ProtectedModel, Variant, build_repository
+from serving.server import ServerConfig, TritonServer
+from zoo.data import to_tensor_batch
 
 from .conftest import triggered_subset
 
+SETTINGS = [(m, a, 1) for m in ("subtract", "gated") for a in (0.5, 1.0, 2.0)] + [
+    ("project", a, r) for a, r in itertools.product((0.5, 1.0, 2.0), (1, 2))
+]
 
-@pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
-def test_fused_graph_equals_head_repair_tail(artifacts, tmp_path, mode):
+
+def _suffix(mode: str, alpha: float, rank: int) -> str:
+    return f"{mode}_a{str(alpha).replace('.', 'p')}_r{rank}"
+
+
+@pytest.fixture(scope="module")
+def settings_files(artifacts, tmp_path_factory):
+    """A direction file per (mode, alpha, rank), fitted on paired training samples at the export's layer."""
     a = artifacts["cifar10"]
-    path = build_fused_onnx(a.export_dir, a.directions, tmp_path / "fused.onnx", mode)
-    assert [i.name for i in onnx.load(str(path)).graph.input] == [INPUT]
-    x = np.concatenate([a.test.images[:16], triggered_subset(a, 16)[0]])
-    from fire_backend.data import to_tensor_batch
+    out = tmp_path_factory.mktemp("settings")
+    pool = calibration_pool(a.info.dataset, a.attack, 50, 200, seed=3)
+    head = HeadFeatures(a.export_dir)
+    feats = [torch.from_numpy(head(x)) for x in (pool.to_poison, a.attack.apply(pool.to_poison), pool.clean)]
+    files = {}
+    for mode, alpha, rank in SETTINGS:
+        d = fit_directions(FitInputs(*feats), a.info.layer, mode, alpha, rank, head_sha256=a.info.head_sha256)
+        files[(mode, alpha, rank)] = d.save(out / f"{_suffix(mode, alpha, rank)}.safetensors")
+    return files
 
-    x = to_tensor_batch(x)
-    feats = onnx_session(a.export_dir / "head.onnx").run([FEATURES], {INPUT: x})[0]
-    repaired = Repair(DirectionFile.load(a.directions), mode)(torch.from_numpy(feats)).numpy()
-    expected = onnx_session(a.export_dir / "tail.onnx").run([LOGITS], {FEATURES: repaired})[0]
+
+def _images(a) -> np.ndarray:
+    return to_tensor_batch(np.concatenate([a.test.images[:16], triggered_subset(a, 16)[0]]))
+
+
+def _local(a, x: np.ndarray, directions) -> np.ndarray:
+    """head (ONNX) -> the in-place serving repair (torch) -> tail (ONNX)."""
+    feats = torch.from_numpy(onnx_session(a.export_dir / "head.onnx").run([FEATURES], {INPUT: x})[0])
+    repaired = Repair(DirectionFile.load(directions))(feats, inplace=True).numpy()
+    return onnx_session(a.export_dir / "tail.onnx").run([LOGITS], {FEATURES: repaired})[0]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=[_suffix(*s) for s in SETTINGS])
+def test_fused_graph_equals_head_repair_tail(artifacts, settings_files, tmp_path, setting):
+    a = artifacts["cifar10"]
+    path = build_fused_onnx(a.export_dir, settings_files[setting], tmp_path / "fused.onnx")
+    assert [i.name for i in onnx.load(str(path)).graph.input] == [INPUT]
+    x = _images(a)
+    expected = _local(a, x, settings_files[setting])
     for n in (1, len(x)):  # dynamic batch survives the stitching
-        fused = onnx_session(path).run([LOGITS], {INPUT: x[:n]})[0]
-        np.testing.assert_allclose(fused, expected[:n], atol=1e-4)
+        np.testing.assert_allclose(onnx_session(path).run([LOGITS], {INPUT: x[:n]})[0], expected[:n], atol=1e-4)
+    if setting[1] != 1.0 or setting[2] != 1:  # the setting changes the answer: a dropped alpha or basis shows
+        unit = _local(a, x, settings_files[(setting[0], 1.0, 1)])
+        assert np.abs(unit - expected).max() > 1e-2
+
+
+def test_fused_ensemble_and_local_agree_on_a_server(artifacts, settings_files, tmp_path):
+    """Every setting served twice on one server, as an ensemble (repair model) and fused: both equal the
+    local pipeline."""
+    a = artifacts["cifar10"]
+    variants = tuple(Variant(_suffix(*s), directions=settings_files[s], fused=True) for s in SETTINGS)
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("f", a.export_dir, a.directions, variants=variants)], repo)
+    x = _images(a)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        c = FireClient(server.grpc_url, "grpc")
+        for setting in SETTINGS:
+            expected = _local(a, x, settings_files[setting])
+            np.testing.assert_allclose(c.infer(f"f_{_suffix(*setting)}", x), expected, atol=1e-4, err_msg=str(setting))
+            np.testing.assert_allclose(c.infer(f"f_{_suffix(*setting)}_fused", x), expected, atol=1e-4)

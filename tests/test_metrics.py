@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients import FireClient
-from fire_backend.data import to_tensor_batch
+from zoo.data import to_tensor_batch
 
 from .conftest import triggered_subset
 

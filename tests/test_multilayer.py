@@ -8,14 +8,14 @@ import pytest
 
 from calibration.inprocess import ChainRunner
 from clients import FireClient
-from fire_backend.checkpoint import load_model
-from fire_backend.cli import main
-from fire_backend.data import to_tensor_batch
 from fire_backend.directions import DirectionFile, DirectionFileError
-from fire_backend.export import ExportInfo
 from fire_backend.repair import Repair
-from fire_backend.repository import ProtectedModel, build_repository
-from fire_backend.server import ServerConfig, TritonServer
+from fire_cli.main import main
+from modelio.export import ExportInfo
+from serving.repository import ProtectedModel, build_repository
+from serving.server import ServerConfig, TritonServer
+from zoo.checkpoint import load_model
+from zoo.data import to_tensor_batch
 
 from .conftest import MODELS, triggered_subset
 
@@ -40,6 +40,8 @@ def test_two_layer_repair_served_end_to_end(tmp_path, artifacts):
     main(["build-repo", "--model", "ml", str(exp), f"{exp}/directions.safetensors,{exp}/directions2.safetensors",
           "--out", str(repo)])  # fmt: skip
     assert {p.name for p in repo.iterdir()} == {"ml", "ml_plain", "ml_head", "ml_fire", "ml_mid", "ml_fire2", "ml_tail"}
+    both = {"directions": exp / "directions.safetensors", "directions2": exp / "directions2.safetensors"}
+    build_repository([ProtectedModel("ml", exp, fused=True, **both)], repo)  # + ml_fused: both repairs folded in
 
     trig, labels = triggered_subset(a, 60)
     x = to_tensor_batch(np.concatenate([a.test.images[:20], trig]))
@@ -49,8 +51,9 @@ def test_two_layer_repair_served_end_to_end(tmp_path, artifacts):
     local = chain.run(images, [Repair(d1), Repair(d2)]).numpy()
     with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
         c = FireClient(server.grpc_url, "grpc")
-        served, plain = c.infer("ml", x), c.infer("ml_plain", x)
+        served, plain, fused = c.infer("ml", x), c.infer("ml_plain", x), c.infer("ml_fused", x)
     np.testing.assert_allclose(served, local, atol=1e-4)
+    np.testing.assert_allclose(fused, local, atol=1e-4)
     np.testing.assert_allclose(plain, chain.run(images, []).numpy(), atol=1e-4)
     asr_plain = (plain[20:].argmax(1) == a.attack.target).mean()
     asr_fire = (served[20:].argmax(1) == a.attack.target).mean()

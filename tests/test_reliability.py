@@ -18,15 +18,17 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from clients import FireClient
-from fire_backend.checkpoint import load_model
-from fire_backend.control import ControlError, reload_directions
-from fire_backend.control import load_model as control_load
-from fire_backend.data import to_tensor_batch
 from fire_backend.directions import DirectionFile, DirectionFileError
+from fire_backend.names import ADMIN_HEADER, GRPC_ADMIN_HEADER
 from fire_backend.repair import Repair
-from fire_backend.repository import ProtectedModel, build_repository
-from fire_backend.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, ServerConfig, TritonServer
-from fire_backend.split import split_at
+from modelio.split import split_at
+from serving.admin import ControlError
+from serving.admin import load_model as control_load
+from serving.control import reload_directions
+from serving.repository import ProtectedModel, build_repository
+from serving.server import ServerConfig, TritonServer
+from zoo.checkpoint import load_model
+from zoo.data import to_tensor_batch
 
 from .conftest import triggered_subset
 
@@ -233,9 +235,9 @@ def test_every_kind_of_bad_direction_file_keeps_the_protected_model_down(artifac
 
 
 def _stub_pid(server, model: str) -> int:
-    from fire_backend.control import _stubs
+    from serving.procfs import stubs
 
-    return next(pid for pid, m in _stubs(server.process.pid).items() if m == model)
+    return next(pid for pid, m in stubs(server.process.pid).items() if m == model)
 
 
 def test_a_killed_repair_stub_fails_closed_and_the_watchdog_restores_it(explicit):

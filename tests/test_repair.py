@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from fire_backend.directions import DirectionFile
-from fire_backend.repair import Repair, RepairInputError
+from fire_backend.repair import Repair, RepairGraph, RepairInputError, RepairParams, coefficients, repaired, scores
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -104,6 +104,51 @@ def test_project_leaves_no_positive_trigger_component(x, beta, mu):
     r = Repair(directions(beta, mu, "project"))
     xt = torch.tensor(x)
     before, after = r.scores(xt), r.scores(r(xt))
-    tol = 1e-3 * (1 + xt.abs().max().item() + abs(r.mu_dot_unit))
+    tol = 1e-3 * (1 + xt.abs().max().item() + abs(float(r.params.offsets[0])))
     assert torch.all(after <= tol)  # nothing left along +b
     assert torch.allclose(after, before.clamp(max=0), atol=tol)  # and nothing else moved along b
+
+
+def _rank2(mode: str, alpha: float) -> DirectionFile:
+    """beta along e1 + e2 with a second basis row along e3 (orthonormal), in 4-D features."""
+    d = directions([3.0, 4.0, 0.0, 0.0], [0.5, -0.5, 0.25, 0.0], mode, alpha, threshold=0.3)
+    if mode == "project":
+        d.basis = torch.tensor([[0.6, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    return d
+
+
+@pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_exportable_graph_equals_the_inplace_repair(mode, alpha):
+    """RepairGraph (out of place, traceable) and Repair (in place) are two forms of one formula."""
+    d = _rank2(mode, alpha)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 3
+    graph = RepairGraph(d)(x.clone())
+    inplace = Repair(d)(x.clone(), inplace=True)
+    assert torch.allclose(graph, inplace, atol=1e-5)
+    traced = torch.jit.trace(RepairGraph(d), x[:2])  # what the ONNX exporter sees
+    assert torch.allclose(traced(x), inplace, atol=1e-5)
+    if mode == "project":  # rank 2: the second direction is removed too, scaled by alpha, where s_1 > 0
+        s = x @ torch.tensor([0.6, 0.8, 0.0, 0.0]) - (0.6 * 0.5 - 0.8 * 0.5)
+        moved = (s > 0) & (x[:, 2] != 0.25)
+        assert torch.allclose(inplace[moved, 2], x[moved, 2] - alpha * (x[moved, 2] - 0.25), atol=1e-5)
+
+
+def test_the_formula_is_array_generic():
+    """The same functions compute the same on NumPy arrays and torch tensors."""
+    p = RepairParams.from_directions(_rank2("project", 2.0))
+    names = ("directions", "offsets", "weights", "shifts", "threshold")
+    q = type("NumpyParams", (), {k: getattr(p, k).numpy() for k in names})
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(scores(x.numpy(), q), scores(x, p).numpy(), atol=1e-6)
+    np.testing.assert_allclose(coefficients(scores(x.numpy(), q), q), coefficients(scores(x, p), p).numpy(), atol=1e-6)
+    out = repaired(x.numpy(), q)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, repaired(x, p).numpy(), atol=1e-6)
+
+
+def test_huge_but_finite_features_are_not_called_nan():
+    """A float32 sum can overflow on finite values; the check accumulates in float64."""
+    x = torch.full((2, 2), 3e38)
+    assert torch.isfinite(x).all() and not torch.isfinite(x.sum())
+    Repair(directions([3, 4], [1, 1])).check(x)  # no error

@@ -2,7 +2,8 @@ import pytest
 from tritonclient.grpc import model_config_pb2
 
 from fire_backend.directions import DirectionFileError
-from fire_backend.repository import ProtectedModel, build_repository, parse_config
+from serving.configs import parse_config
+from serving.repository import ProtectedModel, build_repository
 
 KIND_CPU, KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_CPU, model_config_pb2.ModelInstanceGroup.KIND_GPU
 

@@ -10,12 +10,12 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from clients import FireClient
-from fire_backend.checkpoint import load_model
-from fire_backend.data import to_tensor_batch
 from fire_backend.directions import DirectionFile
 from fire_backend.repair import Repair
-from fire_backend.server import ServerConfig, TritonServer
-from fire_backend.split import split_at
+from modelio.split import split_at
+from serving.server import ServerConfig, TritonServer
+from zoo.checkpoint import load_model
+from zoo.data import to_tensor_batch
 
 from .conftest import triggered_subset
 
@@ -106,7 +106,7 @@ def test_wrong_input_name_is_named_in_the_error(server, artifacts, protocol):
 
 
 def test_fire_eval_cli_measures_through_the_server(server):
-    fire = shutil.which("fire") or f"{sys.executable} -m fire_backend.cli"
+    fire = shutil.which("fire") or f"{sys.executable} -m fire_cli.main"
     out = subprocess.run(
         [*fire.split(), "eval", "--url", server.grpc_url, "--models", "cifar10", "cifar10_plain", "--limit", "100"],
         capture_output=True,
@@ -122,7 +122,7 @@ def test_fire_eval_cli_measures_through_the_server(server):
 def test_bad_directions_fail_closed_and_stop_cleanly(artifacts, tmp_path):
     """A corrupt direction file: the repair model and the protected ensemble are not served, the plain
     twin still is; stopping the server leaves no stub process and no shared-memory region."""
-    from fire_backend.repository import ProtectedModel, build_repository
+    from serving.repository import ProtectedModel, build_repository
 
     a = artifacts["cifar10"]
     repo = tmp_path / "repo"
@@ -190,7 +190,7 @@ def _processes() -> dict[int, tuple[int, str]]:
 def test_fire_serve_binds_loopback_and_stops_cleanly_on_sigterm(repository):
     import signal
 
-    from fire_backend.server import free_port
+    from serving.server import free_port
 
     ports = [str(free_port()) for _ in range(3)]
     proc = subprocess.Popen(

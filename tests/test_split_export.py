@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from fire_backend.checkpoint import load_model
-from fire_backend.data import load_dataset, to_tensor_batch
-from fire_backend.export import FEATURES, INPUT, LOGITS, TensorRTUnavailableError, build_tensorrt_engine, onnx_session
-from fire_backend.split import SplitError, check_equivalence, split_at
+from fire_backend.names import FEATURES, INPUT, LOGITS
+from fire_backend.onnx_runtime import onnx_session
+from modelio.split import SplitError, check_equivalence, split_at
+from modelio.tensorrt import TensorRTUnavailableError, build_tensorrt_engine
+from zoo.checkpoint import load_model
+from zoo.data import load_dataset, to_tensor_batch
 
 from .conftest import MODELS
 
@@ -63,7 +65,7 @@ def test_tensorrt_build_fails_clearly_without_a_gpu(artifacts, tmp_path):
 
 @pytest.mark.parametrize("layer", ["layer1", "layer2", "layer3"])
 def test_vgg_style_cuts_reproduce_the_model(layer):
-    from fire_backend.models import ModelConfig, build_model
+    from zoo.models import ModelConfig, build_model
 
     model = build_model(ModelConfig(arch="vgg_small", blocks=2)).eval()
     x = torch.rand(8, 3, 32, 32)

@@ -9,12 +9,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-from calibration.streaming import DirectionStream, GuardRails, head_features
-from fire_backend.attacks import make_attack
-from fire_backend.data import load_dataset
 from fire_backend.directions import DirectionFile
-from fire_backend.repository import ProtectedModel, build_repository
-from fire_backend.server import ServerConfig, TritonServer
+from serving.repository import ProtectedModel, build_repository
+from serving.server import ServerConfig, TritonServer
+from serving.streaming import DirectionStream, GuardRails, head_features
+from zoo.attacks import make_attack
+from zoo.data import load_dataset
 
 from .test_reliability import Load, batch_of, pipeline
 
@@ -87,7 +87,7 @@ def test_streaming_updates_guard_rails_and_rollback(served, monkeypatch):
     npz = repo.parent / "reports.npz"
     np.savez(npz, images=badnets.apply(images[60:80]))
     monkeypatch.setenv("FIRE_ADMIN_KEY", server.admin_key)
-    from fire_backend.cli import main
+    from fire_cli.main import main
 
     main(["update", "--url", server.http_url, "--repo", str(repo), "--model", "cifar10", "--poisoned", str(npz)])
     d = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")

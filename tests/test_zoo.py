@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fire_backend.attacks import SIG, Attack, BadNetsAllToAll, Custom, Trojan, WaNet, make_attack
-from fire_backend.data import load_dataset
+from zoo.attacks import SIG, Attack, BadNetsAllToAll, Custom, Trojan, WaNet, make_attack
+from zoo.data import load_dataset
 
 NAMES = ["badnets", "blended", "wanet", "sig", "trojan", "badnets_all2all"]
 
@@ -119,7 +119,7 @@ def test_custom_trigger_from_files(custom, tmp_path):
 
 def test_train_with_a_custom_trigger_from_a_config_file(custom, tmp_path):
     """`fire train --attack-config` end to end on a tiny subset: the spec lands in model.json."""
-    from fire_backend.cli import main
+    from fire_cli.main import main
 
     cfg = tmp_path / "attack.json"
     cfg.write_text(json.dumps({"name": "custom", "pattern": custom.pattern, "mask": custom.mask, "target": 2}))

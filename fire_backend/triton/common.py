@@ -17,6 +17,17 @@ def parse_args(args: dict[str, str]) -> tuple[dict[str, Any], dict[str, str], Pa
     return config, params, version_dir
 
 
+def require_io(config: dict[str, Any], inputs: list[str], outputs: list[str]) -> None:
+    """Fail the load unless the config declares exactly these input and output tensors (by name)."""
+    for kind, names, lookup in (
+        ("input", inputs, pb_utils.get_input_config_by_name),
+        ("output", outputs, pb_utils.get_output_config_by_name),
+    ):
+        declared = sorted(t["name"] for t in config.get(kind, []))
+        if declared != sorted(names) or any(lookup(config, n) is None for n in names):
+            raise ValueError(f"{config['name']}: config declares {kind}s {declared}, the model has {sorted(names)}")
+
+
 def error_response(message: str, code=None) -> Any:
     code = pb_utils.TritonError.INVALID_ARG if code is None else code
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

@@ -1,7 +1,8 @@
 """An ONNX model (a half, the whole model, or FIRE fused) served with onnxruntime: the CPU profile.
 
-All requests of one ``execute`` call are concatenated, run once, and split back. The head (which
-receives client pixels) validates them first when ``INPUT_RANGE`` is set in the config.
+Tensors are found by name: the ONNX file's input and output names, which the config must declare.
+All requests of one ``execute`` call are concatenated, run once, and split back. The model that
+receives client pixels validates them first when ``INPUT_RANGE`` is set in the config.
 """
 
 from __future__ import annotations
@@ -9,20 +10,22 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.export import onnx_session
-from fire_backend.triton.common import error_response, parse_args
+from fire_backend.names import PARAM_INPUT_RANGE, PARAM_ONNX_FILE, PARAM_THREADS
+from fire_backend.onnx_runtime import onnx_session
+from fire_backend.triton.common import error_response, parse_args, require_io
 from fire_backend.validation import pixel_problem
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config, params, version_dir = parse_args(args)
-        self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
         self.session = onnx_session(
-            version_dir / params.get("ONNX_FILE", "model.onnx"), threads=int(params.get("THREADS", "1"))
+            version_dir / params.get(PARAM_ONNX_FILE, "model.onnx"), threads=int(params.get(PARAM_THREADS, "1"))
         )
-        rng = params.get("INPUT_RANGE")
+        (self.input_name,) = [i.name for i in self.session.get_inputs()]
+        (self.output_name,) = [o.name for o in self.session.get_outputs()]
+        require_io(config, [self.input_name], [self.output_name])
+        rng = params.get(PARAM_INPUT_RANGE)
         self.input_range = tuple(float(v) for v in rng.split(",")) if rng else None
 
     def execute(self, requests):

@@ -15,36 +15,46 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from fire_backend.directions import DirectionFile
-from fire_backend.export import sha256_file
+from fire_backend.files import sha256_file
+from fire_backend.names import (
+    DIRECTIONS_FILE,
+    FEATURES,
+    PARAM_DIRECTIONS,
+    PARAM_METRICS,
+    PARAM_METRICS_INTERVAL,
+    PARAM_MODE,
+    PARAM_PRODUCER_ONNX,
+    PARAM_THREADS,
+    REPAIRED,
+)
 from fire_backend.repair import Repair, RepairInputError
-from fire_backend.triton.common import error_response, parse_args
+from fire_backend.triton.common import error_response, parse_args, require_io
 from fire_backend.triton.metrics import RepairMetrics
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config, params, version_dir = parse_args(args)
-        torch.set_num_threads(int(params.get("THREADS", "1")))
+        torch.set_num_threads(int(params.get(PARAM_THREADS, "1")))
         if args.get("model_instance_kind", "").upper().endswith("GPU"):  # KIND_GPU -> "GPU"
             self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
         else:
             self.device = torch.device("cpu")
-        self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
-        feature_shape = tuple(int(d) for d in config["input"][0]["dims"])
+        require_io(config, [FEATURES], [REPAIRED])
+        feature_shape = tuple(int(d) for d in pb_utils.get_input_config_by_name(config, FEATURES)["dims"])
         repo_root = Path(args["model_repository"]).parent
-        head_onnx = repo_root / params["HEAD_ONNX"]
+        head_onnx = repo_root / params[PARAM_PRODUCER_ONNX]
         if not head_onnx.is_file():
             raise FileNotFoundError(f"FIRE: deployed head {head_onnx} not found; refusing to serve unverified")
         directions = DirectionFile.load(
-            version_dir / params.get("DIRECTIONS", "directions.safetensors"),
+            version_dir / params.get(PARAM_DIRECTIONS, DIRECTIONS_FILE),
             feature_shape=feature_shape,
             head_sha256=sha256_file(head_onnx),
         )
-        self.repair = Repair(directions, mode=params.get("MODE") or None, device=self.device)
+        self.repair = Repair(directions, mode=params.get(PARAM_MODE) or None, device=self.device)
         self.metrics = None
-        if params.get("METRICS", "on") != "off":
-            interval = float(params.get("METRICS_INTERVAL_S", "1.0"))
+        if params.get(PARAM_METRICS, "on") != "off":
+            interval = float(params.get(PARAM_METRICS_INTERVAL, "1.0"))
             self.metrics = RepairMetrics(args["model_name"], directions, self.repair, interval)
 
     def _output(self, y: torch.Tensor):
@@ -55,13 +65,13 @@ class TritonPythonModel:
         ``Tensor.from_dlpack`` (see README, "Serving performance"); the backend copies into the response's
         shared memory either way."""
         if y.is_cuda:
-            return pb_utils.Tensor.from_dlpack(self.output_name, to_dlpack(y))
-        return pb_utils.Tensor(self.output_name, y.numpy())
+            return pb_utils.Tensor.from_dlpack(REPAIRED, to_dlpack(y))
+        return pb_utils.Tensor(REPAIRED, y.numpy())
 
     def execute(self, requests):
         responses = []
         for request in requests:  # one by one: each input is repaired in place, nothing concatenated
-            tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+            tensor = pb_utils.get_input_tensor_by_name(request, FEATURES)
             x = from_dlpack(tensor.to_dlpack())
             if x.device != self.device:
                 x = x.to(self.device)

@@ -1,0 +1,52 @@
+"""Run the efficacy benchmark over every model, caching each model's rows (resumable)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from benchmarks.efficacy.config import REPO_ROOT, EfficacyConfig
+from benchmarks.efficacy.evaluate import evaluate_model
+from benchmarks.efficacy.report import write_report
+from fire_backend.files import sha256_file
+
+
+def run_efficacy(cfg: EfficacyConfig | None = None, models_dir: str | Path | None = None) -> list[Path]:
+    """Evaluate every model and write the report. Each model's rows are kept in
+    ``OUT/efficacy_runs/MODEL.json`` and reused by a later run with the same config and weights, so an
+    interrupted run resumes where it stopped (delete the folder to start over)."""
+    cfg = cfg or EfficacyConfig()
+    models_dir = Path(models_dir) if models_dir else REPO_ROOT / "models"
+    runs = Path(cfg.out) / "efficacy_runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    key = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("models", "out", "plots")}, sort_keys=True)
+    rows: list[dict] = []
+    seconds = 0.0
+    for model in tqdm(cfg.models, desc="efficacy", unit="model", disable=None):
+        path = Path(model) if Path(model).is_absolute() or Path(model).exists() else REPO_ROOT / model
+        weights = sha256_file(path / "model.safetensors")
+        cached = runs / f"{path.name}.json"
+        if cached.is_file():
+            saved = json.loads(cached.read_text())
+            if saved["config"] == key and saved["weights"] == weights:
+                rows += saved["rows"]
+                seconds += saved["seconds"]
+                continue
+        t0 = time.time()
+        model_rows = evaluate_model(path, cfg)
+        took = time.time() - t0
+        cached.write_text(json.dumps({"config": key, "weights": weights, "seconds": took, "rows": model_rows}))
+        rows += model_rows
+        seconds += took
+    return write_report(rows, cfg, seconds, models_dir)
+
+
+
+
+if __name__ == "__main__":
+    for p in run_efficacy():
+        print(p)

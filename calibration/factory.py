@@ -1,0 +1,98 @@
+"""The one way a direction file is made from features.
+
+``make_directions`` turns an estimated beta and the clean features into a ``DirectionFile`` (mu, the
+gated threshold at a clean false-positive rate, optional rank-k basis, provenance). ``fit_directions``
+is the paired case from features at one layer. Offline calibration, auto-calibration, the benchmarks
+and streaming updates all build their files here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from calibration.estimators import clean_threshold, paired_direction, principal_basis
+from fire_backend.directions import DirectionFile
+from fire_backend.repair import Repair
+
+
+def _tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def make_directions(
+    beta,
+    clean,
+    *,
+    layer: str,
+    mode: str = "project",
+    alpha: float = 1.0,
+    fpr: float = 0.01,
+    estimator: str = "paired",
+    head_sha256: str = "in-process",
+    n_poisoned: int = 0,
+    mu=None,
+    threshold: float | None = None,
+    basis=None,
+    extra: dict | None = None,
+) -> DirectionFile:
+    """A direction file from ``beta`` and clean features ``clean`` (N, *feature shape).
+
+    ``mu`` defaults to the clean mean; ``threshold`` (gated) to the clean score quantile at ``fpr``;
+    ``basis`` (k, *feature shape) makes a rank-k project repair."""
+    clean = _tensor(clean)
+    beta = _tensor(beta).float()
+    mu = clean.double().mean(0).float() if mu is None else _tensor(mu).float()
+    d = DirectionFile(
+        beta=beta.reshape(mu.shape),
+        mu=mu,
+        threshold=0.0 if threshold is None else float(threshold),
+        layer=layer,
+        mode=mode,
+        alpha=alpha,
+        head_sha256=head_sha256,
+        estimator=estimator,
+        n_poisoned=n_poisoned,
+        n_clean=len(clean),
+        fpr=fpr,
+        extra=dict(extra or {}),
+        basis=None if basis is None else _tensor(basis).float().reshape(-1, *mu.shape),
+    )
+    if threshold is None:
+        d.threshold = clean_threshold(Repair(d, mode="gated").scores(clean).numpy(), fpr)
+    return d
+
+
+@dataclass
+class FitInputs:
+    """Features the defender has at one layer: paired clean / triggered calibration images and clean ones."""
+
+    pair_clean: torch.Tensor
+    pair_poisoned: torch.Tensor
+    clean: torch.Tensor  # for mu and the gated threshold
+
+
+def fit_directions(
+    inputs: FitInputs,
+    layer: str,
+    mode: str = "project",
+    alpha: float = 1.0,
+    rank: int = 1,
+    fpr: float = 0.01,
+    estimator: str = "paired",
+    head_sha256: str = "in-process",
+    beta: torch.Tensor | None = None,
+    extra: dict | None = None,
+) -> DirectionFile:
+    """The paired estimate (unless ``beta`` is given) at one layer, as a direction file."""
+    if beta is None:
+        beta = paired_direction(inputs.pair_clean, inputs.pair_poisoned)
+    basis = None
+    if rank > 1:
+        diffs = (_tensor(inputs.pair_poisoned).double() - _tensor(inputs.pair_clean).double()).numpy()
+        basis = principal_basis(diffs, rank)
+    return make_directions(
+        beta, inputs.clean, layer=layer, mode=mode, alpha=alpha, fpr=fpr, estimator=estimator,
+        head_sha256=head_sha256, n_poisoned=len(inputs.pair_poisoned), basis=basis, extra=extra,
+    )  # fmt: skip

@@ -1,0 +1,81 @@
+"""Every name FIRE gives to something on disk or on the server, in one place.
+
+A protected model ``<name>`` is served as an ensemble built from models named after it
+(``ModelNames``); the tensors passed between them have fixed names; the direction file and the admin
+header have one spelling each. Nothing else in the project spells these strings out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Tensors between the halves (the ensemble's own input/output keep the served model's names).
+INPUT = "INPUT"  # pixels, for models FIRE exported itself
+LOGITS = "LOGITS"
+FEATURES = "FEATURES"  # the activation at the (first) repair layer
+FEATURES2 = "FEATURES2"  # multi-layer: the activation at the second repair layer
+REPAIRED = "REPAIRED"  # the repair model's output
+
+# Files
+DIRECTIONS_FILE = "directions.safetensors"
+HEAD_ONNX, MID_ONNX, TAIL_ONNX, WHOLE_ONNX = "head.onnx", "mid.onnx", "tail.onnx", "model.onnx"
+SPLIT_JSON = "split.json"
+MODEL_VERSION = "1"  # every generated model has this one version directory
+
+# Model control: the header (HTTP) / metadata key (gRPC) that carries the admin key
+ADMIN_HEADER = "fire-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton prefixes restricted gRPC keys
+
+# Parameters of the Python-backend models (config.pbtxt ``parameters``)
+PARAM_ONNX_FILE = "ONNX_FILE"
+PARAM_THREADS = "THREADS"
+PARAM_INPUT_RANGE = "INPUT_RANGE"
+PARAM_DIRECTIONS = "DIRECTIONS"
+PARAM_PRODUCER_ONNX = "HEAD_ONNX"  # the ONNX file whose output the repair edits (the direction file is bound to it)
+PARAM_MODE = "MODE"
+PARAM_METRICS = "METRICS"
+PARAM_METRICS_INTERVAL = "METRICS_INTERVAL_S"
+
+PROFILES = ("cpu", "gpu")
+
+# The models a protected model ``<name>`` is built from: attribute -> suffix
+SUFFIXES = {
+    "head": "_head",  # pixels -> features at the first cut
+    "repair": "_fire",  # the repair at the first cut
+    "mid": "_mid",  # multi-layer: features -> features at the second cut
+    "repair2": "_fire2",  # multi-layer: the repair at the second cut
+    "tail": "_tail",  # features -> logits
+    "plain": "_plain",  # ensemble head -> tail, unprotected (benchmarks and comparisons)
+    "fused": "_fused",  # head -> repair -> tail folded into one ONNX model
+    "whole": "_whole",  # the unsplit model, unprotected (the serving baseline)
+}
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """The models that serve protected model ``name``: ``ModelNames("cifar10").head == "cifar10_head"``."""
+
+    name: str
+    head: str = field(init=False)
+    repair: str = field(init=False)
+    mid: str = field(init=False)
+    repair2: str = field(init=False)
+    tail: str = field(init=False)
+    plain: str = field(init=False)
+    fused: str = field(init=False)
+    whole: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        for attr, suffix in SUFFIXES.items():
+            object.__setattr__(self, attr, self.name + suffix)
+
+    @property
+    def protected(self) -> str:
+        return self.name
+
+    def variant(self, suffix: str) -> str:
+        """Another protected ensemble on the same halves (another mode or direction file)."""
+        return f"{self.name}_{suffix}"
+
+    def variant_repair(self, suffix: str) -> str:
+        return f"{self.repair}_{suffix}"

@@ -1,0 +1,1 @@
+"""The `fire` command line (the top rank: nothing imports it)."""

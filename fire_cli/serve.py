@@ -1,0 +1,146 @@
+"""Running a protected deployment: ``fire serve``, ``reload``, ``update``, ``rollback``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from fire_cli.common import add_command
+
+
+def serve(a: argparse.Namespace) -> None:
+    from serving.admin import ADMIN_KEY_ENV, admin_key_file
+    from serving.server import ServerConfig, TritonServer
+
+    explicit = a.model_control == "explicit"
+    cfg = ServerConfig(
+        Path(a.repo),
+        host=a.host,
+        http_port=a.http_port,
+        grpc_port=a.grpc_port,
+        metrics_port=a.metrics_port,
+        model_config_name=None if a.profile == "cpu" else a.profile,
+        model_control=a.model_control,
+        load_models=["*"] if explicit else [],
+        watchdog=explicit,
+        admin_key=os.environ.get(ADMIN_KEY_ENV),
+        tls_cert=Path(a.tls_cert) if a.tls_cert else None,
+        tls_key=Path(a.tls_key) if a.tls_key else None,
+    )
+    # SIGTERM (kill, systemd, CI) unwinds like Ctrl-C, so the server and its stubs are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with TritonServer(cfg) as server:
+        if cfg.admin_key is None:
+            key_file = admin_key_file()
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.touch(mode=0o600)
+            key_file.chmod(0o600)
+            key_file.write_text(server.admin_key + "\n")
+            where = f"generated, in {key_file}"
+        else:
+            where = f"from ${ADMIN_KEY_ENV}"
+        print(
+            f"serving {a.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}{' (TLS)' if cfg.tls_cert else ''}  "
+            f"metrics {cfg.host}:{cfg.metrics_port}  (log: {server.log_path}); admin key {where}; Ctrl-C stops",
+            flush=True,
+        )
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
+        if server.process.poll() is not None:
+            raise SystemExit(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
+
+
+def _repair_model(a: argparse.Namespace) -> str:
+    from serving.repository import repair_model_of
+
+    try:
+        return repair_model_of(a.repo, a.model)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def reload(a: argparse.Namespace) -> None:
+    from serving.admin import admin_key
+    from serving.control import reload_directions
+
+    repair = _repair_model(a)
+    d = reload_directions(a.url, admin_key(), Path(a.repo), repair, Path(a.directions))
+    print(f"{repair} now serves {a.directions} (mode {d.mode}, created {d.created})")
+
+
+def _stream(a: argparse.Namespace):
+    from serving.admin import admin_key
+    from serving.streaming import DirectionStream
+
+    return DirectionStream(a.url, admin_key(), a.repo, _repair_model(a))
+
+
+def update(a: argparse.Namespace) -> None:
+    from serving.repository import producer_of
+    from serving.streaming import GuardRails, head_features, read_images
+
+    stream = _stream(a)
+    head = producer_of(a.repo, stream.repair_model)
+    poisoned = head_features(a.url, head, read_images(a.poisoned), "http")
+    clean = head_features(a.url, head, read_images(a.clean), "http") if a.clean else None
+    r = stream.update(poisoned, clean, GuardRails(min_samples=a.min_samples, max_step=a.max_step))
+    if r.status == "pending":
+        print(f"pending: {r.reported_poisoned} of {a.min_samples} triggered reports; version {r.version} keeps serving")
+    else:
+        clip = f" (clipped from {r.proposed_step:.3f})" if r.clipped else ""
+        print(
+            f"updated {stream.repair_model} to version {r.version}: beta moved {r.step:.3f} x |beta|{clip}, "
+            f"cosine to the old direction {r.cosine:.4f}; {r.reported_poisoned} triggered reports so far"
+        )
+
+
+def rollback(a: argparse.Namespace) -> None:
+    stream = _stream(a)
+    d = stream.rollback(a.to)
+    print(f"{stream.repair_model} now serves direction version {d.version} (created {d.created})")
+
+
+def register(sub) -> None:
+    s = add_command(sub, "serve", "run tritonserver on a repository until Ctrl-C", serve)
+    s.add_argument("--repo", default="model_repository")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
+    s.add_argument(
+        "--model-control",
+        default="explicit",
+        choices=["none", "explicit"],
+        help="explicit: load everything, allow hot reloads, run the stub watchdog",
+    )
+    s.add_argument("--tls-cert", help="PEM certificate: serve gRPC over TLS (with --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
+
+    r = add_command(sub, "reload", "hot-swap a protected model's direction file (zero failed requests)", reload)
+    r.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    r.add_argument("--repo", default="model_repository")
+    r.add_argument("--model", required=True, help="protected model (or its repair model)")
+    r.add_argument("--directions", required=True, help="the new direction file")
+
+    up = add_command(sub, "update", "streaming update: refine a served direction from reported samples", update)
+    up.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    up.add_argument("--repo", default="model_repository")
+    up.add_argument("--model", required=True, help="protected model (e.g. cifar10)")
+    up.add_argument("--poisoned", nargs="+", required=True, help="images known/suspected triggered: files, dirs, .npz")
+    up.add_argument("--clean", nargs="+", help="clean images (optional): files, dirs, .npz")
+    up.add_argument("--min-samples", type=int, default=10, help="triggered reports before an update takes effect")
+    up.add_argument("--max-step", type=float, default=0.5, help="largest move of beta per update, x |beta|")
+
+    rb = add_command(sub, "rollback", "reinstate an earlier direction version of a protected model", rollback)
+    rb.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    rb.add_argument("--repo", default="model_repository")
+    rb.add_argument("--model", required=True)
+    rb.add_argument("--to", type=int, help="version to reinstate (default: the one before the live one)")

@@ -1,0 +1,86 @@
+"""FIRE fused: fold the repair into one ONNX graph, head -> repair -> tail, served as a single model.
+
+The zero-overhead option for deployments that do not need hot-swappable directions: the repair's
+parameters become constants of the graph. Built from the files earlier steps wrote (head.onnx,
+tail.onnx, the direction file): the repair is ``fire_backend.repair.RepairGraph`` (the same formula the
+serving repair computes) exported from torch on its own, and the three graphs are stitched by renaming
+their internal tensors apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+
+from fire_backend.directions import DirectionFile
+from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, INPUT, LOGITS, MID_ONNX, REPAIRED, TAIL_ONNX
+from fire_backend.repair import RepairGraph
+from modelio.export import ExportInfo, onnx_export
+
+
+def _prefixed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> onnx.GraphProto:
+    """A copy of ``graph`` with every tensor and node name prefixed, except those in ``keep`` (renamed)."""
+    g = onnx.GraphProto()
+    g.CopyFrom(graph)
+
+    def rename(name: str) -> str:
+        return name if name == "" else keep.get(name, prefix + name)
+
+    for node in g.node:
+        node.name = prefix + node.name
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    for coll in (g.initializer, g.input, g.output, g.value_info):
+        for item in coll:
+            item.name = rename(item.name)
+    return g
+
+
+def _repair_graph(d: DirectionFile, mode: str | None, tmp: Path) -> onnx.GraphProto:
+    onnx_export(RepairGraph(d, mode), torch.zeros(2, *d.feature_shape), tmp, FEATURES, REPAIRED)
+    try:
+        return onnx.load(str(tmp)).graph
+    finally:
+        tmp.unlink()
+
+
+def build_fused_onnx(
+    export_dir: str | Path, directions: str | Path | list, out_path: str | Path, mode: str | None = None
+) -> Path:
+    """Write ``out_path``: INPUT -> head -> repair -> tail -> LOGITS as one ONNX model; with a two-layer
+    export and two direction files, INPUT -> head -> repair -> mid -> repair 2 -> tail -> LOGITS."""
+    export_dir, out_path = Path(export_dir), Path(out_path)
+    info = ExportInfo.read(export_dir)
+    files = [directions] if isinstance(directions, str | Path) else list(directions)
+    cuts = [(info.feature_shape, info.head_sha256)] + ([(info.feature2_shape, info.mid_sha256)] * info.multilayer)
+    if len(files) != len(cuts):
+        raise ValueError(f"{export_dir} is cut {len(cuts)} time(s): give as many direction files, not {len(files)}")
+    head = onnx.load(str(export_dir / HEAD_ONNX))
+    # (graph, its input, its output), in the order the ensemble runs them
+    chain = [(head.graph, INPUT, FEATURES)]
+    halves = [onnx.load(str(export_dir / MID_ONNX)).graph] if info.multilayer else []
+    halves.append(onnx.load(str(export_dir / TAIL_ONNX)).graph)
+    for i, (path, (shape, producer_sha)) in enumerate(zip(files, cuts, strict=True)):
+        d = DirectionFile.load(path, feature_shape=tuple(shape), head_sha256=producer_sha)
+        chain.append((_repair_graph(d, mode, out_path.with_suffix(f".repair{i}.onnx")), FEATURES, REPAIRED))
+        last = i == len(cuts) - 1
+        chain.append((halves[i], FEATURES if i == 0 else FEATURES2, LOGITS if last else FEATURES2))
+    parts = []
+    for i, (graph, inp, out) in enumerate(chain):
+        keep = {inp: INPUT if i == 0 else f"t{i - 1}", out: LOGITS if i == len(chain) - 1 else f"t{i}"}
+        parts.append(_prefixed(graph, f"s{i}/", keep))
+    graph = onnx.helper.make_graph(
+        nodes=[n for p in parts for n in p.node],
+        name="fire_fused",
+        inputs=list(parts[0].input),
+        outputs=list(parts[-1].output),
+        initializer=[t for p in parts for t in p.initializer],
+        value_info=[v for p in parts for v in p.value_info],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=head.opset_import, producer_name="fire")
+    model.ir_version = head.ir_version
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+    return out_path

@@ -1,0 +1,145 @@
+"""Triton model configurations as Triton's own protobuf messages (``model_config_pb2.ModelConfig``).
+
+Each kind of model FIRE serves has one builder; ``write_config`` prints the message with
+``text_format`` (deterministic, so generated repositories are byte-stable) and ``read_config`` parses
+one back. A config that is not a valid message cannot be built, let alone written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from fire_backend.names import MODEL_VERSION, PARAM_THREADS
+
+DTYPES = {  # numpy dtype name -> Triton data type
+    "float32": mc.TYPE_FP32,
+    "float16": mc.TYPE_FP16,
+    "float64": mc.TYPE_FP64,
+    "uint8": mc.TYPE_UINT8,
+    "int8": mc.TYPE_INT8,
+    "int32": mc.TYPE_INT32,
+    "int64": mc.TYPE_INT64,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor, without the batch axis (-1 marks a variable dimension)."""
+
+    name: str
+    dims: tuple[int, ...]
+    dtype: str = "float32"
+    image: bool = False  # an NCHW image input: declared FORMAT_NCHW, which image clients look for
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r}; supported: {sorted(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Batching and placement of the composing models (ensembles have none of their own)."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0  # batch what is queued, never wait: each hop would add the delay at low load
+    instances: int = 1
+    threads: int = 1  # onnxruntime / torch threads per instance
+
+
+def _add_inputs(config: mc.ModelConfig, specs: list[TensorSpec]) -> None:
+    for t in specs:
+        fmt = mc.ModelInput.FORMAT_NCHW if t.image and len(t.dims) == 3 else mc.ModelInput.FORMAT_NONE
+        config.input.add(name=t.name, data_type=DTYPES[t.dtype], format=fmt, dims=list(t.dims))
+
+
+def _add_outputs(config: mc.ModelConfig, specs: list[TensorSpec]) -> None:
+    for t in specs:
+        config.output.add(name=t.name, data_type=DTYPES[t.dtype], dims=list(t.dims))
+
+
+def _composing(
+    name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], s: ServingSettings, gpu: bool
+) -> mc.ModelConfig:
+    """A model that runs requests itself: batched dynamically, placed on CPU or GPU instances."""
+    config = mc.ModelConfig(name=name, max_batch_size=s.max_batch_size)
+    _add_inputs(config, inputs)
+    _add_outputs(config, outputs)
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=s.instances)
+    config.dynamic_batching.max_queue_delay_microseconds = s.max_queue_delay_us
+    config.dynamic_batching.SetInParent()  # present even with the default delay of 0
+    return config
+
+
+def python_model(
+    name: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    settings: ServingSettings,
+    parameters: dict[str, str],
+    gpu: bool = False,
+) -> mc.ModelConfig:
+    config = _composing(name, inputs, outputs, settings, gpu)
+    config.backend = "python"
+    for key, value in {**parameters, PARAM_THREADS: str(settings.threads)}.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def tensorrt_model(
+    name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], settings: ServingSettings
+) -> mc.ModelConfig:
+    config = _composing(name, inputs, outputs, settings, gpu=True)
+    config.platform = "tensorrt_plan"
+    config.default_model_filename = "model.plan"
+    return config
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ensemble step: ``model`` reads ``inputs`` and writes ``outputs`` (its tensor -> ensemble tensor)."""
+
+    model: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+def ensemble(
+    name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], steps: list[Step], max_batch_size: int
+) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
+    _add_inputs(config, inputs)
+    _add_outputs(config, outputs)
+    for st in steps:
+        step = config.ensemble_scheduling.step.add(model_name=st.model, model_version=-1)
+        for key, value in st.inputs.items():
+            step.input_map[key] = value
+        for key, value in st.outputs.items():
+            step.output_map[key] = value
+    return config
+
+
+def config_path(model_dir: Path, profile: str = "cpu") -> Path:
+    """config.pbtxt is the CPU profile (Triton's default); other profiles live in configs/<profile>.pbtxt."""
+    return model_dir / "config.pbtxt" if profile == "cpu" else model_dir / "configs" / f"{profile}.pbtxt"
+
+
+def write_config(model_dir: Path, config: mc.ModelConfig, profile: str = "cpu") -> Path:
+    path = config_path(model_dir, profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (model_dir / MODEL_VERSION).mkdir(parents=True, exist_ok=True)
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    """Parse config.pbtxt text with Triton's schema; raises text_format.ParseError on a bad config."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def read_config(model_dir: Path, profile: str = "cpu") -> mc.ModelConfig:
+    return parse_config(config_path(model_dir, profile).read_text())

@@ -1,0 +1,282 @@
+"""Write a Triton model repository serving one or more FIRE-protected models.
+
+For each protected model ``<name>`` (model names: ``fire_backend.names.ModelNames``):
+  <name>_head   first half   (CPU: Python backend running head.onnx; GPU: tensorrt_plan)
+  <name>_fire   the repair   (Python backend, torch via DLPack; KIND_CPU or KIND_GPU)
+  <name>_tail   second half  (like the head)
+  <name>        ensemble head -> fire -> tail   (the protected model)
+  <name>_plain  ensemble head -> tail           (same halves, no repair: for comparison)
+with a second layer (an export made with ``layer2``, and ``directions2``): multi-layer repair,
+  <name>_head -> <name>_fire -> <name>_mid -> <name>_fire2 -> <name>_tail
+optionally:
+  <name>_<suffix>         more protected variants sharing the halves, each with its own repair step
+                          <name>_fire_<suffix> (another mode, or another direction file)
+  <name>_fused            head -> repair -> tail folded into one ONNX graph (no hot swap, no extra hops);
+                          <name>_<suffix>_fused for a variant
+  <name>_whole            the unsplit model, unprotected, as one model (the serving baseline)
+
+``config.pbtxt`` is the CPU profile; ``configs/gpu.pbtxt`` the GPU profile, chosen at server start with
+``--model-config-name=gpu`` (models without one, the ensembles, fall back to config.pbtxt). Configs are
+built as Triton's own ``ModelConfig`` messages (``serving.configs``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fire_backend.directions import DirectionFile
+from fire_backend.names import (
+    DIRECTIONS_FILE,
+    FEATURES,
+    FEATURES2,
+    HEAD_ONNX,
+    INPUT,
+    LOGITS,
+    MID_ONNX,
+    MODEL_VERSION,
+    PARAM_DIRECTIONS,
+    PARAM_INPUT_RANGE,
+    PARAM_MODE,
+    PARAM_PRODUCER_ONNX,
+    REPAIRED,
+    TAIL_ONNX,
+    WHOLE_ONNX,
+    ModelNames,
+)
+from modelio.export import ExportInfo
+from modelio.fuse import build_fused_onnx
+from modelio.tensorrt import build_tensorrt_engine
+from serving.configs import (
+    ServingSettings,
+    Step,
+    TensorSpec,
+    ensemble,
+    python_model,
+    read_config,
+    tensorrt_model,
+    write_config,
+)
+
+PIXEL_POLICY = {PARAM_INPUT_RANGE: "0,1"}  # models that receive client pixels reject NaN/Inf and out-of-range values
+STUBS = {"onnx": "fire_backend.triton.onnx_model", "repair": "fire_backend.triton.repair_model"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Another protected ensemble on the same halves: ``<name>_<suffix>`` with its own repair step."""
+
+    suffix: str
+    mode: str | None = None  # override the mode written in the direction file
+    directions: Path | None = None  # None: the protected model's own file
+    fused: bool = False  # also serve <name>_<suffix>_fused
+
+    @classmethod
+    def of_mode(cls, mode: str) -> Variant:
+        return cls(mode, mode=mode)
+
+
+@dataclass(frozen=True)
+class ProtectedModel:
+    name: str
+    export_dir: Path
+    directions: Path
+    mode: str | None = None  # override the mode written in the direction file
+    variants: tuple[Variant, ...] = ()  # also serve <name>_<suffix> for each of these
+    fused: bool = False  # also serve <name>_fused
+    whole: bool = False  # also serve <name>_whole
+    directions2: Path | None = None  # multi-layer: the direction file for the export's second layer
+
+
+@dataclass
+class BuiltModel:
+    name: str
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A model in a chain and the tensors it reads and writes."""
+
+    model: str
+    input: str
+    output: str
+
+
+def _shim(module: str) -> str:
+    return (
+        f'"""Triton entry point: a shim over {module} (the code lives there)."""\n\n'
+        f"from {module} import TritonPythonModel  # noqa: F401\n"
+    )
+
+
+class _Writer:
+    """Writes models into one repository with one set of serving settings."""
+
+    def __init__(self, out: Path, settings: ServingSettings, tensorrt: bool):
+        self.out, self.s, self.tensorrt = out, settings, tensorrt
+        self.written: list[str] = []
+
+    def _fresh(self, name: str) -> Path:
+        model_dir = self.out / name
+        shutil.rmtree(model_dir, ignore_errors=True)
+        (model_dir / MODEL_VERSION).mkdir(parents=True)
+        self.written.append(name)
+        return model_dir
+
+    def onnx_model(self, name: str, src: Path, inp: TensorSpec, out: TensorSpec, params: dict[str, str]) -> None:
+        """Served from one ONNX file: onnxruntime in the Python backend (CPU) or a TensorRT plan (GPU)."""
+        model_dir = self._fresh(name)
+        version = model_dir / MODEL_VERSION
+        shutil.copyfile(src, version / WHOLE_ONNX)
+        (version / "model.py").write_text(_shim(STUBS["onnx"]))
+        write_config(model_dir, python_model(name, [inp], [out], self.s, params), "cpu")
+        write_config(model_dir, tensorrt_model(name, [inp], [out], self.s), "gpu")
+        if self.tensorrt:
+            build_tensorrt_engine(version / WHOLE_ONNX, version / "model.plan", self.s.max_batch_size)
+
+    def repair_model(self, name: str, directions: Path, mode: str | None, producer: str, shape) -> None:
+        """A repair model; ``producer`` is the model whose ONNX computes its input (the file is bound to it)."""
+        model_dir = self._fresh(name)
+        shutil.copyfile(directions, model_dir / MODEL_VERSION / DIRECTIONS_FILE)
+        (model_dir / MODEL_VERSION / "model.py").write_text(_shim(STUBS["repair"]))
+        params = {PARAM_DIRECTIONS: DIRECTIONS_FILE, PARAM_PRODUCER_ONNX: f"{producer}/{MODEL_VERSION}/{WHOLE_ONNX}"}
+        if mode:
+            params[PARAM_MODE] = mode
+        io = ([TensorSpec(FEATURES, tuple(shape))], [TensorSpec(REPAIRED, tuple(shape))])
+        write_config(model_dir, python_model(name, *io, self.s, params), "cpu")
+        gpu_params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}  # CUDA activations reach it without a copy
+        write_config(model_dir, python_model(name, *io, self.s, gpu_params, gpu=True), "gpu")
+
+    def fused(self, name: str, export_dir: Path, directions: list, mode, inp: TensorSpec, out: TensorSpec) -> None:
+        """Head, repair(s) and the rest folded into one ONNX model (no hot swap)."""
+        src = build_fused_onnx(export_dir, directions, self.out / f".{name}.onnx", mode)
+        try:
+            self.onnx_model(name, src, inp, out, PIXEL_POLICY)
+        finally:
+            src.unlink()
+
+    def ensemble(self, name: str, inp: TensorSpec, out: TensorSpec, stages: list[Stage]) -> None:
+        """``stages`` chained from the ensemble's input to its output."""
+        steps, current = [], inp.name
+        for i, st in enumerate(stages):
+            nxt = out.name if i == len(stages) - 1 else f"{st.model}_out"
+            steps.append(Step(st.model, {st.input: current}, {st.output: nxt}))
+            current = nxt
+        write_config(self._fresh(name), ensemble(name, [inp], [out], steps, self.s.max_batch_size))
+
+
+def _check_directions(m: ProtectedModel, info: ExportInfo) -> None:
+    """Fail at build time on a direction file that the repair model would refuse at load time."""
+    for path in [m.directions] + [v.directions for v in m.variants if v.directions]:
+        DirectionFile.load(path, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
+    if info.multilayer:
+        if m.directions2 is None:
+            raise ValueError(f"{m.name}: the export has a second layer ({info.layer2}); give its direction file")
+        if m.variants:
+            raise ValueError(f"{m.name}: variants are single-layer only")
+        DirectionFile.load(m.directions2, feature_shape=tuple(info.feature2_shape), head_sha256=info.mid_sha256)
+
+
+def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
+    info = ExportInfo.read(m.export_dir)
+    _check_directions(m, info)
+    n, src = ModelNames(m.name), Path(m.export_dir)
+    first = len(w.written)
+    pixels = TensorSpec(INPUT, tuple(info.input_shape), image=True)
+    logits = TensorSpec(LOGITS, (info.num_classes,))
+    features = TensorSpec(FEATURES, tuple(info.feature_shape))
+    w.onnx_model(n.head, src / HEAD_ONNX, pixels, features, PIXEL_POLICY)
+    head = Stage(n.head, INPUT, FEATURES)
+    if info.multilayer:
+        features2 = TensorSpec(FEATURES2, tuple(info.feature2_shape))
+        w.onnx_model(n.mid, src / MID_ONNX, features, features2, {})
+        w.onnx_model(n.tail, src / TAIL_ONNX, features2, logits, {})
+        w.repair_model(n.repair, m.directions, m.mode, n.head, info.feature_shape)
+        w.repair_model(n.repair2, m.directions2, m.mode, n.mid, info.feature2_shape)
+        mid, tail = Stage(n.mid, FEATURES, FEATURES2), Stage(n.tail, FEATURES2, LOGITS)
+        fire, fire2 = Stage(n.repair, FEATURES, REPAIRED), Stage(n.repair2, FEATURES, REPAIRED)
+        w.ensemble(n.protected, pixels, logits, [head, fire, mid, fire2, tail])
+        w.ensemble(n.plain, pixels, logits, [head, mid, tail])
+        if m.fused:
+            w.fused(n.fused, m.export_dir, [m.directions, m.directions2], m.mode, pixels, logits)
+    else:
+        w.onnx_model(n.tail, src / TAIL_ONNX, features, logits, {})
+        tail = Stage(n.tail, FEATURES, LOGITS)
+        protected = [(n.protected, n.repair, m.directions, m.mode, m.fused)] + [
+            (n.variant(v.suffix), n.variant_repair(v.suffix), v.directions or m.directions, v.mode, v.fused)
+            for v in m.variants
+        ]
+        for ensemble_name, repair, directions, mode, fused in protected:
+            w.repair_model(repair, directions, mode, n.head, info.feature_shape)
+            w.ensemble(ensemble_name, pixels, logits, [head, Stage(repair, FEATURES, REPAIRED), tail])
+            if fused:
+                w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits)
+        w.ensemble(n.plain, pixels, logits, [head, tail])
+    if m.whole:
+        w.onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, PIXEL_POLICY)
+    return BuiltModel(m.name, w.written[first:])
+
+
+def build_repository(
+    models: list[ProtectedModel], out_dir: str | Path, settings: ServingSettings | None = None, tensorrt: bool = False
+) -> list[BuiltModel]:
+    """Write the repository for ``models`` into ``out_dir`` (their old directories are replaced).
+
+    With ``tensorrt=True`` also build the GPU profile's engines (GPU machine with TensorRT only)."""
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"protected model names must be unique, got {names}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    w = _Writer(out, settings or ServingSettings(), tensorrt)
+    return [_build_one(w, m) for m in models]
+
+
+def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = False) -> list[Path]:
+    """Build the missing ``model.plan`` of every TensorRT model of ``profile`` in a repository, from the
+    ``model.onnx`` next to it, on this machine's GPU (a Kubernetes init container, see deploy/)."""
+    built = []
+    for cfg_path in sorted(Path(repository).glob(f"*/configs/{profile}.pbtxt")):
+        cfg = read_config(cfg_path.parent.parent, profile)
+        if cfg.platform != "tensorrt_plan":
+            continue
+        version = cfg_path.parent.parent / MODEL_VERSION
+        plan = version / (cfg.default_model_filename or "model.plan")
+        if plan.is_file() and not rebuild:
+            continue
+        if not (version / WHOLE_ONNX).is_file():
+            raise FileNotFoundError(f"{cfg.name}: no {version / WHOLE_ONNX} to build {plan.name} from")
+        built.append(build_tensorrt_engine(version / WHOLE_ONNX, plan, cfg.max_batch_size))
+    return built
+
+
+def is_repair_model(repository: str | Path, model: str) -> bool:
+    cfg = read_config(Path(repository) / model)
+    return cfg.backend == "python" and PARAM_DIRECTIONS in cfg.parameters
+
+
+def repair_model_of(repository: str | Path, model: str) -> str:
+    """The repair model behind ``model``: itself if it is one, else the single repair step of the
+    ensemble ``model`` (a two-layer model has two: name the one you mean)."""
+    repository = Path(repository)
+    if not (repository / model).is_dir():
+        raise ValueError(f"no model {model!r} in {repository}")
+    if is_repair_model(repository, model):
+        return model
+    cfg = read_config(repository / model)
+    repairs = [st.model_name for st in cfg.ensemble_scheduling.step if is_repair_model(repository, st.model_name)]
+    if len(repairs) != 1:
+        raise ValueError(
+            f"{model!r} has {len(repairs)} repair steps {repairs}; name the repair model itself"
+            if repairs
+            else f"{model!r} is not protected: it has no FIRE repair step"
+        )
+    return repairs[0]
+
+
+def producer_of(repository: str | Path, repair_model: str) -> str:
+    """The served model whose output a repair model edits (the head, or the mid model of a second layer)."""
+    cfg = read_config(Path(repository) / repair_model)
+    return Path(cfg.parameters[PARAM_PRODUCER_ONNX].string_value).parts[0]

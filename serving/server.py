@@ -1,0 +1,258 @@
+"""Start, wait for and stop the ``tritonserver`` shipped in the nvidia-pytriton 0.7.0 wheel (server 2.51).
+
+What it takes on a CPU-only machine (see shared/notes/triton-on-cpu.md):
+- a backend directory holding the Python backend plus the stub built for the running Python;
+- ``LD_LIBRARY_PATH`` with the wheel's bundled libraries, and ``PATH`` starting with this interpreter's
+  bin directory, so the stub finds this environment's site-packages (torch, onnxruntime, fire_backend).
+The server binds 127.0.0.1 by default, runs in its own process group, and ``stop()`` checks that no
+stub process and no shared-memory region of its own is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fire_backend.names import ADMIN_HEADER
+from serving.admin import admin_request
+from serving.procfs import group_pids
+from serving.watchdog import StubWatchdog
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+RESTRICTED = "model-repository,logging,trace"  # APIs that need it
+
+
+class ServerError(RuntimeError):
+    """The server could not be found, started, or made ready; the message includes its log tail."""
+
+
+def pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0")
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise ServerError(f"{root}/bin/tritonserver not found: reinstall nvidia-pytriton==0.7.0")
+    return root
+
+
+def prepare_backends(dest: Path) -> Path:
+    """Copy the Python backend and the stub for this interpreter into ``dest``/python."""
+    root = pytriton_root()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"no Python-backend stub for Python {py} in {root}/python_backend_stubs")
+    target = dest / "python"
+    if not (target / "triton_python_backend_stub").is_file():
+        shutil.copytree(root / "backends" / "python", target, dirs_exist_ok=True)
+        shutil.copy2(stub, target / "triton_python_backend_stub")
+    return dest
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerConfig:
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000  # 0: pick a free port
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_config_name: str | None = None  # "gpu" selects configs/gpu.pbtxt
+    model_control: str = "none"  # or "explicit"
+    load_models: list[str] = field(default_factory=list)  # explicit mode: models to load at start
+    backend_config: list[str] = field(default_factory=list)  # e.g. "python,shm-default-byte-size=..."
+    log_verbose: int = 0
+    admin_key: str | None = None  # guards model control/repository; None: a random key per start
+    tls_cert: Path | None = None  # PEM server certificate and key: gRPC over TLS
+    tls_key: Path | None = None
+    watchdog: bool = False  # explicit mode: reload a model whose Python stub died (see control.py)
+    extra_args: list[str] = field(default_factory=list)
+
+
+class TritonServer:
+    """``with TritonServer(cfg) as server:`` starts, waits until every model has loaded, and stops."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        for attr in ("http_port", "grpc_port", "metrics_port"):
+            if getattr(config, attr) == 0:
+                setattr(config, attr, free_port(config.host))
+        self.shm_prefix = f"fire_{uuid.uuid4().hex[:10]}_"
+        self.workdir = Path(tempfile.mkdtemp(prefix="fire-triton-"))
+        self.log_path = self.workdir / "tritonserver.log"
+        self.admin_key = config.admin_key or secrets.token_urlsafe(24)
+        self.process: subprocess.Popen | None = None
+        self.watchdog = None
+        self.leftover_processes: list[int] = []  # what the last stop() found and had to clean up
+        self.leftover_shm: list[str] = []
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.config.host}:{self.config.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.metrics_port}/metrics"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.config.host}:{self.config.grpc_port}"
+
+    def command(self) -> list[str]:
+        c = self.config
+        backends = prepare_backends(self.workdir / "backends")
+        cmd = [
+            str(pytriton_root() / "bin" / "tritonserver"),
+            f"--model-repository={Path(c.repository).resolve()}",
+            f"--backend-directory={backends}",
+            f"--http-address={c.host}",
+            f"--grpc-address={c.host}",
+            f"--metrics-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--grpc-port={c.grpc_port}",
+            f"--metrics-port={c.metrics_port}",
+            f"--model-control-mode={c.model_control}",
+            "--exit-on-error=false",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--log-verbose={c.log_verbose}",
+            # Whoever can load/unload models can swap a protected model for an unprotected one: those
+            # endpoints (and the logging/trace controls) need the admin key on both protocols.
+            f"--http-restricted-api={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
+        ]
+        if c.tls_cert or c.tls_key:
+            if not (c.tls_cert and c.tls_key):
+                raise ServerError("TLS needs both a certificate and a key")
+            cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={c.tls_cert}", f"--grpc-server-key={c.tls_key}"]
+        cmd += [f"--backend-config={b}" for b in c.backend_config]
+        if c.model_config_name:
+            cmd.append(f"--model-config-name={c.model_config_name}")
+        cmd += [f"--load-model={m}" for m in c.load_models]
+        return cmd + c.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def start(self, timeout: float = 120.0, require_all_models: bool = True) -> TritonServer:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+        )
+        log.close()
+        try:
+            self.wait_ready(timeout, require_all_models)
+            if self.config.watchdog:
+                if self.config.model_control != "explicit":
+                    raise ServerError("the stub watchdog reloads models: it needs model_control='explicit'")
+                self.watchdog = StubWatchdog(self.process.pid, self.http_url, self.admin_key).__enter__()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _get(self, path: str, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
+        return admin_request(self.http_url, self.admin_key, path, method, timeout)
+
+    def model_states(self) -> dict[str, dict]:
+        """The repository index: model name -> {state, reason}."""
+        _, body = self._get("/v2/repository/index", method="POST")
+        return {m["name"]: m for m in json.loads(body or b"[]")}
+
+    def wait_ready(self, timeout: float, require_all_models: bool = True) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited during start-up (code {self.process.returncode}).\n{self.log_tail()}"
+                )
+            try:
+                status, _ = self._get("/v2/health/live")
+                if status == 200:  # live comes after the start-up loads; a model may still be (re)loading
+                    states = self.model_states()
+                    if self.config.model_control == "explicit" and "*" not in self.config.load_models:
+                        states = {n: m for n, m in states.items() if n in self.config.load_models}
+                    if not any(m.get("state") in ("LOADING", "UNLOADING") for m in states.values()):
+                        # no state at all: never loaded, e.g. an ensemble whose step failed to load
+                        failed = {
+                            n: m.get("reason") or "not loaded (a model it depends on failed?)"
+                            for n, m in states.items()
+                            if m.get("state") != "READY"
+                        }
+                        if not require_all_models:
+                            return
+                        if failed:
+                            raise ServerError(
+                                "models failed to load:\n"
+                                + "\n".join(f"  {n}: {r}" for n, r in failed.items())
+                                + f"\n{self.log_tail()}"
+                            )
+                        if self._get("/v2/health/ready")[0] == 200:
+                            return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s.\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def shm_regions(self) -> list[str]:
+        """This server's shared-memory regions in /dev/shm."""
+        shm = Path("/dev/shm")
+        return sorted(p.name for p in shm.iterdir() if p.name.startswith(self.shm_prefix)) if shm.is_dir() else []
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, wait for a clean unload, then SIGKILL whatever is left of the process group."""
+        if self.watchdog is not None:  # first: stubs exiting at shutdown are no crash
+            self.watchdog.__exit__(None, None, None)
+            self.watchdog = None
+        proc = self.process
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        self.leftover_processes = [p for p in group_pids(proc.pid) if p != proc.pid]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stubs left behind by a crash, if any
+        proc.wait()
+        self.leftover_shm = self.shm_regions()
+        for name in self.leftover_shm:  # only after a crash: a clean stop leaves none
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
+        self.process = None
+
+    def __enter__(self) -> TritonServer:
+        return self if self.process else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)

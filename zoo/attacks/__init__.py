@@ -1,0 +1,24 @@
+"""The attack zoo: one attack per module, all behind ``Attack`` (see base.py)."""
+
+from zoo.attacks.all_to_all import BadNetsAllToAll
+from zoo.attacks.badnets import BadNets
+from zoo.attacks.base import Attack, Trigger, attack_from_spec, make_attack
+from zoo.attacks.blended import Blended
+from zoo.attacks.custom import Custom
+from zoo.attacks.sig import SIG
+from zoo.attacks.trojan import Trojan
+from zoo.attacks.wanet import WaNet
+
+__all__ = [
+    "SIG",
+    "Attack",
+    "BadNets",
+    "BadNetsAllToAll",
+    "Blended",
+    "Custom",
+    "Trigger",
+    "Trojan",
+    "WaNet",
+    "attack_from_spec",
+    "make_attack",
+]
