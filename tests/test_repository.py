@@ -74,3 +74,21 @@ def test_builder_refuses_directions_of_another_model(artifacts, tmp_path):
 def test_a_broken_config_is_caught_by_the_schema():
     with pytest.raises(Exception, match="no_such_field"):
         parse_config('name: "x" no_such_field: 1')
+
+
+def test_configs_are_messages_and_byte_stable(artifacts, tmp_path):
+    """Every config is printed from a ModelConfig message: two builds give the same bytes, and a tensor
+    the schema cannot express is refused before anything is written."""
+    from serving.configs import TensorSpec
+
+    a = artifacts["cifar10"]
+    for out in ("one", "two"):
+        build_repository([ProtectedModel("x", a.export_dir, a.directions)], tmp_path / out)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.pbtxt"))
+    assert len(files) == 8  # head, fire, tail: config.pbtxt + configs/gpu.pbtxt; the two ensembles: one each
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
+    text = (tmp_path / "one" / "x_head" / "config.pbtxt").read_text()
+    assert 'name: "INPUT"' in text and "format: FORMAT_NCHW" in text and "dims: 32" in text
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        TensorSpec("x", (3,), "complex64")
