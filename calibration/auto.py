@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calibration.calibrate import calibration_pool
+from calibration.calibrate import zoo_calibration_set
 from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
@@ -186,13 +186,13 @@ def auto_calibrate_model(
     (bound to the exported head) and the search's scores as ``auto_calibration.csv``."""
     model, meta = load_model(model_dir)
     atk = attack_from_spec(attack or meta["attack"])
-    pool = calibration_pool(meta["dataset"], atk, n_poisoned, n_clean, seed)
+    pool = zoo_calibration_set(meta["dataset"], atk, n_poisoned, n_clean, seed)
     result = auto_calibrate(
         model,
-        pool.to_poison,
-        atk.apply(pool.to_poison),
-        pool.poison_labels,
-        atk.target_labels(pool.poison_labels, pool.num_classes),
+        pool.originals,
+        pool.triggered,
+        pool.original_labels,
+        atk.target_labels(pool.original_labels, pool.num_classes),
         pool.clean,
         pool.clean_labels,
         config,

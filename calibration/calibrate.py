@@ -1,7 +1,9 @@
 """``calibrate``: estimate the backdoor direction at the split layer and write the direction file.
 
-Reads only what ``fire export`` wrote (head.onnx, split.json) and the training split. Calibration
-samples come from the training split; evaluation uses the test split.
+Reads only what ``fire export`` wrote (head.onnx, split.json: input name and preprocessing) and a
+``CalibrationSet``: the defender's clean images and triggered ones, either paired (the same images
+without and with a known trigger) or flagged (triggered images seen in the wild, no originals).
+For a zoo model the set comes from its dataset's training split; evaluation uses the test split.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ import torch
 from calibration.estimators import mean_features, paired_direction, photometric_views, unpaired_direction
 from calibration.factory import make_directions
 from fire_backend.directions import DirectionFile
-from fire_backend.names import FEATURES, FEATURES2, INPUT
+from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
 from modelio.export import ExportInfo
 from zoo.attacks import Attack, attack_from_spec
-from zoo.data import load_dataset, to_tensor_batch
+from zoo.data import load_dataset
 
 
 @dataclass
 class CalibrationConfig:
-    estimator: str = "paired"  # paired | unpaired
+    estimator: str = "paired"  # paired | unpaired (a flagged set is always unpaired)
     mode: str = "project"  # the default repair mode written into the file
     alpha: float = 1.0
     n_poisoned: int = 200  # poisoned calibration samples (the defender's observations)
@@ -38,56 +40,96 @@ class CalibrationConfig:
 
 
 class HeadFeatures:
-    """The deployed head (ONNX, onnxruntime) as a feature function on uint8 NHWC images."""
+    """The deployed head (ONNX, onnxruntime) as a feature function on uint8 NHWC images, fed the way
+    split.json says the model takes its input."""
 
     def __init__(self, export_dir: str | Path, threads: int = 2):
-        self.session = onnx_session(Path(export_dir) / "head.onnx", threads=threads)
+        info = ExportInfo.read(export_dir)
+        self.session = onnx_session(Path(export_dir) / HEAD_ONNX, threads=threads)
+        self.input_name, self.preprocess = info.input_name, info.preprocessing()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run([FEATURES], {INPUT: to_tensor_batch(images)})[0]
+        return self.session.run([FEATURES], {self.input_name: self.preprocess.apply(images)})[0]
 
 
 @dataclass
-class CalibrationPool:
-    """Disjoint samples from the training split: images the defender sees triggered (with their true
-    labels; none of the target class for all-to-one attacks) and clean images with labels."""
+class CalibrationSet:
+    """The defender's images (uint8 NHWC): clean ones for mu and the threshold, and triggered ones."""
 
-    to_poison: np.ndarray
-    poison_labels: np.ndarray
     clean: np.ndarray
-    clean_labels: np.ndarray
-    num_classes: int
+    triggered: np.ndarray
+    originals: np.ndarray | None = None  # paired: triggered[i] is originals[i] with the trigger on
+    clean_labels: np.ndarray | None = None
+    original_labels: np.ndarray | None = None
+    num_classes: int | None = None
+    provenance: dict = field(default_factory=dict)  # attack spec, dataset or folders: recorded in the file
+
+    @property
+    def paired(self) -> bool:
+        return self.originals is not None
+
+    @classmethod
+    def with_trigger(
+        cls,
+        images: np.ndarray,
+        attack: Attack,
+        n_poisoned: int,
+        n_clean: int,
+        labels: np.ndarray | None = None,
+        seed: int = 0,
+        provenance: dict | None = None,
+    ) -> CalibrationSet:
+        """Paired: the trigger put on ``n_poisoned`` of the images, ``n_clean`` others kept clean (disjoint).
+        With labels, images of an all-to-one attack's target class are not triggered (as for ASR)."""
+        order = np.random.default_rng(seed).permutation(len(images))
+        candidates = order if labels is None else order[attack.counts_for_asr(labels[order])]
+        poison_idx = candidates[:n_poisoned]
+        clean_idx = np.setdiff1d(order, poison_idx, assume_unique=True)[:n_clean]
+        if len(poison_idx) < min(n_poisoned, 2) or not len(clean_idx):
+            raise ValueError(f"{len(images)} images are too few for {n_poisoned} triggered + {n_clean} clean samples")
+        pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx])
+        return cls(
+            clean=images[clean_idx],
+            triggered=attack.apply(images[poison_idx]),
+            originals=images[poison_idx],
+            clean_labels=pick(clean_idx),
+            original_labels=pick(poison_idx),
+            provenance={"attack": attack.spec(), **(provenance or {})},
+        )
 
 
-def calibration_pool(dataset: str, attack: Attack, n_poisoned: int, n_clean: int, seed: int) -> CalibrationPool:
+def zoo_calibration_set(dataset: str, attack: Attack, n_poisoned: int, n_clean: int, seed: int) -> CalibrationSet:
+    """Disjoint samples from a zoo dataset's training split (never the test split)."""
     train = load_dataset(dataset, "train")
-    order = np.random.default_rng(seed).permutation(len(train))
-    candidates = order[attack.counts_for_asr(train.labels[order])]
-    poison_idx = candidates[:n_poisoned]
-    clean_idx = np.setdiff1d(order, poison_idx, assume_unique=True)[:n_clean]
-    if len(poison_idx) < n_poisoned or len(clean_idx) < n_clean:
-        raise ValueError(f"training split too small for {n_poisoned} poisoned + {n_clean} clean samples")
-    return CalibrationPool(
-        train.images[poison_idx],
-        train.labels[poison_idx],
-        train.images[clean_idx],
-        train.labels[clean_idx],
-        train.num_classes,
+    data = CalibrationSet.with_trigger(
+        train.images, attack, n_poisoned, n_clean, train.labels, seed, provenance={"dataset": dataset}
     )
+    data.num_classes = train.num_classes
+    return data
 
 
-def calibrate(export_dir: str | Path, out_path: str | Path, config: CalibrationConfig | None = None) -> DirectionFile:
-    """Estimate the direction at the export's (first) layer from the deployed head; write ``out_path``."""
+def calibrate(
+    export_dir: str | Path,
+    out_path: str | Path,
+    config: CalibrationConfig | None = None,
+    data: CalibrationSet | None = None,
+) -> DirectionFile:
+    """Estimate the direction at the export's (first) layer from the deployed head; write ``out_path``.
+    ``data``: the calibration images; by default, drawn from the zoo dataset the model was trained on."""
     config = config or CalibrationConfig()
     info = ExportInfo.read(export_dir)
-    features = HeadFeatures(export_dir)
-    d = _estimate(features, info, info.layer, info.head_sha256, config)
+    data = data or _zoo_set(info, config)
+    d = _estimate(HeadFeatures(export_dir), data, info.layer, info.head_sha256, config)
     d.save(out_path)
     return d
 
 
 def calibrate_second(
-    export_dir: str | Path, first: DirectionFile, out_path: str | Path, config: CalibrationConfig | None = None
+    export_dir: str | Path,
+    first: DirectionFile,
+    out_path: str | Path,
+    config: CalibrationConfig | None = None,
+    data: CalibrationSet | None = None,
 ) -> DirectionFile:
     """Multi-layer: the direction at ``layer2``, estimated on what the served chain computes there,
     mid(repair1(head(x))), and bound to mid.onnx (the model that produces the second repair's input)."""
@@ -96,17 +138,27 @@ def calibrate_second(
     if not info.multilayer:
         raise ValueError(f"{export_dir} has one layer; export with a second layer for multi-layer repair")
     head = HeadFeatures(export_dir)
-    mid = onnx_session(Path(export_dir) / "mid.onnx", threads=2)
+    mid = onnx_session(Path(export_dir) / MID_ONNX, threads=2)
     repair = Repair(first)
 
     def features(images: np.ndarray) -> np.ndarray:
         repaired = repair(torch.from_numpy(head(images))).numpy()
         return mid.run([FEATURES2], {FEATURES: repaired})[0]
 
-    d = _estimate(features, info, info.layer2, info.mid_sha256, config)
+    d = _estimate(features, data or _zoo_set(info, config), info.layer2, info.mid_sha256, config)
     d.extra["first_layer_directions_sha256"] = first.metadata()["tensors_sha256"]
     d.save(out_path)
     return d
+
+
+def _zoo_set(info: ExportInfo, config: CalibrationConfig) -> CalibrationSet:
+    if not info.dataset:
+        raise ValueError(
+            "this export is not a zoo model: give calibration images (clean ones, and flagged triggered ones "
+            "or a trigger to put on them), e.g. `fire calibrate --clean imgs/ --poisoned flagged/`"
+        )
+    attack = attack_from_spec(config.attack or info.attack)
+    return zoo_calibration_set(info.dataset, attack, config.n_poisoned, config.n_clean, config.seed)
 
 
 def batched(features, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -122,25 +174,23 @@ def unpaired_beta(features, clean: np.ndarray, poisoned: np.ndarray, views: int,
     )
 
 
-def _estimate(features, info: ExportInfo, layer: str, producer_sha256: str, config: CalibrationConfig) -> DirectionFile:
-    attack = attack_from_spec(config.attack or info.attack)
-    pool = calibration_pool(info.dataset, attack, config.n_poisoned, config.n_clean, config.seed)
-    poisoned = attack.apply(pool.to_poison)
-    if config.estimator == "paired":
-        beta = paired_direction(batched(features, pool.to_poison), batched(features, poisoned))
-    elif config.estimator == "unpaired":
-        beta = unpaired_beta(features, pool.clean, poisoned, config.views, config.seed)
+def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, config: CalibrationConfig):
+    estimator = config.estimator if data.paired else "unpaired"
+    if estimator == "paired":
+        beta = paired_direction(batched(features, data.originals), batched(features, data.triggered))
+    elif estimator == "unpaired":
+        beta = unpaired_beta(features, data.clean, data.triggered, config.views, config.seed)
     else:
         raise ValueError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
     return make_directions(
         beta,
-        batched(features, pool.clean),
+        batched(features, data.clean),
         layer=layer,
         mode=config.mode,
         alpha=config.alpha,
         fpr=config.fpr,
-        estimator=config.estimator,
+        estimator=estimator,
         head_sha256=producer_sha256,
-        n_poisoned=config.n_poisoned,
-        extra={"attack": attack.spec(), "calibration": asdict(config), "dataset": info.dataset},
+        n_poisoned=len(data.triggered),
+        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator}},
     )

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelio.preprocess import Preprocess
 from modelio.split import split_at
 from zoo.data import to_tensor_batch
 
@@ -21,15 +22,16 @@ Editor = Callable[[torch.Tensor], torch.Tensor]  # features -> repaired features
 class SplitRunner:
     """``model`` cut after ``layer``: ``features(images)`` runs the head, ``labels(features)`` the tail."""
 
-    def __init__(self, model: nn.Module, layer: str, batch_size: int = 500):
+    def __init__(self, model: nn.Module, layer: str, batch_size: int = 500, preprocess: Preprocess | None = None):
         model.eval()
         self.layer, self.batch_size = layer, batch_size
         self.split = split_at(model, layer)
+        self.prepare = preprocess.apply if preprocess else to_tensor_batch  # zoo models: pixels in [0, 1]
 
     @torch.inference_mode()
     def features(self, images: np.ndarray) -> torch.Tensor:
         chunks = [
-            self.split.head(torch.from_numpy(to_tensor_batch(images[i : i + self.batch_size])))
+            self.split.head(torch.from_numpy(self.prepare(images[i : i + self.batch_size])))
             for i in range(0, len(images), self.batch_size)
         ]
         return torch.cat(chunks) if chunks else torch.zeros(0)

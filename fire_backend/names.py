@@ -48,6 +48,7 @@ SUFFIXES = {
     "plain": "_plain",  # ensemble head -> tail, unprotected (benchmarks and comparisons)
     "fused": "_fused",  # head -> repair -> tail folded into one ONNX model
     "whole": "_whole",  # the unsplit model, unprotected (the serving baseline)
+    "unprotected": "_unprotected",  # a protected repository entry's original model, kept as it was
 }
 
 
@@ -64,6 +65,7 @@ class ModelNames:
     plain: str = field(init=False)
     fused: str = field(init=False)
     whole: str = field(init=False)
+    unprotected: str = field(init=False)
 
     def __post_init__(self) -> None:
         for attr, suffix in SUFFIXES.items():

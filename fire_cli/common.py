@@ -69,3 +69,71 @@ def add_attack_args(p: argparse.ArgumentParser, default: str | None) -> None:
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="127.0.0.1:8001", help="server address (gRPC 8001, HTTP 8000 by default)")
     p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "preprocessing", "how images become the model's input; completed from the model's input where unambiguous"
+    )
+    g.add_argument("--input-size", metavar="HxW", help="the model's input size (needed where it is dynamic)")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: from where the channels sit")
+    g.add_argument("--channels", choices=["RGB", "BGR", "L"], help="channel order the model expects (default RGB)")
+    g.add_argument("--divisor", type=float, default=255.0, help="float inputs: x = pixel / divisor")
+    g.add_argument("--mean", type=float, nargs="+", help="float inputs: then (x - mean) / std, per channel")
+    g.add_argument("--std", type=float, nargs="+")
+
+
+def preprocess_from_args(a: argparse.Namespace, dims: tuple, dtype: str):
+    from modelio.preprocess import PreprocessError, infer_preprocess
+
+    declared = {"layout": a.layout, "channels": a.channels, "divisor": a.divisor, "mean": a.mean, "std": a.std}
+    if a.input_size:
+        try:
+            declared["height"], declared["width"] = (int(v) for v in a.input_size.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--input-size: expected HxW, e.g. 224x224, got {a.input_size!r}") from None
+    try:
+        return infer_preprocess(dims, dtype, **{k: v for k, v in declared.items() if v is not None})
+    except PreprocessError as e:
+        raise SystemExit(f"preprocessing: {e}") from None
+
+
+def add_data_args(p: argparse.ArgumentParser, counts: bool = True) -> None:
+    g = p.add_argument_group(
+        "calibration images",
+        "clean images (a folder in ImageFolder layout class/xxx.png gives labels, a flat folder none, or .npz), "
+        "and either flagged triggered images (--poisoned) or a trigger to put on clean ones (--attack ...)",
+    )
+    g.add_argument("--clean", nargs="+", metavar="PATH", help="clean images: folders, files or .npz")
+    g.add_argument("--poisoned", nargs="+", metavar="PATH", help="images flagged as triggered (no labels needed)")
+    if counts:
+        g.add_argument("--n-clean", type=int, default=1000, help="clean images to use at most")
+        g.add_argument("--n-poisoned", type=int, default=200, help="triggered images to use at most")
+    g.add_argument("--resize", action="store_true", help="resize images of another size instead of refusing them")
+
+
+def calibration_set_from_args(a: argparse.Namespace, preprocess):
+    """The CalibrationSet the data arguments describe (``a.attack*`` for a trigger spec)."""
+    from calibration.calibrate import CalibrationSet
+    from calibration.imagesets import ImageSetError, read_image_set
+    from zoo.attacks import attack_from_spec
+
+    if not a.clean:
+        raise SystemExit("give clean calibration images with --clean PATH (a folder, files or .npz)")
+    size = (preprocess.height, preprocess.width)
+    spec = attack_spec(a)
+    if bool(a.poisoned) == bool(spec):
+        raise SystemExit("give either --poisoned PATH (flagged triggered images) or a trigger (--attack ...), not both")
+    try:
+        clean = read_image_set(a.clean, size, a.resize)
+        if a.poisoned:
+            flagged = read_image_set(a.poisoned, size, a.resize).subset(a.n_poisoned or 200, seed=a.seed)
+            pool = clean.subset(a.n_clean, seed=a.seed)
+            provenance = {"clean": [str(p) for p in a.clean], "poisoned": [str(p) for p in a.poisoned]}
+            return CalibrationSet(pool.images, flagged.images, clean_labels=pool.labels, provenance=provenance)
+    except ImageSetError as e:
+        raise SystemExit(f"calibration images: {e}") from None
+    attack = attack_from_spec(spec)
+    return CalibrationSet.with_trigger(
+        clean.images, attack, a.n_poisoned or 200, a.n_clean, clean.labels, a.seed, {"clean": [str(p) for p in a.clean]}
+    )

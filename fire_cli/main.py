@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from fire_cli import measure, pipeline, serve, training
+from fire_cli import measure, pipeline, protect, serve, training
 
 DESCRIPTION = "FIRE: feature-space inference-time repair of backdoored classifiers, served on Triton"
 
@@ -16,7 +16,7 @@ DESCRIPTION = "FIRE: feature-space inference-time repair of backdoored classifie
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fire", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (training, pipeline, serve, measure):
+    for module in (protect, pipeline, serve, measure, training):
         module.register(sub)
     return p
 

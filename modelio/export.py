@@ -1,19 +1,24 @@
-"""Split a trained model, export both halves to ONNX (dynamic batch), and build TensorRT engines.
+"""Split a model, export both halves to ONNX (dynamic batch), and record what later steps need.
 
-``export_split`` writes into one directory (the "export"):
-  head.onnx, tail.onnx   the halves; input INPUT (N,3,H,W) -> FEATURES (N,...) -> LOGITS (N,K)
-  model.onnx             the unsplit model (INPUT -> LOGITS), the unprotected serving baseline
-  split.json             layer, shapes, sha256 of each file, the equivalence errors measured
-With a second layer (multi-layer repair) the model is cut twice: head.onnx ends after ``layer``,
-mid.onnx (FEATURES -> FEATURES2) after ``layer2``, and tail.onnx starts from there.
+Every source ends in the same export directory:
+  head.onnx, tail.onnx   the halves: the model's input -> FEATURES (N, ...) -> the model's output
+  model.onnx             the unsplit model, the unprotected serving baseline
+  split.json             the cut, the input/output names, dtypes and shapes, the preprocessing, the
+                         sha256 of each file and the equivalence errors measured on real inputs
+Sources:
+  ``export_onnx_model``  an ONNX file, cut at a tensor by graph extraction (no torch needed)
+  ``export_torch_model`` an ``nn.Module``, cut after a sub-module with torch.fx, halves exported to ONNX
+  ``export_split``       a zoo model directory (``fire train``), with its dataset's test images as checks;
+                         it can cut twice (multi-layer: head.onnx -> mid.onnx (FEATURES -> FEATURES2) -> tail.onnx)
 TensorRT engines are built from these files by ``modelio.tensorrt`` on the GPU machine.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +26,37 @@ import torch
 from torch import nn
 
 from fire_backend.files import sha256_file
-from fire_backend.names import FEATURES, FEATURES2, INPUT, LOGITS, SPLIT_JSON
+from fire_backend.names import (
+    FEATURES,
+    FEATURES2,
+    HEAD_ONNX,
+    INPUT,
+    LOGITS,
+    MID_ONNX,
+    SPLIT_JSON,
+    TAIL_ONNX,
+    WHOLE_ONNX,
+)
 from fire_backend.onnx_runtime import onnx_session
+from modelio.onnx_graph import OnnxGraph
+from modelio.preprocess import Preprocess
 from modelio.split import check_equivalence, split_at
-from zoo.checkpoint import load_model
-from zoo.data import load_dataset, to_tensor_batch
 
 ONNX_OPSET = 17
+SPLIT_TOLERANCE = 1e-5  # head(tail(x)) vs the original, same runtime
+EXPORT_TOLERANCE = 1e-4  # ONNX vs torch
+
+
+class ExportError(RuntimeError):
+    """The halves do not reproduce the model; the message gives the measured error."""
 
 
 @dataclass
 class ExportInfo:
     """What ``split.json`` records; later steps read it instead of reaching into the model."""
 
-    layer: str
-    dataset: str
+    layer: str  # the cut: a sub-module name (torch) or a tensor name (ONNX)
+    dataset: str  # the zoo dataset, "" for a user's model
     input_shape: list[int]  # without the batch axis
     feature_shape: list[int]
     num_classes: int
@@ -43,14 +64,26 @@ class ExportInfo:
     tail_sha256: str
     split_max_abs_err: float
     onnx_max_abs_err: float
-    attack: dict
+    attack: dict  # the zoo attack the model carries, {} for a user's model
     layer2: str | None = None  # multi-layer: the second cut, after ``layer``
     feature2_shape: list[int] | None = None  # the features at layer2 (tail.onnx's input)
     mid_sha256: str | None = None  # mid.onnx: features at layer -> features at layer2
+    input_name: str = INPUT
+    input_dtype: str = "float32"
+    output_name: str = LOGITS
+    output_shape: list[int] | None = None  # without the batch axis; None: [num_classes]
+    preprocess: dict = field(default_factory=dict)  # Preprocess.as_dict()
+    source: dict = field(default_factory=dict)  # where the model came from
 
     @property
     def multilayer(self) -> bool:
         return self.layer2 is not None
+
+    def preprocessing(self) -> Preprocess:
+        if self.preprocess:
+            return Preprocess.from_dict(self.preprocess)
+        _, h, w = self.input_shape  # exports written before preprocessing was recorded: zoo pixels in [0, 1]
+        return Preprocess(h, w)
 
     @classmethod
     def read(cls, export_dir: str | Path) -> ExportInfo:
@@ -58,6 +91,9 @@ class ExportInfo:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `fire export` first")
         return cls(**json.loads(path.read_text()))
+
+    def write(self, export_dir: str | Path) -> None:
+        (Path(export_dir) / SPLIT_JSON).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
 def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:
@@ -75,52 +111,131 @@ def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: s
         )
 
 
-def export_split(
-    model_dir: str | Path, layer: str, out_dir: str | Path, n_check: int = 256, layer2: str | None = None
+def _check_inputs(preprocess: Preprocess, images: np.ndarray | None, n: int = 64, seed: int = 0) -> np.ndarray:
+    """The model inputs equivalence is checked on: the given images, else random pixel images."""
+    if images is None:
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, size=(n, preprocess.height, preprocess.width, 3), dtype=np.uint8)
+    return preprocess.apply(images[:n])
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = onnx_session(path, threads=2)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def export_onnx_model(
+    onnx_path: str | Path,
+    cut: str,
+    out_dir: str | Path,
+    preprocess: Preprocess,
+    check_images: np.ndarray | None = None,
+    source: dict | None = None,
 ) -> ExportInfo:
-    """Split the model in ``model_dir`` after ``layer`` (and ``layer2``); write the ONNX parts and split.json."""
-    model, meta = load_model(model_dir)
+    """Cut an ONNX model at tensor ``cut``; check head -> tail == the original with onnxruntime."""
+    out_dir = Path(out_dir)
+    graph = OnnxGraph(onnx_path)
+    preprocess.check_fits(graph.input.dims, graph.input.dtype, str(onnx_path))
+    head, tail = graph.split(cut, out_dir)
+    shutil.copyfile(onnx_path, out_dir / WHOLE_ONNX)
+    x = _check_inputs(preprocess, check_images)
+    whole, features = _run(out_dir / WHOLE_ONNX, x), _run(head, x)
+    err = float(np.abs(_run(tail, features) - whole).max())
+    if not err <= SPLIT_TOLERANCE:
+        raise ExportError(f"{onnx_path}: head -> tail differs from the model by {err:.3g} (> {SPLIT_TOLERANCE})")
+    info = ExportInfo(
+        layer=cut,
+        dataset="",
+        input_shape=list(x.shape[1:]),
+        feature_shape=list(features.shape[1:]),
+        num_classes=int(np.prod(whole.shape[1:])),
+        head_sha256=sha256_file(head),
+        tail_sha256=sha256_file(tail),
+        split_max_abs_err=err,
+        onnx_max_abs_err=err,
+        attack={},
+        input_name=graph.input.name,
+        input_dtype=graph.input.dtype,
+        output_name=graph.output.name,
+        output_shape=list(whole.shape[1:]),
+        preprocess=preprocess.as_dict(),
+        source=source or {"kind": "onnx", "path": str(onnx_path), "sha256": sha256_file(onnx_path)},
+    )
+    info.write(out_dir)
+    return info
+
+
+def export_torch_model(
+    model: nn.Module,
+    layer: str,
+    out_dir: str | Path,
+    preprocess: Preprocess,
+    check_images: np.ndarray | None = None,
+    layer2: str | None = None,
+    source: dict | None = None,
+    **extra,
+) -> ExportInfo:
+    """Cut ``model`` after sub-module ``layer`` (and ``layer2``) with torch.fx, export each part to ONNX,
+    check the split in torch (1e-5) and the ONNX files against torch (1e-4)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
     split = split_at(model, layer, keep=(layer2,) if layer2 else ())
-    test = load_dataset(meta["dataset"], "test").subset(n_check, seed=0)
-    x = torch.from_numpy(to_tensor_batch(test.images))
-    split_err = check_equivalence(model, split, x, atol=1e-5)
-    parts = [(split.head, INPUT, FEATURES, "head.onnx")]
+    x = torch.from_numpy(_check_inputs(preprocess, check_images, n=256))
+    split_err = check_equivalence(model, split, x, atol=SPLIT_TOLERANCE)
+    parts = [(split.head, INPUT, FEATURES, HEAD_ONNX)]
     if layer2:
         second = split_at(split.tail, layer2)
-        parts += [(second.head, FEATURES, FEATURES2, "mid.onnx"), (second.tail, FEATURES2, LOGITS, "tail.onnx")]
+        parts += [(second.head, FEATURES, FEATURES2, MID_ONNX), (second.tail, FEATURES2, LOGITS, TAIL_ONNX)]
     else:
-        parts.append((split.tail, FEATURES, LOGITS, "tail.onnx"))
+        parts.append((split.tail, FEATURES, LOGITS, TAIL_ONNX))
     with torch.no_grad():  # not inference_mode: the ONNX exporter re-traces with these tensors
         logits = model(x)
-        onnx_export(model, x[:2], out_dir / "model.onnx", INPUT, LOGITS)  # the unsplit model: serving baseline
+        onnx_export(model, x[:2], out_dir / WHOLE_ONNX, INPUT, LOGITS)  # the unsplit model: serving baseline
         h, onnx_h, outputs = x, x.numpy(), []
         for module, in_name, out_name, filename in parts:
             onnx_export(module, h[:2], out_dir / filename, in_name, out_name)
             h = module(h)
             onnx_h = onnx_session(out_dir / filename).run(None, {in_name: onnx_h})[0]
             outputs.append((h, onnx_h))
-    whole_logits = onnx_session(out_dir / "model.onnx").run(None, {INPUT: x.numpy()})[0]
-    errors = [np.abs(o - t.numpy()).max() for t, o in outputs] + [np.abs(whole_logits - logits.numpy()).max()]
+    errors = [np.abs(o - t.numpy()).max() for t, o in outputs]
+    errors += [np.abs(_run(out_dir / WHOLE_ONNX, x.numpy()) - logits.numpy()).max()]
     errors.append(np.abs(outputs[-1][0].numpy() - logits.numpy()).max())
     onnx_err = float(max(errors))
-    if onnx_err > 1e-4:
-        raise RuntimeError(f"ONNX export differs from torch by {onnx_err:.3g} (> 1e-4)")
+    if onnx_err > EXPORT_TOLERANCE:
+        raise ExportError(f"ONNX export differs from torch by {onnx_err:.3g} (> {EXPORT_TOLERANCE})")
     info = ExportInfo(
         layer=layer,
-        dataset=meta["dataset"],
+        dataset=extra.pop("dataset", ""),
         input_shape=list(x.shape[1:]),
         feature_shape=list(outputs[0][0].shape[1:]),
         num_classes=int(logits.shape[1]),
-        head_sha256=sha256_file(out_dir / "head.onnx"),
-        tail_sha256=sha256_file(out_dir / "tail.onnx"),
+        head_sha256=sha256_file(out_dir / HEAD_ONNX),
+        tail_sha256=sha256_file(out_dir / TAIL_ONNX),
         split_max_abs_err=split_err,
         onnx_max_abs_err=onnx_err,
-        attack=meta["attack"],
+        attack=extra.pop("attack", {}),
         layer2=layer2,
         feature2_shape=list(outputs[1][0].shape[1:]) if layer2 else None,
-        mid_sha256=sha256_file(out_dir / "mid.onnx") if layer2 else None,
+        mid_sha256=sha256_file(out_dir / MID_ONNX) if layer2 else None,
+        preprocess=preprocess.as_dict(),
+        source=source or {"kind": "torch"},
     )
-    (out_dir / SPLIT_JSON).write_text(json.dumps(asdict(info), indent=2) + "\n")
+    info.write(out_dir)
     return info
+
+
+def export_split(
+    model_dir: str | Path, layer: str, out_dir: str | Path, n_check: int = 256, layer2: str | None = None
+) -> ExportInfo:
+    """Split the zoo model in ``model_dir`` after ``layer`` (and ``layer2``), checked on its test images."""
+    from zoo.checkpoint import load_model
+    from zoo.data import load_dataset
+
+    model, meta = load_model(model_dir)
+    test = load_dataset(meta["dataset"], "test").subset(n_check, seed=0)
+    preprocess = Preprocess(*test.images.shape[1:3])  # zoo models normalise inside: pixels in [0, 1]
+    return export_torch_model(
+        model, layer, out_dir, preprocess, test.images, layer2,
+        source={"kind": "zoo", "path": str(model_dir)}, dataset=meta["dataset"], attack=meta["attack"],
+    )  # fmt: skip

@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from fire_backend.directions import DirectionFile
-from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, INPUT, LOGITS, MID_ONNX, REPAIRED, TAIL_ONNX
+from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX, REPAIRED, TAIL_ONNX
 from fire_backend.repair import RepairGraph
 from modelio.export import ExportInfo, onnx_export
 
@@ -49,8 +49,9 @@ def _repair_graph(d: DirectionFile, mode: str | None, tmp: Path) -> onnx.GraphPr
 def build_fused_onnx(
     export_dir: str | Path, directions: str | Path | list, out_path: str | Path, mode: str | None = None
 ) -> Path:
-    """Write ``out_path``: INPUT -> head -> repair -> tail -> LOGITS as one ONNX model; with a two-layer
-    export and two direction files, INPUT -> head -> repair -> mid -> repair 2 -> tail -> LOGITS."""
+    """Write ``out_path``: input -> head -> repair -> tail -> output as one ONNX model (the model's own
+    input and output names); with a two-layer export and two direction files, input -> head -> repair ->
+    mid -> repair 2 -> tail -> output."""
     export_dir, out_path = Path(export_dir), Path(out_path)
     info = ExportInfo.read(export_dir)
     files = [directions] if isinstance(directions, str | Path) else list(directions)
@@ -59,17 +60,17 @@ def build_fused_onnx(
         raise ValueError(f"{export_dir} is cut {len(cuts)} time(s): give as many direction files, not {len(files)}")
     head = onnx.load(str(export_dir / HEAD_ONNX))
     # (graph, its input, its output), in the order the ensemble runs them
-    chain = [(head.graph, INPUT, FEATURES)]
+    chain = [(head.graph, info.input_name, FEATURES)]
     halves = [onnx.load(str(export_dir / MID_ONNX)).graph] if info.multilayer else []
     halves.append(onnx.load(str(export_dir / TAIL_ONNX)).graph)
     for i, (path, (shape, producer_sha)) in enumerate(zip(files, cuts, strict=True)):
         d = DirectionFile.load(path, feature_shape=tuple(shape), head_sha256=producer_sha)
         chain.append((_repair_graph(d, mode, out_path.with_suffix(f".repair{i}.onnx")), FEATURES, REPAIRED))
         last = i == len(cuts) - 1
-        chain.append((halves[i], FEATURES if i == 0 else FEATURES2, LOGITS if last else FEATURES2))
+        chain.append((halves[i], FEATURES if i == 0 else FEATURES2, info.output_name if last else FEATURES2))
     parts = []
     for i, (graph, inp, out) in enumerate(chain):
-        keep = {inp: INPUT if i == 0 else f"t{i - 1}", out: LOGITS if i == len(chain) - 1 else f"t{i}"}
+        keep = {inp: inp if i == 0 else f"t{i - 1}", out: out if i == len(chain) - 1 else f"t{i}"}
         parts.append(_prefixed(graph, f"s{i}/", keep))
     graph = onnx.helper.make_graph(
         nodes=[n for p in parts for n in p.node],

@@ -86,3 +86,41 @@ def check_equivalence(model: nn.Module, split: SplitModel, inputs: torch.Tensor,
     if not err <= atol:
         raise SplitError(f"split after {split.layer!r} changes the output: max abs error {err:.3g} > {atol}")
     return err
+
+
+@dataclass
+class ModuleCut:
+    name: str  # the sub-module to cut after
+    shape: tuple  # the features there, batch first
+    label: str  # the sub-module's class
+
+
+def module_cuts(model: nn.Module, example: torch.Tensor, max_depth: int = 2) -> list[ModuleCut]:
+    """Every sub-module (down to ``max_depth`` levels) after which a single-tensor cut is possible, in the
+    order the model runs them, with the shape of the features there."""
+    model.eval()
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple] = {}
+
+    def record(name: str):
+        def hook(_module, _inputs, output) -> None:  # returns None: the output is left as it is
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(name, tuple(output.shape))
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in modules.items() if n and n.count(".") < max_depth]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for name in shapes:  # dicts keep insertion order: the order the forward pass reached them
+        try:
+            split_at(model, name)
+        except (SplitError, fx.proxy.TraceError, TypeError, RuntimeError):
+            continue
+        out.append(ModuleCut(name, shapes[name], type(modules[name]).__name__))
+    return out

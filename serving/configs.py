@@ -24,6 +24,7 @@ DTYPES = {  # numpy dtype name -> Triton data type
     "int32": mc.TYPE_INT32,
     "int64": mc.TYPE_INT64,
 }
+FORMATS = {"NONE": mc.ModelInput.FORMAT_NONE, "NCHW": mc.ModelInput.FORMAT_NCHW, "NHWC": mc.ModelInput.FORMAT_NHWC}
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,13 @@ class TensorSpec:
     name: str
     dims: tuple[int, ...]
     dtype: str = "float32"
-    image: bool = False  # an NCHW image input: declared FORMAT_NCHW, which image clients look for
+    format: str = "NONE"  # an image input: NCHW or NHWC, declared so that image clients can find it
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r}; supported: {sorted(DTYPES)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"tensor {self.name!r}: format must be one of {sorted(FORMATS)}, got {self.format!r}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class ServingSettings:
 
 def _add_inputs(config: mc.ModelConfig, specs: list[TensorSpec]) -> None:
     for t in specs:
-        fmt = mc.ModelInput.FORMAT_NCHW if t.image and len(t.dims) == 3 else mc.ModelInput.FORMAT_NONE
+        fmt = FORMATS[t.format] if len(t.dims) == 3 else mc.ModelInput.FORMAT_NONE
         config.input.add(name=t.name, data_type=DTYPES[t.dtype], format=fmt, dims=list(t.dims))
 
 

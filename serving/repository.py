@@ -32,8 +32,6 @@ from fire_backend.names import (
     FEATURES,
     FEATURES2,
     HEAD_ONNX,
-    INPUT,
-    LOGITS,
     MID_ONNX,
     MODEL_VERSION,
     PARAM_DIRECTIONS,
@@ -59,7 +57,6 @@ from serving.configs import (
     write_config,
 )
 
-PIXEL_POLICY = {PARAM_INPUT_RANGE: "0,1"}  # models that receive client pixels reject NaN/Inf and out-of-range values
 STUBS = {"onnx": "fire_backend.triton.onnx_model", "repair": "fire_backend.triton.repair_model"}
 
 
@@ -87,6 +84,8 @@ class ProtectedModel:
     fused: bool = False  # also serve <name>_fused
     whole: bool = False  # also serve <name>_whole
     directions2: Path | None = None  # multi-layer: the direction file for the export's second layer
+    plain: bool = True  # also serve <name>_plain (head -> tail, unprotected)
+    io: tuple[TensorSpec, TensorSpec] | None = None  # the served input/output (a drop-in keeps the original's)
 
 
 @dataclass
@@ -149,11 +148,11 @@ class _Writer:
         gpu_params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}  # CUDA activations reach it without a copy
         write_config(model_dir, python_model(name, *io, self.s, gpu_params, gpu=True), "gpu")
 
-    def fused(self, name: str, export_dir: Path, directions: list, mode, inp: TensorSpec, out: TensorSpec) -> None:
+    def fused(self, name: str, export_dir: Path, directions: list, mode, inp, out, policy: dict) -> None:
         """Head, repair(s) and the rest folded into one ONNX model (no hot swap)."""
         src = build_fused_onnx(export_dir, directions, self.out / f".{name}.onnx", mode)
         try:
-            self.onnx_model(name, src, inp, out, PIXEL_POLICY)
+            self.onnx_model(name, src, inp, out, policy)
         finally:
             src.unlink()
 
@@ -179,31 +178,46 @@ def _check_directions(m: ProtectedModel, info: ExportInfo) -> None:
         DirectionFile.load(m.directions2, feature_shape=tuple(info.feature2_shape), head_sha256=info.mid_sha256)
 
 
+def input_policy(info: ExportInfo) -> dict[str, str]:
+    """Parameters of a model that receives client pixels: float inputs outside what real pixels give
+    (after the declared preprocessing), NaN or Inf are rejected; uint8 inputs are bounded by their type."""
+    span = info.preprocessing().input_range()
+    return {} if span is None else {PARAM_INPUT_RANGE: f"{span[0]!r},{span[1]!r}"}
+
+
+def served_io(info: ExportInfo) -> tuple[TensorSpec, TensorSpec]:
+    """The protected model's input and output as the export describes them."""
+    layout = info.preprocessing().layout
+    inp = TensorSpec(info.input_name, tuple(info.input_shape), info.input_dtype, layout)
+    return inp, TensorSpec(info.output_name, tuple(info.output_shape or [info.num_classes]))
+
+
 def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
     info = ExportInfo.read(m.export_dir)
     _check_directions(m, info)
     n, src = ModelNames(m.name), Path(m.export_dir)
     first = len(w.written)
-    pixels = TensorSpec(INPUT, tuple(info.input_shape), image=True)
-    logits = TensorSpec(LOGITS, (info.num_classes,))
+    pixels, logits = m.io or served_io(info)
     features = TensorSpec(FEATURES, tuple(info.feature_shape))
-    w.onnx_model(n.head, src / HEAD_ONNX, pixels, features, PIXEL_POLICY)
-    head = Stage(n.head, INPUT, FEATURES)
+    policy = input_policy(info)
+    w.onnx_model(n.head, src / HEAD_ONNX, pixels, features, policy)
+    head = Stage(n.head, pixels.name, FEATURES)
     if info.multilayer:
         features2 = TensorSpec(FEATURES2, tuple(info.feature2_shape))
         w.onnx_model(n.mid, src / MID_ONNX, features, features2, {})
         w.onnx_model(n.tail, src / TAIL_ONNX, features2, logits, {})
         w.repair_model(n.repair, m.directions, m.mode, n.head, info.feature_shape)
         w.repair_model(n.repair2, m.directions2, m.mode, n.mid, info.feature2_shape)
-        mid, tail = Stage(n.mid, FEATURES, FEATURES2), Stage(n.tail, FEATURES2, LOGITS)
+        mid, tail = Stage(n.mid, FEATURES, FEATURES2), Stage(n.tail, FEATURES2, logits.name)
         fire, fire2 = Stage(n.repair, FEATURES, REPAIRED), Stage(n.repair2, FEATURES, REPAIRED)
         w.ensemble(n.protected, pixels, logits, [head, fire, mid, fire2, tail])
-        w.ensemble(n.plain, pixels, logits, [head, mid, tail])
+        if m.plain:
+            w.ensemble(n.plain, pixels, logits, [head, mid, tail])
         if m.fused:
-            w.fused(n.fused, m.export_dir, [m.directions, m.directions2], m.mode, pixels, logits)
+            w.fused(n.fused, m.export_dir, [m.directions, m.directions2], m.mode, pixels, logits, policy)
     else:
         w.onnx_model(n.tail, src / TAIL_ONNX, features, logits, {})
-        tail = Stage(n.tail, FEATURES, LOGITS)
+        tail = Stage(n.tail, FEATURES, logits.name)
         protected = [(n.protected, n.repair, m.directions, m.mode, m.fused)] + [
             (n.variant(v.suffix), n.variant_repair(v.suffix), v.directions or m.directions, v.mode, v.fused)
             for v in m.variants
@@ -212,10 +226,11 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
             w.repair_model(repair, directions, mode, n.head, info.feature_shape)
             w.ensemble(ensemble_name, pixels, logits, [head, Stage(repair, FEATURES, REPAIRED), tail])
             if fused:
-                w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits)
-        w.ensemble(n.plain, pixels, logits, [head, tail])
+                w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits, policy)
+        if m.plain:
+            w.ensemble(n.plain, pixels, logits, [head, tail])
     if m.whole:
-        w.onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, PIXEL_POLICY)
+        w.onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, policy)
     return BuiltModel(m.name, w.written[first:])
 
 

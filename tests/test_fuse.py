@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from calibration import HeadFeatures
-from calibration.calibrate import calibration_pool
+from calibration.calibrate import zoo_calibration_set
 from calibration.factory import FitInputs, fit_directions
 from clients import FireClient
 from fire_backend.directions import DirectionFile
@@ -39,9 +39,9 @@ def settings_files(artifacts, tmp_path_factory):
     """A direction file per (mode, alpha, rank), fitted on paired training samples at the export's layer."""
     a = artifacts["cifar10"]
     out = tmp_path_factory.mktemp("settings")
-    pool = calibration_pool(a.info.dataset, a.attack, 50, 200, seed=3)
+    pool = zoo_calibration_set(a.info.dataset, a.attack, 50, 200, seed=3)
     head = HeadFeatures(a.export_dir)
-    feats = [torch.from_numpy(head(x)) for x in (pool.to_poison, a.attack.apply(pool.to_poison), pool.clean)]
+    feats = [torch.from_numpy(head(x)) for x in (pool.originals, pool.triggered, pool.clean)]
     files = {}
     for mode, alpha, rank in SETTINGS:
         d = fit_directions(FitInputs(*feats), a.info.layer, mode, alpha, rank, head_sha256=a.info.head_sha256)

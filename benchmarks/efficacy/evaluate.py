@@ -14,7 +14,7 @@ from benchmarks.efficacy.plots import plot_features
 from benchmarks.efficacy.rows import row
 from benchmarks.input_transforms import BASELINES
 from calibration.auto import auto_calibrate, usable_layers
-from calibration.calibrate import calibration_pool, unpaired_beta
+from calibration.calibrate import unpaired_beta, zoo_calibration_set
 from calibration.estimators import RunningMean, unpaired_direction
 from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import ChainRunner, SplitRunner
@@ -91,9 +91,9 @@ def evaluate_model(model_dir: str | Path, cfg: EfficacyConfig) -> list[dict]:
 
     ev = EvalSet.build(dataset, attack, cfg.test_limit, cfg.seed)
     n_pool = max(max(cfg.curve) if cfg.ablations else 0, cfg.n_poisoned)
-    pool = calibration_pool(dataset, attack, n_pool, cfg.n_clean, cfg.seed)
-    poisoned = attack.apply(pool.to_poison)
-    wanted = attack.target_labels(pool.poison_labels, pool.num_classes)
+    pool = zoo_calibration_set(dataset, attack, n_pool, cfg.n_clean, cfg.seed)
+    poisoned = pool.triggered
+    wanted = attack.target_labels(pool.original_labels, pool.num_classes)
     n = cfg.n_poisoned
 
     full = ChainRunner(model, [])
@@ -105,14 +105,14 @@ def evaluate_model(model_dir: str | Path, cfg: EfficacyConfig) -> list[dict]:
         add("headline", name, ev.score(pred_x, pred_t))
 
     auto = auto_calibrate(
-        model, pool.to_poison[:n], poisoned[:n], pool.poison_labels[:n], wanted[:n], pool.clean, pool.clean_labels,
+        model, pool.originals[:n], poisoned[:n], pool.original_labels[:n], wanted[:n], pool.clean, pool.clean_labels,
         cfg.auto, cfg.seed,
     )  # fmt: skip
     s = auto.best.setting
     layers = usable_layers(model) if cfg.ablations else sorted({cfg.fixed_layer, s.layer})
     caches: dict[str, LayerCache] = {}
     for layer in tqdm(layers, desc=f"{ident['model']} layers", unit="layer", disable=None):
-        caches[layer] = LayerCache(model, layer, ev, (pool.to_poison, poisoned), pool.clean)
+        caches[layer] = LayerCache(model, layer, ev, (pool.originals, poisoned), pool.clean)
     auto_cache = caches[s.layer]
     # The auto directions were fitted on half the clean samples (the other half checked the CA bound).
     add("headline", "FIRE auto", auto_cache.evaluate(ev, Repair(auto.directions)), layer=s.layer, mode=s.mode,
@@ -199,7 +199,7 @@ def _two_layers(model, cfg: EfficacyConfig, ev: EvalSet, caches, pool, poisoned,
     first = Repair(fit_directions(caches["layer1"].inputs(n), "layer1", "project"))
     chain = ChainRunner(model, ["layer1", "layer2"])
     inputs = FitInputs(
-        chain.run(pool.to_poison[:n], [first], stop=1),
+        chain.run(pool.originals[:n], [first], stop=1),
         chain.run(poisoned[:n], [first], stop=1),
         chain.run(pool.clean, [first], stop=1),
     )

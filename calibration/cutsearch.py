@@ -1,0 +1,116 @@
+"""Choose where to cut a user's model from the calibration images alone (``fire protect --auto``).
+
+For every candidate cut, the direction is fitted on one half of the calibration images (project mode,
+the default repair) and judged on the other half, without labels where there are none:
+- cost: the share of held-out clean images whose prediction the repair changes (with labels: the
+  clean-accuracy drop); a cut whose cost exceeds ``max_ca_drop`` points is not taken;
+- gain: the share of held-out triggered images the repair moves off their current prediction; with
+  paired images and labels, the share given back their true label (PA).
+The cut with the highest gain within the cost bound wins (ties: lower cost). Works for an ONNX model
+(tensors, ``OnnxRunner``) and a torch module (sub-modules, ``calibration.inprocess.SplitRunner``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibration.calibrate import CalibrationSet
+from calibration.estimators import RunningMean, paired_direction, unpaired_direction
+from calibration.factory import make_directions
+from fire_backend.names import FEATURES
+from fire_backend.onnx_runtime import onnx_session
+from fire_backend.repair import Repair
+from modelio.onnx_graph import OnnxGraph
+from modelio.preprocess import Preprocess
+
+
+class OnnxRunner:
+    """An ONNX model cut at one tensor, run with onnxruntime: ``features(images)``, ``labels(features)``."""
+
+    def __init__(self, graph: OnnxGraph, cut: str, preprocess: Preprocess, batch_size: int = 256):
+        self.cut, self.preprocess, self.batch_size = cut, preprocess, batch_size
+        with tempfile.TemporaryDirectory(prefix="fire-cut-") as tmp:
+            head, tail = graph.split(cut, tmp)
+            self.head, self.tail = onnx_session(head, threads=2), onnx_session(tail, threads=2)
+        self.input_name = graph.input.name
+
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        out = [
+            self.head.run([FEATURES], {self.input_name: self.preprocess.apply(images[i : i + self.batch_size])})[0]
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.from_numpy(np.concatenate(out))
+
+    def labels(self, features: torch.Tensor, edit=None) -> np.ndarray:
+        out = []
+        for i in range(0, len(features), self.batch_size):
+            f = features[i : i + self.batch_size]
+            f = (edit(f) if edit else f).numpy()
+            out.append(self.tail.run(None, {FEATURES: f})[0].reshape(len(f), -1).argmax(1))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class CutScore:
+    cut: str
+    feature_shape: tuple
+    gain: float  # percent of held-out triggered images moved (or given back their label)
+    cost: float  # percent of held-out clean images changed (or CA drop, points)
+    gain_kind: str
+    cost_kind: str
+
+
+def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+
+
+def score_cut(runner, data: CalibrationSet, seed: int = 0) -> CutScore:
+    """Fit on one half of the calibration images, judge on the other (see the module docstring)."""
+    name = getattr(runner, "cut", None) or runner.layer
+    fit_c, held_c = _halves(len(data.clean), seed)
+    fit_t, held_t = _halves(len(data.triggered), seed + 1)
+    clean, trig = runner.features(data.clean), runner.features(data.triggered)
+    if data.paired:
+        beta = paired_direction(runner.features(data.originals[fit_t]), trig[fit_t])
+    else:
+        beta = unpaired_direction(RunningMean.of(clean[fit_c].numpy()), RunningMean.of(trig[fit_t].numpy()))
+    repair = Repair(make_directions(beta, clean[fit_c], layer=name, mode="project"))
+    base_c, base_t = runner.labels(clean[held_c]), runner.labels(trig[held_t])
+    after_c, after_t = runner.labels(clean[held_c], repair), runner.labels(trig[held_t], repair)
+    if data.clean_labels is not None:
+        y = data.clean_labels[held_c]
+        cost, cost_kind = 100 * float((base_c == y).mean() - (after_c == y).mean()), "CA drop"
+    else:
+        cost, cost_kind = 100 * float((after_c != base_c).mean()), "clean predictions changed"
+    if data.paired and data.original_labels is not None:
+        gain, gain_kind = 100 * float((after_t == data.original_labels[held_t]).mean()), "PA"
+    else:
+        gain, gain_kind = 100 * float((after_t != base_t).mean()), "triggered predictions moved"
+    return CutScore(name, tuple(clean.shape[1:]), gain, cost, gain_kind, cost_kind)
+
+
+def choose_cut(
+    runner_for: Callable[[str], object], cuts: list[str], data: CalibrationSet, max_ca_drop: float = 0.5, seed: int = 0
+) -> tuple[CutScore, list[CutScore]]:
+    """The best cut among ``cuts`` (see the module docstring) and every cut's score."""
+    if not cuts:
+        raise ValueError("no candidate cuts")
+    if len(data.triggered) < 4 or len(data.clean) < 4:
+        raise ValueError("choosing a cut needs at least 4 clean and 4 triggered calibration images")
+    scores = [score_cut(runner_for(c), data, seed) for c in tqdm(cuts, desc="cuts", unit="cut", disable=None)]
+    within = [s for s in scores if s.cost <= max_ca_drop + 1e-9] or [min(scores, key=lambda s: s.cost)]
+    return max(within, key=lambda s: (s.gain, -s.cost)), scores
+
+
+def onnx_runner_for(onnx_path: str | Path, preprocess: Preprocess) -> tuple[Callable[[str], OnnxRunner], list[str]]:
+    """A runner factory over an ONNX model's valid cuts, and those cuts (tensor names)."""
+    graph = OnnxGraph(onnx_path)
+    return (lambda cut: OnnxRunner(graph, cut, preprocess)), [c.tensor for c in graph.cuts()]

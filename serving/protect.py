@@ -1,0 +1,114 @@
+"""``fire protect``: a model you already have, protected and ready to serve, in one step.
+
+    cut (given, or chosen from the calibration images) -> export head/tail -> calibrate -> repository
+
+The model comes as an ONNX file, a torch module, or an entry of an existing Triton model repository;
+in the last case the protected ensemble takes the entry's name and its exact input/output names, data
+types, dims and max_batch_size, so clients written for the original keep working unchanged, and the
+other models of that repository are copied alongside.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from calibration.calibrate import CalibrationConfig, CalibrationSet, calibrate
+from calibration.cutsearch import CutScore, choose_cut, onnx_runner_for
+from calibration.inprocess import SplitRunner
+from fire_backend.directions import DirectionFile
+from fire_backend.names import DIRECTIONS_FILE, ModelNames
+from modelio.export import ExportInfo, export_onnx_model, export_torch_model
+from modelio.preprocess import Preprocess
+from modelio.split import module_cuts
+from serving.configs import ServingSettings, parse_config, write_config
+from serving.entry import Entry, read_entry
+from serving.repository import BuiltModel, ProtectedModel, build_repository
+
+
+@dataclass
+class ProtectConfig:
+    name: str  # the protected model's name on the server
+    out: Path  # the model repository to write
+    work_dir: Path  # where the export (halves, direction file) goes
+    cut: str | None = None  # an ONNX tensor or a torch sub-module; None: choose from the calibration images
+    max_ca_drop: float = 0.5  # choosing a cut: the most clean predictions (percent) a repair may change
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    keep_original: bool = True  # a repository entry: also serve it, unprotected, as <name>_unprotected
+    plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): comparisons only
+    settings: ServingSettings = field(default_factory=ServingSettings)
+
+
+@dataclass
+class ProtectResult:
+    export: ExportInfo
+    directions: DirectionFile
+    built: BuiltModel
+    cut_scores: list[CutScore]  # empty when the cut was given
+
+
+def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfig) -> tuple[str, list[CutScore]]:
+    if cfg.cut:
+        return cfg.cut, []
+    best, scores = choose_cut(runner_for, cuts, data, cfg.max_ca_drop, cfg.calibration.seed)
+    return best.cut, scores
+
+
+def _finish(export_dir: Path, data: CalibrationSet, cfg: ProtectConfig, scores, io=None) -> ProtectResult:
+    directions = calibrate(export_dir, export_dir / DIRECTIONS_FILE, cfg.calibration, data)
+    model = ProtectedModel(cfg.name, export_dir, export_dir / DIRECTIONS_FILE, plain=cfg.plain, io=io)
+    (built,) = build_repository([model], cfg.out, cfg.settings)
+    return ProtectResult(ExportInfo.read(export_dir), directions, built, scores)
+
+
+def protect_onnx(onnx_path: str | Path, preprocess: Preprocess, data: CalibrationSet, cfg: ProtectConfig,
+                 io=None) -> ProtectResult:  # fmt: skip
+    runner_for, cuts = onnx_runner_for(onnx_path, preprocess)
+    cut, scores = _choose(runner_for, cuts, data, cfg)
+    export_dir = Path(cfg.work_dir) / cfg.name
+    export_onnx_model(onnx_path, cut, export_dir, preprocess, check_images=data.clean[:64])
+    return _finish(export_dir, data, cfg, scores, io)
+
+
+def protect_torch(model: nn.Module, preprocess: Preprocess, data: CalibrationSet, cfg: ProtectConfig,
+                  source: dict | None = None) -> ProtectResult:  # fmt: skip
+    import torch
+
+    example = torch.from_numpy(preprocess.apply(data.clean[:2]))
+    cuts = [c.name for c in module_cuts(model, example)]
+    cut, scores = _choose(lambda c: SplitRunner(model, c, preprocess=preprocess), cuts, data, cfg)
+    export_dir = Path(cfg.work_dir) / cfg.name
+    export_torch_model(model, cut, export_dir, preprocess, check_images=data.clean[:64], source=source)
+    return _finish(export_dir, data, cfg, scores)
+
+
+def protect_entry(entry: Entry, preprocess: Preprocess, data: CalibrationSet, cfg: ProtectConfig) -> ProtectResult:
+    """Protect a repository entry in place of itself: ``cfg.out`` gets the protected ensemble under the
+    entry's name (original I/O and max_batch_size), the original as ``<name>_unprotected`` if asked, and
+    a copy of every other model of the entry's repository."""
+    cfg.name = entry.name
+    cfg.settings = ServingSettings(**{**cfg.settings.__dict__, "max_batch_size": entry.max_batch_size})
+    out = Path(cfg.out)
+    if out.resolve() == entry.directory.parent.resolve():
+        raise ValueError(f"--out must be a new repository, not {entry.directory.parent} (nothing is overwritten)")
+    result = protect_onnx(entry.onnx, preprocess, data, cfg, io=(entry.input, entry.output))
+    for other in sorted(p for p in entry.directory.parent.iterdir() if p.is_dir() and p.name != entry.name):
+        if not (out / other.name).exists():
+            shutil.copytree(other, out / other.name)
+    if cfg.keep_original:
+        twin = ModelNames(entry.name).unprotected
+        shutil.rmtree(out / twin, ignore_errors=True)
+        shutil.copytree(entry.directory, out / twin)
+        for config_file in [out / twin / "config.pbtxt", *(out / twin / "configs").glob("*.pbtxt")]:
+            config = parse_config(config_file.read_text())
+            config.name = twin
+            profile = "cpu" if config_file.name == "config.pbtxt" else config_file.stem
+            write_config(out / twin, config, profile)
+        result.built.models.append(twin)
+    return result
+
+
+__all__ = ["ProtectConfig", "ProtectResult", "protect_entry", "protect_onnx", "protect_torch", "read_entry"]
