@@ -122,8 +122,10 @@ def calibration_set_from_args(a: argparse.Namespace, preprocess):
         raise SystemExit("give clean calibration images with --clean PATH (a folder, files or .npz)")
     size = (preprocess.height, preprocess.width)
     spec = attack_spec(a)
-    if bool(a.poisoned) == bool(spec):
-        raise SystemExit("give either --poisoned PATH (flagged triggered images) or a trigger (--attack ...), not both")
+    if a.poisoned and spec:
+        raise SystemExit("give flagged triggered images (--poisoned PATH) or a trigger (--attack ...), not both")
+    if not (a.poisoned or spec):
+        raise SystemExit("give flagged triggered images (--poisoned PATH) or a trigger for clean ones (--attack ...)")
     try:
         clean = read_image_set(a.clean, size, a.resize)
         if a.poisoned:

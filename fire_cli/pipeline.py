@@ -5,13 +5,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fire_cli.common import add_attack_args, add_command, attack_spec
+from fire_cli.common import add_attack_args, add_command, add_data_args, attack_spec
 
 
 def export(a: argparse.Namespace) -> None:
-    from modelio.export import export_split
+    from modelio.export import ExportError, export_onnx_model, export_split, export_torch_model
+    from modelio.onnx_graph import OnnxModelError
+    from modelio.preprocess import PreprocessError
 
-    info = export_split(a.model, a.layer, a.out, layer2=a.layer2)
+    if a.onnx or a.torch:
+        from fire_cli.protect import Source
+
+        src = Source(a, Path(a.out))
+        cut = a.cut or a.layer
+        try:
+            if src.module is not None:
+                info = export_torch_model(src.module, cut, a.out, src.preprocess, layer2=a.layer2,
+                                          source={"kind": "torch", "spec": a.torch})  # fmt: skip
+            else:
+                info = export_onnx_model(src.onnx, cut, a.out, src.preprocess)
+        except (OnnxModelError, PreprocessError, ExportError) as e:
+            raise SystemExit(str(e)) from None
+    elif a.model:
+        info = export_split(a.model, a.layer, a.out, layer2=a.layer2)
+    else:
+        raise SystemExit("fire export needs --model ZOO_DIR, --onnx FILE or --torch SPEC")
     parts = "head.onnx, mid.onnx, tail.onnx" if info.multilayer else "head.onnx, tail.onnx"
     print(
         f"wrote {a.out}/{parts}, split.json  (features {info.feature_shape}, "
@@ -40,11 +58,20 @@ def calibrate(a: argparse.Namespace) -> None:
         attack=attack_spec(a),
     )
     out = a.out or str(Path(a.export) / DIRECTIONS_FILE)
-    d = calibrate(a.export, out, cfg)
+    data = None
+    if a.clean:  # the user's images; otherwise the zoo dataset the model was trained on
+        from fire_cli.common import calibration_set_from_args
+
+        data = calibration_set_from_args(a, ExportInfo.read(a.export).preprocessing())
+        cfg.attack = {}
+    try:
+        d = calibrate(a.export, out, cfg, data)
+    except ValueError as e:
+        raise SystemExit(f"fire calibrate: {e}") from None
     print(f"wrote {out}  (|beta| {float(d.beta.norm()):.4g}, gated threshold {d.threshold:.4g})")
     if ExportInfo.read(a.export).multilayer:  # the second layer, on what the first repair leaves
         out2 = a.out2 or str(Path(out).with_name(Path(out).stem + "2.safetensors"))
-        d2 = calibrate_second(a.export, d, out2, cfg)
+        d2 = calibrate_second(a.export, d, out2, cfg, data)
         print(f"wrote {out2}  ({d2.layer}: |beta| {float(d2.beta.norm()):.4g})")
 
 
@@ -128,9 +155,15 @@ def build_engines(a: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
+    from fire_cli.common import add_preprocess_args
+    from fire_cli.protect import add_source_args
+
     e = add_command(sub, "export", "split a model after a layer and export both halves to ONNX", export)
-    e.add_argument("--model", required=True, help="model directory (from fire train)")
+    e.add_argument("--model", help="a zoo model directory (from fire train); or --onnx / --torch")
+    add_source_args(e, repo=False)
+    add_preprocess_args(e)
     e.add_argument("--layer", default="layer2", help="sub-module to cut after (e.g. layer1, layer2, layer3)")
+    e.add_argument("--cut", help="--onnx: the tensor to cut at (see `fire layers`); --torch: like --layer")
     e.add_argument("--layer2", help="multi-layer repair: a second, later cut (e.g. --layer layer1 --layer2 layer2)")
     e.add_argument("--out", required=True, help="export directory to write")
 
@@ -157,6 +190,7 @@ def register(sub) -> None:
     c.add_argument("--views", type=int, default=4, help="unpaired: augmented views per image")
     c.add_argument("--seed", type=int, default=0)
     add_attack_args(c, None)
+    add_data_args(c, counts=False)
 
     v = add_command(sub, "verify", "check a direction file against an export before deploying it", verify)
     v.add_argument("directions")

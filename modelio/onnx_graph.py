@@ -174,9 +174,15 @@ class OnnxGraph:
             for tensor in node.output:
                 if not tensor or tensor == self.output.name or not self._depends_on_input(tensor):
                     continue
+                if not self._is_float32(tensor):  # the repair edits float32 features
+                    continue
                 if not self._crossing(tensor):
                     out.append(self._cut(tensor))
         return out
+
+    def _is_float32(self, tensor: str) -> bool:
+        vi = self._value_info.get(tensor)
+        return vi is not None and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
     def _depends_on_input(self, tensor: str) -> bool:
         return bool(self.data_inputs[self.producer[tensor]])
@@ -186,6 +192,9 @@ class OnnxGraph:
         if tensor not in self.producer or not self._depends_on_input(tensor) or tensor == self.output.name:
             problem = "is not a tensor computed from the input" if tensor != self.output.name else "is the output"
             raise OnnxModelError(f"{self.path}: {tensor!r} {problem}; {self._nearby(None)}")
+        if not self._is_float32(tensor):
+            raise OnnxModelError(f"{self.path}: {tensor!r} is not a float32 tensor; FIRE repairs float32 features. "
+                                 f"{self._nearby(self.producer[tensor])}")  # fmt: skip
         crossing = self._crossing(tensor)
         if crossing:
             raise OnnxModelError(

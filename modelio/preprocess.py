@@ -84,12 +84,14 @@ class Preprocess:
 
     def input_range(self) -> tuple[float, float] | None:
         """The values a float input can take when it comes from real pixels (the served input check);
-        None for uint8 inputs, whose dtype is the range."""
+        None for uint8 inputs, whose dtype is the range. Computed in float32 like ``apply``, with a margin
+        of a few float32 steps."""
         if self.dtype == "uint8":
             return None
-        lows = [(0 - m) / s for m, s in zip(self.mean, self.std, strict=True)]
-        highs = [(255 / self.divisor - m) / s for m, s in zip(self.mean, self.std, strict=True)]
-        return float(min(lows)), float(max(highs))
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        ends = (np.array([[0.0], [255.0]], np.float32) / np.float32(self.divisor) - mean) / std
+        lo, hi = float(ends.min()), float(ends.max())
+        return lo - 1e-6 * (1 + abs(lo)), hi + 1e-6 * (1 + abs(hi))
 
     def check_fits(self, dims: tuple, dtype: str, where: str) -> None:
         """Raise unless this declaration matches the model input's dims (batch first) and dtype."""

@@ -55,7 +55,8 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     model.eval()
-    return np.concatenate([model(preprocess(images[i : i + 500])).argmax(1).numpy() for i in range(0, len(images), 500)])
+    chunks = [model(preprocess(images[i : i + 500])).argmax(1).numpy() for i in range(0, len(images), 500)]
+    return np.concatenate(chunks)
 
 
 def main() -> None:
@@ -94,7 +95,8 @@ def main() -> None:
             sched.step()
             total += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y_all[idx]).sum())
-        row = {"epoch": epoch + 1, "loss": total / len(y_all), "train_acc": correct / len(y_all), "s": round(time.time() - t0)}
+        row = {"epoch": epoch + 1, "loss": total / len(y_all), "train_acc": correct / len(y_all)}
+        row["s"] = round(time.time() - t0)
         log.append(row)
         print(json.dumps(row), flush=True)
     keep = attack.counts_for_asr(test.labels)
