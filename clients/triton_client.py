@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fire_backend.names import INPUT, LOGITS
 from zoo.data import to_tensor_batch
-
-INPUT, LOGITS = "INPUT", "LOGITS"
 
 
 class FireClient:
@@ -70,9 +69,9 @@ class FireClient:
         """Predicted labels for uint8 NHWC images."""
         return self.infer(model, to_tensor_batch(images_uint8)).argmax(axis=1)
 
-    def predictor(self, model: str):
+    def predictor(self, model: str, input_name: str = INPUT, output_name: str = LOGITS):
         """A ``metrics.Predictor`` backed by this server model."""
-        return lambda x: self.infer(model, x)
+        return lambda x: self.infer(model, x, input_name, output_name)
 
 
 def _triton_dtype(dtype: np.dtype) -> str:

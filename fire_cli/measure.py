@@ -70,7 +70,17 @@ def _bench_serving(a: argparse.Namespace) -> None:
     main(cfg)
 
 
+def _bench_own_model(a: argparse.Namespace) -> None:
+    from benchmarks.own_model.run import OwnModelConfig, run_own_model
+
+    cfg = OwnModelConfig.quick() if a.quick else OwnModelConfig()
+    if a.out:
+        cfg.out = Path(a.out) / "own_model.md"
+    print(run_own_model(cfg).read_text())
+
+
 BENCHMARKS = {
+    "own-model": _bench_own_model,
     "efficacy": _bench_efficacy,
     "serving": _bench_serving,
     "adaptive": _bench_adaptive,
@@ -156,7 +166,7 @@ def register(sub) -> None:
         sub,
         "bench",
         "benchmarks: efficacy (attack zoo x defenses), serving (throughput, latency), adaptive (attacker), "
-        "multimodel (one server, three protected models)",
+        "multimodel (one server, three protected models), own-model (a torchvision model and a 224x224 one)",
         bench,
     )
     bn.add_argument("which", choices=sorted(BENCHMARKS))

@@ -39,6 +39,7 @@ class ProtectConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     keep_original: bool = True  # a repository entry: also serve it, unprotected, as <name>_unprotected
     plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): comparisons only
+    whole: bool = False  # also serve <name>_whole (the unsplit model, unprotected): benchmarks only
     settings: ServingSettings = field(default_factory=ServingSettings)
 
 
@@ -58,10 +59,11 @@ def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfi
 
 
 def _finish(export_dir: Path, data: CalibrationSet, cfg: ProtectConfig, scores, io=None) -> ProtectResult:
-    directions = calibrate(export_dir, export_dir / DIRECTIONS_FILE, cfg.calibration, data)
-    model = ProtectedModel(cfg.name, export_dir, export_dir / DIRECTIONS_FILE, plain=cfg.plain, io=io)
+    d = calibrate(export_dir, export_dir / DIRECTIONS_FILE, cfg.calibration, data)
+    directions = export_dir / DIRECTIONS_FILE
+    model = ProtectedModel(cfg.name, export_dir, directions, plain=cfg.plain, whole=cfg.whole, io=io)
     (built,) = build_repository([model], cfg.out, cfg.settings)
-    return ProtectResult(ExportInfo.read(export_dir), directions, built, scores)
+    return ProtectResult(ExportInfo.read(export_dir), d, built, scores)
 
 
 def protect_onnx(onnx_path: str | Path, preprocess: Preprocess, data: CalibrationSet, cfg: ProtectConfig,

@@ -32,21 +32,26 @@ class BackdoorMetrics:
         return {"CA": 100 * self.ca, "ASR": 100 * self.asr, "PA": 100 * self.pa}
 
 
-def predict_labels(predict: Predictor, images: np.ndarray, batch_size: int = 256, desc: str = "") -> np.ndarray:
+def predict_labels(
+    predict: Predictor, images: np.ndarray, batch_size: int = 256, desc: str = "", prepare=to_tensor_batch
+) -> np.ndarray:
+    """Labels for uint8 NHWC images; ``prepare`` turns them into the predictor's input (default: the
+    zoo models' float32 NCHW pixels in [0, 1])."""
     out = []
     starts = range(0, len(images), batch_size)
     for i in tqdm(starts, desc=desc, disable=None if desc else True, leave=False, unit="batch"):
-        out.append(np.asarray(predict(to_tensor_batch(images[i : i + batch_size]))).argmax(axis=1))
+        logits = np.asarray(predict(prepare(images[i : i + batch_size])))
+        out.append(logits.reshape(len(logits), -1).argmax(axis=1))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 def backdoor_metrics(
-    predict: Predictor, test: Split, attack: Attack, batch_size: int = 256, desc: str = ""
+    predict: Predictor, test: Split, attack: Attack, batch_size: int = 256, desc: str = "", prepare=to_tensor_batch
 ) -> BackdoorMetrics:
-    clean_pred = predict_labels(predict, test.images, batch_size, f"{desc} clean" if desc else "")
+    clean_pred = predict_labels(predict, test.images, batch_size, f"{desc} clean" if desc else "", prepare)
     keep = attack.counts_for_asr(test.labels)
     triggered = attack.apply(test.images[keep])
-    trig_pred = predict_labels(predict, triggered, batch_size, f"{desc} triggered" if desc else "")
+    trig_pred = predict_labels(predict, triggered, batch_size, f"{desc} triggered" if desc else "", prepare)
     wanted = attack.target_labels(test.labels[keep], test.num_classes)
     return BackdoorMetrics(
         ca=float((clean_pred == test.labels).mean()),
