@@ -35,6 +35,7 @@ PARAM_PRODUCER_ONNX = "HEAD_ONNX"  # the ONNX file whose output the repair edits
 PARAM_MODE = "MODE"
 PARAM_METRICS = "METRICS"
 PARAM_METRICS_INTERVAL = "METRICS_INTERVAL_S"
+PARAM_PREPROCESS = "FIRE_PREPROCESS"  # JSON: how clients turn images into the protected model's input
 
 PROFILES = ("cpu", "gpu")
 

@@ -32,9 +32,11 @@ def parse_kv(items: Sequence[str]) -> dict:
     return out
 
 
-def attack_spec(a: argparse.Namespace, default: str | None = None) -> dict:
+def attack_spec(a: argparse.Namespace, default: str | dict | None = None) -> dict:
     """The attack chosen on the command line: ``--attack-config FILE`` (JSON, e.g. ``{"name": "custom",
-    "pattern": "trigger.png", "alpha": 0.5}``), then ``--attack NAME``, then ``--attack-param`` overrides."""
+    "pattern": "trigger.png", "alpha": 0.5}``), then ``--attack NAME``, then ``--attack-param`` overrides;
+    without either, ``default`` (a name or a recorded spec). Parameters with no attack to apply them to
+    are refused, never dropped."""
     spec: dict = {}
     if a.attack_config:
         spec = json.loads(Path(a.attack_config).read_text())
@@ -43,8 +45,10 @@ def attack_spec(a: argparse.Namespace, default: str | None = None) -> dict:
     if a.attack:
         spec["name"] = a.attack
     if not spec and default:
-        spec = {"name": default}
+        spec = {"name": default} if isinstance(default, str) else dict(default)
     if not spec:
+        if a.attack_param:
+            raise SystemExit("--attack-param needs an attack to apply to: add --attack NAME or --attack-config FILE")
         return {}
     return {**spec, **parse_kv(a.attack_param)}
 
@@ -58,11 +62,12 @@ def add_attack_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--attack-config", help="JSON file with the attack spec (name and parameters)")
     p.add_argument(
         "--attack-param",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override an attack parameter, e.g. target=0 or, for custom, pattern=trigger.png alpha=0.5 "
-        "mask=mask.png row=-1 col=-1 (repeatable)",
+        help="attack parameters, e.g. target=0 or, for custom, pattern=trigger.png alpha=0.5 mask=mask.png "
+        "row=-1 col=-1 (one or more per use; repeatable)",
     )
 
 

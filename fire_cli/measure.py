@@ -9,13 +9,37 @@ from pathlib import Path
 from fire_cli.common import DEFAULT_MODEL, add_attack_args, add_command, add_server_args, attack_spec
 
 
+def _recorded(a: argparse.Namespace):
+    """The first protected model among ``a.models`` found in ``a.repo``: what its direction file records."""
+    from serving.repository import served_model
+
+    for model in a.models:
+        try:
+            return served_model(a.repo, model)
+        except (ValueError, OSError):
+            continue
+    return None
+
+
 def evaluate(a: argparse.Namespace) -> None:
     from clients import evaluate_served
+    from modelio.preprocess import Preprocess
     from zoo.attacks import attack_from_spec
     from zoo.metrics import format_table
 
-    attack = attack_from_spec(attack_spec(a, "badnets"))
-    print(format_table(evaluate_served(a.url, a.models, a.dataset, attack, a.protocol, limit=a.limit)))
+    served = _recorded(a)
+    recorded = served.directions.extra.get("attack") if served else None
+    spec = attack_spec(a, recorded)
+    if not spec:
+        raise SystemExit(f"name the attack to measure with --attack (no direction file in {a.repo} records one)")
+    source = "--attack" if (a.attack or a.attack_config) else f"recorded in {served.name}'s direction file"
+    dataset = a.dataset or (served.directions.extra.get("dataset") if served else None) or "cifar10"
+    pre = Preprocess.from_dict(served.preprocess) if served and served.preprocess else None
+    io = (served.input_name, served.output_name) if served else ("INPUT", "LOGITS")
+    print(f"attack: {spec['name']} ({source}); dataset: {dataset} test split")
+    results = evaluate_served(a.url, a.models, dataset, attack_from_spec(spec), a.protocol, limit=a.limit,
+                              preprocess=pre, io=io)  # fmt: skip
+    print(format_table(results))
 
 
 def classify(a: argparse.Namespace) -> None:
@@ -152,7 +176,8 @@ def register(sub) -> None:
     ev = add_command(sub, "eval", "CA / ASR / PA of served models, measured through the server", evaluate)
     add_server_args(ev)
     ev.add_argument("--models", nargs="+", required=True)
-    ev.add_argument("--dataset", default="cifar10", choices=["cifar10", "gtsrb"])
+    ev.add_argument("--repo", default="model_repository", help="where the attack and preprocessing are recorded")
+    ev.add_argument("--dataset", choices=["cifar10", "gtsrb"], help="default: the one recorded, else cifar10")
     ev.add_argument("--limit", type=int, default=0, help="evaluate a seeded subset of N test images")
     add_attack_args(ev, None)
 

@@ -22,6 +22,7 @@ built as Triton's own ``ModelConfig`` messages (``serving.configs``).
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from fire_backend.names import (
     PARAM_DIRECTIONS,
     PARAM_INPUT_RANGE,
     PARAM_MODE,
+    PARAM_PREPROCESS,
     PARAM_PRODUCER_ONNX,
     REPAIRED,
     TAIL_ONNX,
@@ -135,12 +137,18 @@ class _Writer:
         if self.tensorrt:
             build_tensorrt_engine(version / WHOLE_ONNX, version / "model.plan", self.s.max_batch_size)
 
-    def repair_model(self, name: str, directions: Path, mode: str | None, producer: str, shape) -> None:
+    def repair_model(
+        self, name: str, directions: Path, mode: str | None, producer: str, shape, preprocess: dict
+    ) -> None:
         """A repair model; ``producer`` is the model whose ONNX computes its input (the file is bound to it)."""
         model_dir = self._fresh(name)
         shutil.copyfile(directions, model_dir / MODEL_VERSION / DIRECTIONS_FILE)
         (model_dir / MODEL_VERSION / "model.py").write_text(_shim(STUBS["repair"]))
-        params = {PARAM_DIRECTIONS: DIRECTIONS_FILE, PARAM_PRODUCER_ONNX: f"{producer}/{MODEL_VERSION}/{WHOLE_ONNX}"}
+        params = {
+            PARAM_DIRECTIONS: DIRECTIONS_FILE,
+            PARAM_PRODUCER_ONNX: f"{producer}/{MODEL_VERSION}/{WHOLE_ONNX}",
+            PARAM_PREPROCESS: json.dumps(preprocess, sort_keys=True),
+        }
         if mode:
             params[PARAM_MODE] = mode
         io = ([TensorSpec(FEATURES, tuple(shape))], [TensorSpec(REPAIRED, tuple(shape))])
@@ -206,8 +214,8 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
         features2 = TensorSpec(FEATURES2, tuple(info.feature2_shape))
         w.onnx_model(n.mid, src / MID_ONNX, features, features2, {})
         w.onnx_model(n.tail, src / TAIL_ONNX, features2, logits, {})
-        w.repair_model(n.repair, m.directions, m.mode, n.head, info.feature_shape)
-        w.repair_model(n.repair2, m.directions2, m.mode, n.mid, info.feature2_shape)
+        w.repair_model(n.repair, m.directions, m.mode, n.head, info.feature_shape, info.preprocess)
+        w.repair_model(n.repair2, m.directions2, m.mode, n.mid, info.feature2_shape, info.preprocess)
         mid, tail = Stage(n.mid, FEATURES, FEATURES2), Stage(n.tail, FEATURES2, logits.name)
         fire, fire2 = Stage(n.repair, FEATURES, REPAIRED), Stage(n.repair2, FEATURES, REPAIRED)
         w.ensemble(n.protected, pixels, logits, [head, fire, mid, fire2, tail])
@@ -223,7 +231,7 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
             for v in m.variants
         ]
         for ensemble_name, repair, directions, mode, fused in protected:
-            w.repair_model(repair, directions, mode, n.head, info.feature_shape)
+            w.repair_model(repair, directions, mode, n.head, info.feature_shape, info.preprocess)
             w.ensemble(ensemble_name, pixels, logits, [head, Stage(repair, FEATURES, REPAIRED), tail])
             if fused:
                 w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits, policy)
@@ -295,3 +303,24 @@ def producer_of(repository: str | Path, repair_model: str) -> str:
     """The served model whose output a repair model edits (the head, or the mid model of a second layer)."""
     cfg = read_config(Path(repository) / repair_model)
     return Path(cfg.parameters[PARAM_PRODUCER_ONNX].string_value).parts[0]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a client needs to know about a protected model in a repository."""
+
+    name: str
+    input_name: str
+    output_name: str
+    preprocess: dict  # Preprocess.as_dict()
+    directions: DirectionFile
+
+
+def served_model(repository: str | Path, model: str) -> ServedModel:
+    """The input/output names, preprocessing and (first) direction file of protected model ``model``."""
+    repository = Path(repository)
+    repair = repair_model_of(repository, model)
+    cfg, params = read_config(repository / model), read_config(repository / repair).parameters
+    d = DirectionFile.load(repository / repair / MODEL_VERSION / DIRECTIONS_FILE)
+    pre = json.loads(params[PARAM_PREPROCESS].string_value) if PARAM_PREPROCESS in params else {}
+    return ServedModel(model, cfg.input[0].name, cfg.output[0].name, pre, d)

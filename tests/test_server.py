@@ -105,18 +105,24 @@ def test_wrong_input_name_is_named_in_the_error(server, artifacts, protocol):
     assert c.infer("cifar10", x).shape == (2, 10)
 
 
-def test_fire_eval_cli_measures_through_the_server(server):
+def test_fire_eval_cli_measures_through_the_server(server, repository):
+    """`fire eval` measures the attack the direction file records (and says so), without --attack."""
     fire = shutil.which("fire") or f"{sys.executable} -m fire_cli.main"
     out = subprocess.run(
-        [*fire.split(), "eval", "--url", server.grpc_url, "--models", "cifar10", "cifar10_plain", "--limit", "100"],
+        [*fire.split(), "eval", "--url", server.grpc_url, "--repo", str(repository), "--models", "cifar10",
+         "cifar10_plain", "--limit", "100"],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
-    ).stdout
+    ).stdout  # fmt: skip
+    assert "attack: badnets (recorded in cifar10's direction file); dataset: cifar10" in out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| cifar10")}
     asr = {m: float(rows[m].split("|")[3]) for m in ("cifar10", "cifar10_plain")}
     assert asr["cifar10"] < asr["cifar10_plain"] - 50
+    refused = subprocess.run([*fire.split(), "eval", "--url", server.grpc_url, "--repo", "/nonexistent", "--models",
+                              "cifar10", "--attack-param", "target=1"], capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode != 0 and "--attack-param needs an attack" in refused.stderr
 
 
 def test_bad_directions_fail_closed_and_stop_cleanly(artifacts, tmp_path):

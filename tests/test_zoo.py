@@ -4,6 +4,7 @@ and puts its trigger where it says."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,16 @@ def test_train_with_a_custom_trigger_from_a_config_file(custom, tmp_path):
     meta = json.loads((out / "model.json").read_text())
     assert meta["attack"] == {**custom.spec(), "target": 2, "poison_rate": 0.2}
     assert 0 <= meta["metrics"]["ASR"] <= 1
+
+
+def test_a_custom_triggers_spec_carries_its_pixels(custom, tmp_path):
+    """model.json and direction files keep the trigger itself: moving or deleting the files breaks nothing."""
+    from zoo.attacks import attack_from_spec
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    expected = custom.apply(images)
+    spec = json.loads(json.dumps(custom.spec()))
+    assert spec["pattern"] == spec["mask"] == "" and spec["pattern_png"] and spec["mask_png"]
+    for f in (custom.pattern, custom.mask):
+        Path(f).unlink()
+    np.testing.assert_array_equal(attack_from_spec(spec).apply(images), expected)

@@ -6,11 +6,16 @@
 - ``mask``: optional greyscale image / ``.npy`` (H, W) of the pattern's size, 0 = transparent,
   255 = opaque; absent: the whole pattern is opaque.
 - ``alpha``: multiplies the mask (blend strength).
+
+The spec stores the trigger itself, not the file names (``pattern_png`` / ``mask_png``: the pixels as
+base64 PNG), so model.json and direction files keep working when the files move or are deleted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import io
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,25 +36,56 @@ def _read_image(path: str, mode: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _png(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _unpng(data: str, mode: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(data))) as img:
+        return np.asarray(img.convert(mode)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Custom(Attack):
     name = "custom"
-    pattern: str = ""
+    pattern: str = ""  # a file
     mask: str = ""
+    pattern_png: str = ""  # or the pixels themselves (base64 PNG): what spec() records
+    mask_png: str = ""
     alpha: float = 1.0
     row: int = -1
     col: int = -1
     target: int = 0
     poison_rate: float = 0.1
 
-    def trigger(self, image_size: int = 32) -> Trigger:
-        if not self.pattern:
+    def _pixels(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The pattern (H, W, 3) and mask (H, W) or None, from the stored pixels or the files."""
+        if self.pattern_png:
+            patch = _unpng(self.pattern_png, "RGB")
+        elif self.pattern:
+            patch = _read_image(self.pattern, "RGB")
+        else:
             raise ValueError("the custom attack needs pattern=PATH (an image or .npy file)")
-        patch = _read_image(self.pattern, "RGB")
         if patch.ndim != 3 or patch.shape[2] != 3:
             raise ValueError(f"pattern {self.pattern!r} must be an RGB image (H, W, 3), got shape {patch.shape}")
+        if self.mask_png:
+            return patch, _unpng(self.mask_png, "L")
+        return patch, _read_image(self.mask, "L") if self.mask else None
+
+    def spec(self) -> dict:
+        """The trigger's pixels, not its file names: the spec outlives the files."""
+        patch, mask = self._pixels()
+        d = {**asdict(self), "pattern": "", "mask": "", "pattern_png": _png(patch), "mask_png": ""}
+        if mask is not None:
+            d["mask_png"] = _png(mask)
+        return {"name": self.name, **d}
+
+    def trigger(self, image_size: int = 32) -> Trigger:
+        patch, mask = self._pixels()
         h, w = patch.shape[:2]
-        patch_mask = _read_image(self.mask, "L") / 255.0 if self.mask else np.ones((h, w), np.float32)
+        patch_mask = mask / 255.0 if mask is not None else np.ones((h, w), np.float32)
         if patch_mask.shape != (h, w):
             raise ValueError(f"mask {self.mask!r} is {patch_mask.shape}, the pattern is {(h, w)}")
         if not 0 < self.alpha <= 1:
