@@ -162,7 +162,7 @@ def run_multimodel(cfg: MultiModelConfig | None = None) -> MultiModelResult:
                 (
                     f"update {other.name}'s directions",
                     lambda: reload_directions(
-                        server.http_url, server.admin_key, repo, f"{other.name}_fire", swapped_path
+                        repo, f"{other.name}_fire", swapped_path, server.metrics_url
                     ),
                 ),
             ):

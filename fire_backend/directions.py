@@ -87,6 +87,11 @@ class DirectionFile:
         return int(self.extra.get("stream", {}).get("updates", 0))
 
     @property
+    def checksum32(self) -> int:
+        """The first 32 bits of the tensors' sha256: what the server's ``fire_direction_checksum`` gauge shows."""
+        return int(tensors_sha256(self.tensors())[:8], 16)
+
+    @property
     def rank(self) -> int:
         return 1 if self.basis is None else len(self.basis)
 

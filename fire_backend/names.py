@@ -31,6 +31,7 @@ PARAM_ONNX_FILE = "ONNX_FILE"
 PARAM_THREADS = "THREADS"
 PARAM_INPUT_RANGE = "INPUT_RANGE"
 PARAM_DIRECTIONS = "DIRECTIONS"
+PARAM_DIRECTIONS_POLL = "DIRECTIONS_POLL_S"  # how often the repair model looks for a replaced direction file
 PARAM_PRODUCER_ONNX = "HEAD_ONNX"  # the ONNX file whose output the repair edits (the direction file is bound to it)
 PARAM_MODE = "MODE"
 PARAM_METRICS = "METRICS"

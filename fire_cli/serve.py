@@ -67,19 +67,21 @@ def _repair_model(a: argparse.Namespace) -> str:
 
 
 def reload(a: argparse.Namespace) -> None:
-    from serving.admin import admin_key
+    from serving.admin import ControlError
     from serving.control import reload_directions
 
     repair = _repair_model(a)
-    d = reload_directions(a.url, admin_key(), Path(a.repo), repair, Path(a.directions))
-    print(f"{repair} now serves {a.directions} (mode {d.mode}, created {d.created})")
+    try:
+        d = reload_directions(Path(a.repo), repair, Path(a.directions), a.metrics_url or None)
+    except ControlError as e:
+        raise SystemExit(f"fire reload: {e}") from None
+    print(f"{repair} now serves {a.directions} (mode {d.mode}, created {d.created}, checksum {d.checksum32:08x})")
 
 
 def _stream(a: argparse.Namespace):
-    from serving.admin import admin_key
     from serving.streaming import DirectionStream
 
-    return DirectionStream(a.url, admin_key(), a.repo, _repair_model(a))
+    return DirectionStream(a.metrics_url or None, a.repo, _repair_model(a))
 
 
 def update(a: argparse.Namespace) -> None:
@@ -124,14 +126,16 @@ def register(sub) -> None:
     s.add_argument("--tls-cert", help="PEM certificate: serve gRPC over TLS (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
 
+    metrics = "the server's metrics endpoint, to wait until it serves the new file ('' to not wait)"
     r = add_command(sub, "reload", "hot-swap a protected model's direction file (zero failed requests)", reload)
-    r.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    r.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)
     r.add_argument("--repo", default="model_repository")
     r.add_argument("--model", required=True, help="protected model (or its repair model)")
     r.add_argument("--directions", required=True, help="the new direction file")
 
     up = add_command(sub, "update", "streaming update: refine a served direction from reported samples", update)
-    up.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    up.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address (features from its head)")
+    up.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)
     up.add_argument("--repo", default="model_repository")
     up.add_argument("--model", required=True, help="protected model (e.g. cifar10)")
     up.add_argument("--poisoned", nargs="+", required=True, help="images known/suspected triggered: files, dirs, .npz")
@@ -140,7 +144,7 @@ def register(sub) -> None:
     up.add_argument("--max-step", type=float, default=0.5, help="largest move of beta per update, x |beta|")
 
     rb = add_command(sub, "rollback", "reinstate an earlier direction version of a protected model", rollback)
-    rb.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    rb.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)
     rb.add_argument("--repo", default="model_repository")
     rb.add_argument("--model", required=True)
     rb.add_argument("--to", type=int, help="version to reinstate (default: the one before the live one)")

@@ -99,5 +99,6 @@ def torchscript_to_onnx(model: torch.jit.ScriptModule, example: torch.Tensor, pa
     the ONNX graph can be cut)."""
     from modelio.export import onnx_export
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     onnx_export(model, example, path, INPUT, LOGITS)
     return path

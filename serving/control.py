@@ -1,19 +1,28 @@
-"""Hot-reload a protected model's direction file on a running server (model control, admin key).
+"""Hot-reload a protected model's direction file on a running server, without model control.
 
-The server runs with ``--model-control-mode=explicit`` (see ``server.py``); Triton builds the new
-repair instance while the old one serves, then switches, so a reload fails no request.
+The repair model watches its own direction file (``fire_backend.reloader``): replacing the file
+atomically in the repository is the reload. ``reload_directions`` validates the new file against the
+deployment first (a bad file never reaches the repository), moves it in, and, given the server's
+metrics address, waits until the repair model reports the new file's checksum; if the repair model
+refuses it (it then keeps serving the old one), the previous file is put back.
+
+Who can change what a protected model serves is therefore whoever can write its repository directory
+(file permissions), not whoever can reach a network port.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
+import urllib.request
 from pathlib import Path
 
 from fire_backend.directions import DirectionFile
 from fire_backend.files import sha256_file
 from fire_backend.names import DIRECTIONS_FILE, FEATURES, MODEL_VERSION, PARAM_PRODUCER_ONNX
-from serving.admin import ControlError, load_model
+from serving.admin import ControlError
 from serving.configs import read_config
 
 
@@ -25,26 +34,56 @@ def deployed_expectations(repository: Path, repair_model: str) -> tuple[tuple[in
     return tuple(features.dims), sha256_file(producer)
 
 
-def reload_directions(
-    http_url: str, admin_key: str, repository: str | Path, repair_model: str, new_directions: str | Path
-) -> DirectionFile:
-    """Swap in a new direction file and reload the repair model with zero failed requests.
+def scrape(metrics_url: str, timeout: float = 5.0) -> dict[tuple[str, str], float]:
+    """FIRE's gauges and counters from the server's metrics endpoint: (metric, model) -> value."""
+    with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
+        text = r.read().decode()
+    out = {}
+    for m in re.finditer(r'^(fire_\w+)\{[^}]*model="([^"]+)"[^}]*\} (\S+)$', text, flags=re.M):
+        out[(m.group(1), m.group(2))] = float(m.group(3))
+    return out
 
-    The file is validated against the deployment first (a bad file never reaches the repository), then
-    moved in atomically; if the server still refuses it, the previous file is put back so that a restart
-    serves what is serving now."""
+
+def _serving(metrics_url: str, repair_model: str) -> tuple[float | None, float]:
+    """(checksum gauge, refused reloads) of one repair model."""
+    values = scrape(metrics_url)
+    return (
+        values.get(("fire_direction_checksum", repair_model)),
+        values.get(("fire_direction_reload_failures_total", repair_model), 0.0),
+    )
+
+
+def reload_directions(
+    repository: str | Path,
+    repair_model: str,
+    new_directions: str | Path,
+    metrics_url: str | None = None,
+    timeout: float = 60.0,
+) -> DirectionFile:
+    """Swap in a new direction file; the repair model picks it up with zero failed requests.
+
+    With ``metrics_url``: wait until the server serves it; if the server refuses it, put the previous
+    file back (so that a restart serves what is serving now) and raise ``ControlError``."""
     repository = Path(repository)
     shape, head_sha = deployed_expectations(repository, repair_model)
     d = DirectionFile.load(new_directions, feature_shape=shape, head_sha256=head_sha)
     target = repository / repair_model / MODEL_VERSION / DIRECTIONS_FILE
     backup = target.with_name(DIRECTIONS_FILE + ".previous")
     staged = target.with_name(f".{DIRECTIONS_FILE}.incoming")
+    failures_before = _serving(metrics_url, repair_model)[1] if metrics_url else 0.0
     shutil.copy2(target, backup)
     shutil.copyfile(new_directions, staged)
     os.replace(staged, target)
-    try:
-        load_model(http_url, admin_key, repair_model)
-    except ControlError:
-        os.replace(backup, target)
-        raise
-    return d
+    if metrics_url is None:
+        return d
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        checksum, failures = _serving(metrics_url, repair_model)
+        if checksum == float(d.checksum32):
+            return d
+        if failures > failures_before:
+            os.replace(backup, target)
+            raise ControlError(f"{repair_model} refused {new_directions} and keeps serving the previous file")
+        time.sleep(0.2)
+    os.replace(backup, target)
+    raise ControlError(f"{repair_model} did not report {new_directions} within {timeout:.0f} s; put the old file back")

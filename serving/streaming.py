@@ -13,9 +13,9 @@ seeds the stream: its ``mu + beta`` counts as ``n_poisoned`` triggered observati
 Guard rails, all recorded in ``updates.jsonl`` and the file's metadata:
 - nothing takes effect before ``min_samples`` triggered reports have arrived (pending state);
 - one update moves beta by at most ``max_step`` x |beta| (larger moves are clipped, not refused);
-- every new file is validated against the deployment and loaded with Triton's model-control API by
-  ``reload_directions`` (old directions keep serving until the new ones are ready; zero failed
-  requests); a refused file leaves the old one in place;
+- every new file is validated against the deployment and swapped in by ``reload_directions`` (the
+  repair model picks the replaced file up itself; zero failed requests); a refused file leaves the
+  old one in place;
 - every version's direction file and running state is kept; ``rollback`` reinstates an earlier one.
 
 State lives next to the repository, not inside it (Triton would try to load anything inside):
@@ -106,8 +106,8 @@ class StreamState:
 class DirectionStream:
     """One protected model's stream: ``update`` with reported features, ``rollback`` to a version."""
 
-    def __init__(self, http_url: str, admin_key: str, repository: str | Path, repair_model: str):
-        self.http_url, self.admin_key = http_url, admin_key
+    def __init__(self, metrics_url: str | None, repository: str | Path, repair_model: str):
+        self.metrics_url = metrics_url  # where to see the server pick up a new file (None: do not wait)
         self.repository, self.repair_model = Path(repository), repair_model
         self.dir = state_dir(repository, repair_model)
         self.live = self.repository / repair_model / MODEL_VERSION / DIRECTIONS_FILE
@@ -185,7 +185,7 @@ class DirectionStream:
         d.n_clean = state.clean.count
         staged = self.dir / "history" / f"v{version}.safetensors"
         d.save(staged)
-        reload_directions(self.http_url, self.admin_key, self.repository, self.repair_model, staged)
+        reload_directions(self.repository, self.repair_model, staged, self.metrics_url)
         state.save(self.dir / "history" / f"state_v{version}.safetensors")
         state.save(self.dir / "state.safetensors")
         result = UpdateResult(
@@ -204,7 +204,7 @@ class DirectionStream:
         if target < 1 or not path.is_file():
             kept = sorted(p.stem for p in (self.dir / "history").glob("v*.safetensors")) if self.dir.exists() else []
             raise ValueError(f"no version {target} to roll back to for {self.repair_model}; kept: {kept}")
-        d = reload_directions(self.http_url, self.admin_key, self.repository, self.repair_model, path)
+        d = reload_directions(self.repository, self.repair_model, path, self.metrics_url)
         state = self.dir / "history" / f"state_v{target}.safetensors"
         atomic_write(self.dir / "state.safetensors", lambda tmp: Path(tmp).write_bytes(state.read_bytes()))
         self._log({"event": "rollback", "from_version": current.version, "version": target})

@@ -105,7 +105,7 @@ def _latency(cfg: OwnModelConfig) -> tuple[list[dict], ProtectResult]:
 
     path = large_onnx(cfg.work_dir / "resnet18_224.onnx", input_name="pixel_values", output_name="logits")
     graph = OnnxGraph(path)
-    cut = next(c.tensor for c in graph.cuts() if c.dims[1:] == (128, 28, 28))  # after layer2
+    cut = [c.tensor for c in graph.cuts() if c.dims[1:] == (128, 28, 28)][-1]  # after layer2 (its last block)
     pre = Preprocess(224, 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     rng = np.random.default_rng(cfg.seed)
     images = rng.integers(0, 256, (48, 224, 224, 3), dtype=np.uint8)

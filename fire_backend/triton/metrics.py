@@ -10,7 +10,10 @@ labelled with the repair model's name:
   per sample (clean inputs near 0, triggered ones near 1) in Prometheus' histogram layout: cumulative
   bucket counters, so ``histogram_quantile`` works on them
 - ``fire_direction_version``, ``fire_direction_updates``: the direction file in use (``fire update``
-  writes version + 1), and ``fire_direction_created_timestamp_seconds``
+  writes version + 1), ``fire_direction_created_timestamp_seconds`` and ``fire_direction_checksum`` (the
+  first 32 bits of its tensors' sha256: ``fire reload`` waits for it to show the new file)
+- ``fire_direction_reload_failures_total``: replaced direction files the repair model refused (it kept
+  serving the previous one)
 
 Every metric call from a Python-backend stub is a round trip to the server (~0.1 ms measured here), so
 nothing is sent per request: counts accumulate in the stub and a background thread flushes them every
@@ -32,7 +35,7 @@ SCORE_BUCKETS = [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0]
 
 
 class RepairMetrics:
-    def __init__(self, model: str, directions: DirectionFile, repair: Repair, interval: float = 1.0):
+    def __init__(self, model: str, directions: DirectionFile, interval: float = 1.0):
         family = pb_utils.MetricFamily
         labels = {"model": model}
         self._families = []  # families must outlive their metrics: keep them on the instance
@@ -54,14 +57,19 @@ class RepairMetrics:
         ] + [metric("fire_projection_score_bucket", help_text, counter, {"le": "+Inf"})]
         self.count = metric("fire_projection_score_count", "Samples scored", counter)
         self.sum = metric("fire_projection_score_sum", "Sum of the scores", family.GAUGE)  # may go down
-        created = datetime.fromisoformat(directions.created).timestamp()
-        for name, text, value in (
-            ("fire_direction_version", "Version of the direction file in use", directions.version),
-            ("fire_direction_updates", "Streaming updates behind the direction file in use", directions.updates),
-            ("fire_direction_created_timestamp_seconds", "When the direction file in use was written", created),
-        ):
-            metric(name, text, family.GAUGE).set(float(value))
-        self.repair = repair
+        self.reload_failures = metric(
+            "fire_direction_reload_failures_total", "Replaced direction files the repair model refused", counter
+        )
+        self.gauges = {
+            name: metric(name, text, family.GAUGE)
+            for name, text in (
+                ("fire_direction_version", "Version of the direction file in use"),
+                ("fire_direction_updates", "Streaming updates behind the direction file in use"),
+                ("fire_direction_created_timestamp_seconds", "When the direction file in use was written"),
+                ("fire_direction_checksum", "First 32 bits of the sha256 of the direction file's tensors"),
+            )
+        }
+        self.use(directions)
         self.edges = torch.tensor(SCORE_BUCKETS)
         self._lock = threading.Lock()
         self._pending = self._zero()
@@ -69,14 +77,28 @@ class RepairMetrics:
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True, name="fire-metrics")
         self._thread.start()
 
+    def use(self, directions: DirectionFile) -> None:
+        """The direction file now in use: the gauges show it."""
+        for name, value in (
+            ("fire_direction_version", directions.version),
+            ("fire_direction_updates", directions.updates),
+            ("fire_direction_created_timestamp_seconds", datetime.fromisoformat(directions.created).timestamp()),
+            ("fire_direction_checksum", directions.checksum32),
+        ):
+            self.gauges[name].set(float(value))
+
+    def record_reload_failure(self) -> None:
+        self.reload_failures.increment(1.0)
+
     def _zero(self) -> dict:
         return {"samples": 0, "changed": 0, "rejected": 0, "sum": 0.0, "hist": torch.zeros(len(SCORE_BUCKETS) + 1)}
 
-    def record(self, scores: torch.Tensor) -> None:
-        ratio = (scores / self.repair.beta_norm).cpu()
+    def record(self, scores: torch.Tensor, repair: Repair) -> None:
+        """Scores of one request, read with the repair that served it."""
+        ratio = (scores / repair.beta_norm).cpu()
         # bucket i counts ratio <= SCORE_BUCKETS[i] (first match), the last one everything above
         hist = torch.bincount(torch.bucketize(ratio, self.edges), minlength=len(SCORE_BUCKETS) + 1)
-        changed = self.repair.changed(scores)
+        changed = repair.changed(scores)
         with self._lock:
             p = self._pending
             p["samples"] += len(scores)

@@ -14,12 +14,12 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from fire_backend.directions import DirectionFile
 from fire_backend.files import sha256_file
 from fire_backend.names import (
     DIRECTIONS_FILE,
     FEATURES,
     PARAM_DIRECTIONS,
+    PARAM_DIRECTIONS_POLL,
     PARAM_METRICS,
     PARAM_METRICS_INTERVAL,
     PARAM_MODE,
@@ -27,7 +27,8 @@ from fire_backend.names import (
     PARAM_THREADS,
     REPAIRED,
 )
-from fire_backend.repair import Repair, RepairInputError
+from fire_backend.reloader import DirectionWatcher
+from fire_backend.repair import RepairInputError
 from fire_backend.triton.common import error_response, parse_args, require_io
 from fire_backend.triton.metrics import RepairMetrics
 
@@ -46,16 +47,35 @@ class TritonPythonModel:
         head_onnx = repo_root / params[PARAM_PRODUCER_ONNX]
         if not head_onnx.is_file():
             raise FileNotFoundError(f"FIRE: deployed head {head_onnx} not found; refusing to serve unverified")
-        directions = DirectionFile.load(
-            version_dir / params.get(PARAM_DIRECTIONS, DIRECTIONS_FILE),
-            feature_shape=feature_shape,
-            head_sha256=sha256_file(head_onnx),
-        )
-        self.repair = Repair(directions, mode=params.get(PARAM_MODE) or None, device=self.device)
+        self.name = args["model_name"]
         self.metrics = None
+        # Fail closed: a missing or invalid file raises here, and neither this model nor its ensemble loads.
+        self.watcher = DirectionWatcher(
+            version_dir / params.get(PARAM_DIRECTIONS, DIRECTIONS_FILE),
+            feature_shape,
+            sha256_file(head_onnx),
+            mode=params.get(PARAM_MODE) or None,
+            device=str(self.device),
+            on_change=self._changed,
+            on_error=self._refused,
+        )
         if params.get(PARAM_METRICS, "on") != "off":
             interval = float(params.get(PARAM_METRICS_INTERVAL, "1.0"))
-            self.metrics = RepairMetrics(args["model_name"], directions, self.repair, interval)
+            self.metrics = RepairMetrics(self.name, self.watcher.current.directions, interval)
+        poll = float(params.get(PARAM_DIRECTIONS_POLL, "1.0"))
+        if poll > 0:
+            self.watcher.start(poll)
+
+    def _changed(self, loaded) -> None:
+        pb_utils.Logger.log_info(f"{self.name}: now serving direction file {loaded.directions.created} "
+                                 f"(version {loaded.directions.version})")  # fmt: skip
+        if self.metrics:
+            self.metrics.use(loaded.directions)
+
+    def _refused(self, error: Exception) -> None:
+        pb_utils.Logger.log_error(f"{self.name}: kept the previous directions, refused the new file: {error}")
+        if self.metrics:
+            self.metrics.record_reload_failure()
 
     def _output(self, y: torch.Tensor):
         """Hand the repaired memory back without a copy of ours.
@@ -75,18 +95,20 @@ class TritonPythonModel:
             x = from_dlpack(tensor.to_dlpack())
             if x.device != self.device:
                 x = x.to(self.device)
+            repair = self.watcher.current.repair  # one file per request, even while a new one is swapped in
             try:
-                y, scores = self.repair.repair_with_scores(x, inplace=True)
+                y, scores = repair.repair_with_scores(x, inplace=True)
             except RepairInputError as e:
                 if self.metrics:
                     self.metrics.record_rejected()
                 responses.append(error_response(f"FIRE repair: {e}"))
                 continue
             if self.metrics:
-                self.metrics.record(scores)
+                self.metrics.record(scores, repair)
             responses.append(pb_utils.InferenceResponse([self._output(y)]))
         return responses
 
     def finalize(self) -> None:
+        self.watcher.stop()
         if self.metrics:
             self.metrics.close()
