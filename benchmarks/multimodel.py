@@ -104,7 +104,7 @@ def prepare(cfg: MultiModelConfig) -> list[ProtectedModel]:
         if not directions.is_file():
             export_split(REPO_ROOT / model_dir if not Path(model_dir).is_absolute() else model_dir, "layer2", export)
             calibrate(export, directions, CalibrationConfig(n_poisoned=100, n_clean=500))
-        out.append(ProtectedModel(name, export, directions))
+        out.append(ProtectedModel(name, export, directions, plain=True))
     return out
 
 

@@ -172,7 +172,7 @@ def prepare(cfg: ServingBenchConfig) -> Path:
     calibrate(export_dir, directions, CalibrationConfig(mode="project"))
     repo = cfg.work_dir / "repo"
     variants = tuple(Variant.of_mode(m) for m in ("subtract", "gated"))
-    model = ProtectedModel("bench", export_dir, directions, variants=variants, fused=True, whole=True)
+    model = ProtectedModel("bench", export_dir, directions, variants=variants, fused=True, whole=True, plain=True)
     build_repository([model], repo, cfg.settings, tensorrt=cfg.profile == "gpu")
     return repo
 

@@ -30,6 +30,7 @@ GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton prefixes re
 PARAM_ONNX_FILE = "ONNX_FILE"
 PARAM_THREADS = "THREADS"
 PARAM_INPUT_RANGE = "INPUT_RANGE"
+PARAM_CHECK_FINITE = "CHECK_FINITE"  # the model takes features (tail, mid): refuse NaN / Inf as the repair does
 PARAM_DIRECTIONS = "DIRECTIONS"
 PARAM_DIRECTIONS_POLL = "DIRECTIONS_POLL_S"  # how often the repair model looks for a replaced direction file
 PARAM_PRODUCER_ONNX = "HEAD_ONNX"  # the ONNX file whose output the repair edits (the direction file is bound to it)

@@ -20,3 +20,10 @@ def pixel_problem(x: np.ndarray, low: float = 0.0, high: float = 1.0) -> str | N
     if lo < low or hi > high:
         return f"input values span [{lo:.4g}, {hi:.4g}], outside the expected pixel range [{low}, {high}]"
     return None
+
+
+def finite_problem(x: np.ndarray) -> str | None:
+    """None when every value is finite (one float64 reduction, no elementwise pass), else a message."""
+    if x.size == 0 or np.isfinite(x.sum(dtype=np.float64)):
+        return None
+    return "features contain NaN or Inf; the model refuses them as the repair does"

@@ -45,7 +45,8 @@ def run_demo(cfg: DemoConfig) -> str:
     )
     calibrate(export_dir, directions, c)
     print(f"[3/5] build the model repository -> {cfg.repository}")
-    build_repository([ProtectedModel(cfg.name, export_dir, directions)], cfg.repository)
+    # the unprotected twin is served too: the demo's point is the comparison
+    build_repository([ProtectedModel(cfg.name, export_dir, directions, plain=True)], cfg.repository)
     print("[4/5] start tritonserver on 127.0.0.1")
     server = TritonServer(ServerConfig(cfg.repository, http_port=0, grpc_port=0, metrics_port=0))
     with server:

@@ -135,7 +135,8 @@ def build_repo(a: argparse.Namespace) -> None:
     models = []
     for name, exp, dirs in a.model:  # DIRECTIONS, or FIRST,SECOND for a two-layer export
         first, _, second = dirs.partition(",")
-        models.append(ProtectedModel(name, Path(exp), Path(first), directions2=Path(second) if second else None))
+        second_file = Path(second) if second else None
+        models.append(ProtectedModel(name, Path(exp), Path(first), directions2=second_file, plain=a.plain))
     settings = ServingSettings(
         max_batch_size=a.max_batch_size, max_queue_delay_us=a.max_queue_delay_us, instances=a.instances
     )
@@ -210,6 +211,7 @@ def register(sub) -> None:
     b.add_argument("--max-queue-delay-us", type=int, default=0)
     b.add_argument("--instances", type=int, default=1)
     b.add_argument("--tensorrt", action="store_true", help="also build the GPU profile's engines (needs a GPU)")
+    b.add_argument("--plain", action="store_true", help="also serve NAME_plain, unprotected (comparisons only)")
 
     be = add_command(sub, "build-engines", "build missing TensorRT engines of a repository on this GPU", build_engines)
     be.add_argument("--repo", default="model_repository")

@@ -6,20 +6,50 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from fire_cli.common import add_command
 
 
-def serve(a: argparse.Namespace) -> None:
-    from serving.admin import ADMIN_KEY_ENV, admin_key_file
-    from serving.server import ServerConfig, TritonServer
+def _check_exposure(a: argparse.Namespace) -> str | None:
+    """Where HTTP and metrics bind: loopback unless the user insists. A non-loopback gRPC address needs TLS."""
+    from loadtest.targets import is_loopback
 
+    if is_loopback(a.host):
+        return None
+    if a.insecure:
+        return None  # everything on a.host, plaintext: the user said so
+    if not (a.tls_cert and a.tls_key):
+        raise SystemExit(
+            f"refusing to serve on {a.host} in plaintext: pass --tls-cert/--tls-key (gRPC over TLS; HTTP and "
+            "metrics then stay on 127.0.0.1), put the gateway in deploy/gateway in front (HTTPS), or --insecure"
+        )
+    return "127.0.0.1"
+
+
+def serve(a: argparse.Namespace) -> None:
+    import secrets
+    import threading
+
+    from serving.admin import ADMIN_KEY_ENV, admin_key_file
+    from serving.server import ServerConfig, ServerError
+    from serving.supervisor import Supervisor
+
+    http_host = _check_exposure(a)
     explicit = a.model_control == "explicit"
+    key = os.environ.get(ADMIN_KEY_ENV)
+    where = f"from ${ADMIN_KEY_ENV}"
+    if not key:
+        key, key_file = secrets.token_urlsafe(24), admin_key_file()
+        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_file.touch(mode=0o600)
+        key_file.chmod(0o600)
+        key_file.write_text(key + "\n")
+        where = f"generated, in {key_file} (mode 0600)"
     cfg = ServerConfig(
         Path(a.repo),
         host=a.host,
+        http_host=http_host,
         http_port=a.http_port,
         grpc_port=a.grpc_port,
         metrics_port=a.metrics_port,
@@ -27,34 +57,29 @@ def serve(a: argparse.Namespace) -> None:
         model_control=a.model_control,
         load_models=["*"] if explicit else [],
         watchdog=explicit,
-        admin_key=os.environ.get(ADMIN_KEY_ENV),
+        admin_key=key,
         tls_cert=Path(a.tls_cert) if a.tls_cert else None,
         tls_key=Path(a.tls_key) if a.tls_key else None,
     )
-    # SIGTERM (kill, systemd, CI) unwinds like Ctrl-C, so the server and its stubs are stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with TritonServer(cfg) as server:
-        if cfg.admin_key is None:
-            key_file = admin_key_file()
-            key_file.parent.mkdir(parents=True, exist_ok=True)
-            key_file.touch(mode=0o600)
-            key_file.chmod(0o600)
-            key_file.write_text(server.admin_key + "\n")
-            where = f"generated, in {key_file}"
-        else:
-            where = f"from ${ADMIN_KEY_ENV}"
+    stop = threading.Event()
+    # SIGTERM (kill, systemd, CI) and Ctrl-C stop the server and its stubs.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def ready(server) -> None:
         print(
             f"serving {a.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}{' (TLS)' if cfg.tls_cert else ''}  "
-            f"metrics {cfg.host}:{cfg.metrics_port}  (log: {server.log_path}); admin key {where}; Ctrl-C stops",
+            f"metrics {server.metrics_url}  (log: {server.log_path}); model control {a.model_control}; "
+            f"admin key {where}; Ctrl-C stops",
             flush=True,
         )
-        try:
-            while server.process.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            print("stopping", flush=True)
-        if server.process.poll() is not None:
-            raise SystemExit(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
+
+    try:
+        code = Supervisor(cfg, report=lambda m: print(m, file=sys.stderr, flush=True)).run(stop, ready)
+    except ServerError as e:
+        raise SystemExit(f"fire serve: {e}") from None
+    if code:
+        raise SystemExit(code)
 
 
 def _repair_model(a: argparse.Namespace) -> str:
@@ -119,12 +144,14 @@ def register(sub) -> None:
     s.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
     s.add_argument(
         "--model-control",
-        default="explicit",
+        default="none",
         choices=["none", "explicit"],
-        help="explicit: load everything, allow hot reloads, run the stub watchdog",
+        help="none: no load/unload over the network (directions still hot-reload from the repository); "
+        "explicit: load/unload with the admin key, stub watchdog reloads a crashed model",
     )
     s.add_argument("--tls-cert", help="PEM certificate: serve gRPC over TLS (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without TLS (plaintext)")
 
     metrics = "the server's metrics endpoint, to wait until it serves the new file ('' to not wait)"
     r = add_command(sub, "reload", "hot-swap a protected model's direction file (zero failed requests)", reload)

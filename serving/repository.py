@@ -35,6 +35,7 @@ from fire_backend.names import (
     HEAD_ONNX,
     MID_ONNX,
     MODEL_VERSION,
+    PARAM_CHECK_FINITE,
     PARAM_DIRECTIONS,
     PARAM_INPUT_RANGE,
     PARAM_MODE,
@@ -59,6 +60,8 @@ from serving.configs import (
     write_config,
 )
 
+PARAM_ROLE, FUSED_ROLE = "FIRE_ROLE", "protected-fused"  # marks fused models as protected (the gateway serves them)
+FEATURE_POLICY = {PARAM_CHECK_FINITE: "1"}  # models fed features refuse NaN / Inf, like the repair
 STUBS = {"onnx": "fire_backend.triton.onnx_model", "repair": "fire_backend.triton.repair_model"}
 
 
@@ -86,7 +89,7 @@ class ProtectedModel:
     fused: bool = False  # also serve <name>_fused
     whole: bool = False  # also serve <name>_whole
     directions2: Path | None = None  # multi-layer: the direction file for the export's second layer
-    plain: bool = True  # also serve <name>_plain (head -> tail, unprotected)
+    plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): benchmarks and comparisons only
     io: tuple[TensorSpec, TensorSpec] | None = None  # the served input/output (a drop-in keeps the original's)
 
 
@@ -160,7 +163,7 @@ class _Writer:
         """Head, repair(s) and the rest folded into one ONNX model (no hot swap)."""
         src = build_fused_onnx(export_dir, directions, self.out / f".{name}.onnx", mode)
         try:
-            self.onnx_model(name, src, inp, out, policy)
+            self.onnx_model(name, src, inp, out, {**policy, PARAM_ROLE: FUSED_ROLE})
         finally:
             src.unlink()
 
@@ -212,8 +215,8 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
     head = Stage(n.head, pixels.name, FEATURES)
     if info.multilayer:
         features2 = TensorSpec(FEATURES2, tuple(info.feature2_shape))
-        w.onnx_model(n.mid, src / MID_ONNX, features, features2, {})
-        w.onnx_model(n.tail, src / TAIL_ONNX, features2, logits, {})
+        w.onnx_model(n.mid, src / MID_ONNX, features, features2, FEATURE_POLICY)
+        w.onnx_model(n.tail, src / TAIL_ONNX, features2, logits, FEATURE_POLICY)
         w.repair_model(n.repair, m.directions, m.mode, n.head, info.feature_shape, info.preprocess)
         w.repair_model(n.repair2, m.directions2, m.mode, n.mid, info.feature2_shape, info.preprocess)
         mid, tail = Stage(n.mid, FEATURES, FEATURES2), Stage(n.tail, FEATURES2, logits.name)
@@ -224,7 +227,7 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
         if m.fused:
             w.fused(n.fused, m.export_dir, [m.directions, m.directions2], m.mode, pixels, logits, policy)
     else:
-        w.onnx_model(n.tail, src / TAIL_ONNX, features, logits, {})
+        w.onnx_model(n.tail, src / TAIL_ONNX, features, logits, FEATURE_POLICY)
         tail = Stage(n.tail, FEATURES, logits.name)
         protected = [(n.protected, n.repair, m.directions, m.mode, m.fused)] + [
             (n.variant(v.suffix), n.variant_repair(v.suffix), v.directions or m.directions, v.mode, v.fused)

@@ -6,6 +6,15 @@ What it takes on a CPU-only machine (see shared/notes/triton-on-cpu.md):
   bin directory, so the stub finds this environment's site-packages (torch, onnxruntime, fire_backend).
 The server binds 127.0.0.1 by default, runs in its own process group, and ``stop()`` checks that no
 stub process and no shared-memory region of its own is left behind.
+
+Hardening (see the README's "Security model"):
+- no model control over the network by default (``--model-control-mode=none``): what a protected name
+  serves changes only through its repository directory (the repair model reloads its own file);
+- the APIs no client needs (model repository, shared memory, statistics, logging, trace) are restricted
+  to an admin key that appears in no process's arguments (``server_guard``) and in no environment other
+  users can read;
+- the server and its stubs run with umask 077: their shared-memory regions in /dev/shm are 0600;
+- its log is size-capped, kept after a crash, and read from the end (``logs``).
 """
 
 from __future__ import annotations
@@ -28,12 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fire_backend.names import ADMIN_HEADER
+from serving import logs, server_guard
 from serving.admin import admin_request
 from serving.procfs import group_pids
 from serving.watchdog import StubWatchdog
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-RESTRICTED = "model-repository,logging,trace"  # APIs that need it
+# APIs no inference client needs; with them, a caller could load code, swap models, read or corrupt
+# shared memory, or change logging and tracing. They take the admin key (Triton names: HTTP and gRPC).
+RESTRICTED = "model-repository,shared-memory,statistics,logging,trace"
+STUB_SHM_BYTES = 16 << 20  # per-stub shared memory: a batch-64 activation fits without growing the pool
 
 
 class ServerError(RuntimeError):
@@ -85,7 +98,11 @@ class ServerConfig:
     admin_key: str | None = None  # guards model control/repository; None: a random key per start
     tls_cert: Path | None = None  # PEM server certificate and key: gRPC over TLS
     tls_key: Path | None = None
-    watchdog: bool = False  # explicit mode: reload a model whose Python stub died (see control.py)
+    watchdog: bool = False  # explicit mode: reload a model whose Python stub died (see watchdog.py)
+    http_host: str | None = None  # HTTP and metrics bind address (None: ``host``); HTTP has no TLS in Triton
+    stub_shm_bytes: int = STUB_SHM_BYTES
+    log_dir: Path | None = None  # None: $FIRE_CACHE_DIR/logs; logs stay after the server stops or crashes
+    log_max_bytes: int = 16 << 20  # per file; two older files are kept
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -99,20 +116,27 @@ class TritonServer:
                 setattr(config, attr, free_port(config.host))
         self.shm_prefix = f"fire_{uuid.uuid4().hex[:10]}_"
         self.workdir = Path(tempfile.mkdtemp(prefix="fire-triton-"))
-        self.log_path = self.workdir / "tritonserver.log"
+        cache = Path(os.environ.get("FIRE_CACHE_DIR", Path.home() / ".cache" / "fire"))
+        self.log_dir = Path(config.log_dir or cache / "logs")
+        self.log_path = self.log_dir / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
         self.admin_key = config.admin_key or secrets.token_urlsafe(24)
+        self.log: logs.RotatingLog | None = None
         self.process: subprocess.Popen | None = None
         self.watchdog = None
         self.leftover_processes: list[int] = []  # what the last stop() found and had to clean up
         self.leftover_shm: list[str] = []
 
     @property
+    def http_host(self) -> str:
+        return self.config.http_host or self.config.host
+
+    @property
     def http_url(self) -> str:
-        return f"{self.config.host}:{self.config.http_port}"
+        return f"{self.http_host}:{self.config.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.config.host}:{self.config.metrics_port}/metrics"
+        return f"http://{self.http_host}:{self.config.metrics_port}/metrics"
 
     @property
     def grpc_url(self) -> str:
@@ -125,20 +149,22 @@ class TritonServer:
             str(pytriton_root() / "bin" / "tritonserver"),
             f"--model-repository={Path(c.repository).resolve()}",
             f"--backend-directory={backends}",
-            f"--http-address={c.host}",
+            f"--http-address={self.http_host}",
             f"--grpc-address={c.host}",
-            f"--metrics-address={c.host}",
+            f"--metrics-address={self.http_host}",
             f"--http-port={c.http_port}",
             f"--grpc-port={c.grpc_port}",
             f"--metrics-port={c.metrics_port}",
             f"--model-control-mode={c.model_control}",
             "--exit-on-error=false",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--backend-config=python,shm-default-byte-size={c.stub_shm_bytes}",
+            f"--backend-config=python,shm-growth-byte-size={c.stub_shm_bytes}",
             f"--log-verbose={c.log_verbose}",
-            # Whoever can load/unload models can swap a protected model for an unprotected one: those
-            # endpoints (and the logging/trace controls) need the admin key on both protocols.
-            f"--http-restricted-api={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
-            f"--grpc-restricted-protocol={RESTRICTED}:{ADMIN_HEADER}={self.admin_key}",
+            # The key itself is never an argument (every local user can read /proc/<pid>/cmdline): the
+            # placeholder is replaced inside the process by the server_guard preload library.
+            f"--http-restricted-api={RESTRICTED}:{ADMIN_HEADER}={server_guard.KEY_PLACEHOLDER}",
+            f"--grpc-restricted-protocol={RESTRICTED}:{ADMIN_HEADER}={server_guard.KEY_PLACEHOLDER}",
         ]
         if c.tls_cert or c.tls_key:
             if not (c.tls_cert and c.tls_key):
@@ -157,16 +183,24 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("OMP_NUM_THREADS", "1")
+        env[server_guard.KEY_ENV] = self.admin_key  # readable by this user and root only; the library drops it
+        env["LD_PRELOAD"] = str(server_guard.library())
         return env
 
     def start(self, timeout: float = 120.0, require_all_models: bool = True) -> TritonServer:
-        log = self.log_path.open("wb")
+        try:
+            cmd, env = self.command(), self.environment()
+        except server_guard.ServerGuardError as e:
+            raise ServerError(str(e)) from None
+        logs.prune(self.log_dir)
+        self.log = logs.RotatingLog(self.log_path, self.config.log_max_bytes)
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, umask=0o077
         )
-        log.close()
+        self.log.follow(self.process.stdout)
         try:
             self.wait_ready(timeout, require_all_models)
+            self._check_key_is_secret()
             if self.config.watchdog:
                 if self.config.model_control != "explicit":
                     raise ServerError("the stub watchdog reloads models: it needs model_control='explicit'")
@@ -178,6 +212,12 @@ class TritonServer:
 
     def _get(self, path: str, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
         return admin_request(self.http_url, self.admin_key, path, method, timeout)
+
+    def _check_key_is_secret(self) -> None:
+        """Fail closed if the placeholder, which anyone can read in the arguments, works as the key."""
+        status, _ = admin_request(self.http_url, server_guard.KEY_PLACEHOLDER, "/v2/repository/index", "POST", 5)
+        if status != 403:
+            raise ServerError("the admin key placeholder was accepted: the key-hiding library did not run")
 
     def model_states(self) -> dict[str, dict]:
         """The repository index: model name -> {state, reason}."""
@@ -220,9 +260,7 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s.\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return logs.tail(self.log_path, lines)
 
     def shm_regions(self) -> list[str]:
         """This server's shared-memory regions in /dev/shm."""
@@ -245,6 +283,8 @@ class TritonServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # stubs left behind by a crash, if any
         proc.wait()
+        if self.log is not None:
+            self.log.join()
         self.leftover_shm = self.shm_regions()
         for name in self.leftover_shm:  # only after a crash: a clean stop leaves none
             (Path("/dev/shm") / name).unlink(missing_ok=True)
@@ -253,6 +293,10 @@ class TritonServer:
     def __enter__(self) -> TritonServer:
         return self if self.process else self.start()
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
+        """Stop and remove the working directory (the log, elsewhere, stays)."""
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -52,7 +52,10 @@ def repository(artifacts, tmp_path_factory) -> Path:
     variants = (Variant.of_mode("subtract"), Variant.of_mode("gated"))
     extras = {"cifar10": dict(variants=variants, fused=True, whole=True)}
     build_repository(
-        [ProtectedModel(a.name, a.export_dir, a.directions, **extras.get(a.name, {})) for a in artifacts.values()],
+        [
+            ProtectedModel(a.name, a.export_dir, a.directions, plain=True, **extras.get(a.name, {}))
+            for a in artifacts.values()
+        ],
         repo,
     )
     return repo

@@ -41,7 +41,7 @@ def test_two_layer_repair_served_end_to_end(tmp_path, artifacts):
           "--out", str(repo)])  # fmt: skip
     assert {p.name for p in repo.iterdir()} == {"ml", "ml_plain", "ml_head", "ml_fire", "ml_mid", "ml_fire2", "ml_tail"}
     both = {"directions": exp / "directions.safetensors", "directions2": exp / "directions2.safetensors"}
-    build_repository([ProtectedModel("ml", exp, fused=True, **both)], repo)  # + ml_fused: both repairs folded in
+    build_repository([ProtectedModel("ml", exp, fused=True, plain=True, **both)], repo)  # + ml_fused: both folded in
 
     trig, labels = triggered_subset(a, 60)
     x = to_tensor_batch(np.concatenate([a.test.images[:20], trig]))

@@ -24,13 +24,23 @@ from fire_backend.repair import Repair
 from modelio.split import split_at
 from serving.admin import ControlError
 from serving.admin import load_model as control_load
-from serving.control import reload_directions
+from serving.control import reload_directions, scrape
 from serving.repository import ProtectedModel, build_repository
 from serving.server import ServerConfig, TritonServer
 from zoo.checkpoint import load_model
 from zoo.data import to_tensor_batch
 
 from .conftest import triggered_subset
+
+
+@pytest.fixture(scope="module")
+def default_server(artifacts, tmp_path_factory):
+    """The production default: no model control over the network; directions hot-reload from the repository."""
+    a = artifacts["cifar10"]
+    repo = tmp_path_factory.mktemp("default_repo")
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        yield server, repo, a
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +127,9 @@ def test_model_control_needs_the_admin_key_on_both_protocols(explicit):
     assert g.is_model_ready("cifar10")  # the refused calls changed nothing
 
 
-def test_hot_reload_under_load_switches_once_with_zero_failures(explicit, tmp_path):
-    server, repo, a = explicit
+def test_hot_reload_under_load_switches_once_with_zero_failures(default_server, tmp_path):
+    """The repair model picks up a replaced direction file itself: no model control, no failed request."""
+    server, repo, a = default_server
     x = batch_of(a)
     old = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
     new = DirectionFile.load(a.directions)
@@ -129,7 +140,7 @@ def test_hot_reload_under_load_switches_once_with_zero_failures(explicit, tmp_pa
     try:
         with Load(server.grpc_url, x) as load:
             time.sleep(1.0)
-            reload_directions(server.http_url, server.admin_key, repo, "cifar10_fire", new_path)
+            reload_directions(repo, "cifar10_fire", new_path, server.metrics_url)
             time.sleep(1.0)
         for log in load.log:
             assert [e for _, _, e in log if e] == [], "a request failed during the reload"
@@ -144,11 +155,11 @@ def test_hot_reload_under_load_switches_once_with_zero_failures(explicit, tmp_pa
             switch = which.index("new")
             assert "old" not in which[switch:] and switch > 0, "every response before the switch is old, after new"
     finally:
-        reload_directions(server.http_url, server.admin_key, repo, "cifar10_fire", a.directions)
+        reload_directions(repo, "cifar10_fire", a.directions, server.metrics_url)
 
 
-def test_a_bad_new_file_leaves_the_old_directions_serving(explicit, tmp_path):
-    server, repo, a = explicit
+def test_a_bad_new_file_leaves_the_old_directions_serving(default_server, tmp_path):
+    server, repo, a = default_server
     x = batch_of(a)
     expected = pipeline(a, x, DirectionFile.load(a.directions))
     deployed = repo / "cifar10_fire" / "1" / "directions.safetensors"
@@ -156,12 +167,16 @@ def test_a_bad_new_file_leaves_the_old_directions_serving(explicit, tmp_path):
     other = DirectionFile.load(a.directions)
     other.head_sha256 = "0" * 64
     with pytest.raises(DirectionFileError, match="re-run `fire calibrate`"):  # refused before touching anything
-        reload_directions(server.http_url, server.admin_key, repo, "cifar10_fire", other.save(tmp_path / "o.st"))
+        reload_directions(repo, "cifar10_fire", other.save(tmp_path / "o.st"), server.metrics_url)
     assert deployed.read_bytes() == before
-    try:  # and if a corrupt file lands in the repository anyway, the server refuses it and keeps the old one
+    failures = lambda: scrape(server.metrics_url).get(("fire_direction_reload_failures_total", "cifar10_fire"), 0)  # noqa: E731
+    refused_before = failures()
+    try:  # and if a corrupt file lands in the repository anyway, the repair model refuses it, keeps the old one
         deployed.write_bytes(before[:64])
-        with pytest.raises(ControlError, match="directions.safetensors"):
-            control_load(server.http_url, server.admin_key, "cifar10_fire")
+        deadline = time.time() + 15
+        while failures() == refused_before and time.time() < deadline:
+            time.sleep(0.2)
+        assert failures() == refused_before + 1
         np.testing.assert_allclose(FireClient(server.grpc_url).infer("cifar10", x), expected, atol=1e-4)
     finally:
         deployed.write_bytes(before)

@@ -132,7 +132,7 @@ def test_bad_directions_fail_closed_and_stop_cleanly(artifacts, tmp_path):
 
     a = artifacts["cifar10"]
     repo = tmp_path / "repo"
-    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, plain=True)], repo)
     target = repo / "cifar10_fire" / "1" / "directions.safetensors"
     target.write_bytes(target.read_bytes()[:100])  # truncated after the build-time check
     server = TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0))

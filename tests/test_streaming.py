@@ -24,8 +24,7 @@ def served(artifacts, tmp_path_factory):
     a = artifacts["cifar10"]
     repo = tmp_path_factory.mktemp("stream_repo")
     build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
-    cfg = ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit", load_models=["*"])
-    with TritonServer(cfg) as server:
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
         yield server, repo, a
 
 
@@ -35,9 +34,9 @@ def served_version(server) -> float:
     return float(line.split()[-1])
 
 
-def test_streaming_updates_guard_rails_and_rollback(served, monkeypatch):
+def test_streaming_updates_guard_rails_and_rollback(served):
     server, repo, a = served
-    stream = DirectionStream(server.http_url, server.admin_key, repo, "cifar10_fire")
+    stream = DirectionStream(server.metrics_url, repo, "cifar10_fire")
     train = load_dataset("cifar10", "train").subset(400, seed=11)
     images = train.images[train.labels != 0]
     badnets = make_attack("badnets")
@@ -86,9 +85,9 @@ def test_streaming_updates_guard_rails_and_rollback(served, monkeypatch):
     # the CLI drives the same loop: an update from an .npz of reported images lands as a new version
     npz = repo.parent / "reports.npz"
     np.savez(npz, images=badnets.apply(images[60:80]))
-    monkeypatch.setenv("FIRE_ADMIN_KEY", server.admin_key)
     from fire_cli.main import main
 
-    main(["update", "--url", server.http_url, "--repo", str(repo), "--model", "cifar10", "--poisoned", str(npz)])
+    main(["update", "--url", server.http_url, "--metrics-url", server.metrics_url, "--repo", str(repo),
+          "--model", "cifar10", "--poisoned", str(npz)])  # fmt: skip
     d = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
     assert d.version == 4 and d.updates == 1  # after the rollback to v1, numbering continues past v3

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.names import PARAM_INPUT_RANGE, PARAM_ONNX_FILE, PARAM_THREADS
+from fire_backend.names import PARAM_CHECK_FINITE, PARAM_INPUT_RANGE, PARAM_ONNX_FILE, PARAM_THREADS
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.triton.common import error_response, parse_args, require_io
-from fire_backend.validation import pixel_problem
+from fire_backend.validation import finite_problem, pixel_problem
 
 
 class TritonPythonModel:
@@ -27,6 +27,7 @@ class TritonPythonModel:
         require_io(config, [self.input_name], [self.output_name])
         rng = params.get(PARAM_INPUT_RANGE)
         self.input_range = tuple(float(v) for v in rng.split(",")) if rng else None
+        self.check_finite = params.get(PARAM_CHECK_FINITE) == "1"
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -34,6 +35,8 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             x = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
             problem = pixel_problem(x, *self.input_range) if self.input_range else None
+            if problem is None and self.check_finite:
+                problem = finite_problem(x)
             if problem:
                 responses[i] = error_response(problem)
             else:

@@ -1,4 +1,4 @@
-/* Keep the admin key out of tritonserver's command line.
+/* Keep the admin key out of tritonserver's command line, and its shared memory private.
  *
  * tritonserver takes its restricted-API key only as an argument, and every local user can read a
  * process's arguments (/proc/<pid>/cmdline). `fire serve` therefore passes the placeholder
@@ -8,13 +8,27 @@
  * tritonserver parses the key. It then removes the key and itself from the environment, so the
  * Python-backend stubs the server starts inherit neither. The launcher checks afterwards that the
  * placeholder is refused as a key (a server that started without this library would accept it).
+ *
+ * Second: the Python backend creates its shared-memory regions in /dev/shm (tensors in flight) and
+ * sets their mode to 0644 with fchmod, whatever the umask: readable by every local user. Within the
+ * server process, this library's fchmod drops the group and other bits, so the regions are 0600.
  */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+int fchmod(int fd, mode_t mode) {
+    static int (*real_fchmod)(int, mode_t) = NULL;
+    if (real_fchmod == NULL) real_fchmod = (int (*)(int, mode_t))dlsym(RTLD_NEXT, "fchmod");
+    return real_fchmod(fd, mode & ~(mode_t)(S_IRWXG | S_IRWXO));
+}
 
 #define MARK "@FIRE_ADMIN_KEY@"
 
-static void fire_secret_args(int argc, char **argv, char **envp) {
+static void fire_server_guard(int argc, char **argv, char **envp) {
     (void)envp;
     const char *key = getenv("FIRE_ADMIN_KEY");
     if (key != NULL && argv != NULL) {
@@ -35,5 +49,5 @@ static void fire_secret_args(int argc, char **argv, char **envp) {
     unsetenv("LD_PRELOAD");
 }
 
-__attribute__((section(".init_array"), used)) static void (*fire_secret_args_init)(int, char **, char **) =
-    fire_secret_args;
+__attribute__((section(".init_array"), used)) static void (*fire_server_guard_init)(int, char **, char **) =
+    fire_server_guard;
