@@ -134,6 +134,25 @@ def rollback(a: argparse.Namespace) -> None:
     print(f"{stream.repair_model} now serves direction version {d.version} (created {d.created})")
 
 
+def gateway(a: argparse.Namespace) -> None:
+    from serving.gateway import GatewayConfig, protected_models, write_gateway
+
+    cfg = GatewayConfig(
+        triton_http=a.triton_http,
+        triton_grpc=a.triton_grpc,
+        listen_http=a.listen_http,
+        listen_grpc=a.listen_grpc,
+        tls_pem=Path(a.tls_pem) if a.tls_pem else None,
+        maxconn=a.maxconn,
+    )
+    try:
+        path = write_gateway(a.repo, a.out, cfg)
+    except ValueError as e:
+        raise SystemExit(f"fire gateway: {e}") from None
+    print(f"wrote {path}: clients reach {', '.join(protected_models(a.repo))} and nothing else; "
+          f"run it with: haproxy -f {path}")  # fmt: skip
+
+
 def register(sub) -> None:
     s = add_command(sub, "serve", "run tritonserver on a repository until Ctrl-C", serve)
     s.add_argument("--repo", default="model_repository")
@@ -154,6 +173,16 @@ def register(sub) -> None:
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without TLS (plaintext)")
 
     metrics = "the server's metrics endpoint, to wait until it serves the new file ('' to not wait)"
+    g = add_command(sub, "gateway", "write the HAProxy gateway that exposes only the protected models", gateway)
+    g.add_argument("--repo", default="model_repository")
+    g.add_argument("--out", default="build/gateway/haproxy.cfg")
+    g.add_argument("--triton-http", default="127.0.0.1:8000", help="where Triton's HTTP endpoint listens")
+    g.add_argument("--triton-grpc", default="127.0.0.1:8001", help="where Triton's gRPC endpoint listens")
+    g.add_argument("--listen-http", default="127.0.0.1:9000", help="the gateway's HTTP(S) address")
+    g.add_argument("--listen-grpc", default="127.0.0.1:9001", help="the gateway's gRPC address")
+    g.add_argument("--tls-pem", help="certificate and key in one PEM: HTTPS and gRPC over TLS on both listeners")
+    g.add_argument("--maxconn", type=int, default=512, help="connections the gateway accepts in all")
+
     r = add_command(sub, "reload", "hot-swap a protected model's direction file (zero failed requests)", reload)
     r.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)
     r.add_argument("--repo", default="model_repository")

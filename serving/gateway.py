@@ -8,7 +8,7 @@ by model name, on both protocols, and sheds load:
   and metadata; anything else (other models, the repository, shared memory, statistics, logging,
   trace) gets 403;
 - gRPC: server health and metadata, and ModelInfer / ModelReady / ModelMetadata / ModelConfig whose
-  request names a protected model (read by ``deploy/gateway/fire_grpc.lua``, which walks the whole
+  request names a protected model (read by ``native/fire_grpc.lua``, which walks the whole
   protobuf message: a repeated name field or a request too large for the gateway's buffer is refused);
   anything else gets gRPC status 7 (PERMISSION_DENIED);
 - at most ``maxconn`` connections, idle or slow clients dropped after ``client_timeout_s``;
@@ -26,7 +26,7 @@ from pathlib import Path
 from serving.configs import read_config
 from serving.repository import FUSED_ROLE, PARAM_ROLE, is_repair_model
 
-LUA = Path(__file__).resolve().parent.parent / "deploy" / "gateway" / "fire_grpc.lua"
+LUA = Path(__file__).resolve().parent / "native" / "fire_grpc.lua"
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_OPEN = ("ServerLive", "ServerReady", "ServerMetadata")
 GRPC_PER_MODEL = ("ModelInfer", "ModelReady", "ModelMetadata", "ModelConfig")

@@ -1,0 +1,335 @@
+"""Attacks on a running server, each from outside the server process (HTTP, gRPC, raw sockets, /proc,
+/dev/shm, and another local user via runuser where the test runs as root), each asserted to fail safely."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from clients import FireClient
+from fire_backend.directions import DirectionFile
+from fire_backend.names import ADMIN_HEADER, GRPC_ADMIN_HEADER
+from serving.gateway import GatewayConfig, write_gateway
+from serving.logs import RotatingLog, tail
+from serving.procfs import stubs
+from serving.repository import ProtectedModel, build_repository
+from serving.server import ServerConfig, TritonServer, free_port
+from zoo.data import to_tensor_batch
+
+from .conftest import triggered_subset
+from .test_reliability import pipeline
+
+AS_ANOTHER_USER = os.geteuid() == 0 and shutil.which("runuser") is not None
+another_user = pytest.mark.skipif(not AS_ANOTHER_USER, reason="needs root and runuser to act as user 'nobody'")
+
+
+@pytest.fixture(scope="module")
+def hardened(artifacts, tmp_path_factory):
+    """The production default: protected model and its fused form only, no model control."""
+    a = artifacts["cifar10"]
+    repo = tmp_path_factory.mktemp("hardened_repo")
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, fused=True)], repo)
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        yield server, repo, a
+
+
+def _post(url: str, body: dict | None = None, headers: dict | None = None) -> int:
+    req = urllib.request.Request(url, method="POST", data=json.dumps(body or {}).encode(), headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _as_nobody(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", "nobody", "--", *cmd], capture_output=True, text=True, timeout=30)
+
+
+def test_the_admin_key_is_in_no_arguments_and_no_readable_environment(hardened):
+    server, _, _ = hardened
+    key = server.admin_key.encode()
+    pids = [server.process.pid, *stubs(server.process.pid)]
+    assert len(pids) == 5  # the server, head, repair, tail, fused
+    for pid in pids:
+        assert key not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b"@FIRE_ADMIN_KEY@" in Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+    for pid in pids[1:]:  # the stubs inherit neither the key nor the preload library
+        env = Path(f"/proc/{pid}/environ").read_bytes()
+        assert key not in env and b"LD_PRELOAD" not in env
+    assert oct(Path(f"/proc/{server.process.pid}/environ").stat().st_mode & 0o777) == "0o400"
+
+
+@another_user
+def test_another_local_user_reads_neither_the_key_nor_tensors_in_flight(hardened):
+    server, _, a = hardened
+    FireClient(server.grpc_url).infer("cifar10", to_tensor_batch(a.test.images[:4]))
+    cmdline = _as_nobody("cat", f"/proc/{server.process.pid}/cmdline")
+    assert cmdline.returncode == 0 and server.admin_key not in cmdline.stdout
+    assert _as_nobody("cat", f"/proc/{server.process.pid}/environ").returncode != 0
+    regions = server.shm_regions()
+    assert regions
+    for name in regions:
+        assert oct((Path("/dev/shm") / name).stat().st_mode & 0o777) == "0o600"
+        denied = _as_nobody("head", "-c", "16", f"/dev/shm/{name}")
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+MODEL_PY = base64.b64encode(b"raise SystemExit('attacker code ran')\n").decode()
+
+
+def test_nobody_without_the_key_loads_code_or_changes_what_a_protected_name_serves(hardened):
+    """The model-repository API: load with a config and file override (code execution), unload, index.
+    Without the key, or with the placeholder everyone can read: 403. With the key: no model control."""
+    server, _, a = hardened
+    base = f"http://{server.http_url}/v2/repository"
+    attack = {"parameters": {"config": json.dumps({"backend": "python"}), "file:1/model.py": MODEL_PY}}
+    for headers in ({}, {ADMIN_HEADER: "@FIRE_ADMIN_KEY@"}, {ADMIN_HEADER: "guess"}):
+        assert _post(f"{base}/models/cifar10/load", attack, headers) == 403
+        assert _post(f"{base}/models/cifar10/unload", None, headers) == 403
+        assert _post(f"{base}/index", None, headers) == 403
+    assert _post(f"{base}/models/cifar10/load", attack, {ADMIN_HEADER: server.admin_key}) != 200  # mode none
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    for call in (lambda: g.load_model("cifar10"), lambda: g.unload_model("cifar10"), g.get_model_repository_index):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+    x = to_tensor_batch(np.concatenate([a.test.images[:4], triggered_subset(a, 4)[0]]))
+    expected = pipeline(a, x, DirectionFile.load(a.directions))
+    np.testing.assert_allclose(FireClient(server.grpc_url).infer("cifar10", x), expected, atol=1e-4)
+
+
+def test_the_shared_memory_and_statistics_apis_are_closed(hardened, tmp_path):
+    server, _, _ = hardened
+    region = tmp_path / "region"
+    region.write_bytes(b"\0" * 4096)
+    h = httpclient.InferenceServerClient(server.http_url)
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    for client, name in ((h, "h"), (g, "g")):
+        with pytest.raises(InferenceServerException, match="403|restricted|not allowed"):
+            client.register_system_shared_memory(f"attack_{name}", "/attack", 4096)
+        with pytest.raises(InferenceServerException, match="403|restricted|not allowed"):
+            client.get_system_shared_memory_status()
+        with pytest.raises(InferenceServerException, match="403|restricted|not allowed"):
+            client.unregister_system_shared_memory()
+        with pytest.raises(InferenceServerException, match="403|restricted|not allowed"):
+            client.get_inference_statistics()
+        with pytest.raises(InferenceServerException, match="403|restricted|not allowed"):
+            client.update_log_settings({"log_verbose_level": 1})
+    assert g.get_inference_statistics(headers={GRPC_ADMIN_HEADER: server.admin_key}).model_stats  # the key works
+    assert g.is_server_live()
+
+
+def test_the_tail_refuses_non_finite_features_like_the_repair(hardened):
+    server, _, a = hardened
+    shape = [2, *a.info.feature_shape]
+    c = FireClient(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="NaN or Inf"):
+        c.infer("cifar10_tail", np.full(shape, np.nan, np.float32), "FEATURES", "LOGITS")
+    assert c.infer("cifar10_tail", np.zeros(shape, np.float32), "FEATURES", "LOGITS").shape == (2, 10)
+
+
+def _raw_grpc_infer(url: str, body: bytes) -> bytes:
+    """A hand-made ModelInfer request: whatever bytes the attacker likes."""
+    import grpc
+
+    with grpc.insecure_channel(url) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        return call(body, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def gateway(hardened, tmp_path_factory):
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (Debian: apt-get install haproxy); scripts/test.sh installs it")
+    server, repo, _ = hardened
+    cfg = GatewayConfig(
+        triton_http=server.http_url,
+        triton_grpc=server.grpc_url,
+        listen_http=f"127.0.0.1:{free_port()}",
+        listen_grpc=f"127.0.0.1:{free_port()}",
+        maxconn=60,
+        backend_maxconn=8,
+        client_timeout_s=2,
+    )
+    path = write_gateway(repo, tmp_path_factory.mktemp("gateway") / "haproxy.cfg", cfg)
+    proc = subprocess.Popen(["haproxy", "-f", str(path), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(cfg.listen_http.split(":"), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield cfg, server
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_the_gateway_serves_protected_models_and_nothing_else(gateway, artifacts):
+    cfg, server = gateway
+    a = artifacts["cifar10"]
+    x = to_tensor_batch(a.test.images[:2])
+    for proto, url in (("http", cfg.listen_http), ("grpc", cfg.listen_grpc)):
+        c = FireClient(url, proto)
+        for model in ("cifar10", "cifar10_fused"):
+            assert c.infer(model, x).shape == (2, 10)
+        assert c.is_ready("cifar10")
+        for model, inp, out in (("cifar10_head", "INPUT", "FEATURES"), ("cifar10_fire", "FEATURES", "REPAIRED")):
+            with pytest.raises(InferenceServerException, match="403|PERMISSION_DENIED|not a protected model"):
+                c.infer(model, x if inp == "INPUT" else np.zeros((2, *a.info.feature_shape), np.float32), inp, out)
+        with pytest.raises(InferenceServerException, match="403|PERMISSION_DENIED|not a protected model"):
+            c.infer("cifar10_tail", np.zeros((2, *a.info.feature_shape), np.float32), "FEATURES", "LOGITS")
+    base = f"http://{cfg.listen_http}/v2"
+    for path in ("/repository/index", "/systemsharedmemory/region/x/register", "/logging", "/trace/setting"):
+        assert _post(base + path, None, {ADMIN_HEADER: server.admin_key}) == 403  # not even with the key
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(f"{base}/models/cifar10_head/stats", timeout=5)
+
+
+def test_the_gateway_reads_the_whole_grpc_message(gateway, artifacts):
+    """Protobuf lets a field repeat, the last value winning: a request naming the protected model first
+    and the unprotected tail last would reach the tail if the gateway read only a prefix."""
+    from tritonclient.grpc import service_pb2
+
+    cfg, server = gateway
+    a = artifacts["cifar10"]
+    feats = np.zeros((1, *a.info.feature_shape), np.float32)
+    req = service_pb2.ModelInferRequest(model_name="cifar10")
+    req.inputs.add(name="FEATURES", datatype="FP32", shape=list(feats.shape))
+    req.raw_input_contents.append(feats.tobytes())
+    smuggled = req.SerializeToString() + b"\x0a" + bytes([len("cifar10_tail")]) + b"cifar10_tail"
+    import grpc
+
+    raw = service_pb2.ModelInferResponse.FromString(_raw_grpc_infer(server.grpc_url, smuggled))
+    assert raw.model_name == "cifar10_tail"  # straight to Triton, the smuggled name wins: the bypass is real
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_grpc_infer(cfg.listen_grpc, smuggled)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_gateway_sheds_idle_connections(gateway, artifacts):
+    """300 idle connections (bounded: 300 sockets, ~10 s): the gateway accepts at most maxconn, drops
+    idle ones after its client timeout, Triton never sees them, and service resumes."""
+    cfg, server = gateway
+    host, port = cfg.listen_http.split(":")
+    socks = []
+    for _ in range(300):
+        s = socket.socket()
+        s.settimeout(0.2)
+        try:
+            s.connect((host, int(port)))
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+    triton_fds = len(os.listdir(f"/proc/{server.process.pid}/fd"))
+    time.sleep(cfg.client_timeout_s + 3)
+    closed = 0  # the gateway answered 408 Request Time-out and hung up, or just hung up
+    for s in socks:
+        try:
+            closed += s.recv(64).startswith((b"HTTP/1.1 408", b""))
+        except TimeoutError:
+            pass  # still open and silent: not shed
+        except OSError:
+            closed += 1  # reset
+        s.close()
+    assert closed >= min(len(socks), cfg.maxconn) - 5
+    assert triton_fds < 200  # the flood stopped at the gateway
+    x = to_tensor_batch(artifacts["cifar10"].test.images[:2])
+    assert FireClient(cfg.listen_http, "http").infer("cifar10", x).shape == (2, 10)
+
+
+def test_server_logs_are_capped_and_read_from_the_end(tmp_path):
+    log = RotatingLog(tmp_path / "tritonserver-x.log", max_bytes=64 << 10, backups=2)
+    line = b"E1125 Too many open files: accept failed\n"
+    for _ in range(20_000):  # ~850 KB of flood
+        log.write(line)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 3 and sum(f.stat().st_size for f in files) <= 3 * (64 << 10)
+    big = tmp_path / "big.log"
+    big.write_bytes(b"x" * (50 << 20) + b"\nlast line\n")
+    assert tail(big, 1) == "last line"
+
+
+def _fire_serve(repo: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    ports = [str(free_port()) for _ in range(3)]
+    cmd = [shutil.which("fire"), "serve", "--repo", str(repo), "--http-port", ports[0], "--grpc-port", ports[1],
+           "--metrics-port", ports[2], *extra]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ports
+
+
+def _server_pid(port: str) -> int | None:
+    from serving.procfs import processes
+
+    return next((p.pid for p in processes() if f"--http-port={port}".encode() in b" ".join(p.argv)), None)
+
+
+def _wait_serving(url: str, x: np.ndarray, expected: np.ndarray, timeout: float = 90) -> float:
+    deadline, t0 = time.time() + timeout, time.time()
+    while time.time() < deadline:
+        try:
+            np.testing.assert_allclose(FireClient(url, timeout_s=5).infer("cifar10", x), expected, atol=1e-4)
+            return time.time() - t0
+        except (InferenceServerException, ConnectionError, OSError):
+            time.sleep(0.5)
+    raise AssertionError("the protected model did not come back")
+
+
+def test_fire_serve_restarts_a_killed_server_and_a_killed_stub(artifacts, tmp_path):
+    """SIGKILL the server, then the repair stub, under client traffic: `fire serve` restarts the server each
+    time; in between requests fail (never an unprotected answer), then the protected answers return."""
+    a = artifacts["cifar10"]
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    x = to_tensor_batch(np.concatenate([a.test.images[:4], triggered_subset(a, 4)[0]]))
+    protected, unprotected = pipeline(a, x, DirectionFile.load(a.directions)), pipeline(a, x, None)
+    proc, ports = _fire_serve(repo)
+    url = f"127.0.0.1:{ports[1]}"
+    try:
+        assert "serving" in proc.stdout.readline()
+        _wait_serving(url, x, protected)
+        for victim in ("server", "stub"):
+            pid = _server_pid(ports[0])
+            if victim == "stub":
+                pid = next(p for p, m in stubs(pid).items() if m == "cifar10_fire")
+            os.kill(pid, signal.SIGKILL)
+            seen = []
+            deadline = time.time() + 90
+            while time.time() < deadline:
+                try:
+                    seen.append(FireClient(url, timeout_s=5).infer("cifar10", x))
+                    if np.allclose(seen[-1], protected, atol=1e-4) and _server_pid(ports[0]) not in (None, pid):
+                        break
+                except (InferenceServerException, ConnectionError, OSError):
+                    time.sleep(0.3)
+            assert seen and np.allclose(seen[-1], protected, atol=1e-4), f"not serving again after killing the {victim}"
+            assert not any(np.allclose(s, unprotected, atol=1e-4) for s in seen)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def test_fire_serve_refuses_plaintext_on_a_public_address(repository):
+    done = subprocess.run([shutil.which("fire"), "serve", "--repo", str(repository), "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0 and "refusing to serve on 0.0.0.0 in plaintext" in done.stderr
