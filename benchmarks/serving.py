@@ -30,16 +30,17 @@ from tqdm import tqdm
 
 from calibration import CalibrationConfig, calibrate
 from fire_backend.directions import DirectionFile
+from fire_backend.names import ADMIN_HEADER
 from fire_backend.repair import Repair
 from modelio.export import export_split
 from serving.configs import ServingSettings
 from serving.repository import ProtectedModel, Variant, build_repository
-from serving.server import ServerConfig, TritonServer
+from serving.server import STUB_SHM_BYTES, ServerConfig, TritonServer
 from zoo.data import load_dataset, to_tensor_batch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("project", "subtract", "gated")
-SHM_BYTES = 16 * 1024 * 1024  # per-stub shared memory: a batch of 64 activations fits without growing
+SHM_BYTES = STUB_SHM_BYTES  # the server default: a batch of 64 activations fits without growing
 
 
 @dataclass
@@ -130,11 +131,11 @@ def closed_loop(
     return np.array([x for lat in latencies for x in lat]), elapsed
 
 
-def _stats(http, models: list[str]) -> dict[str, dict[str, float]]:
-    """Cumulative (count, ns) per stat for each model, from v2/models/<m>/stats."""
+def _stats(http, models: list[str], admin_key: str) -> dict[str, dict[str, float]]:
+    """Cumulative (count, ns) per stat for each model, from v2/models/<m>/stats (a restricted API)."""
     out = {}
     for m in models:
-        s = http.get_inference_statistics(m)["model_stats"][0]
+        s = http.get_inference_statistics(m, headers={ADMIN_HEADER: admin_key})["model_stats"][0]
         inf = s["inference_stats"]
         out[m] = {
             "requests": float(inf["success"]["count"]),
@@ -186,7 +187,6 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
         grpc_port=0,
         metrics_port=0,
         model_config_name=None if cfg.profile == "cpu" else cfg.profile,
-        backend_config=[f"python,shm-default-byte-size={SHM_BYTES}", f"python,shm-growth-byte-size={SHM_BYTES}"],
     )
     labels = _models("bench")
     rows = []
@@ -206,11 +206,11 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
                 order = list(labels)[r % len(labels) :] + list(labels)[: r % len(labels)]
                 for label in order:
                     composing = _composing("bench", label)
-                    before = _stats(http, composing)
+                    before = _stats(http, composing, server.admin_key)
                     latencies, seconds = closed_loop(url, cfg.protocol, labels[label], batch, c, cfg.window_s)
                     lat[label].append(latencies)
                     elapsed[label] += seconds
-                    after = _stats(http, composing)
+                    after = _stats(http, composing, server.admin_key)
                     for m in composing:
                         acc = step_stats.setdefault(f"{label}|{m}", dict.fromkeys(after[m], 0.0))
                         for k in acc:

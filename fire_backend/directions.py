@@ -88,8 +88,9 @@ class DirectionFile:
 
     @property
     def checksum32(self) -> int:
-        """The first 32 bits of the tensors' sha256: what the server's ``fire_direction_checksum`` gauge shows."""
-        return int(tensors_sha256(self.tensors())[:8], 16)
+        """The first 32 bits of the file's metadata checksum (which covers the tensors' sha256 and every
+        setting): what the server's ``fire_direction_checksum`` gauge shows."""
+        return int(self.metadata()["metadata_sha256"][:8], 16)
 
     @property
     def rank(self) -> int:

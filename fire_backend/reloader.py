@@ -56,7 +56,10 @@ class DirectionWatcher:
         self._thread: threading.Thread | None = None
 
     def _load(self) -> Loaded:
-        before = _stamp(self.path)
+        try:
+            before = _stamp(self.path)
+        except FileNotFoundError:
+            raise DirectionFileError(self.path, "not found") from None
         d = DirectionFile.load(self.path, feature_shape=self.feature_shape, head_sha256=self.producer_sha256)
         return Loaded(Repair(d, mode=self.mode, device=self.device), d, before)
 

@@ -47,7 +47,7 @@ def default_server(artifacts, tmp_path_factory):
 def explicit(artifacts, tmp_path_factory):
     a = artifacts["cifar10"]
     repo = tmp_path_factory.mktemp("explicit_repo")
-    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, plain=True)], repo)
     cfg = ServerConfig(
         repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit", load_models=["*"], watchdog=True
     )
@@ -114,7 +114,7 @@ def test_model_control_needs_the_admin_key_on_both_protocols(explicit):
         g.unload_model("cifar10_fire")
     with pytest.raises(InferenceServerException, match="restricted"):
         g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: "wrong-key"})
-    assert len(g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: server.admin_key}).models) == 5
+    assert len(g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: server.admin_key}).models) == 5  # + plain
     with urllib.request.urlopen(
         urllib.request.Request(
             f"http://{server.http_url}/v2/repository/index",
@@ -399,7 +399,7 @@ def _self_signed(tmp_path):
 def test_grpc_over_tls_with_a_self_signed_certificate(artifacts, tmp_path):
     a = artifacts["cifar10"]
     repo = tmp_path / "repo"
-    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, plain=True)], repo)
     shutil.rmtree(repo / "cifar10")  # the plain twin alone keeps this server small
     cert, key = _self_signed(tmp_path)
     cfg = ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0, tls_cert=cert, tls_key=key)

@@ -85,7 +85,7 @@ def test_configs_are_messages_and_byte_stable(artifacts, tmp_path):
     for out in ("one", "two"):
         build_repository([ProtectedModel("x", a.export_dir, a.directions)], tmp_path / out)
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.pbtxt"))
-    assert len(files) == 8  # head, fire, tail: config.pbtxt + configs/gpu.pbtxt; the two ensembles: one each
+    assert len(files) == 7  # head, fire, tail: config.pbtxt + configs/gpu.pbtxt; the ensemble: one
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
     text = (tmp_path / "one" / "x_head" / "config.pbtxt").read_text()

@@ -11,7 +11,7 @@ labelled with the repair model's name:
   bucket counters, so ``histogram_quantile`` works on them
 - ``fire_direction_version``, ``fire_direction_updates``: the direction file in use (``fire update``
   writes version + 1), ``fire_direction_created_timestamp_seconds`` and ``fire_direction_checksum`` (the
-  first 32 bits of its tensors' sha256: ``fire reload`` waits for it to show the new file)
+  first 32 bits of its checksum: ``fire reload`` waits for it to show the new file)
 - ``fire_direction_reload_failures_total``: replaced direction files the repair model refused (it kept
   serving the previous one)
 
@@ -66,7 +66,7 @@ class RepairMetrics:
                 ("fire_direction_version", "Version of the direction file in use"),
                 ("fire_direction_updates", "Streaming updates behind the direction file in use"),
                 ("fire_direction_created_timestamp_seconds", "When the direction file in use was written"),
-                ("fire_direction_checksum", "First 32 bits of the sha256 of the direction file's tensors"),
+                ("fire_direction_checksum", "First 32 bits of the direction file's checksum"),
             )
         }
         self.use(directions)

@@ -1,0 +1,11 @@
+#!/bin/bash
+# The gateway container: the pod's only open ports. Writes the HAProxy configuration for the protected
+# models found in the mounted repository (`fire gateway`), then runs HAProxy in front of Triton
+# (127.0.0.1 inside the pod). With /tls/tls.pem mounted, HTTPS and gRPC over TLS.
+set -euo pipefail
+REPO="${FIRE_MODEL_REPOSITORY:-/models}"
+CFG="${FIRE_GATEWAY_CONFIG:-/tmp/fire-gateway/haproxy.cfg}"
+TLS=()
+if [ -f /tls/tls.pem ]; then TLS=(--tls-pem /tls/tls.pem); fi
+fire gateway --repo "$REPO" --out "$CFG" --listen-http 0.0.0.0:9000 --listen-grpc 0.0.0.0:9001 "${TLS[@]}"
+exec haproxy -W -db -f "$CFG"
