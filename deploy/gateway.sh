@@ -7,5 +7,6 @@ REPO="${FIRE_MODEL_REPOSITORY:-/models}"
 CFG="${FIRE_GATEWAY_CONFIG:-/tmp/fire-gateway/haproxy.cfg}"
 TLS=()
 if [ -f /tls/tls.pem ]; then TLS=(--tls-pem /tls/tls.pem); fi
-fire gateway --repo "$REPO" --out "$CFG" --listen-http 0.0.0.0:9000 --listen-grpc 0.0.0.0:9001 "${TLS[@]}"
+fire gateway --repo "$REPO" --out "$CFG" --listen-http 0.0.0.0:9000 --listen-grpc 0.0.0.0:9001 \
+  --listen-metrics 0.0.0.0:9002 "${TLS[@]}"
 exec haproxy -W -db -f "$CFG"

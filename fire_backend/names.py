@@ -15,6 +15,7 @@ LOGITS = "LOGITS"
 FEATURES = "FEATURES"  # the activation at the (first) repair layer
 FEATURES2 = "FEATURES2"  # multi-layer: the activation at the second repair layer
 REPAIRED = "REPAIRED"  # the repair model's output
+GUARDED = "GUARDED"  # the GPU profile's input check: the pixels it let through
 
 # Files
 DIRECTIONS_FILE = "directions.safetensors"
@@ -30,6 +31,7 @@ GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton prefixes re
 PARAM_ONNX_FILE = "ONNX_FILE"
 PARAM_THREADS = "THREADS"
 PARAM_INPUT_RANGE = "INPUT_RANGE"
+PARAM_GUARD_INPUT = "GUARD_INPUT"  # the input check's input tensor (the served model's own input name)
 PARAM_CHECK_FINITE = "CHECK_FINITE"  # the model takes features (tail, mid): refuse NaN / Inf as the repair does
 PARAM_DIRECTIONS = "DIRECTIONS"
 PARAM_DIRECTIONS_POLL = "DIRECTIONS_POLL_S"  # how often the repair model looks for a replaced direction file
@@ -52,6 +54,7 @@ SUFFIXES = {
     "fused": "_fused",  # head -> repair -> tail folded into one ONNX model
     "whole": "_whole",  # the unsplit model, unprotected (the serving baseline)
     "unprotected": "_unprotected",  # a protected repository entry's original model, kept as it was
+    "guard": "_guard",  # the GPU profile's input check, first step of every model that takes pixels
 }
 
 
@@ -69,6 +72,7 @@ class ModelNames:
     fused: str = field(init=False)
     whole: str = field(init=False)
     unprotected: str = field(init=False)
+    guard: str = field(init=False)
 
     def __post_init__(self) -> None:
         for attr, suffix in SUFFIXES.items():

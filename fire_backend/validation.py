@@ -6,20 +6,25 @@ INVALID_ARG, never clamped: a silently "fixed" input is not the input the client
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+
+def range_problem(total: float, lo: float, hi: float, low: float, high: float) -> str | None:
+    """The policy, from three reductions of the input (its float64 sum, min and max): any array library."""
+    if not math.isfinite(total):
+        return f"input contains NaN or Inf values; send finite pixels in [{low}, {high}]"
+    if lo < low or hi > high:
+        return f"input values span [{lo:.4g}, {hi:.4g}], outside the expected pixel range [{low}, {high}]"
+    return None
 
 
 def pixel_problem(x: np.ndarray, low: float = 0.0, high: float = 1.0) -> str | None:
     """None when ``x`` is acceptable, else a message naming the problem."""
     if x.size == 0:
         return None
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).sum())
-        return f"input contains {bad} NaN or Inf value(s); send finite pixels in [{low}, {high}]"
-    lo, hi = float(x.min()), float(x.max())
-    if lo < low or hi > high:
-        return f"input values span [{lo:.4g}, {hi:.4g}], outside the expected pixel range [{low}, {high}]"
-    return None
+    return range_problem(float(x.sum(dtype=np.float64)), float(x.min()), float(x.max()), low, high)
 
 
 def finite_problem(x: np.ndarray) -> str | None:

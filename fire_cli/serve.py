@@ -142,6 +142,7 @@ def gateway(a: argparse.Namespace) -> None:
         triton_grpc=a.triton_grpc,
         listen_http=a.listen_http,
         listen_grpc=a.listen_grpc,
+        listen_metrics=a.listen_metrics,
         tls_pem=Path(a.tls_pem) if a.tls_pem else None,
         maxconn=a.maxconn,
     )
@@ -180,6 +181,7 @@ def register(sub) -> None:
     g.add_argument("--triton-grpc", default="127.0.0.1:8001", help="where Triton's gRPC endpoint listens")
     g.add_argument("--listen-http", default="127.0.0.1:9000", help="the gateway's HTTP(S) address")
     g.add_argument("--listen-grpc", default="127.0.0.1:9001", help="the gateway's gRPC address")
+    g.add_argument("--listen-metrics", help="also pass Prometheus' GET /metrics (e.g. 0.0.0.0:9002)")
     g.add_argument("--tls-pem", help="certificate and key in one PEM: HTTPS and gRPC over TLS on both listeners")
     g.add_argument("--maxconn", type=int, default=512, help="connections the gateway accepts in all")
 

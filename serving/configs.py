@@ -13,6 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from fire_backend.engines import COMPUTE_CAPABILITIES, plan_name
 from fire_backend.names import MODEL_VERSION, PARAM_THREADS
 
 DTYPES = {  # numpy dtype name -> Triton data type
@@ -96,9 +97,13 @@ def python_model(
 def tensorrt_model(
     name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], settings: ServingSettings
 ) -> mc.ModelConfig:
+    """Triton picks the engine for the GPU it runs on (one plan per compute capability and TensorRT
+    version, see ``fire_backend.engines``); "model.plan" is never built, so an unlisted GPU fails to load."""
     config = _composing(name, inputs, outputs, settings, gpu=True)
     config.platform = "tensorrt_plan"
     config.default_model_filename = "model.plan"
+    for cc in COMPUTE_CAPABILITIES:
+        config.cc_model_filenames[cc] = plan_name(cc)
     return config
 
 

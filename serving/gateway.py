@@ -54,6 +54,8 @@ class GatewayConfig:
     triton_grpc: str = "127.0.0.1:8001"
     listen_http: str = "127.0.0.1:9000"
     listen_grpc: str = "127.0.0.1:9001"
+    triton_metrics: str = "127.0.0.1:8002"
+    listen_metrics: str | None = None  # e.g. 0.0.0.0:9002: Prometheus' /metrics and nothing else
     tls_pem: Path | None = None  # certificate + key in one PEM: HTTPS and gRPC over TLS
     maxconn: int = 512  # connections the gateway accepts in all
     backend_maxconn: int = 64  # connections it opens to Triton (the rest wait in its queue)
@@ -108,14 +110,28 @@ frontend fire_grpc
     http-request wait-for-body time {t}s if grpc_model
     http-request lua.fire_grpc_model if grpc_model
     acl protected_model var(txn.fire_model) -m str {allowed}
-    http-request return status 200 content-type application/grpc {DENIED} unless grpc_open or grpc_model protected_model
+    http-request return status 200 {DENIED} unless grpc_open or grpc_model protected_model
     default_backend triton_grpc
 
-backend triton_http
+{_metrics(cfg)}backend triton_http
     server triton {cfg.triton_http} maxconn {cfg.backend_maxconn}
 
 backend triton_grpc
     server triton {cfg.triton_grpc} proto h2 maxconn {cfg.backend_maxconn}
+"""
+
+
+def _metrics(cfg: GatewayConfig) -> str:
+    if not cfg.listen_metrics:
+        return ""
+    return f"""frontend fire_metrics
+    bind {cfg.listen_metrics}
+    http-request deny deny_status 403 unless METH_GET {{ path /metrics }}
+    default_backend triton_metrics
+
+backend triton_metrics
+    server triton {cfg.triton_metrics} maxconn 4
+
 """
 
 

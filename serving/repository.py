@@ -28,15 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fire_backend.directions import DirectionFile
+from fire_backend.files import sha256_file
 from fire_backend.names import (
     DIRECTIONS_FILE,
     FEATURES,
     FEATURES2,
+    GUARDED,
     HEAD_ONNX,
     MID_ONNX,
     MODEL_VERSION,
     PARAM_CHECK_FINITE,
     PARAM_DIRECTIONS,
+    PARAM_GUARD_INPUT,
     PARAM_INPUT_RANGE,
     PARAM_MODE,
     PARAM_PREPROCESS,
@@ -62,7 +65,11 @@ from serving.configs import (
 
 PARAM_ROLE, FUSED_ROLE = "FIRE_ROLE", "protected-fused"  # marks fused models as protected (the gateway serves them)
 FEATURE_POLICY = {PARAM_CHECK_FINITE: "1"}  # models fed features refuse NaN / Inf, like the repair
-STUBS = {"onnx": "fire_backend.triton.onnx_model", "repair": "fire_backend.triton.repair_model"}
+STUBS = {
+    "onnx": "fire_backend.triton.onnx_model",
+    "repair": "fire_backend.triton.repair_model",
+    "guard": "fire_backend.triton.guard_model",
+}
 
 
 @dataclass(frozen=True)
@@ -132,13 +139,48 @@ class _Writer:
     def onnx_model(self, name: str, src: Path, inp: TensorSpec, out: TensorSpec, params: dict[str, str]) -> None:
         """Served from one ONNX file: onnxruntime in the Python backend (CPU) or a TensorRT plan (GPU)."""
         model_dir = self._fresh(name)
+        self._onnx_files(model_dir, src)
+        write_config(model_dir, python_model(name, [inp], [out], self.s, params), "cpu")
+        write_config(model_dir, tensorrt_model(name, [inp], [out], self.s), "gpu")
+
+    def _onnx_files(self, model_dir: Path, src: Path) -> None:
         version = model_dir / MODEL_VERSION
         shutil.copyfile(src, version / WHOLE_ONNX)
         (version / "model.py").write_text(_shim(STUBS["onnx"]))
-        write_config(model_dir, python_model(name, [inp], [out], self.s, params), "cpu")
-        write_config(model_dir, tensorrt_model(name, [inp], [out], self.s), "gpu")
         if self.tensorrt:
-            build_tensorrt_engine(version / WHOLE_ONNX, version / "model.plan", self.s.max_batch_size)
+            build_tensorrt_engine(version / WHOLE_ONNX, version, self.s.max_batch_size)
+
+    def guard(self, name: str, inp: TensorSpec, policy: dict[str, str]) -> None:
+        """The GPU profile's input check (a TensorRT head cannot refuse bad pixels)."""
+        model_dir = self._fresh(name)
+        (model_dir / MODEL_VERSION / "model.py").write_text(_shim(STUBS["guard"]))
+        params = {PARAM_GUARD_INPUT: inp.name, PARAM_INPUT_RANGE: policy[PARAM_INPUT_RANGE]}
+        io = ([inp], [TensorSpec(GUARDED, inp.dims, inp.dtype)])
+        write_config(model_dir, python_model(name, *io, self.s, params), "cpu")
+        gpu_params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+        write_config(model_dir, python_model(name, *io, self.s, gpu_params, gpu=True), "gpu")
+
+    def pixel_onnx_model(
+        self, name: str, src: Path, inp: TensorSpec, out: TensorSpec, policy: dict[str, str], guard: str | None
+    ) -> None:
+        """A whole model that takes client pixels (the unsplit or the fused model). CPU: checked by its
+        own stub. GPU, with a guard: the ensemble guard -> ``<name>_engine`` (the TensorRT plan); on the
+        CPU profile ``<name>_engine`` is an alias of ``<name>``, loaded for free and never called."""
+        if guard is None:
+            return self.onnx_model(name, src, inp, out, policy)
+        engine = f"{name}_engine"
+        model_dir = self._fresh(name)
+        self._onnx_files(model_dir, src)
+        write_config(model_dir, python_model(name, [inp], [out], self.s, policy), "cpu")
+        chain = [Stage(guard, inp.name, GUARDED), Stage(engine, inp.name, out.name)]
+        self._ensemble_config(model_dir, name, inp, out, chain, "gpu")
+        engine_dir = self._fresh(engine)
+        shutil.copyfile(src, engine_dir / MODEL_VERSION / WHOLE_ONNX)
+        self._ensemble_config(engine_dir, engine, inp, out, [Stage(name, inp.name, out.name)], "cpu")
+        write_config(engine_dir, tensorrt_model(engine, [inp], [out], self.s), "gpu")
+        if self.tensorrt:
+            version = engine_dir / MODEL_VERSION
+            build_tensorrt_engine(version / WHOLE_ONNX, version, self.s.max_batch_size)
 
     def repair_model(
         self, name: str, directions: Path, mode: str | None, producer: str, shape, preprocess: dict
@@ -159,22 +201,34 @@ class _Writer:
         gpu_params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}  # CUDA activations reach it without a copy
         write_config(model_dir, python_model(name, *io, self.s, gpu_params, gpu=True), "gpu")
 
-    def fused(self, name: str, export_dir: Path, directions: list, mode, inp, out, policy: dict) -> None:
+    def fused(self, name: str, export_dir: Path, directions: list, mode, inp, out, policy: dict, guard) -> None:
         """Head, repair(s) and the rest folded into one ONNX model (no hot swap)."""
         src = build_fused_onnx(export_dir, directions, self.out / f".{name}.onnx", mode)
         try:
-            self.onnx_model(name, src, inp, out, {**policy, PARAM_ROLE: FUSED_ROLE})
+            self.pixel_onnx_model(name, src, inp, out, {**policy, PARAM_ROLE: FUSED_ROLE}, guard)
         finally:
             src.unlink()
 
-    def ensemble(self, name: str, inp: TensorSpec, out: TensorSpec, stages: list[Stage]) -> None:
-        """``stages`` chained from the ensemble's input to its output."""
+    def _ensemble_config(self, model_dir: Path, name: str, inp, out, stages: list[Stage], profile: str) -> None:
+        """``stages`` chained from the ensemble's input to its output, each tensor read by one step only
+        (the repair edits its input in place: its producer's output must have no other reader)."""
         steps, current = [], inp.name
         for i, st in enumerate(stages):
             nxt = out.name if i == len(stages) - 1 else f"{st.model}_out"
             steps.append(Step(st.model, {st.input: current}, {st.output: nxt}))
             current = nxt
-        write_config(self._fresh(name), ensemble(name, [inp], [out], steps, self.s.max_batch_size))
+        read = [v for st in steps for v in st.inputs.values()]
+        if len(read) != len(set(read)):
+            raise ValueError(f"{name}: a tensor feeds two steps; the in-place repair needs a single consumer")
+        config = ensemble(name, [inp], [out], steps, self.s.max_batch_size)
+        write_config(model_dir, config, profile)
+
+    def ensemble(self, name: str, inp: TensorSpec, out: TensorSpec, stages: list[Stage], guard: str | None) -> None:
+        """The CPU profile chains ``stages``; the GPU profile puts the input check first (``guard``)."""
+        model_dir = self._fresh(name)
+        self._ensemble_config(model_dir, name, inp, out, stages, "cpu")
+        if guard is not None:
+            self._ensemble_config(model_dir, name, inp, out, [Stage(guard, inp.name, GUARDED), *stages], "gpu")
 
 
 def _check_directions(m: ProtectedModel, info: ExportInfo) -> None:
@@ -211,6 +265,9 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
     pixels, logits = m.io or served_io(info)
     features = TensorSpec(FEATURES, tuple(info.feature_shape))
     policy = input_policy(info)
+    guard = n.guard if policy else None  # uint8 inputs need none: their type is their range
+    if guard:
+        w.guard(guard, pixels, policy)
     w.onnx_model(n.head, src / HEAD_ONNX, pixels, features, policy)
     head = Stage(n.head, pixels.name, FEATURES)
     if info.multilayer:
@@ -221,11 +278,11 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
         w.repair_model(n.repair2, m.directions2, m.mode, n.mid, info.feature2_shape, info.preprocess)
         mid, tail = Stage(n.mid, FEATURES, FEATURES2), Stage(n.tail, FEATURES2, logits.name)
         fire, fire2 = Stage(n.repair, FEATURES, REPAIRED), Stage(n.repair2, FEATURES, REPAIRED)
-        w.ensemble(n.protected, pixels, logits, [head, fire, mid, fire2, tail])
+        w.ensemble(n.protected, pixels, logits, [head, fire, mid, fire2, tail], guard)
         if m.plain:
-            w.ensemble(n.plain, pixels, logits, [head, mid, tail])
+            w.ensemble(n.plain, pixels, logits, [head, mid, tail], guard)
         if m.fused:
-            w.fused(n.fused, m.export_dir, [m.directions, m.directions2], m.mode, pixels, logits, policy)
+            w.fused(n.fused, m.export_dir, [m.directions, m.directions2], m.mode, pixels, logits, policy, guard)
     else:
         w.onnx_model(n.tail, src / TAIL_ONNX, features, logits, FEATURE_POLICY)
         tail = Stage(n.tail, FEATURES, logits.name)
@@ -235,13 +292,13 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
         ]
         for ensemble_name, repair, directions, mode, fused in protected:
             w.repair_model(repair, directions, mode, n.head, info.feature_shape, info.preprocess)
-            w.ensemble(ensemble_name, pixels, logits, [head, Stage(repair, FEATURES, REPAIRED), tail])
+            w.ensemble(ensemble_name, pixels, logits, [head, Stage(repair, FEATURES, REPAIRED), tail], guard)
             if fused:
-                w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits, policy)
+                w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits, policy, guard)
         if m.plain:
-            w.ensemble(n.plain, pixels, logits, [head, tail])
+            w.ensemble(n.plain, pixels, logits, [head, tail], guard)
     if m.whole:
-        w.onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, policy)
+        w.pixel_onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, policy, guard)
     return BuiltModel(m.name, w.written[first:])
 
 
@@ -261,20 +318,31 @@ def build_repository(
 
 
 def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = False) -> list[Path]:
-    """Build the missing ``model.plan`` of every TensorRT model of ``profile`` in a repository, from the
-    ``model.onnx`` next to it, on this machine's GPU (a Kubernetes init container, see deploy/)."""
+    """Build, on this machine's GPU, the engine of every TensorRT model of ``profile`` whose plan for this
+    GPU (compute capability, TensorRT version) is missing or was built from another ONNX file (a
+    Kubernetes init container, see deploy/). Plans are written under a temporary name and renamed."""
+    from fire_backend.engines import EngineBindingError, check_binding
+    from modelio.tensorrt import _gpu
+
+    cc, _ = _gpu()
     built = []
     for cfg_path in sorted(Path(repository).glob(f"*/configs/{profile}.pbtxt")):
         cfg = read_config(cfg_path.parent.parent, profile)
         if cfg.platform != "tensorrt_plan":
             continue
+        if cc not in cfg.cc_model_filenames:
+            raise ValueError(f"{cfg.name}: no engine file name for compute capability {cc} in {cfg_path}")
         version = cfg_path.parent.parent / MODEL_VERSION
-        plan = version / (cfg.default_model_filename or "model.plan")
-        if plan.is_file() and not rebuild:
-            continue
-        if not (version / WHOLE_ONNX).is_file():
-            raise FileNotFoundError(f"{cfg.name}: no {version / WHOLE_ONNX} to build {plan.name} from")
-        built.append(build_tensorrt_engine(version / WHOLE_ONNX, plan, cfg.max_batch_size))
+        onnx_file = version / WHOLE_ONNX
+        if not onnx_file.is_file():
+            raise FileNotFoundError(f"{cfg.name}: no {onnx_file} to build its engine from")
+        if not rebuild:
+            try:
+                check_binding(version, cc, sha256_file(onnx_file))
+                continue  # up to date
+            except EngineBindingError:
+                pass
+        built.append(build_tensorrt_engine(onnx_file, version, cfg.max_batch_size))
     return built
 
 

@@ -77,6 +77,38 @@ def prepare_backends(dest: Path) -> Path:
     return dest
 
 
+NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")  # the Triton image's server
+
+
+def resolve_server(config: ServerConfig, scratch: Path) -> tuple[Path, Path, bool]:
+    """(tritonserver binary, backend directory, whether it is the nvidia-pytriton wheel's server).
+
+    The CPU profile runs the wheel's server (Python backend only). The GPU profile needs a server with
+    the TensorRT backend: the one named in the config or $FIRE_TRITONSERVER, else the NGC image's; it
+    refuses to start with a clear message when the backend directory has no ``tensorrt``."""
+    named = config.tritonserver or os.environ.get("FIRE_TRITONSERVER")
+    backends = config.backend_dir or os.environ.get("FIRE_BACKEND_DIR")
+    gpu = config.model_config_name == "gpu"
+    if named is None and gpu and NGC_TRITONSERVER.is_file():
+        named = NGC_TRITONSERVER
+    if named is None:
+        binary, backend_dir, wheel = pytriton_root() / "bin" / "tritonserver", prepare_backends(scratch), True
+    else:
+        binary, wheel = Path(named), False
+        backend_dir = Path(backends) if backends else binary.parent.parent / "backends"
+        if not binary.is_file():
+            raise ServerError(f"tritonserver not found at {binary}")
+    if gpu:
+        found = sorted(p.name for p in backend_dir.iterdir() if p.is_dir()) if backend_dir.is_dir() else []
+        if not {"tensorrt", "python"} <= set(found):
+            raise ServerError(
+                f"the GPU profile needs a tritonserver with the TensorRT and Python backends; {backend_dir} has "
+                f"{found or 'none'}. Run it in the Triton image (deploy/Dockerfile: /opt/tritonserver), or name "
+                "a server with $FIRE_TRITONSERVER and its backends with $FIRE_BACKEND_DIR"
+            )
+    return binary, backend_dir, wheel
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -100,6 +132,8 @@ class ServerConfig:
     tls_key: Path | None = None
     watchdog: bool = False  # explicit mode: reload a model whose Python stub died (see watchdog.py)
     http_host: str | None = None  # HTTP and metrics bind address (None: ``host``); HTTP has no TLS in Triton
+    tritonserver: Path | None = None  # None: $FIRE_TRITONSERVER, the NGC image's (GPU profile), or the wheel's
+    backend_dir: Path | None = None  # None: $FIRE_BACKEND_DIR, or the backends next to that server
     stub_shm_bytes: int = STUB_SHM_BYTES
     log_dir: Path | None = None  # None: $FIRE_CACHE_DIR/logs; logs stay after the server stops or crashes
     log_max_bytes: int = 16 << 20  # per file; two older files are kept
@@ -121,6 +155,7 @@ class TritonServer:
         self.log_path = self.log_dir / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
         self.admin_key = config.admin_key or secrets.token_urlsafe(24)
         self.log: logs.RotatingLog | None = None
+        self.binary, self.backend_dir, self.wheel = resolve_server(config, self.workdir / "backends")
         self.process: subprocess.Popen | None = None
         self.watchdog = None
         self.leftover_processes: list[int] = []  # what the last stop() found and had to clean up
@@ -144,11 +179,10 @@ class TritonServer:
 
     def command(self) -> list[str]:
         c = self.config
-        backends = prepare_backends(self.workdir / "backends")
         cmd = [
-            str(pytriton_root() / "bin" / "tritonserver"),
+            str(self.binary),
             f"--model-repository={Path(c.repository).resolve()}",
-            f"--backend-directory={backends}",
+            f"--backend-directory={self.backend_dir}",
             f"--http-address={self.http_host}",
             f"--grpc-address={c.host}",
             f"--metrics-address={self.http_host}",
@@ -178,8 +212,9 @@ class TritonServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+        if self.wheel:  # the wheel's server finds its libraries (libtritonserver, ...) next to the package
+            libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("OMP_NUM_THREADS", "1")

@@ -5,6 +5,8 @@ tritonserver binary. Neither Docker nor Kubernetes runs here."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ from dockerfile_parse import DockerfileParser
 
 from fire_backend.names import ADMIN_HEADER
 from serving.repository import build_engines
-from serving.server import free_port, prepare_backends, pytriton_root
+from serving.server import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -47,15 +49,20 @@ def test_deployment_probes_gpu_ports_and_autoscaling_fit_together():
     dep = docs["Deployment/fire-triton"]
     pod = dep["spec"]["template"]["spec"]
     triton = next(c for c in pod["containers"] if c["name"] == "triton")
-    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    assert "ports" not in triton  # Triton listens on 127.0.0.1 inside the pod: only the gateway is reachable
+    assert triton["command"] == ["/opt/fire/entrypoint.sh"] and gateway["command"] == ["/opt/fire/gateway.sh"]
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    probe_port = triton["livenessProbe"]["httpGet"]["port"]  # probed through the gateway's port
+    assert probe_port in {p["containerPort"] for p in gateway["ports"]}
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
+    assert {p["containerPort"] for p in gateway["ports"]} == {9000, 9001, 9002}
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert {v["name"] for v in pod["volumes"]} >= {m["name"] for m in triton["volumeMounts"]}
     svc = docs["Service/fire-triton"]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {p["name"] for p in triton["ports"]}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {p["name"] for p in gateway["ports"]}
     hpa = docs["HorizontalPodAutoscaler/fire-triton"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
@@ -74,51 +81,120 @@ def test_dockerfile_uses_triton_24_10_and_the_entrypoint():
         assert (DEPLOY.parent / copied).exists(), copied
 
 
-def test_entrypoint_starts_the_real_tritonserver_with_restricted_model_control(repository, tmp_path):
-    """The container's entrypoint with the binary from nvidia-pytriton, CPU profile, loopback only."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "tritonserver").symlink_to(pytriton_root() / "bin" / "tritonserver")
-    env = dict(os.environ, FIRE_ADMIN_KEY="k3y", FIRE_MODEL_REPOSITORY=str(repository), FIRE_PROFILE="cpu")
-    env["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]])
-    env["LD_LIBRARY_PATH"] = str(pytriton_root().parent.parent / "nvidia_pytriton.libs")
-    env["PYTHONPATH"] = str(DEPLOY.parent)
+def test_entrypoint_runs_fire_serve_with_the_key_out_of_sight(repository, tmp_path):
+    """The container's entrypoint (CPU profile here, the wheel's server, loopback): `fire serve` under its
+    supervisor; the key from the environment is in no command line; no model control; no key, no server."""
+    env = dict(os.environ, FIRE_ADMIN_KEY="k3y-from-a-secret", FIRE_MODEL_REPOSITORY=str(repository))
+    env["FIRE_PROFILE"] = "cpu"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    env["FIRE_CACHE_DIR"] = str(tmp_path / "cache")
     http, grpc, metrics = free_port(), free_port(), free_port()
-    args = [f"--{k}-address=127.0.0.1" for k in ("http", "grpc", "metrics")]
-    args += [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
-    args += [f"--backend-directory={prepare_backends(tmp_path / 'backends')}"]
-    env["FIRE_LOAD_MODELS"] = "cifar10_plain,cifar10_gated"
-    log = tmp_path / "server.log"
+    args = [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
+    log = tmp_path / "entrypoint.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(DEPLOY / "entrypoint.sh"), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        proc = subprocess.Popen([str(DEPLOY / "entrypoint.sh"), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
             try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/cifar10_plain/ready").status == 200:
+                if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready").status == 200:
                     break
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.5)
         else:
-            pytest.fail("the entrypoint's server did not get cifar10_plain ready:\n" + log.read_text()[-3000:])
-        unload = f"http://127.0.0.1:{http}/v2/repository/models/cifar10_plain/unload"
+            pytest.fail("the entrypoint's server did not get ready:\n" + log.read_text()[-3000:])
+        from serving.procfs import descendants
+
+        for pid in descendants(proc.pid):
+            assert b"k3y-from-a-secret" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        index = f"http://127.0.0.1:{http}/v2/repository/index"
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(urllib.request.Request(unload, method="POST", data=b"{}"))
+            urllib.request.urlopen(urllib.request.Request(index, method="POST", data=b"{}"))
         assert e.value.code == 403
-        req = urllib.request.Request(unload, method="POST", data=b"{}", headers={ADMIN_HEADER: "k3y"})
+        req = urllib.request.Request(index, method="POST", data=b"{}", headers={ADMIN_HEADER: "k3y-from-a-secret"})
         assert urllib.request.urlopen(req).status == 200
-        assert urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/cifar10_gated/ready").status == 200
+        unload = f"http://127.0.0.1:{http}/v2/repository/models/cifar10/unload"
+        with pytest.raises(urllib.error.HTTPError):  # even with the key: no model control
+            urllib.request.urlopen(urllib.request.Request(unload, method="POST", data=b"{}",
+                                                          headers={ADMIN_HEADER: "k3y-from-a-secret"}))  # fmt: skip
+        assert urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/cifar10/ready").status == 200
     finally:
         os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     env.pop("FIRE_ADMIN_KEY")
     r = subprocess.run([str(DEPLOY / "entrypoint.sh")], env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "FIRE_ADMIN_KEY" in r.stderr  # no key, no server
 
 
+def _requirements() -> dict[str, str]:
+    """Distribution name -> requirement line, from the container's requirements file."""
+    out = {}
+    for line in (DEPLOY / "requirements-gpu.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            name = re.split(r"[\[<>=!~ ]", line, maxsplit=1)[0].lower().replace("_", "-")
+            out[name] = line
+    return out
+
+
+# what the Triton 24.10 image provides besides the standard library (its Python stubs load numpy themselves)
+IMAGE_MODULES = {"triton_python_backend_utils"}
+# the commands the container runs: fire serve / gateway / reload (fire_cli.serve), fire build-engines, the stubs
+ENTRY_POINTS = ("fire_cli.main", "fire_cli.serve", "serving.repository", "modelio.tensorrt",
+                "fire_backend.triton.repair_model", "fire_backend.triton.onnx_model", "fire_backend.triton.guard_model")
+OPTIONAL = {"torchvision", "timm"}  # only for `--torch torchvision:NAME` / `timm:NAME`, never in the container
+
+
+def test_the_container_installs_what_its_entry_points_import():
+    """Every third-party module the container's commands and the stubs import (fire serve, gateway,
+    build-engines, reload; the Python models) comes from deploy/requirements-gpu.txt or the image."""
+    import importlib.metadata as md
+
+    from .test_layers import GRAPH, THIRD_PARTY
+
+    seen, todo = set(), list(ENTRY_POINTS)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            # fire_cli.main only registers the other commands; their imports run when those commands run
+            todo += [t for t in GRAPH[m] if m != "fire_cli.main" or t == "fire_cli.common"]
+    used = set().union(*(THIRD_PARTY[m] for m in seen)) - set(sys.stdlib_module_names) - {"__future__"}
+    used -= IMAGE_MODULES
+    provided = md.packages_distributions()
+    required = _requirements()
+    missing = {}
+    for module in sorted(used):
+        dists = {d.lower().replace("_", "-") for d in provided.get(module, [module])}
+        if not dists & set(required) and module not in OPTIONAL:
+            missing[module] = sorted(dists)
+    assert missing == {}, f"imported by the container but not installed there: {missing}"
+    assert "tensorrt" in required  # the engine builder's, pinned to the server's version
+
+
+def test_the_stubs_torch_matches_the_images_cuda():
+    """torch from PyPI is a CUDA 13 build (driver >= 580); the 24.10 image is CUDA 12.6: the container
+    pins a CUDA 12 build no newer than the image's CUDA."""
+    torch_line = _requirements()["torch"]
+    m = re.search(r"\+cu(\d+)(\d)\b", torch_line)
+    assert m, f"torch must be pinned to a CUDA build: {torch_line}"
+    cuda = (int(m.group(1)), int(m.group(2)))
+    assert cuda[0] == 12 and cuda <= (12, 6), torch_line
+    assert "download.pytorch.org/whl/cu12" in (DEPLOY / "requirements-gpu.txt").read_text()
+    from modelio.tensorrt import check_tensorrt_version
+
+    check_tensorrt_version(re.search(r"tensorrt==([\d.]+)", _requirements()["tensorrt"]).group(1))
+
+
+def test_the_dockerfile_reuses_uid_1000_and_installs_the_serving_requirements():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "getent passwd 1000" in text and "useradd --uid 1000" in text  # created only where it is missing
+    assert "pip install --no-cache-dir -r deploy/requirements-gpu.txt" in text
+    assert "FIRE_TRITONSERVER=/opt/tritonserver/bin/tritonserver" in text
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine builds engines for real")
 def test_build_engines_explains_itself_without_a_gpu(repository):
     from modelio.tensorrt import TensorRTUnavailableError
 

@@ -52,7 +52,18 @@ def test_profiles_place_the_halves_and_the_repair(repository):
     assert [s.model_name for s in cpu["cifar10_plain"].ensemble_scheduling.step] == ["cifar10_head", "cifar10_tail"]
     for half in ("head", "tail"):
         assert (repository / f"cifar10_{half}" / "1" / "model.onnx").is_file()
-    assert gpu["cifar10_fused"].platform == "tensorrt_plan" and cpu["cifar10_fused"].backend == "python"
+    assert gpu["cifar10_tail"].cc_model_filenames["8.6"] == "model.sm86.trt10.5.plan"  # one engine per GPU type
+    # GPU: a TensorRT head cannot refuse bad pixels: every model taking pixels starts with the input check
+    assert [s.model_name for s in gpu["cifar10"].ensemble_scheduling.step] == [
+        "cifar10_guard", "cifar10_head", "cifar10_fire", "cifar10_tail"
+    ]  # fmt: skip
+    assert gpu["cifar10_guard"].instance_group[0].kind == KIND_GPU and gpu["cifar10_guard"].backend == "python"
+    assert [s.model_name for s in gpu["cifar10_fused"].ensemble_scheduling.step] == [
+        "cifar10_guard", "cifar10_fused_engine"
+    ]  # fmt: skip
+    assert gpu["cifar10_fused_engine"].platform == "tensorrt_plan" and cpu["cifar10_fused"].backend == "python"
+    assert [s.model_name for s in cpu["cifar10_fused_engine"].ensemble_scheduling.step] == ["cifar10_fused"]
+    assert cpu["cifar10_fused"].parameters["INPUT_RANGE"].string_value  # the CPU stub checks pixels itself
     assert cpu["cifar10_fire_gated"].parameters["MODE"].string_value == "gated"
     assert [s.model_name for s in cpu["cifar10_gated"].ensemble_scheduling.step] == [
         "cifar10_head",
@@ -85,7 +96,7 @@ def test_configs_are_messages_and_byte_stable(artifacts, tmp_path):
     for out in ("one", "two"):
         build_repository([ProtectedModel("x", a.export_dir, a.directions)], tmp_path / out)
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.pbtxt"))
-    assert len(files) == 7  # head, fire, tail: config.pbtxt + configs/gpu.pbtxt; the ensemble: one
+    assert len(files) == 10  # head, fire, tail, guard and the ensemble: config.pbtxt + configs/gpu.pbtxt each
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
     text = (tmp_path / "one" / "x_head" / "config.pbtxt").read_text()

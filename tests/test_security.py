@@ -65,7 +65,7 @@ def test_the_admin_key_is_in_no_arguments_and_no_readable_environment(hardened):
     server, _, _ = hardened
     key = server.admin_key.encode()
     pids = [server.process.pid, *stubs(server.process.pid)]
-    assert len(pids) == 5  # the server, head, repair, tail, fused
+    assert len(pids) == 6  # the server; head, repair, tail, fused, input check
     for pid in pids:
         assert key not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert b"@FIRE_ADMIN_KEY@" in Path(f"/proc/{server.process.pid}/cmdline").read_bytes()

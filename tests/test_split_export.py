@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -56,11 +58,22 @@ def test_onnx_halves_match_torch_with_a_dynamic_batch(artifacts):
             np.testing.assert_allclose(logits, model(torch.from_numpy(x)).numpy(), atol=1e-4)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine builds the engine for real")
+GPU_MACHINE = torch.cuda.is_available() or shutil.which("nvidia-smi") is not None
+
+
+@pytest.mark.skipif(GPU_MACHINE, reason="a GPU machine builds engines for real (tests/test_gpu_profile.py)")
 def test_tensorrt_build_fails_clearly_without_a_gpu(artifacts, tmp_path):
     with pytest.raises(TensorRTUnavailableError, match="no CUDA GPU"):
-        build_tensorrt_engine(artifacts["cifar10"].export_dir / "head.onnx", tmp_path / "head.plan", 64)
-    assert not (tmp_path / "head.plan").exists()
+        build_tensorrt_engine(artifacts["cifar10"].export_dir / "head.onnx", tmp_path, 64)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_tensorrt_of_another_version_is_refused():
+    from modelio.tensorrt import check_tensorrt_version
+
+    check_tensorrt_version("10.5.0.18")
+    with pytest.raises(TensorRTUnavailableError, match="TensorRT 10.13.3 found, the serving Triton uses 10.5"):
+        check_tensorrt_version("10.13.3")
 
 
 @pytest.mark.parametrize("layer", ["layer1", "layer2", "layer3"])

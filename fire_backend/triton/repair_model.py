@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 import triton_python_backend_utils as pb_utils
-from torch.utils.dlpack import from_dlpack, to_dlpack
 
+from fire_backend.engines import check_binding
 from fire_backend.files import sha256_file
 from fire_backend.names import (
     DIRECTIONS_FILE,
@@ -47,13 +47,17 @@ class TritonPythonModel:
         head_onnx = repo_root / params[PARAM_PRODUCER_ONNX]
         if not head_onnx.is_file():
             raise FileNotFoundError(f"FIRE: deployed head {head_onnx} not found; refusing to serve unverified")
+        producer_sha256 = sha256_file(head_onnx)
+        if self.device.type == "cuda":  # the head served here is a TensorRT plan: it must come from that ONNX
+            major, minor = torch.cuda.get_device_capability(self.device)
+            check_binding(head_onnx.parent, f"{major}.{minor}", producer_sha256)
         self.name = args["model_name"]
         self.metrics = None
         # Fail closed: a missing or invalid file raises here, and neither this model nor its ensemble loads.
         self.watcher = DirectionWatcher(
             version_dir / params.get(PARAM_DIRECTIONS, DIRECTIONS_FILE),
             feature_shape,
-            sha256_file(head_onnx),
+            producer_sha256,
             mode=params.get(PARAM_MODE) or None,
             device=str(self.device),
             on_change=self._changed,
@@ -80,19 +84,18 @@ class TritonPythonModel:
     def _output(self, y: torch.Tensor):
         """Hand the repaired memory back without a copy of ours.
 
-        CUDA tensors go through DLPack. For CPU tensors a NumPy view of the same memory is measurably
-        cheaper with this Python backend (2.51): at batch 32, compute_infer 1.16 ms vs 2.2 ms through
-        ``Tensor.from_dlpack`` (see README, "Serving performance"); the backend copies into the response's
-        shared memory either way."""
+        CUDA tensors go through DLPack, as the tensor object (``__dlpack__``) rather than a capsule, so
+        that the backend synchronises its stream with torch's. A CPU tensor goes back as a NumPy view of
+        the same memory; the backend copies it into the response's shared memory either way."""
         if y.is_cuda:
-            return pb_utils.Tensor.from_dlpack(REPAIRED, to_dlpack(y))
+            return pb_utils.Tensor.from_dlpack(REPAIRED, y)
         return pb_utils.Tensor(REPAIRED, y.numpy())
 
     def execute(self, requests):
         responses = []
         for request in requests:  # one by one: each input is repaired in place, nothing concatenated
             tensor = pb_utils.get_input_tensor_by_name(request, FEATURES)
-            x = from_dlpack(tensor.to_dlpack())
+            x = torch.from_dlpack(tensor)  # no copy: the protocol object, so stream handling is the backend's
             if x.device != self.device:
                 x = x.to(self.device)
             repair = self.watcher.current.repair  # one file per request, even while a new one is swapped in
