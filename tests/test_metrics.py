@@ -33,11 +33,32 @@ def value(metrics: dict[str, float], name: str, model: str, extra: str = "") -> 
     return hits[0]
 
 
+def poll(condition, timeout: float = 20.0, every: float = 0.2):
+    """The first non-falsy value of ``condition()``, polling until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def _settled(server) -> dict[str, float]:
+    """A scrape after earlier traffic has been flushed: two scrapes a flush interval apart agree."""
+
+    def stable():
+        first = scrape(server)
+        time.sleep(1.2)  # the stub flushes once a second: an unchanged second scrape means nothing is pending
+        return first if scrape(server) == first else None
+
+    return poll(stable, timeout=30)
+
+
 def test_repair_metrics_count_samples_scores_and_rejections(server, artifacts):
     a = artifacts["cifar10"]
     c = FireClient(server.grpc_url, "grpc")
-    time.sleep(2.5)  # earlier tests' traffic: let the stub's once-a-second flush publish it first
-    before = scrape(server)
+    before = _settled(server)
     clean = to_tensor_batch(a.test.images[:30])
     triggered = to_tensor_batch(triggered_subset(a, 20)[0])
     c.infer("cifar10", clean)
@@ -48,12 +69,18 @@ def test_repair_metrics_count_samples_scores_and_rejections(server, artifacts):
     inp.set_data_from_numpy(feats)
     with pytest.raises(InferenceServerException, match="NaN"):
         grpcclient.InferenceServerClient(server.grpc_url).infer("cifar10_fire", [inp])
-    time.sleep(2.5)  # the stub flushes its counts every second
-    after = scrape(server)
 
-    def delta(name: str, extra: str = "") -> float:
+    def delta(name: str, extra: str = "", metrics: dict | None = None) -> float:
         old = [v for k, v in before.items() if k.startswith(name + "{") and 'model="cifar10_fire"' in k and extra in k]
-        return value(after, name, "cifar10_fire", extra) - (old[0] if old else 0.0)
+        return value(metrics or after, name, "cifar10_fire", extra) - (old[0] if old else 0.0)
+
+    def flushed():  # the stub publishes its counts once a second: wait for these 50 samples and 1 refusal
+        m = scrape(server)
+        done = delta("fire_repair_samples_total", metrics=m) == 50
+        return m if done and delta("fire_repair_rejected_requests_total", metrics=m) == 1 else None
+
+    after = {}
+    after = poll(flushed)
 
     assert delta("fire_repair_samples_total") == 50
     # project mode moves triggered samples (score > 0) and some clean ones a little

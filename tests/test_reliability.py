@@ -88,6 +88,15 @@ class Load:
                 self.log[i].append((t, None, str(e)))
             time.sleep(0.01)
 
+    def wait_for(self, answers: int, timeout: float = 60.0) -> None:
+        """Until every client has ``answers`` more answers than now (polling, not sleeping blind)."""
+        target = [len(log) + answers for log in self.log]
+        deadline = time.monotonic() + timeout
+        while any(len(log) < t for log, t in zip(self.log, target, strict=True)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the clients did not get {answers} more answers in {timeout} s")
+            time.sleep(0.05)
+
     def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
@@ -114,7 +123,7 @@ def test_model_control_needs_the_admin_key_on_both_protocols(explicit):
         g.unload_model("cifar10_fire")
     with pytest.raises(InferenceServerException, match="restricted"):
         g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: "wrong-key"})
-    assert len(g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: server.admin_key}).models) == 5  # + plain
+    assert len(g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: server.admin_key}).models) == 6  # + plain, guard
     with urllib.request.urlopen(
         urllib.request.Request(
             f"http://{server.http_url}/v2/repository/index",
@@ -139,9 +148,9 @@ def test_hot_reload_under_load_switches_once_with_zero_failures(default_server, 
     assert np.abs(expected_old - expected_new).max() > 0.1
     try:
         with Load(server.grpc_url, x) as load:
-            time.sleep(1.0)
+            load.wait_for(10)  # answers with the old directions
             reload_directions(repo, "cifar10_fire", new_path, server.metrics_url)
-            time.sleep(1.0)
+            load.wait_for(10)  # and with the new ones
         for log in load.log:
             assert [e for _, _, e in log if e] == [], "a request failed during the reload"
             which = []
@@ -262,7 +271,7 @@ def test_a_killed_repair_stub_fails_closed_and_the_watchdog_restores_it(explicit
     unprotected = pipeline(a, x, None)
     n_before = len(server.watchdog.recoveries)
     with Load(server.grpc_url, x) as load:
-        time.sleep(0.5)
+        load.wait_for(5)
         killed_at = time.time()
         os.kill(_stub_pid(server, "cifar10_fire"), signal.SIGKILL)
         deadline = time.time() + 45
@@ -270,7 +279,7 @@ def test_a_killed_repair_stub_fails_closed_and_the_watchdog_restores_it(explicit
             t > killed_at and e is None and t > killed_at + 0.5 for log in load.log for t, _, e in log
         ):
             time.sleep(0.2)
-        time.sleep(0.5)
+        load.wait_for(3)
     answers = [(t, logits, e) for log in load.log for t, logits, e in log]
     for _, logits, _ in answers:
         if logits is not None:
