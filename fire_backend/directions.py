@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 from fire_backend.files import atomic_write
 
@@ -47,19 +47,26 @@ def metadata_sha256(metadata: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+def _array(x) -> np.ndarray:
+    """A NumPy array of ``x`` (NumPy, or a CPU torch tensor: through the array protocol, no torch import)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x)
+
+
+def tensors_sha256(tensors: dict) -> str:
     h = hashlib.sha256()
     for name in TENSORS + tuple(n for n in OPTIONAL_TENSORS if n in tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        t = np.ascontiguousarray(_array(tensors[name]), dtype=np.float32)
         h.update(f"{name}:{list(t.shape)}:".encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.tobytes())
     return h.hexdigest()
 
 
 @dataclass
 class DirectionFile:
-    beta: torch.Tensor
-    mu: torch.Tensor
+    beta: np.ndarray  # float32; torch tensors given here are taken as NumPy arrays
+    mu: np.ndarray
     threshold: float
     layer: str
     mode: str
@@ -71,7 +78,12 @@ class DirectionFile:
     fpr: float = 0.01
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     extra: dict = field(default_factory=dict)  # free-form provenance (attack spec, seed, ...)
-    basis: torch.Tensor | None = None  # (k, *feature_shape) for a rank-k project repair; None = rank 1
+    basis: np.ndarray | None = None  # (k, *feature_shape) for a rank-k project repair; None = rank 1
+
+    def __post_init__(self) -> None:
+        self.beta, self.mu = _array(self.beta), _array(self.mu)
+        if self.basis is not None:
+            self.basis = _array(self.basis)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -96,14 +108,14 @@ class DirectionFile:
     def rank(self) -> int:
         return 1 if self.basis is None else len(self.basis)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, np.ndarray]:
         t = {
-            "beta": self.beta.detach().float().contiguous().cpu(),
-            "mu": self.mu.detach().float().contiguous().cpu(),
-            "threshold": torch.tensor([self.threshold], dtype=torch.float32),
+            "beta": np.ascontiguousarray(self.beta, dtype=np.float32),
+            "mu": np.ascontiguousarray(self.mu, dtype=np.float32),
+            "threshold": np.array([self.threshold], dtype=np.float32),
         }
         if self.basis is not None:
-            t["basis"] = self.basis.detach().float().contiguous().cpu()
+            t["basis"] = np.ascontiguousarray(self.basis, dtype=np.float32)
         return t
 
     def metadata(self) -> dict[str, str]:
@@ -144,26 +156,26 @@ class DirectionFile:
         if self.beta.shape != self.mu.shape:
             fail(f"beta shape {tuple(self.beta.shape)} != mu shape {tuple(self.mu.shape)}")
         for name, t in (("beta", self.beta), ("mu", self.mu)):
-            if t.dtype != torch.float32:
+            if t.dtype != np.float32:
                 fail(f"{name} has dtype {t.dtype}, expected float32")
-            if not bool(torch.isfinite(t).all()):
+            if not bool(np.isfinite(t).all()):
                 fail(f"{name} contains NaN or Inf values")
-        if not float(self.beta.norm()) > 0:
+        if not float(np.linalg.norm(self.beta)) > 0:
             fail("beta is all zeros: no direction to repair along")
         if self.basis is not None:
             b = self.basis
-            if b.dtype != torch.float32 or b.ndim != self.beta.ndim + 1 or tuple(b.shape[1:]) != self.feature_shape:
+            if b.dtype != np.float32 or b.ndim != self.beta.ndim + 1 or tuple(b.shape[1:]) != self.feature_shape:
                 shape = ", ".join(map(str, self.feature_shape))
                 fail(f"basis must be float32 (k, {shape}), got {b.dtype} {tuple(b.shape)}")
             if self.mode != "project":
                 fail(f"a basis (rank {len(b)}) is only used by mode 'project', not {self.mode!r}")
-            flat = b.reshape(len(b), -1).double()
-            if not bool(torch.isfinite(flat).all()):
+            flat = b.reshape(len(b), -1).astype(np.float64)
+            if not bool(np.isfinite(flat).all()):
                 fail("basis contains NaN or Inf values")
-            if float((flat @ flat.T - torch.eye(len(b), dtype=torch.float64)).abs().max()) > 1e-3:
+            if float(np.abs(flat @ flat.T - np.eye(len(b))).max()) > 1e-3:
                 fail("basis rows are not orthonormal")
-            unit = self.beta.reshape(-1).double() / self.beta.norm().double()
-            if float(flat[0] @ unit) < 0.999:
+            beta = self.beta.reshape(-1).astype(np.float64)
+            if float(flat[0] @ (beta / np.linalg.norm(beta))) < 0.999:
                 fail("the basis's first row is not beta / |beta|")
         for name, v in (("alpha", self.alpha), ("threshold", self.threshold), ("fpr", self.fpr)):
             if not math.isfinite(v):
@@ -232,7 +244,7 @@ REQUIRED_METADATA = (
 )
 
 
-def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """Metadata and tensors of a readable file in this format, both matching their checksums."""
 
     def fail(reason: str) -> DirectionFileError:
@@ -241,7 +253,7 @@ def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     if not path.is_file():
         raise fail("not found")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fire_backend.directions import DirectionFile, DirectionFileError
-from fire_backend.repair import Repair
+from fire_backend.formula import NumpyRepair
 
 
 @dataclass(frozen=True)
 class Loaded:
-    repair: Repair
+    repair: object  # NumpyRepair on CPU, fire_backend.repair.Repair (torch) on a GPU
     directions: DirectionFile
     stamp: tuple[int, int, int]  # (inode, size, mtime_ns) of the file it came from
 
@@ -43,12 +43,12 @@ class DirectionWatcher:
         feature_shape: tuple[int, ...],
         producer_sha256: str,
         mode: str | None = None,
-        device: str = "cpu",
+        make_repair: Callable[[DirectionFile, str | None], object] = NumpyRepair,
         on_change: Callable[[Loaded], None] | None = None,
         on_error: Callable[[Exception], None] | None = None,
     ):
         self.path, self.feature_shape, self.producer_sha256 = Path(path), tuple(feature_shape), producer_sha256
-        self.mode, self.device = mode, device
+        self.mode, self.make_repair = mode, make_repair
         self.on_change, self.on_error = on_change, on_error
         self.current = self._load()  # raises on a bad file: the model does not load (fail closed)
         self._refused: tuple[int, int, int] | None = None
@@ -61,7 +61,7 @@ class DirectionWatcher:
         except FileNotFoundError:
             raise DirectionFileError(self.path, "not found") from None
         d = DirectionFile.load(self.path, feature_shape=self.feature_shape, head_sha256=self.producer_sha256)
-        return Loaded(Repair(d, mode=self.mode, device=self.device), d, before)
+        return Loaded(self.make_repair(d, self.mode), d, before)
 
     def check(self) -> bool:
         """Reload if the file changed; True when a new file took effect."""

@@ -42,6 +42,8 @@ def calibrate(a: argparse.Namespace) -> None:
         return _calibrate_auto(a)
     if not a.export:
         raise SystemExit("fire calibrate needs --export EXPORT_DIR (or --auto --model MODEL_DIR --out EXPORT_DIR)")
+    import numpy as np
+
     from calibration import CalibrationConfig, calibrate, calibrate_second
     from fire_backend.names import DIRECTIONS_FILE
     from modelio.export import ExportInfo
@@ -68,11 +70,11 @@ def calibrate(a: argparse.Namespace) -> None:
         d = calibrate(a.export, out, cfg, data)
     except ValueError as e:
         raise SystemExit(f"fire calibrate: {e}") from None
-    print(f"wrote {out}  (|beta| {float(d.beta.norm()):.4g}, gated threshold {d.threshold:.4g})")
+    print(f"wrote {out}  (|beta| {float(np.linalg.norm(d.beta)):.4g}, gated threshold {d.threshold:.4g})")
     if ExportInfo.read(a.export).multilayer:  # the second layer, on what the first repair leaves
         out2 = a.out2 or str(Path(out).with_name(Path(out).stem + "2.safetensors"))
         d2 = calibrate_second(a.export, d, out2, cfg, data)
-        print(f"wrote {out2}  ({d2.layer}: |beta| {float(d2.beta.norm()):.4g})")
+        print(f"wrote {out2}  ({d2.layer}: |beta| {float(np.linalg.norm(d2.beta)):.4g})")
 
 
 def _calibrate_auto(a: argparse.Namespace) -> None:

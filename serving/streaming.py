@@ -68,10 +68,10 @@ def state_dir(repository: str | Path, repair_model: str) -> Path:
     return repository.parent / f"{repository.name}.stream" / repair_model
 
 
-def _running(mean: torch.Tensor, count: int) -> RunningMean:
+def _running(mean, count: int) -> RunningMean:
     r = RunningMean()
     if count:
-        r.mean, r.count = mean.double().numpy().reshape(-1).copy(), int(count)
+        r.mean, r.count = np.array(mean, dtype=np.float64).reshape(-1), int(count)
     return r
 
 
@@ -156,7 +156,7 @@ class DirectionStream:
             self._log({"event": "pending", **asdict(result), "min_samples": rails.min_samples})
             return result
 
-        old = current.beta.reshape(-1).double()
+        old = torch.from_numpy(current.beta.reshape(-1)).double()
         delta = unpaired_direction(state.clean, state.poisoned).double() - old
         step = float(delta.norm() / old.norm())
         clipped = step > rails.max_step

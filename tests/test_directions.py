@@ -1,9 +1,10 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from fire_backend.directions import DirectionFile, DirectionFileError
 
@@ -29,7 +30,7 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     d = make(extra={"attack": {"name": "badnets"}})
     path = d.save(tmp_path / "d.safetensors")
     back = DirectionFile.load(path, feature_shape=(4, 2, 2), head_sha256="ab" * 32)
-    assert torch.equal(back.beta, d.beta) and torch.equal(back.mu, d.mu)
+    assert np.array_equal(back.beta, d.beta) and np.array_equal(back.mu, d.mu)
     assert math.isclose(back.threshold, 1.5)
     for field in ("layer", "mode", "alpha", "head_sha256", "estimator", "n_poisoned", "n_clean", "created", "extra"):
         assert getattr(back, field) == getattr(d, field)
@@ -42,7 +43,7 @@ def _write_raw(path, tensors, metadata, resign: bool = True):
 
     if resign:
         metadata = {**metadata, "metadata_sha256": metadata_sha256(metadata)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +80,7 @@ def test_corrupt_files_are_refused_with_the_reason(tmp_path, corrupt, reason):
     elif corrupt == "tampered":
         _write_raw(path, {**tensors, "beta": tensors["beta"] * 2}, meta)
     elif corrupt == "nan":
-        bad = {**tensors, "mu": tensors["mu"].clone()}
+        bad = {**tensors, "mu": tensors["mu"].copy()}
         bad["mu"][0, 0, 0] = float("nan")
         _write_raw(path, bad, {**meta, "tensors_sha256": _checksum(bad)})
     elif corrupt == "metadata_tampered":
@@ -151,7 +152,7 @@ def test_any_corruption_is_refused_or_harmless(tmp_path, data):
         back = DirectionFile.load(path)
     except DirectionFileError:
         return
-    assert torch.equal(back.beta, good.beta) and torch.equal(back.mu, good.mu)
+    assert np.array_equal(back.beta, good.beta) and np.array_equal(back.mu, good.mu)
     assert back.threshold == pytest.approx(good.threshold) and back.head_sha256 == good.head_sha256
 
 

@@ -220,7 +220,7 @@ def _rewrite(path, d: DirectionFile, **changes) -> None:
 
 def _forge(path, d: DirectionFile, nan: bool = False, version: str | None = None) -> None:
     """What save() would refuse to write, signed like a real file."""
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     from fire_backend.directions import metadata_sha256, tensors_sha256
 

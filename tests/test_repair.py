@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from fire_backend.directions import DirectionFile
+from fire_backend.formula import NumpyRepair
 from fire_backend.repair import Repair, RepairGraph, RepairInputError, RepairParams, coefficients, repaired, scores
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -137,14 +138,31 @@ def test_exportable_graph_equals_the_inplace_repair(mode, alpha):
 def test_the_formula_is_array_generic():
     """The same functions compute the same on NumPy arrays and torch tensors."""
     p = RepairParams.from_directions(_rank2("project", 2.0))
-    names = ("directions", "offsets", "weights", "shifts", "threshold")
-    q = type("NumpyParams", (), {k: getattr(p, k).numpy() for k in names})
+    t = p.to(torch.from_numpy)
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
-    np.testing.assert_allclose(scores(x.numpy(), q), scores(x, p).numpy(), atol=1e-6)
-    np.testing.assert_allclose(coefficients(scores(x.numpy(), q), q), coefficients(scores(x, p), p).numpy(), atol=1e-6)
-    out = repaired(x.numpy(), q)
+    np.testing.assert_allclose(scores(x.numpy(), p), scores(x, t).numpy(), atol=1e-6)
+    np.testing.assert_allclose(coefficients(scores(x.numpy(), p), p), coefficients(scores(x, t), t).numpy(), atol=1e-6)
+    out = repaired(x.numpy(), p)
     assert out.dtype == np.float32
-    np.testing.assert_allclose(out, repaired(x, p).numpy(), atol=1e-6)
+    np.testing.assert_allclose(out, repaired(x, t).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_the_numpy_serving_form_equals_the_torch_forms(mode, alpha):
+    """The CPU repair model's NumPy form, in place and row by row, against torch in place and the graph."""
+    d = _rank2(mode, alpha)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(2)) * 3
+    arr = x.numpy().copy()
+    ptr = arr.__array_interface__["data"][0]
+    out, s = NumpyRepair(d).repair_with_scores(arr, inplace=True)
+    assert out.__array_interface__["data"][0] == ptr  # edited where it lay
+    np.testing.assert_allclose(out, Repair(d)(x.clone()).numpy(), atol=1e-5)
+    np.testing.assert_allclose(out, RepairGraph(d)(x.clone()).numpy(), atol=1e-5)
+    np.testing.assert_allclose(s, Repair(d).scores(x).numpy(), atol=1e-5)
+    assert NumpyRepair(d).changed(s) == Repair(d).changed(torch.from_numpy(s))
+    with pytest.raises(RepairInputError, match="NaN"):
+        NumpyRepair(d)(np.full((1, 4), np.nan, np.float32))
 
 
 def test_huge_but_finite_features_are_not_called_nan():

@@ -125,7 +125,7 @@ def evaluate_model(model_dir: str | Path, cfg: EfficacyConfig) -> list[dict]:
     beta = fit_directions(fixed.inputs(n), cfg.fixed_layer).beta
     gen = torch.Generator().manual_seed(cfg.seed)
     rand = torch.randn(beta.shape, generator=gen)
-    rand *= beta.norm() / rand.norm()
+    rand *= float(np.linalg.norm(beta)) / rand.norm()
     d = fit_directions(fixed.inputs(n), cfg.fixed_layer, "subtract", beta=rand)
     add("headline", "random direction", fixed.evaluate(ev, Repair(d)), layer=cfg.fixed_layer, mode="subtract",
         alpha=1.0, rank=1, estimator="random", n_poisoned=n)  # fmt: skip

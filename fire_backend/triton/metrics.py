@@ -25,11 +25,10 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 
-import torch
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fire_backend.directions import DirectionFile
-from fire_backend.repair import Repair
 
 SCORE_BUCKETS = [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0]
 
@@ -70,7 +69,7 @@ class RepairMetrics:
             )
         }
         self.use(directions)
-        self.edges = torch.tensor(SCORE_BUCKETS)
+        self.edges = np.asarray(SCORE_BUCKETS)
         self._lock = threading.Lock()
         self._pending = self._zero()
         self._stop = threading.Event()
@@ -91,13 +90,16 @@ class RepairMetrics:
         self.reload_failures.increment(1.0)
 
     def _zero(self) -> dict:
-        return {"samples": 0, "changed": 0, "rejected": 0, "sum": 0.0, "hist": torch.zeros(len(SCORE_BUCKETS) + 1)}
+        return {"samples": 0, "changed": 0, "rejected": 0, "sum": 0.0, "hist": np.zeros(len(SCORE_BUCKETS) + 1)}
 
-    def record(self, scores: torch.Tensor, repair: Repair) -> None:
-        """Scores of one request, read with the repair that served it."""
-        ratio = (scores / repair.beta_norm).cpu()
+    def record(self, scores, repair) -> None:
+        """Scores of one request (a NumPy array, or a torch tensor on any device), read with the repair
+        that served it."""
+        if hasattr(scores, "cpu"):
+            scores = scores.cpu().numpy()
+        ratio = np.asarray(scores, dtype=np.float64) / repair.beta_norm
         # bucket i counts ratio <= SCORE_BUCKETS[i] (first match), the last one everything above
-        hist = torch.bincount(torch.bucketize(ratio, self.edges), minlength=len(SCORE_BUCKETS) + 1)
+        hist = np.bincount(np.searchsorted(self.edges, ratio, side="left"), minlength=len(SCORE_BUCKETS) + 1)
         changed = repair.changed(scores)
         with self._lock:
             p = self._pending
@@ -120,7 +122,7 @@ class RepairMetrics:
             if value:
                 metric.increment(float(value))
         if p["samples"]:
-            for metric, value in zip(self.buckets, torch.cumsum(p["hist"], 0).tolist(), strict=True):
+            for metric, value in zip(self.buckets, np.cumsum(p["hist"]).tolist(), strict=True):
                 if value:
                     metric.increment(float(value))
             self.count.increment(float(p["samples"]))

@@ -1,20 +1,25 @@
-"""FIRE's repair step: features in, repaired features out, edited in place (DLPack in, no copy of ours).
+"""FIRE's repair step: features in, repaired features out, edited in place (no copy of ours).
 
 At initialize it loads the direction file and validates it against the deployment (feature shape
-from this model's config, sha256 of the deployed head ONNX); any problem raises, so the model and
-every ensemble using it stay unavailable (fail closed). It places itself on the instance's device;
-with FORCE_CPU_ONLY_INPUT_TENSORS=no (GPU profile) inputs arrive as CUDA tensors and stay there.
+from this model's config, sha256 of the deployed head ONNX, and on a GPU the engine built from it);
+any problem raises, so the model and every ensemble using it stay unavailable (fail closed). It then
+watches the file and swaps in a replaced one that validates (``fire_backend.reloader``).
+
+Two forms of the one formula (``fire_backend.formula``):
+- CPU instance: ``NumpyRepair`` on a NumPy view of the request's tensor; the stub imports no torch.
+- GPU instance (FORCE_CPU_ONLY_INPUT_TENSORS=no): torch ``Repair`` on the CUDA tensor, taken and handed
+  back through DLPack as tensor objects, so that the backend synchronises streams.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import triton_python_backend_utils as pb_utils
 
 from fire_backend.engines import check_binding
 from fire_backend.files import sha256_file
+from fire_backend.formula import NumpyRepair, RepairInputError
 from fire_backend.names import (
     DIRECTIONS_FILE,
     FEATURES,
@@ -28,7 +33,6 @@ from fire_backend.names import (
     REPAIRED,
 )
 from fire_backend.reloader import DirectionWatcher
-from fire_backend.repair import RepairInputError
 from fire_backend.triton.common import error_response, parse_args, require_io
 from fire_backend.triton.metrics import RepairMetrics
 
@@ -36,11 +40,7 @@ from fire_backend.triton.metrics import RepairMetrics
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config, params, version_dir = parse_args(args)
-        torch.set_num_threads(int(params.get(PARAM_THREADS, "1")))
-        if args.get("model_instance_kind", "").upper().endswith("GPU"):  # KIND_GPU -> "GPU"
-            self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
-        else:
-            self.device = torch.device("cpu")
+        self.gpu = args.get("model_instance_kind", "").upper().endswith("GPU")  # KIND_GPU -> "GPU"
         require_io(config, [FEATURES], [REPAIRED])
         feature_shape = tuple(int(d) for d in pb_utils.get_input_config_by_name(config, FEATURES)["dims"])
         repo_root = Path(args["model_repository"]).parent
@@ -48,9 +48,20 @@ class TritonPythonModel:
         if not head_onnx.is_file():
             raise FileNotFoundError(f"FIRE: deployed head {head_onnx} not found; refusing to serve unverified")
         producer_sha256 = sha256_file(head_onnx)
-        if self.device.type == "cuda":  # the head served here is a TensorRT plan: it must come from that ONNX
+        make_repair = NumpyRepair
+        if self.gpu:
+            import torch
+
+            from fire_backend.repair import Repair
+
+            torch.set_num_threads(int(params.get(PARAM_THREADS, "1")))
+            self.torch, self.device = torch, torch.device(f"cuda:{args['model_instance_device_id']}")
             major, minor = torch.cuda.get_device_capability(self.device)
-            check_binding(head_onnx.parent, f"{major}.{minor}", producer_sha256)
+            check_binding(head_onnx.parent, f"{major}.{minor}", producer_sha256)  # the plan served is that ONNX's
+
+            def make_repair(d, mode):
+                return Repair(d, mode=mode, device=self.device)
+
         self.name = args["model_name"]
         self.metrics = None
         # Fail closed: a missing or invalid file raises here, and neither this model nor its ensemble loads.
@@ -59,7 +70,7 @@ class TritonPythonModel:
             feature_shape,
             producer_sha256,
             mode=params.get(PARAM_MODE) or None,
-            device=str(self.device),
+            make_repair=make_repair,
             on_change=self._changed,
             on_error=self._refused,
         )
@@ -81,23 +92,24 @@ class TritonPythonModel:
         if self.metrics:
             self.metrics.record_reload_failure()
 
-    def _output(self, y: torch.Tensor):
-        """Hand the repaired memory back without a copy of ours.
+    def _features(self, tensor):
+        """The request's features without a copy: a NumPy view (CPU) or a CUDA tensor (DLPack)."""
+        if not self.gpu:
+            return tensor.as_numpy()
+        x = self.torch.from_dlpack(tensor)  # the protocol object, so stream handling is the backend's
+        return x if x.device == self.device else x.to(self.device)
 
-        CUDA tensors go through DLPack, as the tensor object (``__dlpack__``) rather than a capsule, so
-        that the backend synchronises its stream with torch's. A CPU tensor goes back as a NumPy view of
-        the same memory; the backend copies it into the response's shared memory either way."""
-        if y.is_cuda:
+    def _output(self, y):
+        """Hand the repaired memory back: a CUDA tensor as the DLPack object; a NumPy array as it is (the
+        backend copies it into the response's shared memory, the protocol's copy)."""
+        if self.gpu:
             return pb_utils.Tensor.from_dlpack(REPAIRED, y)
-        return pb_utils.Tensor(REPAIRED, y.numpy())
+        return pb_utils.Tensor(REPAIRED, y)
 
     def execute(self, requests):
         responses = []
         for request in requests:  # one by one: each input is repaired in place, nothing concatenated
-            tensor = pb_utils.get_input_tensor_by_name(request, FEATURES)
-            x = torch.from_dlpack(tensor)  # no copy: the protocol object, so stream handling is the backend's
-            if x.device != self.device:
-                x = x.to(self.device)
+            x = self._features(pb_utils.get_input_tensor_by_name(request, FEATURES))
             repair = self.watcher.current.repair  # one file per request, even while a new one is swapped in
             try:
                 y, scores = repair.repair_with_scores(x, inplace=True)

@@ -1,0 +1,151 @@
+"""The repair formula, once, for every array library (NumPy on CPU, torch on any device, ONNX by tracing).
+
+Every repair mode is the same edit of the flattened features ``x`` (N, D):
+
+    s(x) = x V^T - m                        scores along k unit directions V (k, D), m = V mu
+    C(s) = [s_1 > tau] * (s * w + c)        coefficients (N, k): a gate on the first score
+    x'   = x - C(s(x)) V
+
+with, from the direction file (b = beta / |beta|, mu the clean mean):
+
+    mode       V                            w       c                tau
+    project    b, or the rank-k basis       alpha   0                0          (remove the trigger component)
+    gated      b                            0       alpha |beta|     threshold  (subtract where s > tau)
+    subtract   b                            0       alpha |beta|     -inf       (subtract everywhere)
+
+``scores``, ``gate`` and ``coefficients`` use array operators only, so they compute the same on NumPy
+arrays and torch tensors. The forms FIRE serves are derived from them, and tested against each other:
+``NumpyRepair`` here (the CPU repair model: in place, no torch in the process), and in
+``fire_backend.repair`` the torch ``Repair`` (in place, any device: the GPU repair model) and
+``RepairGraph`` (out of place, traced into the fused ONNX model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from fire_backend.directions import MODES, DirectionFile
+
+
+class RepairInputError(ValueError):
+    """The activation tensor cannot be repaired (shape, dtype, device or non-finite values)."""
+
+
+@dataclass(frozen=True)
+class RepairParams:
+    """The parameters of the formula above, for one direction file, mode and alpha (float32 arrays)."""
+
+    mode: str
+    directions: np.ndarray  # V (k, D), orthonormal rows, the first b
+    offsets: np.ndarray  # m = V mu (k,)
+    weights: np.ndarray  # w (k,)
+    shifts: np.ndarray  # c (k,)
+    threshold: np.ndarray  # tau (1,)
+    feature_shape: tuple[int, ...]
+    beta_norm: float
+
+    ARRAYS = ("directions", "offsets", "weights", "shifts", "threshold")
+
+    @classmethod
+    def from_directions(cls, d: DirectionFile, mode: str | None = None) -> RepairParams:
+        mode = mode or d.mode
+        if mode not in MODES:
+            raise ValueError(f"unknown repair mode {mode!r}; choose one of {MODES}")
+        beta = np.asarray(d.beta, np.float64).reshape(-1)
+        norm = float(np.linalg.norm(beta))
+        if mode == "project" and d.basis is not None:
+            v = np.asarray(d.basis, np.float64).reshape(len(d.basis), -1)
+        else:
+            v = (beta / norm)[None]
+        k = len(v)
+        if mode == "project":
+            w, c, tau = np.full(k, float(d.alpha)), np.zeros(k), 0.0
+        else:
+            w, c = np.zeros(1), np.array([d.alpha * norm])
+            tau = float(d.threshold) if mode == "gated" else -math.inf
+
+        def f32(a) -> np.ndarray:
+            return np.ascontiguousarray(a, dtype=np.float32)
+
+        mu = np.asarray(d.mu, np.float64).reshape(-1)
+        return cls(mode, f32(v), f32(v @ mu), f32(w), f32(c), f32([tau]), tuple(d.feature_shape), norm)
+
+    def to(self, convert: Callable[[np.ndarray], object]) -> RepairParams:
+        """The same parameters as another library's arrays, e.g. ``lambda a: torch.from_numpy(a).cuda()``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return RepairParams(**{**values, **{name: convert(values[name]) for name in self.ARRAYS}})
+
+
+# The formula. ``p`` is anything with the parameter attributes (RepairParams, RepairGraph's buffers).
+def scores(flat, p):
+    """s = x V^T - m: (N, k), the first column is the projection score <x - mu, b>."""
+    return flat @ p.directions.T - p.offsets
+
+
+def gate(s, p):
+    """(N, 1): which samples the repair moves."""
+    return s[:, :1] > p.threshold
+
+
+def coefficients(s, p):
+    """C = [s_1 > tau] * (s * w + c): (N, k), how far to move each sample along each direction."""
+    return gate(s, p) * (s * p.weights + p.shifts)
+
+
+def repaired(flat, p):
+    """x - C(s(x)) V, out of place (the exportable form)."""
+    return flat - coefficients(scores(flat, p), p) @ p.directions
+
+
+def finite(total: float) -> bool:
+    """Whether a float64 sum of the features is finite: NaN or Inf anywhere makes it non-finite, and no
+    sum of finite float32 values overflows float64."""
+    return math.isfinite(total)
+
+
+class NumpyRepair:
+    """The CPU serving form: ``repair(x, inplace=True)`` edits ``x``'s memory (a NumPy view of the
+    request's tensor) row by row, only the rows the gate selects, with no allocation of the feature size."""
+
+    def __init__(self, directions: DirectionFile, mode: str | None = None):
+        self.params = RepairParams.from_directions(directions, mode)
+        p = self.params
+        self.mode, self.feature_shape, self.beta_norm = p.mode, p.feature_shape, p.beta_norm
+        self._row = np.empty(self.params.directions.shape[1], dtype=np.float32)  # one row's correction
+
+    def check(self, x: np.ndarray) -> None:
+        if x.dtype != np.float32:
+            raise RepairInputError(f"features must be float32, got {x.dtype}")
+        if tuple(x.shape[1:]) != self.feature_shape or x.ndim != len(self.feature_shape) + 1:
+            raise RepairInputError(
+                f"features must have shape (N, {', '.join(map(str, self.feature_shape))}), got {tuple(x.shape)}"
+            )
+        if x.size and not finite(float(x.sum(dtype=np.float64))):
+            raise RepairInputError("features contain NaN or Inf (non-finite values in the input image?)")
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return scores(x.reshape(len(x), -1), self.params)[:, 0]
+
+    def repair_with_scores(self, x: np.ndarray, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        self.check(x)
+        if len(x) == 0:
+            return x, np.zeros(0, np.float32)
+        if inplace and not x.flags.c_contiguous:
+            raise RepairInputError("in-place repair needs a contiguous array")
+        flat = x.reshape(len(x), -1) if inplace else np.array(x, dtype=np.float32, order="C").reshape(len(x), -1)
+        s = scores(flat, self.params)
+        c = coefficients(s, self.params)
+        for i in np.flatnonzero(gate(s, self.params)[:, 0]):
+            np.dot(c[i], self.params.directions, out=self._row)
+            flat[i] -= self._row
+        return flat.reshape(x.shape), s[:, 0]
+
+    def __call__(self, x: np.ndarray, inplace: bool = False) -> np.ndarray:
+        return self.repair_with_scores(x, inplace)[0]
+
+    def changed(self, projection_scores: np.ndarray) -> int:
+        return int((np.asarray(projection_scores) > self.params.threshold).sum())
