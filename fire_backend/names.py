@@ -36,6 +36,7 @@ PARAM_CHECK_FINITE = "CHECK_FINITE"  # the model takes features (tail, mid): ref
 PARAM_DIRECTIONS = "DIRECTIONS"
 PARAM_DIRECTIONS_POLL = "DIRECTIONS_POLL_S"  # how often the repair model looks for a replaced direction file
 PARAM_PRODUCER_ONNX = "HEAD_ONNX"  # the ONNX file whose output the repair edits (the direction file is bound to it)
+PARAM_TAIL_ONNX = "TAIL_ONNX"  # the folded model: the second half it runs after the repair
 PARAM_MODE = "MODE"
 PARAM_METRICS = "METRICS"
 PARAM_METRICS_INTERVAL = "METRICS_INTERVAL_S"
@@ -52,6 +53,7 @@ SUFFIXES = {
     "tail": "_tail",  # features -> logits
     "plain": "_plain",  # ensemble head -> tail, unprotected (benchmarks and comparisons)
     "fused": "_fused",  # head -> repair -> tail folded into one ONNX model
+    "folded": "_folded",  # CPU: head, repair, tail in one Python model (zero hops, hot-swappable directions)
     "whole": "_whole",  # the unsplit model, unprotected (the serving baseline)
     "unprotected": "_unprotected",  # a protected repository entry's original model, kept as it was
     "guard": "_guard",  # the GPU profile's input check, first step of every model that takes pixels
@@ -70,6 +72,7 @@ class ModelNames:
     tail: str = field(init=False)
     plain: str = field(init=False)
     fused: str = field(init=False)
+    folded: str = field(init=False)
     whole: str = field(init=False)
     unprotected: str = field(init=False)
     guard: str = field(init=False)

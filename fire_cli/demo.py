@@ -30,6 +30,7 @@ class DemoConfig:
     protocol: str = "grpc"
     limit: int = 0  # 0: the whole test split
     results: Path | None = REPO_ROOT / "results" / "demo.md"
+    command: str = "fire demo"  # recorded in the report
 
 
 def run_demo(cfg: DemoConfig) -> str:
@@ -65,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> str:
         f"# FIRE demo: {info.dataset}, {attack.name} (target {attack.target})\n\n"
         f"Measured through Triton ({cfg.protocol}) on the {info.dataset} test split"
         f"{f' (subset of {cfg.limit})' if cfg.limit else ''}; {time.time() - t0:.0f} s in all.\n\n"
-        f"{table}\n\nCommand: `fire demo`\n"
+        f"{table}\n\nCommand: `{cfg.command}`\n"
     )
     if cfg.results:
         cfg.results.parent.mkdir(parents=True, exist_ok=True)

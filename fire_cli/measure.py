@@ -168,6 +168,7 @@ def demo(a: argparse.Namespace) -> None:
         limit=a.limit,
         calibration=CalibrationConfig(mode=a.mode, n_poisoned=a.n_poisoned),
         results=Path(a.results) if a.results else None,
+        command="fire " + " ".join(sys.argv[1:]),
     )
     print(run_demo(cfg))
 

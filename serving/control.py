@@ -24,6 +24,7 @@ from fire_backend.files import sha256_file
 from fire_backend.names import DIRECTIONS_FILE, FEATURES, MODEL_VERSION, PARAM_PRODUCER_ONNX
 from serving.admin import ControlError
 from serving.configs import read_config
+from serving.repository import watchers_of
 
 
 def deployed_expectations(repository: Path, repair_model: str) -> tuple[tuple[int, ...], str]:
@@ -44,13 +45,11 @@ def scrape(metrics_url: str, timeout: float = 5.0) -> dict[tuple[str, str], floa
     return out
 
 
-def _serving(metrics_url: str, repair_model: str) -> tuple[float | None, float]:
-    """(checksum gauge, refused reloads) of one repair model."""
+def _serving(metrics_url: str, models: list[str]) -> tuple[list[float | None], float]:
+    """(checksum gauge of each model, refused reloads of them all)."""
     values = scrape(metrics_url)
-    return (
-        values.get(("fire_direction_checksum", repair_model)),
-        values.get(("fire_direction_reload_failures_total", repair_model), 0.0),
-    )
+    checksums = [values.get(("fire_direction_checksum", m)) for m in models]
+    return checksums, sum(values.get(("fire_direction_reload_failures_total", m), 0.0) for m in models)
 
 
 def reload_directions(
@@ -70,7 +69,8 @@ def reload_directions(
     target = repository / repair_model / MODEL_VERSION / DIRECTIONS_FILE
     backup = target.with_name(DIRECTIONS_FILE + ".previous")
     staged = target.with_name(f".{DIRECTIONS_FILE}.incoming")
-    failures_before = _serving(metrics_url, repair_model)[1] if metrics_url else 0.0
+    watchers = watchers_of(repository, repair_model)  # the repair model, and folded models reading its file
+    failures_before = _serving(metrics_url, watchers)[1] if metrics_url else 0.0
     shutil.copy2(target, backup)
     shutil.copyfile(new_directions, staged)
     os.replace(staged, target)
@@ -78,8 +78,8 @@ def reload_directions(
         return d
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        checksum, failures = _serving(metrics_url, repair_model)
-        if checksum == float(d.checksum32):
+        checksums, failures = _serving(metrics_url, watchers)
+        if all(c == float(d.checksum32) for c in checksums):
             return d
         if failures > failures_before:
             os.replace(backup, target)

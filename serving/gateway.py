@@ -14,7 +14,7 @@ by model name, on both protocols, and sheds load:
 - at most ``maxconn`` connections, idle or slow clients dropped after ``client_timeout_s``;
   optional TLS (a PEM with certificate and key) on both listeners.
 
-Protected models: the ensembles with a FIRE repair step, and the fused models.
+Protected models: the ensembles with a FIRE repair step, and the fused and folded models.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.configs import read_config
-from serving.repository import FUSED_ROLE, PARAM_ROLE, is_repair_model
+from serving.repository import PARAM_ROLE, PROTECTED_ROLE, is_repair_model
 
 LUA = Path(__file__).resolve().parent / "native" / "fire_grpc.lua"
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
@@ -38,11 +38,11 @@ def _is_protected(repository: Path, cfg) -> bool:
     if any((repository / s).is_dir() and is_repair_model(repository, s) for s in steps):
         return True  # an ensemble with a FIRE repair step
     role = cfg.parameters[PARAM_ROLE].string_value if PARAM_ROLE in cfg.parameters else ""
-    return role == FUSED_ROLE
+    return role == PROTECTED_ROLE
 
 
 def protected_models(repository: str | Path) -> list[str]:
-    """The models a client may call: ensembles with a FIRE repair step, and fused models."""
+    """The models a client may call: ensembles with a FIRE repair step, and fused and folded models."""
     repository = Path(repository)
     configs = [read_config(p) for p in sorted(repository.iterdir()) if (p / "config.pbtxt").is_file()]
     return [cfg.name for cfg in configs if _is_protected(repository, cfg)]

@@ -44,6 +44,7 @@ from fire_backend.names import (
     PARAM_MODE,
     PARAM_PREPROCESS,
     PARAM_PRODUCER_ONNX,
+    PARAM_TAIL_ONNX,
     REPAIRED,
     TAIL_ONNX,
     WHOLE_ONNX,
@@ -63,12 +64,13 @@ from serving.configs import (
     write_config,
 )
 
-PARAM_ROLE, FUSED_ROLE = "FIRE_ROLE", "protected-fused"  # marks fused models as protected (the gateway serves them)
+PARAM_ROLE, PROTECTED_ROLE = "FIRE_ROLE", "protected"  # marks fused and folded models (the gateway serves them)
 FEATURE_POLICY = {PARAM_CHECK_FINITE: "1"}  # models fed features refuse NaN / Inf, like the repair
 STUBS = {
     "onnx": "fire_backend.triton.onnx_model",
     "repair": "fire_backend.triton.repair_model",
     "guard": "fire_backend.triton.guard_model",
+    "folded": "fire_backend.triton.folded_model",
 }
 
 
@@ -95,6 +97,7 @@ class ProtectedModel:
     variants: tuple[Variant, ...] = ()  # also serve <name>_<suffix> for each of these
     fused: bool = False  # also serve <name>_fused
     whole: bool = False  # also serve <name>_whole
+    folded: bool = False  # also serve <name>_folded (CPU: one stub, zero hops, hot-swappable directions)
     directions2: Path | None = None  # multi-layer: the direction file for the export's second layer
     plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): benchmarks and comparisons only
     io: tuple[TensorSpec, TensorSpec] | None = None  # the served input/output (a drop-in keeps the original's)
@@ -205,9 +208,26 @@ class _Writer:
         """Head, repair(s) and the rest folded into one ONNX model (no hot swap)."""
         src = build_fused_onnx(export_dir, directions, self.out / f".{name}.onnx", mode)
         try:
-            self.pixel_onnx_model(name, src, inp, out, {**policy, PARAM_ROLE: FUSED_ROLE}, guard)
+            self.pixel_onnx_model(name, src, inp, out, {**policy, PARAM_ROLE: PROTECTED_ROLE}, guard)
         finally:
             src.unlink()
+
+    def folded(self, name: str, n: ModelNames, mode, inp, out, policy: dict, protected: str) -> None:
+        """CPU: head, repair and tail in one Python model reading the halves' ONNX files and watching the
+        repair model's direction file. GPU: an alias of the protected ensemble (TensorRT halves)."""
+        model_dir = self._fresh(name)
+        (model_dir / MODEL_VERSION / "model.py").write_text(_shim(STUBS["folded"]))
+        params = {
+            PARAM_PRODUCER_ONNX: f"{n.head}/{MODEL_VERSION}/{WHOLE_ONNX}",
+            PARAM_TAIL_ONNX: f"{n.tail}/{MODEL_VERSION}/{WHOLE_ONNX}",
+            PARAM_DIRECTIONS: f"{n.repair}/{MODEL_VERSION}/{DIRECTIONS_FILE}",
+            PARAM_ROLE: PROTECTED_ROLE,
+            **policy,
+        }
+        if mode:
+            params[PARAM_MODE] = mode
+        write_config(model_dir, python_model(name, [inp], [out], self.s, params), "cpu")
+        self._ensemble_config(model_dir, name, inp, out, [Stage(protected, inp.name, out.name)], "gpu")
 
     def _ensemble_config(self, model_dir: Path, name: str, inp, out, stages: list[Stage], profile: str) -> None:
         """``stages`` chained from the ensemble's input to its output, each tensor read by one step only
@@ -297,6 +317,8 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
                 w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits, policy, guard)
         if m.plain:
             w.ensemble(n.plain, pixels, logits, [head, tail], guard)
+        if m.folded:
+            w.folded(n.folded, n, m.mode, pixels, logits, policy, n.protected)
     if m.whole:
         w.pixel_onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, policy, guard)
     return BuiltModel(m.name, w.written[first:])
@@ -395,3 +417,16 @@ def served_model(repository: str | Path, model: str) -> ServedModel:
     d = DirectionFile.load(repository / repair / MODEL_VERSION / DIRECTIONS_FILE)
     pre = json.loads(params[PARAM_PREPROCESS].string_value) if PARAM_PREPROCESS in params else {}
     return ServedModel(model, cfg.input[0].name, cfg.output[0].name, pre, d)
+
+
+def watchers_of(repository: str | Path, repair_model: str) -> list[str]:
+    """The models that serve ``repair_model``'s direction file: itself, and folded models reading it."""
+    repository = Path(repository)
+    own = f"{repair_model}/{MODEL_VERSION}/{DIRECTIONS_FILE}"
+    out = [repair_model]
+    for cfg_path in sorted(repository.glob("*/config.pbtxt")):
+        params = read_config(cfg_path.parent).parameters
+        reads = params[PARAM_DIRECTIONS].string_value if PARAM_DIRECTIONS in params else ""
+        if cfg_path.parent.name != repair_model and reads == own:
+            out.append(cfg_path.parent.name)
+    return out
