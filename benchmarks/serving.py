@@ -19,6 +19,7 @@ writes results/serving.csv, results/serving.md and results/serving.png.
 from __future__ import annotations
 
 import csv
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,9 +31,10 @@ from tqdm import tqdm
 
 from calibration import CalibrationConfig, calibrate
 from fire_backend.directions import DirectionFile
+from fire_backend.formula import NumpyRepair
 from fire_backend.names import ADMIN_HEADER
 from fire_backend.repair import Repair
-from modelio.export import export_split
+from modelio.export import ExportInfo, export_split
 from serving.configs import ServingSettings
 from serving.repository import ProtectedModel, Variant, build_repository
 from serving.server import STUB_SHM_BYTES, ServerConfig, TritonServer
@@ -58,26 +60,35 @@ class ServingBenchConfig:
     work_dir: Path = REPO_ROOT / "build" / "bench"
     out_dir: Path = REPO_ROOT / "results"
     name: str = "serving"  # output file stem
+    size: int = 32  # 32: the bundled CIFAR-10 ResNet; 224: a ResNet-18 at 3x224x224 (random weights)
+    modes: tuple[str, ...] = MODES  # the FIRE ensembles measured (one per repair mode)
 
     @classmethod
     def quick(cls) -> ServingBenchConfig:
         """A smoke run: every code path in seconds, numbers not meant to be reported."""
         return cls(batch_sizes=(1, 8), concurrency=(1, 2), window_s=0.5, rounds=1, warmup_s=0.2, name="serving-quick")
 
+    @classmethod
+    def large(cls) -> ServingBenchConfig:
+        """The 224x224 model: fewer, longer windows (a batch-32 request takes about a second here)."""
+        return cls(size=224, batch_sizes=(1, 32), concurrency=(1, 4), window_s=8.0, rounds=2, warmup_s=2.0,
+                   modes=("project",), name="serving_224")  # fmt: skip
 
-def _models(name: str) -> dict[str, str]:
+
+def _models(name: str, modes: tuple[str, ...] = MODES) -> dict[str, str]:
     """Label -> served model name."""
     return {
         "whole": f"{name}_whole",
         "plain": f"{name}_plain",
-        **{f"fire_{m}": name if m == "project" else f"{name}_{m}" for m in MODES},
+        **{f"fire_{m}": name if m == "project" else f"{name}_{m}" for m in modes},
         "fused": f"{name}_fused",
+        "folded": f"{name}_folded",
     }
 
 
 def _composing(name: str, label: str) -> list[str]:
     """The models whose statistics explain one served model's time."""
-    if label in ("whole", "fused"):
+    if label in ("whole", "fused", "folded"):
         return [_models(name)[label]]
     if label == "plain":
         return [f"{name}_head", f"{name}_tail"]
@@ -94,7 +105,7 @@ def _client(url: str, protocol: str):
 
 
 def closed_loop(
-    url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int, duration_s: float
+    url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int, duration_s: float, io=("INPUT", "LOGITS")
 ) -> tuple[np.ndarray, float]:
     """Latencies (s) of every request ``concurrency`` back-to-back clients complete in about ``duration_s``,
     and the elapsed wall time."""
@@ -105,9 +116,9 @@ def closed_loop(
 
     def worker(i: int) -> None:
         tc, client = _client(url, protocol)
-        inp = tc.InferInput("INPUT", list(batch.shape), "FP32")
+        inp = tc.InferInput(io[0], list(batch.shape), "FP32")
         inp.set_data_from_numpy(batch)
-        out = [tc.InferRequestedOutput("LOGITS")]
+        out = [tc.InferRequestedOutput(io[1])]
         ready.wait()
         try:
             while time.perf_counter() < stop_at[0]:
@@ -147,40 +158,76 @@ def _stats(http, models: list[str], admin_key: str) -> dict[str, dict[str, float
     return out
 
 
-def repair_core_timings(directions: Path, batch_sizes: tuple[int, ...], repeats: int = 2000) -> dict[str, float]:
-    """In-process time of one in-place repair call per mode and batch size (torch, 1 thread), in us."""
+def repair_core_timings(directions: Path, batch_sizes: tuple[int, ...], repeats: int = 500) -> dict[str, float]:
+    """In-process time of one in-place repair call per mode and batch size, in us: the CPU repair model's
+    NumPy form (``numpy/``) and the torch form (``torch/``, 1 thread), on features from the benchmark."""
     torch.set_num_threads(1)
     d = DirectionFile.load(directions)
+    rng = np.random.default_rng(0)
     out = {}
     for mode in MODES:
-        r = Repair(d, mode)
-        for b in batch_sizes:
-            x = torch.randn(b, *d.feature_shape)
-            for _ in range(50):
-                r(x, inplace=True)
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                r(x, inplace=True)
-            out[f"{mode}/b{b}"] = (time.perf_counter() - t0) / repeats * 1e6
+        for lib, repair in (("numpy", NumpyRepair(d, mode)), ("torch", Repair(d, mode))):
+            for b in batch_sizes:
+                x = rng.normal(size=(b, *d.feature_shape)).astype(np.float32)
+                x = torch.from_numpy(x) if lib == "torch" else x
+                for _ in range(20):
+                    repair(x, inplace=True)
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    repair(x, inplace=True)
+                out[f"{lib}/{mode}/b{b}"] = (time.perf_counter() - t0) / repeats * 1e6
     return out
+
+
+def _export(cfg: ServingBenchConfig, export_dir: Path) -> None:
+    """The model, split and calibrated: the bundled CIFAR-10 ResNet, or the 224x224 ResNet-18."""
+    directions = export_dir / "directions.safetensors"
+    if cfg.size == 32:
+        export_split(cfg.model_dir, cfg.layer, export_dir)
+        calibrate(export_dir, directions, CalibrationConfig(mode="project"))
+        return
+    from benchmarks.own_model.large import large_onnx
+    from calibration.calibrate import CalibrationSet
+    from modelio.export import export_onnx_model
+    from modelio.onnx_graph import OnnxGraph
+    from modelio.preprocess import Preprocess
+    from zoo.attacks import make_attack
+
+    path = large_onnx(cfg.work_dir / "resnet18_224.onnx")
+    cut = [c.tensor for c in OnnxGraph(path).cuts() if c.dims[1:] == (128, 28, 28)][-1]  # after layer2
+    pre = Preprocess(224, 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    images = np.random.default_rng(0).integers(0, 256, (96, 224, 224, 3), dtype=np.uint8)
+    export_onnx_model(path, cut, export_dir, pre, check_images=images[:8])
+    data = CalibrationSet.with_trigger(images, make_attack("badnets"), n_poisoned=32, n_clean=64)
+    calibrate(export_dir, directions, CalibrationConfig(mode="project"), data)
+
+
+def _inputs(cfg: ServingBenchConfig, export_dir: Path, n: int) -> np.ndarray:
+    if cfg.size == 32:
+        return to_tensor_batch(load_dataset("cifar10", "test").subset(n, seed=0).images)
+    from modelio.export import ExportInfo
+
+    pre = ExportInfo.read(export_dir).preprocessing()
+    return pre.apply(np.random.default_rng(1).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
 
 
 def prepare(cfg: ServingBenchConfig) -> Path:
     """Export, calibrate and build the benchmark repository (every variant of the model)."""
     export_dir = cfg.work_dir / "export"
-    export_split(cfg.model_dir, cfg.layer, export_dir)
-    directions = export_dir / "directions.safetensors"
-    calibrate(export_dir, directions, CalibrationConfig(mode="project"))
+    _export(cfg, export_dir)
     repo = cfg.work_dir / "repo"
-    variants = tuple(Variant.of_mode(m) for m in ("subtract", "gated"))
-    model = ProtectedModel("bench", export_dir, directions, variants=variants, fused=True, whole=True, plain=True)
+    shutil.rmtree(repo, ignore_errors=True)
+    variants = tuple(Variant.of_mode(m) for m in cfg.modes if m != "project")
+    model = ProtectedModel("bench", export_dir, export_dir / "directions.safetensors", variants=variants, fused=True,
+                           whole=True, plain=True, folded=True)  # fmt: skip
     build_repository([model], repo, cfg.settings, tensorrt=cfg.profile == "gpu")
     return repo
 
 
 def run(cfg: ServingBenchConfig) -> list[dict]:
     repo = prepare(cfg)
-    images = load_dataset("cifar10", "test").subset(max(cfg.batch_sizes), seed=0).images
+    inputs = _inputs(cfg, cfg.work_dir / "export", max(cfg.batch_sizes))
+    io = (ExportInfo.read(cfg.work_dir / "export").input_name, ExportInfo.read(cfg.work_dir / "export").output_name)
     server_cfg = ServerConfig(
         repo,
         http_port=0,
@@ -188,7 +235,7 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
         metrics_port=0,
         model_config_name=None if cfg.profile == "cpu" else cfg.profile,
     )
-    labels = _models("bench")
+    labels = _models("bench", cfg.modes)
     rows = []
     with TritonServer(server_cfg) as server:
         url = server.grpc_url if cfg.protocol == "grpc" else server.http_url
@@ -196,9 +243,9 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
         cells = [(b, c) for b in cfg.batch_sizes for c in cfg.concurrency]
         bar = tqdm(total=len(cells) * cfg.rounds * len(labels), desc="serving bench", unit="window", disable=None)
         for b, c in cells:
-            batch = to_tensor_batch(images[:b])
+            batch = inputs[:b]
             for model in labels.values():
-                closed_loop(url, cfg.protocol, model, batch, c, cfg.warmup_s)
+                closed_loop(url, cfg.protocol, model, batch, c, cfg.warmup_s, io)
             lat: dict[str, list[np.ndarray]] = {k: [] for k in labels}
             elapsed = dict.fromkeys(labels, 0.0)
             step_stats: dict[str, dict[str, float]] = {}
@@ -207,7 +254,7 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
                 for label in order:
                     composing = _composing("bench", label)
                     before = _stats(http, composing, server.admin_key)
-                    latencies, seconds = closed_loop(url, cfg.protocol, labels[label], batch, c, cfg.window_s)
+                    latencies, seconds = closed_loop(url, cfg.protocol, labels[label], batch, c, cfg.window_s, io)
                     lat[label].append(latencies)
                     elapsed[label] += seconds
                     after = _stats(http, composing, server.admin_key)
@@ -275,35 +322,47 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], core: dict[str, flo
             f"| {r['batch']} | {r['concurrency']} | {r['model']} | {r['images_per_s']:.0f} | "
             f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['steps_queue_compute_us']} |"
         )
+    get = {(r["model"], r["batch"], r["concurrency"]): r for r in rows}
     lines += [
         "",
-        "## Ratios",
+        "## Ratios and targets",
         "",
-        "| batch | conc | FIRE/plain images/s | FIRE/plain p99 | fused/whole images/s | plain/whole images/s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "Targets: FIRE/plain images/s >= 0.97 at batch 8 and 32; FIRE batch-1 p50 <= plain + 0.15 ms; FIRE/plain "
+        "p99 <= 1.1; folded (zero hops, hot-swappable) / whole >= 0.98 at batch 32.",
+        "",
+        "| batch | conc | FIRE/plain images/s | FIRE - plain p50 ms | FIRE/plain p99 | folded/whole images/s "
+        "| fused/whole images/s | plain/whole images/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in cfg.batch_sizes:
         for c in cfg.concurrency:
+            p50 = get[("fire_project", b, c)]["p50_ms"] - get[("plain", b, c)]["p50_ms"]
             lines.append(
-                f"| {b} | {c} | {_ratio(rows, 'fire_project', 'plain', b, c, 'images_per_s'):.3f} | "
+                f"| {b} | {c} | {_ratio(rows, 'fire_project', 'plain', b, c, 'images_per_s'):.3f} | {p50:+.2f} | "
                 f"{_ratio(rows, 'fire_project', 'plain', b, c, 'p99_ms'):.3f} | "
+                f"{_ratio(rows, 'folded', 'whole', b, c, 'images_per_s'):.3f} | "
                 f"{_ratio(rows, 'fused', 'whole', b, c, 'images_per_s'):.3f} | "
                 f"{_ratio(rows, 'plain', 'whole', b, c, 'images_per_s'):.3f} |"
             )
     lines += [
         "",
-        "## Repair core, in process (torch, 1 thread, in place)",
+        "## Repair core, in process, in place, 1 thread (us per call)",
         "",
-        "| mode | " + " | ".join(f"batch {b} us" for b in cfg.batch_sizes) + " |",
-        "|---|" + "---:|" * len(cfg.batch_sizes),
+        "`numpy` is the CPU repair model's form (row by row, only rows the gate selects); `torch` the GPU one.",
+        "",
+        "| form | mode | " + " | ".join(f"batch {b}" for b in cfg.batch_sizes) + " |",
+        "|---|---|" + "---:|" * len(cfg.batch_sizes),
     ]
-    for mode in MODES:
-        lines.append(f"| {mode} | " + " | ".join(f"{core[f'{mode}/b{b}']:.1f}" for b in cfg.batch_sizes) + " |")
-    lines += ["", "Command: `fire bench serving`", ""]
+    for lib in ("numpy", "torch"):
+        for mode in MODES:
+            cells = " | ".join(f"{core[f'{lib}/{mode}/b{b}']:.1f}" for b in cfg.batch_sizes)
+            lines.append(f"| {lib} | {mode} | {cells} |")
+    command = "fire bench serving" + (" --size 224" if cfg.size == 224 else "")
+    lines += ["", f"Command: `{command}`", ""]
     md_path = cfg.out_dir / f"{cfg.name}.md"
     md_path.write_text("\n".join(lines))
 
-    labels = list(_models("bench"))
+    labels = list(_models("bench", cfg.modes))
     fig, axes = plt.subplots(1, len(cfg.batch_sizes), figsize=(5 * len(cfg.batch_sizes), 4), squeeze=False)
     for ax, b in zip(axes[0], cfg.batch_sizes, strict=True):
         for label in labels:

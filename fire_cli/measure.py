@@ -87,7 +87,10 @@ def _bench_adaptive(a: argparse.Namespace) -> None:
 def _bench_serving(a: argparse.Namespace) -> None:
     from benchmarks.serving import ServingBenchConfig, main
 
-    cfg = ServingBenchConfig.quick() if a.quick else ServingBenchConfig()
+    if a.quick:
+        cfg = ServingBenchConfig.quick()
+    else:
+        cfg = ServingBenchConfig.large() if a.size == 224 else ServingBenchConfig()
     cfg.protocol, cfg.profile = a.protocol, a.profile
     if a.out:
         cfg.out_dir = Path(a.out)
@@ -203,6 +206,7 @@ def register(sub) -> None:
     bn.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
     bn.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
     bn.add_argument("--quick", action="store_true", help="the benchmark's smoke preset (numbers not for reporting)")
+    bn.add_argument("--size", type=int, default=32, choices=[32, 224], help="serving: CIFAR-10 model or 224x224 one")
     bn.add_argument("--out", help="output directory (default: results/)")
 
     lt = add_command(sub, "loadtest", "headless locust run against protected and plain models", loadtest)

@@ -56,7 +56,7 @@ def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
     md = bench_main(cfg)
     with (tmp_path / "out" / "quick.csv").open() as f:
         rows = list(csv.DictReader(f))
-    models = {"whole", "plain", "fire_project", "fire_subtract", "fire_gated", "fused"}
+    models = {"whole", "plain", "fire_project", "fire_subtract", "fire_gated", "fused", "folded"}
     assert {r["model"] for r in rows} == models and len(rows) == len(models) * 4
     assert all(float(r["images_per_s"]) > 0 and float(r["p99_ms"]) >= float(r["p50_ms"]) for r in rows)
     fire = [r for r in rows if r["model"].startswith("fire")]
