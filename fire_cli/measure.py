@@ -106,7 +106,17 @@ def _bench_own_model(a: argparse.Namespace) -> None:
     print(run_own_model(cfg).read_text())
 
 
+def _bench_memory(a: argparse.Namespace) -> None:
+    from benchmarks.memory import MemoryConfig, run_memory
+
+    cfg = MemoryConfig(counts=(1, 3)) if a.quick else MemoryConfig()
+    if a.out:
+        cfg.out = Path(a.out) / "memory.md"
+    print(run_memory(cfg).read_text())
+
+
 BENCHMARKS = {
+    "memory": _bench_memory,
     "own-model": _bench_own_model,
     "efficacy": _bench_efficacy,
     "serving": _bench_serving,
@@ -195,7 +205,8 @@ def register(sub) -> None:
         sub,
         "bench",
         "benchmarks: efficacy (attack zoo x defenses), serving (throughput, latency), adaptive (attacker), "
-        "multimodel (one server, three protected models), own-model (a torchvision model and a 224x224 one)",
+        "multimodel (one server, three protected models), own-model (a torchvision model and a 224x224 one), "
+        "memory (per protected model)",
         bench,
     )
     bn.add_argument("which", choices=sorted(BENCHMARKS))
