@@ -194,3 +194,16 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         n_poisoned=len(data.triggered),
         extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator}},
     )
+
+
+def observe_directions(export_dir: str | Path, out_path: str | Path, clean_images: np.ndarray) -> DirectionFile:
+    """An observe-only direction file (alpha 0: the repair changes nothing) with the clean mean, for a
+    deployment that first records its traffic to find the direction there (``fire update --from-traffic``)."""
+    info = ExportInfo.read(export_dir)
+    clean = batched(HeadFeatures(export_dir), clean_images)
+    beta = np.zeros(clean.shape[1:], np.float32)
+    beta.reshape(-1)[0] = 1.0  # any unit vector: with alpha 0 it is never applied
+    d = make_directions(beta, clean, layer=info.layer, mode="project", alpha=0.0, estimator="observe",
+                        head_sha256=info.head_sha256, extra={"observe": True})  # fmt: skip
+    d.save(out_path)
+    return d

@@ -28,7 +28,7 @@ from fire_backend.files import atomic_write
 
 FORMAT_VERSION = 1
 MODES = ("subtract", "project", "gated")
-ESTIMATORS = ("paired", "unpaired", "streaming")
+ESTIMATORS = ("paired", "unpaired", "streaming", "traffic", "observe")
 TENSORS = ("beta", "mu", "threshold")  # always present
 OPTIONAL_TENSORS = ("basis",)
 

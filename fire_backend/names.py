@@ -21,6 +21,7 @@ GUARDED = "GUARDED"  # the GPU profile's input check: the pixels it let through
 DIRECTIONS_FILE = "directions.safetensors"
 HEAD_ONNX, MID_ONNX, TAIL_ONNX, WHOLE_ONNX = "head.onnx", "mid.onnx", "tail.onnx", "model.onnx"
 SPLIT_JSON = "split.json"
+TRAFFIC_FILE = "traffic.safetensors"  # in the tail's model directory: what it served, per class (bounded)
 MODEL_VERSION = "1"  # every generated model has this one version directory
 
 # Model control: the header (HTTP) / metadata key (gRPC) that carries the admin key
@@ -32,6 +33,8 @@ PARAM_ONNX_FILE = "ONNX_FILE"
 PARAM_THREADS = "THREADS"
 PARAM_INPUT_RANGE = "INPUT_RANGE"
 PARAM_GUARD_INPUT = "GUARD_INPUT"  # the input check's input tensor (the served model's own input name)
+PARAM_TRAFFIC_STATS = "TRAFFIC_STATS"  # "1": the tail records bounded statistics of the traffic it serves
+PARAM_TRAFFIC_BUDGET = "TRAFFIC_BUDGET_BYTES"
 PARAM_CHECK_FINITE = "CHECK_FINITE"  # the model takes features (tail, mid): refuse NaN / Inf as the repair does
 PARAM_DIRECTIONS = "DIRECTIONS"
 PARAM_DIRECTIONS_POLL = "DIRECTIONS_POLL_S"  # how often the repair model looks for a replaced direction file

@@ -117,8 +117,9 @@ def add_data_args(p: argparse.ArgumentParser, counts: bool = True) -> None:
     g.add_argument("--resize", action="store_true", help="resize images of another size instead of refusing them")
 
 
-def calibration_set_from_args(a: argparse.Namespace, preprocess):
-    """The CalibrationSet the data arguments describe (``a.attack*`` for a trigger spec)."""
+def calibration_set_from_args(a: argparse.Namespace, preprocess, clean_only: bool = False):
+    """The CalibrationSet the data arguments describe (``a.attack*`` for a trigger spec); with
+    ``clean_only`` just the clean images (an observe-only deployment)."""
     from calibration.calibrate import CalibrationSet
     from calibration.imagesets import ImageSetError, read_image_set
     from zoo.attacks import attack_from_spec
@@ -126,6 +127,12 @@ def calibration_set_from_args(a: argparse.Namespace, preprocess):
     if not a.clean:
         raise SystemExit("give clean calibration images with --clean PATH (a folder, files or .npz)")
     size = (preprocess.height, preprocess.width)
+    if clean_only:
+        try:
+            pool = read_image_set(a.clean, size, a.resize).subset(a.n_clean, seed=a.seed)
+        except ImageSetError as e:
+            raise SystemExit(f"calibration images: {e}") from None
+        return CalibrationSet(pool.images, pool.images[:0], clean_labels=pool.labels)
     spec = attack_spec(a)
     if a.poisoned and spec:
         raise SystemExit("give flagged triggered images (--poisoned PATH) or a trigger (--attack ...), not both")

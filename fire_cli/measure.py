@@ -115,8 +115,18 @@ def _bench_memory(a: argparse.Namespace) -> None:
     print(run_memory(cfg).read_text())
 
 
+def _bench_traffic(a: argparse.Namespace) -> None:
+    from benchmarks.traffic import TrafficBenchConfig, run_traffic
+
+    cfg = TrafficBenchConfig.quick() if a.quick else TrafficBenchConfig()
+    if a.out:
+        cfg.out = Path(a.out)
+    print(run_traffic(cfg).read_text())
+
+
 BENCHMARKS = {
     "memory": _bench_memory,
+    "traffic": _bench_traffic,
     "own-model": _bench_own_model,
     "efficacy": _bench_efficacy,
     "serving": _bench_serving,
@@ -206,7 +216,7 @@ def register(sub) -> None:
         "bench",
         "benchmarks: efficacy (attack zoo x defenses), serving (throughput, latency), adaptive (attacker), "
         "multimodel (one server, three protected models), own-model (a torchvision model and a 224x224 one), "
-        "memory (per protected model)",
+        "memory (per protected model), traffic (FIRE calibrated from unlabeled traffic, beside other defenses)",
         bench,
     )
     bn.add_argument("which", choices=sorted(BENCHMARKS))

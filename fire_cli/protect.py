@@ -105,7 +105,7 @@ def protect(a: argparse.Namespace) -> None:
 
     work = Path(a.work_dir)
     src = Source(a, work)
-    data = calibration_set_from_args(a, src.preprocess)
+    data = calibration_set_from_args(a, src.preprocess, clean_only=a.observe)
     name = a.name or (src.entry.name if src.entry else Path(a.onnx or a.torch.partition(":")[0]).stem)
     cfg = ProtectConfig(
         name=name,
@@ -116,6 +116,7 @@ def protect(a: argparse.Namespace) -> None:
         calibration=CalibrationConfig(mode=a.mode, n_clean=a.n_clean, n_poisoned=a.n_poisoned, seed=a.seed),
         keep_original=not a.drop_original,
         plain=a.plain,
+        observe=a.observe,
         settings=ServingSettings(max_batch_size=a.max_batch_size),
     )
     if src.entry is not None:
@@ -131,6 +132,11 @@ def protect(a: argparse.Namespace) -> None:
             mark = "  <- chosen" if s.cut == r.export.layer else ""
             print(f"  {s.cut}\t{s.feature_shape}\t{s.gain:.1f} / {s.cost:.2f}{mark}")
     d = r.directions
+    if a.observe:
+        print(f"protected {cfg.name} in observe mode (cut at {r.export.layer}): the repair changes nothing yet; "
+              "the tail records traffic for `fire update --from-traffic`")  # fmt: skip
+        print(f"wrote {cfg.out}: {', '.join(r.built.models)}")
+        return
     print(
         f"protected {cfg.name}: cut at {r.export.layer} (features {tuple(r.export.feature_shape)}), head -> tail "
         f"error {r.export.split_max_abs_err:.2g}; {d.estimator} direction from {d.n_poisoned} triggered and "
@@ -161,6 +167,12 @@ def register(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=64, help="(an entry keeps its own)")
     p.add_argument("--drop-original", action="store_true", help="--repo: leave out the original (NAME_unprotected)")
     p.add_argument("--plain", action="store_true", help="also serve NAME_plain (head -> tail, unprotected)")
+    p.add_argument(
+        "--observe",
+        action="store_true",
+        help="no triggered images yet: serve with a direction that changes nothing and record the traffic, "
+        "then find the direction there with `fire update --from-traffic`",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 

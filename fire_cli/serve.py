@@ -109,7 +109,59 @@ def _stream(a: argparse.Namespace):
     return DirectionStream(a.metrics_url or None, a.repo, _repair_model(a))
 
 
+def _from_traffic(a: argparse.Namespace) -> None:
+    from calibration.imagesets import ImageSetError, read_image_set
+    from calibration.traffic import TrafficConfig
+    from modelio.preprocess import Preprocess
+    from serving.repository import served_model
+    from serving.traffic_update import update_from_traffic
+
+    if not a.clean:
+        raise SystemExit("--from-traffic needs the defender's clean images (--clean PATH): the clean reference")
+    pre = Preprocess.from_dict(served_model(a.repo, a.model).preprocess)
+    try:
+        clean = read_image_set(a.clean, (pre.height, pre.width))
+    except ImageSetError as e:
+        raise SystemExit(f"clean images: {e}") from None
+    given = {"min_score": a.min_score, "max_ca_drop": a.max_ca_drop}
+    cfg = TrafficConfig(**{k: v for k, v in given.items() if v is not None})
+    deploy = "approve" if a.approve else "auto" if a.auto else "never"
+    try:
+        r = update_from_traffic(
+            a.repo, a.model, clean.images, clean.labels, cfg, deploy, a.metrics_url or None, a.force
+        )
+    except ValueError as e:
+        raise SystemExit(f"fire update --from-traffic: {e}") from None
+    p = r.proposal
+    print(f"traffic: {r.samples} samples recorded ({r.traffic_file})")
+    print("| class | traffic samples | clean reference | mean shift T | score (T / median) |")
+    print("|---:|---:|---:|---:|---:|")
+    for s in sorted(p.classes, key=lambda s: -s.score):
+        print(f"| {s.cls} | {s.samples} | {s.reference} | {s.t:.2f} | {s.score:.2f} |")
+    if not p.detected:
+        print(f"no backdoor detected (best score {p.score:.2f} <= {cfg.min_score}): nothing proposed")
+        return
+    print(f"backdoor suspected: class {p.target} (score {p.score:.2f}, next {p.next_score:.2f}); "
+          f"flagged {p.flagged_share:.0%} of its samples")  # fmt: skip
+    if p.directions is None:
+        print("no direction: " + ", ".join(k for k, ok in p.checks.items() if not ok))
+        return
+    print(f"expected effect: flagged held-out samples leaving class {p.target}: {p.leave_rate:.0%}; other traffic "
+          f"changed: {p.other_change:.1%}; clean accuracy cost: {p.ca_drop:.2f} points; share of traffic it would "
+          f"change: {p.traffic_changed:.1%}")  # fmt: skip
+    for check, ok in p.checks.items():
+        print(f"  [{'ok' if ok else 'FAIL'}] {check}")
+    if r.deployed_version:
+        print(f"deployed as version {r.deployed_version} (fire rollback --model {a.model} undoes it)")
+    else:
+        print("not deployed" + ("" if deploy != "auto" else ": a check failed") + "; --approve deploys it anyway")
+
+
 def update(a: argparse.Namespace) -> None:
+    if a.from_traffic:
+        return _from_traffic(a)
+    if not a.poisoned:
+        raise SystemExit("fire update needs --poisoned PATH (reported triggered images), or --from-traffic")
     from serving.repository import producer_of
     from serving.streaming import GuardRails, head_features, read_images
 
@@ -196,8 +248,17 @@ def register(sub) -> None:
     up.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)
     up.add_argument("--repo", default="model_repository")
     up.add_argument("--model", required=True, help="protected model (e.g. cifar10)")
-    up.add_argument("--poisoned", nargs="+", required=True, help="images known/suspected triggered: files, dirs, .npz")
-    up.add_argument("--clean", nargs="+", help="clean images (optional): files, dirs, .npz")
+    up.add_argument("--poisoned", nargs="+", help="images known/suspected triggered: files, dirs, .npz")
+    up.add_argument("--clean", nargs="+", help="clean images (optional; --from-traffic: required): files, dirs, .npz")
+    up.add_argument("--from-traffic", action="store_true", help="find the direction in the traffic the server saw")
+    up.add_argument("--auto", action="store_true", help="--from-traffic: deploy when every check passes")
+    up.add_argument("--approve", action="store_true", help="--from-traffic: deploy the proposal (operator approval)")
+    up.add_argument("--force", action="store_true", help="--from-traffic: even with a non-observe direction serving")
+    up.add_argument("--min-score", type=float,
+                    help="--from-traffic: a class's mean shift over the median that counts as a backdoor "
+                    "(default: calibration.traffic.TrafficConfig's)")  # fmt: skip
+    up.add_argument("--max-ca-drop", type=float,
+                    help="--from-traffic: clean accuracy it may cost, points (default: TrafficConfig's)")  # fmt: skip
     up.add_argument("--min-samples", type=int, default=10, help="triggered reports before an update takes effect")
     up.add_argument("--max-step", type=float, default=0.5, help="largest move of beta per update, x |beta|")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from calibration.calibrate import CalibrationConfig, CalibrationSet, calibrate
+from calibration.calibrate import CalibrationConfig, CalibrationSet, calibrate, observe_directions
 from calibration.cutsearch import CutScore, choose_cut, onnx_runner_for
 from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
@@ -40,6 +40,7 @@ class ProtectConfig:
     keep_original: bool = True  # a repository entry: also serve it, unprotected, as <name>_unprotected
     plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): comparisons only
     whole: bool = False  # also serve <name>_whole (the unsplit model, unprotected): benchmarks only
+    observe: bool = False  # no triggered images yet: an alpha-0 direction, traffic recorded for --from-traffic
     settings: ServingSettings = field(default_factory=ServingSettings)
 
 
@@ -54,14 +55,20 @@ class ProtectResult:
 def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfig) -> tuple[str, list[CutScore]]:
     if cfg.cut:
         return cfg.cut, []
+    if cfg.observe:  # nothing triggered to choose with: the middle of the network
+        return cuts[len(cuts) // 2], []
     best, scores = choose_cut(runner_for, cuts, data, cfg.max_ca_drop, cfg.calibration.seed)
     return best.cut, scores
 
 
 def _finish(export_dir: Path, data: CalibrationSet, cfg: ProtectConfig, scores, io=None) -> ProtectResult:
-    d = calibrate(export_dir, export_dir / DIRECTIONS_FILE, cfg.calibration, data)
+    if cfg.observe:
+        d = observe_directions(export_dir, export_dir / DIRECTIONS_FILE, data.clean)
+    else:
+        d = calibrate(export_dir, export_dir / DIRECTIONS_FILE, cfg.calibration, data)
     directions = export_dir / DIRECTIONS_FILE
-    model = ProtectedModel(cfg.name, export_dir, directions, plain=cfg.plain, whole=cfg.whole, io=io)
+    model = ProtectedModel(cfg.name, export_dir, directions, plain=cfg.plain, whole=cfg.whole, io=io,
+                           record_traffic=cfg.observe)  # fmt: skip
     (built,) = build_repository([model], cfg.out, cfg.settings)
     return ProtectResult(ExportInfo.read(export_dir), d, built, scores)
 

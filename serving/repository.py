@@ -45,6 +45,7 @@ from fire_backend.names import (
     PARAM_PREPROCESS,
     PARAM_PRODUCER_ONNX,
     PARAM_TAIL_ONNX,
+    PARAM_TRAFFIC_STATS,
     REPAIRED,
     TAIL_ONNX,
     WHOLE_ONNX,
@@ -66,6 +67,7 @@ from serving.configs import (
 
 PARAM_ROLE, PROTECTED_ROLE = "FIRE_ROLE", "protected"  # marks fused and folded models (the gateway serves them)
 FEATURE_POLICY = {PARAM_CHECK_FINITE: "1"}  # models fed features refuse NaN / Inf, like the repair
+RECORDING_TAIL_POLICY = {**FEATURE_POLICY, PARAM_TRAFFIC_STATS: "1"}  # the tail records traffic (--from-traffic)
 STUBS = {
     "onnx": "fire_backend.triton.onnx_model",
     "repair": "fire_backend.triton.repair_model",
@@ -101,6 +103,7 @@ class ProtectedModel:
     directions2: Path | None = None  # multi-layer: the direction file for the export's second layer
     plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): benchmarks and comparisons only
     io: tuple[TensorSpec, TensorSpec] | None = None  # the served input/output (a drop-in keeps the original's)
+    record_traffic: bool = False  # the tail keeps feature statistics of what it serves (observe mode)
 
 
 @dataclass
@@ -304,7 +307,8 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
         if m.fused:
             w.fused(n.fused, m.export_dir, [m.directions, m.directions2], m.mode, pixels, logits, policy, guard)
     else:
-        w.onnx_model(n.tail, src / TAIL_ONNX, features, logits, FEATURE_POLICY)
+        tail_policy = RECORDING_TAIL_POLICY if m.record_traffic else FEATURE_POLICY
+        w.onnx_model(n.tail, src / TAIL_ONNX, features, logits, tail_policy)
         tail = Stage(n.tail, FEATURES, logits.name)
         protected = [(n.protected, n.repair, m.directions, m.mode, m.fused)] + [
             (n.variant(v.suffix), n.variant_repair(v.suffix), v.directions or m.directions, v.mode, v.fused)

@@ -195,6 +195,22 @@ class DirectionStream:
         self._log({"event": "updated", **asdict(result)})
         return result
 
+    def publish(self, d: DirectionFile, event: dict) -> int:
+        """Deploy a direction file found another way (e.g. from traffic) as the next version, with the
+        same validation, history and rollback as streaming updates; the running state restarts from it."""
+        current = self.current()
+        self._state(current)  # keeps version 1 and its state for rollback on the first change
+        kept = [int(p.stem[1:]) for p in (self.dir / "history").glob("v*.safetensors")]
+        version = max([current.version, *kept]) + 1
+        d.extra = {**d.extra, "stream": {"version": version, "updates": current.updates + 1}}
+        staged = d.save(self.dir / "history" / f"v{version}.safetensors")
+        reload_directions(self.repository, self.repair_model, staged, self.metrics_url)
+        state = StreamState.seed(d)
+        state.save(self.dir / "history" / f"state_v{version}.safetensors")
+        state.save(self.dir / "state.safetensors")
+        self._log({"event": "published", "version": version, **event})
+        return version
+
     def rollback(self, to_version: int | None = None) -> DirectionFile:
         """Reinstate an earlier version (default: the one before the live one) and its running state.
         The reinstated file keeps its own version number, so metrics show which one is serving."""

@@ -7,10 +7,20 @@ receives client pixels validates them first when ``INPUT_RANGE`` is set in the c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.names import PARAM_CHECK_FINITE, PARAM_INPUT_RANGE, PARAM_ONNX_FILE, PARAM_THREADS
+from fire_backend.names import (
+    PARAM_CHECK_FINITE,
+    PARAM_INPUT_RANGE,
+    PARAM_ONNX_FILE,
+    PARAM_THREADS,
+    PARAM_TRAFFIC_BUDGET,
+    PARAM_TRAFFIC_STATS,
+    TRAFFIC_FILE,
+)
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.triton.common import error_response, parse_args, require_io
 from fire_backend.validation import finite_problem, pixel_problem
@@ -28,6 +38,15 @@ class TritonPythonModel:
         rng = params.get(PARAM_INPUT_RANGE)
         self.input_range = tuple(float(v) for v in rng.split(",")) if rng else None
         self.check_finite = params.get(PARAM_CHECK_FINITE) == "1"
+        self.traffic = None
+        if params.get(PARAM_TRAFFIC_STATS) == "1":  # the protected model's tail: record what it serves
+            from fire_backend.triton.traffic_recorder import TrafficRecorder
+
+            features = int(np.prod(self.session.get_inputs()[0].shape[1:]))
+            classes = int(np.prod(self.session.get_outputs()[0].shape[1:]))
+            path = Path(args["model_repository"]) / TRAFFIC_FILE
+            budget = int(params.get(PARAM_TRAFFIC_BUDGET, str(64 << 20)))
+            self.traffic = TrafficRecorder(args["model_name"], path, classes, features, budget, 5.0)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -50,9 +69,15 @@ class TritonPythonModel:
                 for i in owners:
                     responses[i] = error_response(f"inference failed: {e}", pb_utils.TritonError.INTERNAL)
                 return responses
+            if self.traffic is not None:
+                self.traffic.record(batch, out)
             start = 0
             for i, x in zip(owners, arrays, strict=True):
                 part = out[start : start + len(x)]
                 start += len(x)
                 responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, part)])
         return responses
+
+    def finalize(self) -> None:
+        if self.traffic is not None:
+            self.traffic.close()
