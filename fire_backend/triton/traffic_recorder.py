@@ -1,7 +1,8 @@
 """The tail's traffic recorder (import only inside a Triton stub): feeds ``fire_backend.traffic.TrafficStats``
 with every batch the tail serves (its input features, the class it predicts) and saves them next to
 the model every few seconds, where ``fire update --from-traffic`` reads them. Exports the number of
-samples recorded as ``fire_traffic_samples_total``."""
+samples recorded as ``fire_traffic_samples_total`` and, per predicted class, as
+``fire_traffic_class_samples{class="k"}`` (a backdoor's target class gains a share)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ class TrafficRecorder:
             kind=pb_utils.MetricFamily.COUNTER,
         )  # fmt: skip
         self._metric = self._family.Metric(labels={"model": model})
+        self._classes = pb_utils.MetricFamily(
+            name="fire_traffic_class_samples", description="Samples recorded per predicted class",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )  # fmt: skip
+        self._per_class = [self._classes.Metric(labels={"model": model, "class": str(k)}) for k in range(num_classes)]
         self._pending = 0
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True, name="fire-traffic")
         self._thread.start()
@@ -40,8 +46,11 @@ class TrafficRecorder:
                 return
             self.stats.save(self.path)
             pending, self._pending, self._dirty = self._pending, 0, False
+            counts = self.stats.counts.copy()
         if pending:
             self._metric.increment(float(pending))
+        for metric, n in zip(self._per_class, counts, strict=True):
+            metric.set(float(n))
 
     def _run(self, interval: float) -> None:
         while not self._stop.wait(interval):

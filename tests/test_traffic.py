@@ -1,0 +1,147 @@
+"""FIRE from unlabeled traffic: the bounded statistics, the detector on known structure, and the whole
+loop on a real tritonserver (protect in observe mode -> traffic -> fire update --from-traffic)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from calibration.calibrate import observe_directions
+from calibration.traffic import TrafficConfig, propose
+from clients import FireClient
+from fire_backend.directions import DirectionFile
+from fire_backend.names import TRAFFIC_FILE
+from fire_backend.traffic import TrafficStats
+from serving.repository import ProtectedModel, build_repository
+from serving.server import ServerConfig, TritonServer
+from zoo.data import load_dataset, to_tensor_batch
+
+
+def test_stats_are_bounded_exact_in_the_mean_and_uniform_in_the_reservoir(tmp_path):
+    rng = np.random.default_rng(0)
+    stats = TrafficStats(num_classes=3, feature_size=4, budget=3 * 4 * 2 * 50)  # room for 50 samples a class
+    assert stats.capacity == 50
+    x = rng.normal(size=(5000, 2, 2)).astype(np.float32)
+    x[:, 0, 0], x[:, 0, 1] = np.divmod(np.arange(5000), 64)  # the sample's index (exact in float16)
+    y = rng.integers(0, 3, 5000)
+    for i in range(0, 5000, 64):
+        stats.update(x[i : i + 64], y[i : i + 64])
+    assert stats.total == 5000 and stats.reservoir.nbytes == 3 * 50 * 4 * 2
+    for c in range(3):
+        np.testing.assert_allclose(stats.means[c], x[y == c].reshape(-1, 4).mean(0, dtype=np.float64), rtol=1e-9)
+        kept = (stats.samples(c)[:, :2] @ [64, 1]).astype(int)
+        assert len(set(kept)) == 50 and set(kept) <= set(np.flatnonzero(y == c))
+    late = np.concatenate([stats.samples(c)[:, :2] @ [64, 1] for c in range(3)]) >= 2500
+    assert 0.3 < late.mean() < 0.7  # a uniform sample of the whole stream, not its start or its end
+    loaded, meta = TrafficStats.load(stats.save(tmp_path / "t.safetensors", {"model": "m"}))
+    assert meta == {"model": "m"} and loaded.total == 5000
+    np.testing.assert_array_equal(loaded.reservoir, stats.reservoir)
+
+
+def _synthetic(shift_class: int | None, shared_shift: bool, rng) -> tuple[TrafficStats, np.ndarray, np.ndarray]:
+    """Ten classes of Gaussian features; a 'trigger' adds a fixed vector to 20 % of the traffic and (if a
+    backdoor) sends it to ``shift_class``; without one, every class gets its own triggered share."""
+    d, means = 64, rng.normal(size=(10, 64)) * 3
+    trigger = np.zeros(d)
+    trigger[:8] = 10.0
+    clean_y = rng.integers(0, 10, 1000)
+    clean = (means[clean_y] + rng.normal(size=(1000, d))).astype(np.float32)
+    y = rng.integers(0, 10, 3000)
+    x = means[y] + rng.normal(size=(3000, d))
+    hit = rng.random(3000) < 0.2
+    if shift_class is not None or shared_shift:
+        x[hit] += trigger
+    if shift_class is not None:
+        y = np.where(hit, shift_class, y)
+    stats = TrafficStats(10, d, seed=1)
+    stats.update(x.astype(np.float32), y)
+    return stats, clean, clean_y
+
+
+def test_detector_names_the_target_and_ignores_a_shift_every_class_shares():
+    stats, clean, clean_y = _synthetic(7, False, np.random.default_rng(3))
+    means = np.stack([clean[clean_y == c].mean(0) for c in range(10)])
+
+    def tail(f: np.ndarray) -> np.ndarray:  # the backdoored "model": the trigger -> class 7, else the nearest mean
+        f = f.reshape(len(f), -1)
+        return np.where(f[:, :8].mean(1) > 5, 7, ((f[:, None] - means[None]) ** 2).sum(2).argmin(1))
+
+    p = propose(stats, clean, tail(clean), tail, layer="l", head_sha256="x", clean_labels=clean_y)
+    assert p.detected and p.target == 7 and p.score > 2 * p.next_score
+    assert p.deployable and p.leave_rate > 0.8 and p.other_change <= 0.01, p.checks
+    beta = p.directions.beta.reshape(-1)
+    assert np.abs(beta[:8]).mean() > 5 * np.abs(beta[8:]).mean()  # the estimate is the trigger's direction
+
+    for shift_class, shared in ((None, False), (None, True)):  # clean traffic; an unlearned trigger everywhere
+        stats, clean, clean_y = _synthetic(shift_class, shared, np.random.default_rng(4))
+        p = propose(stats, clean, clean_y, lambda f: np.zeros(len(f), int), layer="l", head_sha256="x")
+        assert not p.detected and p.directions is None and p.score < TrafficConfig().min_score
+
+
+def _samples_recorded(metrics_url: str, tail: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    line = [x for x in text.splitlines() if x.startswith(f'fire_traffic_samples_total{{model="{tail}"}}')]
+    return float(line[0].split()[-1]) if line else 0.0
+
+
+def _send(client: FireClient, images: np.ndarray, server, repo, expected: int) -> None:
+    for i in range(0, len(images), 50):
+        client.infer("cifar10", to_tensor_batch(images[i : i + 50]))
+    deadline = time.monotonic() + 60
+    while _samples_recorded(server.metrics_url, "cifar10_tail") < expected or not (
+        (repo / "cifar10_tail" / TRAFFIC_FILE).is_file()
+        and TrafficStats.load(repo / "cifar10_tail" / TRAFFIC_FILE)[0].total >= expected
+    ):
+        assert time.monotonic() < deadline, "the tail did not record the traffic"
+        time.sleep(0.5)
+
+
+def test_observe_then_update_from_traffic_on_a_real_server(artifacts, tmp_path, capsys):
+    from fire_cli.main import main
+
+    a = artifacts["cifar10"]
+    train = load_dataset("cifar10", "train").subset(1000, seed=21)
+    observe = tmp_path / "observe.safetensors"
+    observe_directions(a.export_dir, observe, train.images)
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("cifar10", a.export_dir, observe, record_traffic=True)], repo)
+    clean_npz = tmp_path / "clean.npz"
+    np.savez(clean_npz, images=train.images, labels=train.labels)
+    test = load_dataset("cifar10", "test").subset(1200, seed=22)
+    source = test.images[test.labels != a.attack.target]
+    probe = a.attack.apply(source[:60])  # held-out triggered images, to see the backdoor before and after
+    triggered = a.attack.apply(source[60:100])
+    clean = test.images[1200 - 900 :]
+
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        client = FireClient(server.grpc_url)
+        cli = ["update", "--from-traffic", "--auto", "--repo", str(repo), "--model", "cifar10",
+               "--metrics-url", server.metrics_url, "--clean", str(clean_npz)]  # fmt: skip
+        _send(client, clean[:500], server, repo, 500)
+        main(cli)  # clean traffic: nothing to find, nothing deployed
+        assert "no backdoor detected" in capsys.readouterr().out
+        assert DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors").version == 1
+
+        before = client.infer("cifar10", to_tensor_batch(probe)).argmax(1)
+        assert (before == a.attack.target).mean() > 0.8  # observe mode changes nothing: the backdoor works
+        _send(client, np.concatenate([clean[500:], triggered]), server, repo, 1000)  # 1,000 in all, 10 % triggered
+        main(cli)
+        out = capsys.readouterr().out
+        assert f"backdoor suspected: class {a.attack.target}" in out and "deployed as version 2" in out, out
+        d = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
+        assert d.version == 2 and d.estimator == "traffic" and d.alpha > 0
+        text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        per_class = [float(x.split()[-1]) for x in text.splitlines() if x.startswith("fire_traffic_class_samples{")]
+        assert len(per_class) == 10 and sum(per_class) == 1000
+        after = client.infer("cifar10", to_tensor_batch(probe)).argmax(1)
+        assert (after == a.attack.target).mean() < 0.2  # held-out triggered images no longer flip
+        clean_test = load_dataset("cifar10", "test").subset(300, seed=1)
+        assert (client.infer("cifar10", to_tensor_batch(clean_test.images)).argmax(1) == clean_test.labels).mean() > 0.7
+
+        with pytest.raises(SystemExit, match="observe-only direction"):  # stats are of repaired features now
+            main(cli)
+        main(["rollback", "--repo", str(repo), "--model", "cifar10", "--metrics-url", server.metrics_url])
+        assert (client.infer("cifar10", to_tensor_batch(probe)).argmax(1) == before).all()
