@@ -10,6 +10,8 @@ from pathlib import Path
 Formatter = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "cifar10_resnet_badnets"  # the demo's bundled backdoored model
+FOLDED_HELP = ("also serve NAME_folded: head, repair and tail in one CPU stub (no hops between steps), "
+               "directions still hot-swappable; on the GPU profile an alias of NAME")  # fmt: skip
 
 
 def add_command(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:

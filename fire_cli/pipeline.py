@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fire_cli.common import add_attack_args, add_command, add_data_args, attack_spec
+from fire_cli.common import FOLDED_HELP, add_attack_args, add_command, add_data_args, attack_spec
 
 
 def export(a: argparse.Namespace) -> None:
@@ -138,7 +138,9 @@ def build_repo(a: argparse.Namespace) -> None:
     for name, exp, dirs in a.model:  # DIRECTIONS, or FIRST,SECOND for a two-layer export
         first, _, second = dirs.partition(",")
         second_file = Path(second) if second else None
-        models.append(ProtectedModel(name, Path(exp), Path(first), directions2=second_file, plain=a.plain))
+        models.append(
+            ProtectedModel(name, Path(exp), Path(first), directions2=second_file, plain=a.plain, folded=a.folded)
+        )
     settings = ServingSettings(
         max_batch_size=a.max_batch_size, max_queue_delay_us=a.max_queue_delay_us, instances=a.instances
     )
@@ -214,6 +216,7 @@ def register(sub) -> None:
     b.add_argument("--instances", type=int, default=1)
     b.add_argument("--tensorrt", action="store_true", help="also build the GPU profile's engines (needs a GPU)")
     b.add_argument("--plain", action="store_true", help="also serve NAME_plain, unprotected (comparisons only)")
+    b.add_argument("--folded", action="store_true", help=FOLDED_HELP)
 
     be = add_command(sub, "build-engines", "build missing TensorRT engines of a repository on this GPU", build_engines)
     be.add_argument("--repo", default="model_repository")

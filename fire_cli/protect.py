@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fire_cli.common import (
+    FOLDED_HELP,
     add_attack_args,
     add_command,
     add_data_args,
@@ -116,6 +117,7 @@ def protect(a: argparse.Namespace) -> None:
         calibration=CalibrationConfig(mode=a.mode, n_clean=a.n_clean, n_poisoned=a.n_poisoned, seed=a.seed),
         keep_original=not a.drop_original,
         plain=a.plain,
+        folded=a.folded,
         observe=a.observe,
         settings=ServingSettings(max_batch_size=a.max_batch_size),
     )
@@ -167,6 +169,7 @@ def register(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=64, help="(an entry keeps its own)")
     p.add_argument("--drop-original", action="store_true", help="--repo: leave out the original (NAME_unprotected)")
     p.add_argument("--plain", action="store_true", help="also serve NAME_plain (head -> tail, unprotected)")
+    p.add_argument("--folded", action="store_true", help=FOLDED_HELP)
     p.add_argument(
         "--observe",
         action="store_true",

@@ -39,6 +39,7 @@ class ProtectConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     keep_original: bool = True  # a repository entry: also serve it, unprotected, as <name>_unprotected
     plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): comparisons only
+    folded: bool = False  # also serve <name>_folded (CPU: one stub, no hops, hot-swappable directions)
     whole: bool = False  # also serve <name>_whole (the unsplit model, unprotected): benchmarks only
     observe: bool = False  # no triggered images yet: an alpha-0 direction, traffic recorded for --from-traffic
     settings: ServingSettings = field(default_factory=ServingSettings)
@@ -68,7 +69,7 @@ def _finish(export_dir: Path, data: CalibrationSet, cfg: ProtectConfig, scores, 
         d = calibrate(export_dir, export_dir / DIRECTIONS_FILE, cfg.calibration, data)
     directions = export_dir / DIRECTIONS_FILE
     model = ProtectedModel(cfg.name, export_dir, directions, plain=cfg.plain, whole=cfg.whole, io=io,
-                           record_traffic=cfg.observe)  # fmt: skip
+                           folded=cfg.folded, record_traffic=cfg.observe)  # fmt: skip
     (built,) = build_repository([model], cfg.out, cfg.settings)
     return ProtectResult(ExportInfo.read(export_dir), d, built, scores)
 

@@ -294,6 +294,8 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
     w.onnx_model(n.head, src / HEAD_ONNX, pixels, features, policy)
     head = Stage(n.head, pixels.name, FEATURES)
     if info.multilayer:
+        if m.folded:
+            raise ValueError(f"{m.name}: a folded model serves single-layer exports only (leave out folded)")
         features2 = TensorSpec(FEATURES2, tuple(info.feature2_shape))
         w.onnx_model(n.mid, src / MID_ONNX, features, features2, FEATURE_POLICY)
         w.onnx_model(n.tail, src / TAIL_ONNX, features2, logits, FEATURE_POLICY)

@@ -38,7 +38,7 @@ def default_server(artifacts, tmp_path_factory):
     """The production default: no model control over the network; directions hot-reload from the repository."""
     a = artifacts["cifar10"]
     repo = tmp_path_factory.mktemp("default_repo")
-    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, folded=True)], repo)
     with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
         yield server, repo, a
 
@@ -70,10 +70,11 @@ def batch_of(a) -> np.ndarray:
 
 
 class Load:
-    """Bounded background traffic: ``clients`` threads sending the same batch until stopped (<= 60 s)."""
+    """Bounded background traffic: ``clients`` threads sending the same batch until stopped (<= 60 s),
+    client i to ``models[i % len(models)]``."""
 
-    def __init__(self, url: str, x: np.ndarray, clients: int = 2):
-        self.x, self.stop_flag = x, threading.Event()
+    def __init__(self, url: str, x: np.ndarray, clients: int = 2, models: tuple[str, ...] = ("cifar10",)):
+        self.x, self.models, self.stop_flag = x, models, threading.Event()
         self.log: list[list[tuple[float, np.ndarray | None, str | None]]] = [[] for _ in range(clients)]
         self.threads = [threading.Thread(target=self._run, args=(url, i), daemon=True) for i in range(clients)]
 
@@ -83,7 +84,7 @@ class Load:
         while not self.stop_flag.is_set() and time.time() < deadline:
             t = time.time()
             try:
-                self.log[i].append((t, c.infer("cifar10", self.x), None))
+                self.log[i].append((t, c.infer(self.models[i % len(self.models)], self.x), None))
             except InferenceServerException as e:
                 self.log[i].append((t, None, str(e)))
             time.sleep(0.01)
@@ -138,7 +139,8 @@ def test_model_control_needs_the_admin_key_on_both_protocols(explicit):
 
 
 def test_hot_reload_under_load_switches_once_with_zero_failures(default_server, tmp_path):
-    """The repair model picks up a replaced direction file itself: no model control, no failed request."""
+    """The repair model picks up a replaced direction file itself: no model control, no failed request.
+    So does the folded model (head, repair, tail in one stub) reading the same file."""
     server, repo, a = default_server
     x = batch_of(a)
     old = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
@@ -148,7 +150,7 @@ def test_hot_reload_under_load_switches_once_with_zero_failures(default_server, 
     expected_old, expected_new = pipeline(a, x, old), pipeline(a, x, new)
     assert np.abs(expected_old - expected_new).max() > 0.1
     try:
-        with Load(server.grpc_url, x) as load:
+        with Load(server.grpc_url, x, clients=4, models=("cifar10", "cifar10_folded")) as load:
             load.wait_for(10)  # answers with the old directions
             reload_directions(repo, "cifar10_fire", new_path, server.metrics_url)
             load.wait_for(10)  # and with the new ones
