@@ -81,3 +81,52 @@ def test_protect_your_own_model_runs_as_written(tmp_path):
         assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         ran += 1
     assert ran == 2 and (tmp_path / "model_repository" / "model" / "config.pbtxt").is_file()
+
+
+# Every measured figure in the README's tables comes from a committed file: a table with a decimal
+# number names its sources in a comment just above it (`<!-- source: results/demo.md models/*/model.json -->`),
+# and each of its decimal numbers must appear in them (to the precision the README prints).
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+\.\d+(?![\w.])")
+
+
+def _tables(text: str) -> list[tuple[int, list[str], list[str]]]:
+    """(line number, source globs, body rows) of every markdown table."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and set(lines[i + 1]) <= set("|-: "):
+            j = i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            above = next((x for x in reversed(lines[max(0, i - 3) : i]) if x.strip()), "")
+            m = re.fullmatch(r"<!-- source: (.+) -->", above.strip())
+            out.append((i + 1, m.group(1).split() if m else [], lines[i + 2 : j]))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _backed(value: str, numbers: set[str]) -> bool:
+    """``value`` as printed, from some number in the files (or a fraction there printed as a percentage)."""
+    decimals = len(value.split(".")[1])
+    v = value.lstrip("+")
+    candidates = [float(x) for x in numbers] + [100 * float(x) for x in numbers if "." in x and abs(float(x)) <= 1]
+    return any(f"{x:.{decimals}f}" == v or f"{x:+.{decimals}f}" == value for x in candidates)
+
+
+def test_every_figure_in_a_readme_table_is_in_a_committed_file():
+    problems = []
+    for line, sources, rows in _tables(README):
+        body = re.sub(r"`[^`]*`", "", "\n".join(rows))  # commands and names, not figures
+        values = NUMBER.findall(body)
+        if not values:
+            continue
+        files = [p for g in sources for p in sorted(ROOT.glob(g))]
+        if not files:
+            problems.append(f"README line {line}: a table of figures with no existing source ({sources or 'none'})")
+            continue
+        numbers = set(re.findall(r"[-+]?\d+(?:\.\d+)?", "\n".join(p.read_text() for p in files)))
+        missing = sorted({v for v in values if not _backed(v, numbers)})
+        if missing:
+            problems.append(f"README line {line} ({', '.join(sources)}): not found {missing}")
+    assert not problems, "\n".join(problems)
