@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,25 @@ def test_observe_then_update_from_traffic_on_a_real_server(artifacts, tmp_path, 
             main(cli)
         main(["rollback", "--repo", str(repo), "--model", "cifar10", "--metrics-url", server.metrics_url])
         assert (client.infer("cifar10", to_tensor_batch(probe)).argmax(1) == before).all()
+
+
+def test_fire_protect_observe_serves_an_identity_repair_and_records_traffic(tmp_path):
+    """`fire protect --observe` needs only clean images: alpha 0 (nothing changes) and a recording tail."""
+    from fire_backend.names import PARAM_TRAFFIC_STATS
+    from fire_cli.main import main
+    from serving.configs import read_config
+    from serving.repository import served_model
+
+    onnx = Path(__file__).resolve().parent.parent / "models" / "own_mobilenet_v3_small" / "model.onnx"
+    train = load_dataset("cifar10", "train").subset(64, seed=5)
+    np.savez(tmp_path / "clean.npz", images=train.images)
+    repo = tmp_path / "repo"
+    main(["protect", "--onnx", str(onnx), "--mean", "0.4914", "0.4822", "0.4465", "--std", "0.2470", "0.2435",
+          "0.2616", "--clean", str(tmp_path / "clean.npz"), "--observe", "--name", "mine", "--out", str(repo),
+          "--work-dir", str(tmp_path / "work")])  # fmt: skip
+    d = served_model(repo, "mine").directions
+    assert d.alpha == 0 and d.estimator == "observe"
+    assert read_config(repo / "mine_tail").parameters[PARAM_TRAFFIC_STATS].string_value == "1"
+    with pytest.raises(SystemExit, match="--poisoned"):  # without --observe, flagged images or a trigger are needed
+        main(["protect", "--onnx", str(onnx), "--clean", str(tmp_path / "clean.npz"), "--out", str(tmp_path / "r2"),
+              "--work-dir", str(tmp_path / "work2")])  # fmt: skip
