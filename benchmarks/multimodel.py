@@ -192,7 +192,7 @@ def write_report(r: MultiModelResult, cfg: MultiModelConfig) -> Path:
         "",
         "## Memory per added model",
         "",
-        "RSS counts the pages every stub shares (the torch and onnxruntime libraries) once per stub; PSS "
+        "RSS counts the pages every stub shares (the NumPy and onnxruntime libraries) once per stub; PSS "
         "splits shared pages among their users, so PSS is what the added model really costs the machine.",
         "",
         "| step | server RSS | + server | stubs | stub RSS (sum) | stub PSS (sum) | + stubs PSS | stub RSS each |",
