@@ -109,10 +109,16 @@ def resolve_server(config: ServerConfig, scratch: Path) -> tuple[Path, Path, boo
     return binary, backend_dir, wheel
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are picked, so none repeats."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -145,9 +151,9 @@ class TritonServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        for attr in ("http_port", "grpc_port", "metrics_port"):
-            if getattr(config, attr) == 0:
-                setattr(config, attr, free_port(config.host))
+        unset = [a for a in ("http_port", "grpc_port", "metrics_port") if getattr(config, a) == 0]
+        for attr, port in zip(unset, free_ports(len(unset), config.host), strict=True):
+            setattr(config, attr, port)
         self.shm_prefix = f"fire_{uuid.uuid4().hex[:10]}_"
         self.workdir = Path(tempfile.mkdtemp(prefix="fire-triton-"))
         cache = Path(os.environ.get("FIRE_CACHE_DIR", Path.home() / ".cache" / "fire"))

@@ -21,7 +21,7 @@ from dockerfile_parse import DockerfileParser
 
 from fire_backend.names import ADMIN_HEADER
 from serving.repository import build_engines
-from serving.server import free_port
+from serving.server import free_ports
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -88,7 +88,7 @@ def test_entrypoint_runs_fire_serve_with_the_key_out_of_sight(repository, tmp_pa
     env["FIRE_PROFILE"] = "cpu"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
     env["FIRE_CACHE_DIR"] = str(tmp_path / "cache")
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     args = [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
     log = tmp_path / "entrypoint.log"
     with log.open("wb") as out:

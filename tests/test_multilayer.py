@@ -39,7 +39,8 @@ def test_two_layer_repair_served_end_to_end(tmp_path, artifacts):
     repo = tmp_path / "repo"
     main(["build-repo", "--model", "ml", str(exp), f"{exp}/directions.safetensors,{exp}/directions2.safetensors",
           "--out", str(repo), "--plain"])  # fmt: skip
-    assert {p.name for p in repo.iterdir()} == {"ml", "ml_plain", "ml_head", "ml_fire", "ml_mid", "ml_fire2", "ml_tail"}
+    steps = {"ml_head", "ml_fire", "ml_mid", "ml_fire2", "ml_tail", "ml_guard"}  # guard: the GPU profile's input check
+    assert {p.name for p in repo.iterdir()} == {"ml", "ml_plain", *steps}
     both = {"directions": exp / "directions.safetensors", "directions2": exp / "directions2.safetensors"}
     build_repository([ProtectedModel("ml", exp, fused=True, plain=True, **both)], repo)  # + ml_fused: both folded in
 

@@ -13,7 +13,7 @@ def test_three_protected_models_one_changes_the_others_keep_serving(tmp_path):
     assert min(r.requests.values()) > 20  # both other models answered throughout
     last = r.memory[-1]
     assert len(last["stubs"]) == 9  # head, repair, tail for each of the three
-    assert all(v > 50 for v in last["stubs"].values()) and sum(last["stubs_pss"].values()) > 0
+    assert all(v > 20 for v in last["stubs"].values()) and sum(last["stubs_pss"].values()) > 0  # live interpreters
     for e in r.events[:3]:  # the other models kept answering during every change
         assert all(n > 0 for n in e["answers_meanwhile"].values()), e
     text = (tmp_path / "multimodel.md").read_text()

@@ -168,7 +168,7 @@ def test_torch_factory_with_safetensors_weights(user, tmp_path):
           "--out", str(tmp_path / "repo"), "--work-dir", str(tmp_path / "w")])  # fmt: skip
     d = DirectionFile.load(tmp_path / "w" / "tm" / "directions.safetensors")
     assert d.layer == "layer2" and d.estimator == "unpaired" and d.feature_shape == (32, 16, 16)
-    assert {p.name for p in (tmp_path / "repo").iterdir()} == {"tm", "tm_head", "tm_fire", "tm_tail"}
+    assert {p.name for p in (tmp_path / "repo").iterdir()} == {"tm", "tm_head", "tm_fire", "tm_tail", "tm_guard"}
 
 
 def _raw_clients(server, model: str, names, x: np.ndarray, dtype: str) -> dict[str, np.ndarray]:

@@ -198,7 +198,9 @@ CORRUPTIONS = {
     "missing": lambda p, d: p.unlink(),
     "truncated": lambda p, d: p.write_bytes(p.read_bytes()[:100]),
     "bad header": lambda p, d: p.write_bytes((2**40).to_bytes(8, "little") + p.read_bytes()[8:]),
-    "wrong feature shape": lambda p, d: _rewrite(p, d, beta=torch.ones(4, 2, 2), mu=torch.zeros(4, 2, 2)),
+    "wrong feature shape": lambda p, d: _rewrite(
+        p, d, beta=np.ones((4, 2, 2), np.float32), mu=np.zeros((4, 2, 2), np.float32)
+    ),
     "non-finite values": lambda p, d: _forge(p, d, nan=True),
     "other head": lambda p, d: _rewrite(p, d, head_sha256="0" * 64),
     "unknown format version": lambda p, d: _forge(p, d, version="99"),

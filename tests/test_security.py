@@ -28,7 +28,7 @@ from serving.gateway import GatewayConfig, write_gateway
 from serving.logs import RotatingLog, tail
 from serving.procfs import stubs
 from serving.repository import ProtectedModel, build_repository
-from serving.server import ServerConfig, TritonServer, free_port
+from serving.server import ServerConfig, TritonServer, free_ports
 from zoo.data import to_tensor_batch
 
 from .conftest import triggered_subset
@@ -161,11 +161,12 @@ def gateway(hardened, tmp_path_factory):
     if shutil.which("haproxy") is None:
         pytest.skip("haproxy is not installed (Debian: apt-get install haproxy); scripts/test.sh installs it")
     server, repo, _ = hardened
+    http_port, grpc_port = free_ports(2)
     cfg = GatewayConfig(
         triton_http=server.http_url,
         triton_grpc=server.grpc_url,
-        listen_http=f"127.0.0.1:{free_port()}",
-        listen_grpc=f"127.0.0.1:{free_port()}",
+        listen_http=f"127.0.0.1:{http_port}",
+        listen_grpc=f"127.0.0.1:{grpc_port}",
         maxconn=60,
         backend_maxconn=8,
         client_timeout_s=2,
@@ -271,7 +272,7 @@ def test_server_logs_are_capped_and_read_from_the_end(tmp_path):
 
 
 def _fire_serve(repo: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(p) for p in free_ports(3)]
     cmd = [shutil.which("fire"), "serve", "--repo", str(repo), "--http-port", ports[0], "--grpc-port", ports[1],
            "--metrics-port", ports[2], *extra]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ports

@@ -196,9 +196,9 @@ def _processes() -> dict[int, tuple[int, str]]:
 def test_fire_serve_binds_loopback_and_stops_cleanly_on_sigterm(repository):
     import signal
 
-    from serving.server import free_port
+    from serving.server import free_ports
 
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(p) for p in free_ports(3)]
     proc = subprocess.Popen(
         [
             shutil.which("fire"),
@@ -224,7 +224,7 @@ def test_fire_serve_binds_loopback_and_stops_cleanly_on_sigterm(repository):
         server_pids = [p for p, (_, cmd) in procs.items() if f"--http-port={ports[0]}" in cmd]
         assert len(server_pids) == 1
         stubs = [p for p, (ppid, _) in procs.items() if ppid == server_pids[0]]
-        assert len(stubs) == 10, "one stub per Python-backend model (2 x head, fire, tail; 4 cifar10 extras)"
+        assert len(stubs) == 12, "one stub per Python-backend model (2 x head, fire, tail, guard; 4 cifar10 extras)"
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,25 @@ def require_io(config: dict[str, Any], inputs: list[str], outputs: list[str]) ->
 def error_response(message: str, code=None) -> Any:
     code = pb_utils.TritonError.INVALID_ARG if code is None else code
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+class PeriodicFlush:
+    """Work done off the request path: ``flush()`` every ``interval`` seconds on a daemon thread, and
+    once more at ``close()`` (the stub's finalize)."""
+
+    def _start_flushing(self, interval: float, thread_name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True, name=thread_name)
+        self._thread.start()
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.flush()

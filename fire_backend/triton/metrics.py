@@ -29,11 +29,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fire_backend.directions import DirectionFile
+from fire_backend.triton.common import PeriodicFlush
 
 SCORE_BUCKETS = [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0]
 
 
-class RepairMetrics:
+class RepairMetrics(PeriodicFlush):
     def __init__(self, model: str, directions: DirectionFile, interval: float = 1.0):
         family = pb_utils.MetricFamily
         labels = {"model": model}
@@ -72,9 +73,7 @@ class RepairMetrics:
         self.edges = np.asarray(SCORE_BUCKETS)
         self._lock = threading.Lock()
         self._pending = self._zero()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True, name="fire-metrics")
-        self._thread.start()
+        self._start_flushing(interval, "fire-metrics")
 
     def use(self, directions: DirectionFile) -> None:
         """The direction file now in use: the gauges show it."""
@@ -127,12 +126,3 @@ class RepairMetrics:
                     metric.increment(float(value))
             self.count.increment(float(p["samples"]))
             self.sum.increment(p["sum"])
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.flush()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.flush()

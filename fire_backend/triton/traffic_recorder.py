@@ -13,12 +13,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fire_backend.traffic import TrafficStats
+from fire_backend.triton.common import PeriodicFlush
 
 
-class TrafficRecorder:
+class TrafficRecorder(PeriodicFlush):
     def __init__(self, model: str, path: Path, num_classes: int, feature_size: int, budget: int, interval: float):
         self.path, self.stats = path, TrafficStats(num_classes, feature_size, budget)
-        self._lock, self._stop, self._dirty = threading.Lock(), threading.Event(), False
+        self._lock, self._dirty = threading.Lock(), False
         self._family = pb_utils.MetricFamily(
             name="fire_traffic_samples_total", description="Samples recorded for traffic calibration",
             kind=pb_utils.MetricFamily.COUNTER,
@@ -30,8 +31,7 @@ class TrafficRecorder:
         )  # fmt: skip
         self._per_class = [self._classes.Metric(labels={"model": model, "class": str(k)}) for k in range(num_classes)]
         self._pending = 0
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True, name="fire-traffic")
-        self._thread.start()
+        self._start_flushing(interval, "fire-traffic")
 
     def record(self, features: np.ndarray, logits: np.ndarray) -> None:
         predicted = logits.reshape(len(logits), -1).argmax(axis=1)
@@ -51,12 +51,3 @@ class TrafficRecorder:
             self._metric.increment(float(pending))
         for metric, n in zip(self._per_class, counts, strict=True):
             metric.set(float(n))
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.flush()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.flush()
