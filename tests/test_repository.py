@@ -35,6 +35,16 @@ def test_every_config_parses_with_tritons_schema_for_both_profiles(repository, a
                 assert cfg.HasField("dynamic_batching")
 
 
+def test_the_tensor_a_repair_edits_in_place_has_no_other_reader(repository):
+    """The repair writes into its input (on GPU, the head's own output buffer): in every ensemble of both
+    profiles, every tensor is read by one step at most, so no other step sees the edit or the original."""
+    for profile in ("cpu", "gpu"):
+        for name, cfg in _configs(repository, profile).items():
+            if cfg.platform == "ensemble":
+                read = [t for step in cfg.ensemble_scheduling.step for t in step.input_map.values()]
+                assert len(read) == len(set(read)), (profile, name, read)
+
+
 def test_profiles_place_the_halves_and_the_repair(repository):
     cpu, gpu = _configs(repository, "cpu"), _configs(repository, "gpu")
     assert cpu["cifar10_head"].backend == "python" and cpu["cifar10_head"].instance_group[0].kind == KIND_CPU
