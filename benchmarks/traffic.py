@@ -91,10 +91,9 @@ class Bench:
         keep = self.attack.counts_for_asr(self.ev_labels)
         self.ev_true = self.ev_labels[keep]
         self.ev_wanted = self.attack.target_labels(self.ev_true, self.num_classes)
-        self.ev_x = self.runner.features(test.images[ev])
-        self.ev_t = self.runner.features(self.attack.apply(test.images[ev][keep]))
-        self.base_x, self.base_t = self.runner.labels(self.ev_x), self.runner.labels(self.ev_t)
         self.ev_images_clean, self.ev_images_trig = test.images[ev], self.attack.apply(test.images[ev][keep])
+        self.ev_x, self.ev_t = self.runner.features(self.ev_images_clean), self.runner.features(self.ev_images_trig)
+        self.base_x, self.base_t = self.runner.labels(self.ev_x), self.runner.labels(self.ev_t)
         self.calib = zoo_calibration_set(self.dataset, self.attack, cfg.n_poisoned, cfg.n_clean, cfg.seed)
         self.clean = self.runner.features(self.calib.clean)
         self.clean_pred = self.runner.labels(self.clean)
@@ -327,8 +326,7 @@ def _plot(rows: list[dict], cfg: TrafficBenchConfig, path: Path) -> None:
         ax.set_title(f"{cfg.curve_model}: FIRE from traffic")
         ax.legend()
     ax = axes[1]
-    models = [m for m in cfg.models]
-    for model in models:
+    for model in cfg.models:
         sel = [r for r in rows if r["model"] == model and r["defense"] == "FIRE from traffic" and r["N"] == 1000]
         if sel:
             ax.plot([100 * r["p"] for r in sel], [r["PA"] for r in sel], "o-", label=model.replace("cifar10_", ""))

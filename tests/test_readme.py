@@ -91,7 +91,7 @@ NUMBER = re.compile(r"(?<![\w.])[-+]?\d+\.\d+(?![\w.])")
 
 def _tables(text: str) -> list[tuple[int, list[str], list[str]]]:
     """(line number, source globs, body rows) of every markdown table."""
-    lines, out, i = text.splitlines(), [], 0
+    lines, out, i = [x.strip() for x in text.splitlines()], [], 0  # tables in list items are indented
     while i < len(lines):
         if lines[i].startswith("|") and i + 1 < len(lines) and set(lines[i + 1]) <= set("|-: "):
             j = i + 2

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from fire_backend.formula import RepairInputError
+from fire_backend.names import PARAM_INPUT_RANGE
 
 
 def parse_args(args: dict[str, str]) -> tuple[dict[str, Any], dict[str, str], Path]:
@@ -32,6 +37,46 @@ def require_io(config: dict[str, Any], inputs: list[str], outputs: list[str]) ->
 def error_response(message: str, code=None) -> Any:
     code = pb_utils.TritonError.INVALID_ARG if code is None else code
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def input_range(params: dict[str, str]) -> tuple[float, float] | None:
+    """The (low, high) pixel range a model fed by clients enforces, if its config sets one."""
+    rng = params.get(PARAM_INPUT_RANGE)
+    return tuple(float(v) for v in rng.split(",")) if rng else None
+
+
+def answer_batched(requests, input_name: str, output_name: str, problem: Callable[[np.ndarray], str | None],
+                   run: Callable[[np.ndarray], np.ndarray]) -> list:  # fmt: skip
+    """Answer ``requests`` with one ``run`` over the concatenation of the inputs ``problem`` finds
+    nothing wrong with; a refused input gets its own error, a failed run fails the requests it held (the
+    server keeps serving)."""
+    responses = [None] * len(requests)
+    arrays, owners = [], []
+    for i, request in enumerate(requests):
+        x = pb_utils.get_input_tensor_by_name(request, input_name).as_numpy()
+        found = problem(x)
+        if found:
+            responses[i] = error_response(found)
+        else:
+            arrays.append(x)
+            owners.append(i)
+    if not arrays:
+        return responses
+    try:
+        out = run(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+    except RepairInputError as e:
+        failed = (f"FIRE repair: {e}", None)
+    except Exception as e:  # noqa: BLE001 - an onnxruntime failure fails these requests, not the server
+        failed = (f"inference failed: {e}", pb_utils.TritonError.INTERNAL)
+    else:
+        start = 0
+        for i, x in zip(owners, arrays, strict=True):
+            responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(output_name, out[start : start + len(x)])])
+            start += len(x)
+        return responses
+    for i in owners:
+        responses[i] = error_response(*failed)
+    return responses
 
 
 class PeriodicFlush:

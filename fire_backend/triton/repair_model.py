@@ -24,17 +24,12 @@ from fire_backend.names import (
     DIRECTIONS_FILE,
     FEATURES,
     PARAM_DIRECTIONS,
-    PARAM_DIRECTIONS_POLL,
-    PARAM_METRICS,
-    PARAM_METRICS_INTERVAL,
-    PARAM_MODE,
     PARAM_PRODUCER_ONNX,
     PARAM_THREADS,
     REPAIRED,
 )
-from fire_backend.reloader import DirectionWatcher
 from fire_backend.triton.common import error_response, parse_args, require_io
-from fire_backend.triton.metrics import RepairMetrics
+from fire_backend.triton.served_directions import ServedDirections
 
 
 class TritonPythonModel:
@@ -62,35 +57,10 @@ class TritonPythonModel:
             def make_repair(d, mode):
                 return Repair(d, mode=mode, device=self.device)
 
-        self.name = args["model_name"]
-        self.metrics = None
         # Fail closed: a missing or invalid file raises here, and neither this model nor its ensemble loads.
-        self.watcher = DirectionWatcher(
-            version_dir / params.get(PARAM_DIRECTIONS, DIRECTIONS_FILE),
-            feature_shape,
-            producer_sha256,
-            mode=params.get(PARAM_MODE) or None,
-            make_repair=make_repair,
-            on_change=self._changed,
-            on_error=self._refused,
-        )
-        if params.get(PARAM_METRICS, "on") != "off":
-            interval = float(params.get(PARAM_METRICS_INTERVAL, "1.0"))
-            self.metrics = RepairMetrics(self.name, self.watcher.current.directions, interval)
-        poll = float(params.get(PARAM_DIRECTIONS_POLL, "1.0"))
-        if poll > 0:
-            self.watcher.start(poll)
-
-    def _changed(self, loaded) -> None:
-        pb_utils.Logger.log_info(f"{self.name}: now serving direction file {loaded.directions.created} "
-                                 f"(version {loaded.directions.version})")  # fmt: skip
-        if self.metrics:
-            self.metrics.use(loaded.directions)
-
-    def _refused(self, error: Exception) -> None:
-        pb_utils.Logger.log_error(f"{self.name}: kept the previous directions, refused the new file: {error}")
-        if self.metrics:
-            self.metrics.record_reload_failure()
+        path = version_dir / params.get(PARAM_DIRECTIONS, DIRECTIONS_FILE)
+        name = args["model_name"]
+        self.directions = ServedDirections(name, path, feature_shape, producer_sha256, params, make_repair)
 
     def _features(self, tensor):
         """The request's features without a copy: a NumPy view (CPU) or a CUDA tensor (DLPack)."""
@@ -110,20 +80,16 @@ class TritonPythonModel:
         responses = []
         for request in requests:  # one by one: each input is repaired in place, nothing concatenated
             x = self._features(pb_utils.get_input_tensor_by_name(request, FEATURES))
-            repair = self.watcher.current.repair  # one file per request, even while a new one is swapped in
+            repair = self.directions.repair  # one file per request, even while a new one is swapped in
             try:
                 y, scores = repair.repair_with_scores(x, inplace=True)
             except RepairInputError as e:
-                if self.metrics:
-                    self.metrics.record_rejected()
+                self.directions.record_rejected()
                 responses.append(error_response(f"FIRE repair: {e}"))
                 continue
-            if self.metrics:
-                self.metrics.record(scores, repair)
+            self.directions.record(scores, repair)
             responses.append(pb_utils.InferenceResponse([self._output(y)]))
         return responses
 
     def finalize(self) -> None:
-        self.watcher.stop()
-        if self.metrics:
-            self.metrics.close()
+        self.directions.close()

@@ -17,7 +17,7 @@ from fire_backend.triton.common import PeriodicFlush
 
 
 class TrafficRecorder(PeriodicFlush):
-    def __init__(self, model: str, path: Path, num_classes: int, feature_size: int, budget: int, interval: float):
+    def __init__(self, model: str, path: Path, num_classes: int, feature_size: int, budget: int, interval: float = 5.0):
         self.path, self.stats = path, TrafficStats(num_classes, feature_size, budget)
         self._lock, self._dirty = threading.Lock(), False
         self._family = pb_utils.MetricFamily(
