@@ -169,7 +169,10 @@ def update(a: argparse.Namespace) -> None:
     head = producer_of(a.repo, stream.repair_model)
     poisoned = head_features(a.url, head, read_images(a.poisoned), "http")
     clean = head_features(a.url, head, read_images(a.clean), "http") if a.clean else None
-    r = stream.update(poisoned, clean, GuardRails(min_samples=a.min_samples, max_step=a.max_step))
+    try:
+        r = stream.update(poisoned, clean, GuardRails(min_samples=a.min_samples, max_step=a.max_step))
+    except ValueError as e:
+        raise SystemExit(f"fire update: {e}") from None
     if r.status == "pending":
         print(f"pending: {r.reported_poisoned} of {a.min_samples} triggered reports; version {r.version} keeps serving")
     else:
@@ -182,7 +185,10 @@ def update(a: argparse.Namespace) -> None:
 
 def rollback(a: argparse.Namespace) -> None:
     stream = _stream(a)
-    d = stream.rollback(a.to)
+    try:
+        d = stream.rollback(a.to)
+    except ValueError as e:
+        raise SystemExit(f"fire rollback: {e}") from None
     print(f"{stream.repair_model} now serves direction version {d.version} (created {d.created})")
 
 

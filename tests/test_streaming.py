@@ -89,3 +89,5 @@ def test_streaming_updates_guard_rails_and_rollback(served):
           "--model", "cifar10", "--poisoned", str(npz)])  # fmt: skip
     d = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
     assert d.version == 4 and d.updates == 1  # after the rollback to v1, numbering continues past v3
+    with pytest.raises(SystemExit, match="no version 9"):  # a clear message, not a traceback
+        main(["rollback", "--repo", str(repo), "--model", "cifar10", "--metrics-url", server.metrics_url, "--to", "9"])
