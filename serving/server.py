@@ -226,6 +226,7 @@ class TritonServer:
         env.setdefault("OMP_NUM_THREADS", "1")
         env[server_guard.KEY_ENV] = self.admin_key  # readable by this user and root only; the library drops it
         env["LD_PRELOAD"] = str(server_guard.library())
+        env[server_guard.PARENT_ENV] = str(os.getpid())  # the server goes when this process goes (SIGKILL too)
         return env
 
     def start(self, timeout: float = 120.0, require_all_models: bool = True) -> TritonServer:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 KEY_PLACEHOLDER = "@FIRE_ADMIN_KEY@"
 KEY_ENV = "FIRE_ADMIN_KEY"
+PARENT_ENV = "FIRE_PARENT_PID"  # the launcher: the server is sent SIGTERM when it dies
 SOURCE = Path(__file__).resolve().parent / "native" / "server_guard.c"
 
 

@@ -12,13 +12,23 @@
  * Second: the Python backend creates its shared-memory regions in /dev/shm (tensors in flight) and
  * sets their mode to 0644 with fchmod, whatever the umask: readable by every local user. Within the
  * server process, this library's fchmod drops the group and other bits, so the regions are 0600.
+ *
+ * Third: the server must not outlive its launcher. A launcher killed with SIGKILL (the OOM killer, a
+ * forced stop) cannot stop its server, which would keep the ports, the shared memory and whatever it
+ * served. With FIRE_PARENT_PID set, the server asks the kernel for SIGTERM when its parent goes (a
+ * graceful shutdown; the stubs follow their server), and exits at once if the parent is already gone.
+ * (The kernel sends it when the launcher's thread that started the server ends: launchers start it
+ * from their main thread.)
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 int fchmod(int fd, mode_t mode) {
     static int (*real_fchmod)(int, mode_t) = NULL;
@@ -47,6 +57,12 @@ static void fire_server_guard(int argc, char **argv, char **envp) {
     }
     unsetenv("FIRE_ADMIN_KEY");
     unsetenv("LD_PRELOAD");
+    const char *parent = getenv("FIRE_PARENT_PID");
+    if (parent != NULL) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if ((pid_t)atol(parent) != getppid()) _exit(1); /* the launcher died before the request took */
+        unsetenv("FIRE_PARENT_PID");
+    }
 }
 
 __attribute__((section(".init_array"), used)) static void (*fire_server_guard_init)(int, char **, char **) =
