@@ -3,6 +3,11 @@
 client = FireClient("127.0.0.1:8001", protocol="grpc")
 logits = client.infer("cifar10", images)          # float32 (N, 3, 32, 32) in [0, 1]
 labels = client.classify("cifar10", uint8_images) # (N, 32, 32, 3) uint8, e.g. from load_images()
+
+Triton's raw ports answer inference only with the inference key (``fire_backend.keys``): the client
+sends it when it is given, or, for a loopback address, when this user has one (``$FIRE_INFERENCE_KEY``
+or the file ``fire serve`` wrote). Through the gateway no key is needed (the gateway adds its own);
+a key is never sent to another machine unless given explicitly.
 """
 
 from __future__ import annotations
@@ -13,8 +18,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fire_backend.keys import INFERENCE
 from fire_backend.names import INPUT, LOGITS
+from fire_backend.network import host_of, is_loopback
 from zoo.data import to_tensor_batch
+
+
+def inference_headers(url: str, protocol: str, key: str | None = None) -> dict[str, str]:
+    """The inference key's header for ``url``: ``key`` if given, else this user's key for a loopback
+    address (none for any other address)."""
+    key = key or (INFERENCE.find() if is_loopback(host_of(url)) else None)
+    return INFERENCE.headers(key, protocol) if key else {}
 
 
 class FireClient:
@@ -25,6 +39,7 @@ class FireClient:
         max_batch_size: int = 64,
         timeout_s: float = 60.0,
         tls_root_cert: str | Path | None = None,
+        key: str | None = None,
     ):
         if protocol == "grpc":
             import tritonclient.grpc as tc
@@ -40,9 +55,13 @@ class FireClient:
                 raise ValueError("TLS is set up for gRPC; put an HTTPS proxy in front of HTTP")
             kwargs = {"ssl": True, "root_certificates": str(tls_root_cert)}
         self.client = tc.InferenceServerClient(url=url, **kwargs)
+        self.headers = inference_headers(url, protocol, key)
 
     def is_ready(self, model: str) -> bool:
-        return bool(self.client.is_model_ready(model))
+        return bool(self.client.is_model_ready(model, headers=self.headers))
+
+    def metadata(self, model: str):
+        return self.client.get_model_metadata(model, headers=self.headers)
 
     def infer(self, model: str, images: np.ndarray, input_name: str = INPUT, output_name: str = LOGITS) -> np.ndarray:
         """Logits for a float32 NCHW batch; batches above the model's limit are sent in chunks."""
@@ -57,11 +76,17 @@ class FireClient:
         if self.protocol == "http":
             inp.set_data_from_numpy(x, binary_data=True)
             out = self.tc.InferRequestedOutput(output_name, binary_data=True)
-            result = self.client.infer(model, [inp], outputs=[out], timeout=int(self.timeout_s * 1e6))
+            result = self.client.infer(
+                model, [inp], outputs=[out], timeout=int(self.timeout_s * 1e6), headers=self.headers
+            )
         else:
             inp.set_data_from_numpy(x)
             result = self.client.infer(
-                model, [inp], outputs=[self.tc.InferRequestedOutput(output_name)], client_timeout=self.timeout_s
+                model,
+                [inp],
+                outputs=[self.tc.InferRequestedOutput(output_name)],
+                client_timeout=self.timeout_s,
+                headers=self.headers,
             )
         return result.as_numpy(output_name)
 

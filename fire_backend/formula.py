@@ -47,6 +47,7 @@ class RepairParams:
     threshold: np.ndarray  # tau (1,)
     feature_shape: tuple[int, ...]
     beta_norm: float
+    tau: float  # the threshold as a number (the same on every device: the metrics compare NumPy scores with it)
 
     ARRAYS = ("directions", "offsets", "weights", "shifts", "threshold")
 
@@ -72,7 +73,7 @@ class RepairParams:
             return np.ascontiguousarray(a, dtype=np.float32)
 
         mu = np.asarray(d.mu, np.float64).reshape(-1)
-        return cls(mode, f32(v), f32(v @ mu), f32(w), f32(c), f32([tau]), tuple(d.feature_shape), norm)
+        return cls(mode, f32(v), f32(v @ mu), f32(w), f32(c), f32([tau]), tuple(d.feature_shape), norm, float(tau))
 
     def to(self, convert: Callable[[np.ndarray], object]) -> RepairParams:
         """The same parameters as another library's arrays, e.g. ``lambda a: torch.from_numpy(a).cuda()``."""

@@ -24,9 +24,16 @@ SPLIT_JSON = "split.json"
 TRAFFIC_FILE = "traffic.safetensors"  # in the tail's model directory: what it served, per class (bounded)
 MODEL_VERSION = "1"  # every generated model has this one version directory
 
-# Model control: the header (HTTP) / metadata key (gRPC) that carries the admin key
-ADMIN_HEADER = "fire-admin-key"
-GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # Triton prefixes restricted gRPC keys
+# Keys (fire_backend.keys): the header (HTTP) / metadata key (gRPC) that carries each
+ADMIN_HEADER = "fire-admin-key"  # model control, shared memory, statistics, logging, trace
+INFERENCE_HEADER = "fire-inference-key"  # inference, model metadata, model config
+GRPC_KEY_PREFIX = "triton-grpc-protocol-"  # Triton prefixes restricted gRPC keys
+GRPC_ADMIN_HEADER = GRPC_KEY_PREFIX + ADMIN_HEADER
+SOURCE_HEADER = "fire-source"  # set by the gateway (the client's address), forwarded to the models
+GATEWAY_HEADER_PREFIX = "fire-"  # headers a client may not send through the gateway
+
+# Environment
+CACHE_ENV = "FIRE_CACHE_DIR"  # keys, logs, the server guard library, decoded datasets (private, 0700)
 
 # Parameters of the Python-backend models (config.pbtxt ``parameters``)
 PARAM_ONNX_FILE = "ONNX_FILE"
@@ -41,7 +48,8 @@ PARAM_DIRECTIONS_POLL = "DIRECTIONS_POLL_S"  # how often the repair model looks 
 PARAM_PRODUCER_ONNX = "HEAD_ONNX"  # the ONNX file whose output the repair edits (the direction file is bound to it)
 PARAM_TAIL_ONNX = "TAIL_ONNX"  # the folded model: the second half it runs after the repair
 PARAM_MODE = "MODE"
-PARAM_METRICS = "METRICS"
+PARAM_METRICS = "METRICS"  # METRICS_LEVELS: off, on (counts and the direction in use), detailed (+ per-sample scores)
+METRICS_OFF, METRICS_ON, METRICS_DETAILED = METRICS_LEVELS = ("off", "on", "detailed")
 PARAM_METRICS_INTERVAL = "METRICS_INTERVAL_S"
 PARAM_PREPROCESS = "FIRE_PREPROCESS"  # JSON: how clients turn images into the protected model's input
 

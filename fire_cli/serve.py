@@ -13,7 +13,7 @@ from fire_cli.common import add_command
 
 def _check_exposure(a: argparse.Namespace) -> str | None:
     """Where HTTP and metrics bind: loopback unless the user insists. A non-loopback gRPC address needs TLS."""
-    from loadtest.targets import is_loopback
+    from fire_backend.network import is_loopback
 
     if is_loopback(a.host):
         return None

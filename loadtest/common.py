@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from locust import events
 
-from loadtest.targets import host_of, is_loopback
+from fire_backend.network import host_of, is_loopback
 from zoo.attacks import make_attack
 from zoo.data import load_dataset, to_tensor_batch
 

@@ -15,8 +15,8 @@ import time  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, constant, task  # noqa: E402
 
+from fire_backend.network import host_of  # noqa: E402
 from loadtest.common import tally, traffic  # noqa: E402
-from loadtest.targets import host_of  # noqa: E402
 
 
 class TritonGrpcUser(User):

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest.targets import host_of, is_loopback
+from fire_backend.network import host_of, is_loopback
 from serving.server import ServerConfig, TritonServer
 
 HERE = Path(__file__).resolve().parent

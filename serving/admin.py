@@ -1,57 +1,44 @@
 """Calls to the server's restricted APIs (model control), with the admin key.
 
 The key travels in one header (``fire_backend.names.ADMIN_HEADER``) and is found in one way
-(``admin_key``): ``$FIRE_ADMIN_KEY``, else the file ``fire serve`` wrote (mode 0600)."""
+(``fire_backend.keys.ADMIN.read()``): ``$FIRE_ADMIN_KEY``, else the file ``fire serve`` wrote (mode 0600)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import urllib.error
 import urllib.request
-from pathlib import Path
 
+from fire_backend.errors import FireError
 from fire_backend.names import ADMIN_HEADER
 
-ADMIN_KEY_ENV = "FIRE_ADMIN_KEY"
 
-
-class ControlError(RuntimeError):
+class ControlError(FireError):
     """A model-control call failed; the message carries the server's reason."""
 
 
-def admin_key_file() -> Path:
-    base = Path(os.environ.get("FIRE_CACHE_DIR", Path.home() / ".cache" / "fire"))
-    return base / "admin_key"
-
-
-def admin_key() -> str:
-    """$FIRE_ADMIN_KEY, else the key `fire serve` generated last."""
-    key = os.environ.get(ADMIN_KEY_ENV)
-    if key:
-        return key
-    path = admin_key_file()
-    if not path.is_file():
-        raise SystemExit(f"no admin key: set ${ADMIN_KEY_ENV} or start the server with `fire serve` first ({path})")
-    return path.read_text().strip()
-
-
-def admin_request(
-    http_url: str, admin_key: str, path: str, method: str = "POST", timeout: float = 120.0, body: dict | None = None
-) -> tuple[int, bytes]:
-    """(status, body) of one call to the server's HTTP API carrying the admin key."""
+def http_request(http_url: str, path: str, method: str = "GET", headers: dict | None = None,
+                 timeout: float = 120.0, body: dict | None = None) -> tuple[int, bytes]:  # fmt: skip
+    """(status, body) of one call to the server's HTTP API."""
     req = urllib.request.Request(
         f"http://{http_url}{path}",
         method=method,
         data=json.dumps(body or {}).encode() if method == "POST" else None,
-        headers={ADMIN_HEADER: admin_key},
+        headers=headers or {},
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def admin_request(
+    http_url: str, admin_key: str, path: str, method: str = "POST", timeout: float = 120.0, body: dict | None = None
+) -> tuple[int, bytes]:
+    """(status, body) of one call to the server's HTTP API carrying the admin key."""
+    return http_request(http_url, path, method, {ADMIN_HEADER: admin_key}, timeout, body)
 
 
 def _control(http_url: str, admin_key: str, model: str, action: str, timeout: float, body: dict | None = None) -> None:
@@ -70,8 +57,6 @@ def load_model(http_url: str, admin_key: str, model: str, timeout: float = 120.0
     _control(http_url, admin_key, model, "load", timeout)
 
 
-def unload_model(
-    http_url: str, admin_key: str, model: str, timeout: float = 120.0, dependents: bool = False
-) -> None:
+def unload_model(http_url: str, admin_key: str, model: str, timeout: float = 120.0, dependents: bool = False) -> None:
     """Unload ``model`` (and, with ``dependents``, the models an ensemble was built from)."""
     _control(http_url, admin_key, model, "unload", timeout, {"parameters": {"unload_dependents": dependents}})

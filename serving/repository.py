@@ -35,12 +35,15 @@ from fire_backend.names import (
     FEATURES2,
     GUARDED,
     HEAD_ONNX,
+    METRICS_LEVELS,
+    METRICS_ON,
     MID_ONNX,
     MODEL_VERSION,
     PARAM_CHECK_FINITE,
     PARAM_DIRECTIONS,
     PARAM_GUARD_INPUT,
     PARAM_INPUT_RANGE,
+    PARAM_METRICS,
     PARAM_MODE,
     PARAM_PREPROCESS,
     PARAM_PRODUCER_ONNX,
@@ -104,6 +107,11 @@ class ProtectedModel:
     plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): benchmarks and comparisons only
     io: tuple[TensorSpec, TensorSpec] | None = None  # the served input/output (a drop-in keeps the original's)
     record_traffic: bool = False  # the tail keeps feature statistics of what it serves (observe mode)
+    metrics: str = METRICS_ON  # off, on, or detailed (+ per-sample scores: readable by anyone on the metrics port)
+
+    def __post_init__(self) -> None:
+        if self.metrics not in METRICS_LEVELS:
+            raise ValueError(f"{self.name}: metrics must be one of {METRICS_LEVELS}, got {self.metrics!r}")
 
 
 @dataclass
@@ -189,7 +197,7 @@ class _Writer:
             build_tensorrt_engine(version / WHOLE_ONNX, version, self.s.max_batch_size)
 
     def repair_model(
-        self, name: str, directions: Path, mode: str | None, producer: str, shape, preprocess: dict
+        self, name: str, directions: Path, mode: str | None, producer: str, shape, preprocess: dict, metrics: str
     ) -> None:
         """A repair model; ``producer`` is the model whose ONNX computes its input (the file is bound to it)."""
         model_dir = self._fresh(name)
@@ -199,6 +207,7 @@ class _Writer:
             PARAM_DIRECTIONS: DIRECTIONS_FILE,
             PARAM_PRODUCER_ONNX: f"{producer}/{MODEL_VERSION}/{WHOLE_ONNX}",
             PARAM_PREPROCESS: json.dumps(preprocess, sort_keys=True),
+            PARAM_METRICS: metrics,
         }
         if mode:
             params[PARAM_MODE] = mode
@@ -215,7 +224,7 @@ class _Writer:
         finally:
             src.unlink()
 
-    def folded(self, name: str, n: ModelNames, mode, inp, out, policy: dict, protected: str) -> None:
+    def folded(self, name: str, n: ModelNames, mode, inp, out, policy: dict, protected: str, metrics: str) -> None:
         """CPU: head, repair and tail in one Python model reading the halves' ONNX files and watching the
         repair model's direction file. GPU: an alias of the protected ensemble (TensorRT halves)."""
         model_dir = self._fresh(name)
@@ -225,6 +234,7 @@ class _Writer:
             PARAM_TAIL_ONNX: f"{n.tail}/{MODEL_VERSION}/{WHOLE_ONNX}",
             PARAM_DIRECTIONS: f"{n.repair}/{MODEL_VERSION}/{DIRECTIONS_FILE}",
             PARAM_ROLE: PROTECTED_ROLE,
+            PARAM_METRICS: metrics,
             **policy,
         }
         if mode:
@@ -299,8 +309,8 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
         features2 = TensorSpec(FEATURES2, tuple(info.feature2_shape))
         w.onnx_model(n.mid, src / MID_ONNX, features, features2, FEATURE_POLICY)
         w.onnx_model(n.tail, src / TAIL_ONNX, features2, logits, FEATURE_POLICY)
-        w.repair_model(n.repair, m.directions, m.mode, n.head, info.feature_shape, info.preprocess)
-        w.repair_model(n.repair2, m.directions2, m.mode, n.mid, info.feature2_shape, info.preprocess)
+        w.repair_model(n.repair, m.directions, m.mode, n.head, info.feature_shape, info.preprocess, m.metrics)
+        w.repair_model(n.repair2, m.directions2, m.mode, n.mid, info.feature2_shape, info.preprocess, m.metrics)
         mid, tail = Stage(n.mid, FEATURES, FEATURES2), Stage(n.tail, FEATURES2, logits.name)
         fire, fire2 = Stage(n.repair, FEATURES, REPAIRED), Stage(n.repair2, FEATURES, REPAIRED)
         w.ensemble(n.protected, pixels, logits, [head, fire, mid, fire2, tail], guard)
@@ -309,7 +319,7 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
         if m.fused:
             w.fused(n.fused, m.export_dir, [m.directions, m.directions2], m.mode, pixels, logits, policy, guard)
     else:
-        tail_policy = RECORDING_TAIL_POLICY if m.record_traffic else FEATURE_POLICY
+        tail_policy = {**RECORDING_TAIL_POLICY, PARAM_METRICS: m.metrics} if m.record_traffic else FEATURE_POLICY
         w.onnx_model(n.tail, src / TAIL_ONNX, features, logits, tail_policy)
         tail = Stage(n.tail, FEATURES, logits.name)
         protected = [(n.protected, n.repair, m.directions, m.mode, m.fused)] + [
@@ -317,14 +327,14 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
             for v in m.variants
         ]
         for ensemble_name, repair, directions, mode, fused in protected:
-            w.repair_model(repair, directions, mode, n.head, info.feature_shape, info.preprocess)
+            w.repair_model(repair, directions, mode, n.head, info.feature_shape, info.preprocess, m.metrics)
             w.ensemble(ensemble_name, pixels, logits, [head, Stage(repair, FEATURES, REPAIRED), tail], guard)
             if fused:
                 w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits, policy, guard)
         if m.plain:
             w.ensemble(n.plain, pixels, logits, [head, tail], guard)
         if m.folded:
-            w.folded(n.folded, n, m.mode, pixels, logits, policy, n.protected)
+            w.folded(n.folded, n, m.mode, pixels, logits, policy, n.protected, m.metrics)
     if m.whole:
         w.pixel_onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, policy, guard)
     return BuiltModel(m.name, w.written[first:])

@@ -10,9 +10,13 @@ stub process and no shared-memory region of its own is left behind.
 Hardening (see the README's "Security model"):
 - no model control over the network by default (``--model-control-mode=none``): what a protected name
   serves changes only through its repository directory (the repair model reloads its own file);
-- the APIs no client needs (model repository, shared memory, statistics, logging, trace) are restricted
-  to an admin key that appears in no process's arguments (``server_guard``) and in no environment other
-  users can read;
+- every API but health takes a key (``fire_backend.keys``): the admin key for the model repository,
+  shared memory, statistics, logging and trace; the inference key for inference, metadata and model
+  config (the gateway holds it and uses it for protected models only), so a local account on the raw
+  ports reaches no half and no direction; neither key appears in any process's arguments
+  (``server_guard``) or in an environment other users can read;
+- the gateway's ``fire-source`` header (the client's address) reaches the models as a request
+  parameter, so traffic statistics can bound each source's weight;
 - the server and its stubs run with umask 077: their shared-memory regions in /dev/shm are 0600;
 - its log is size-capped, kept after a crash, and read from the end (``logs``).
 """
@@ -36,20 +40,20 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fire_backend.names import ADMIN_HEADER
+from fire_backend.cache import cache_dir
+from fire_backend.errors import FireError
+from fire_backend.keys import ADMIN, INFERENCE, KEYS
+from fire_backend.names import SOURCE_HEADER
 from serving import logs, server_guard
-from serving.admin import admin_request
+from serving.admin import admin_request, http_request
 from serving.procfs import group_pids
 from serving.watchdog import StubWatchdog
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-# APIs no inference client needs; with them, a caller could load code, swap models, read or corrupt
-# shared memory, or change logging and tracing. They take the admin key (Triton names: HTTP and gRPC).
-RESTRICTED = "model-repository,shared-memory,statistics,logging,trace"
 STUB_SHM_BYTES = 16 << 20  # per-stub shared memory: a batch-64 activation fits without growing the pool
 
 
-class ServerError(RuntimeError):
+class ServerError(FireError):
     """The server could not be found, started, or made ready; the message includes its log tail."""
 
 
@@ -134,6 +138,7 @@ class ServerConfig:
     backend_config: list[str] = field(default_factory=list)  # e.g. "python,shm-default-byte-size=..."
     log_verbose: int = 0
     admin_key: str | None = None  # guards model control/repository; None: a random key per start
+    inference_key: str | None = None  # guards inference/metadata/config; None: fire_backend.keys.INFERENCE's
     tls_cert: Path | None = None  # PEM server certificate and key: gRPC over TLS
     tls_key: Path | None = None
     watchdog: bool = False  # explicit mode: reload a model whose Python stub died (see watchdog.py)
@@ -141,7 +146,7 @@ class ServerConfig:
     tritonserver: Path | None = None  # None: $FIRE_TRITONSERVER, the NGC image's (GPU profile), or the wheel's
     backend_dir: Path | None = None  # None: $FIRE_BACKEND_DIR, or the backends next to that server
     stub_shm_bytes: int = STUB_SHM_BYTES
-    log_dir: Path | None = None  # None: $FIRE_CACHE_DIR/logs; logs stay after the server stops or crashes
+    log_dir: Path | None = None  # None: the cache's logs/; logs stay after the server stops or crashes
     log_max_bytes: int = 16 << 20  # per file; two older files are kept
     extra_args: list[str] = field(default_factory=list)
 
@@ -156,10 +161,11 @@ class TritonServer:
             setattr(config, attr, port)
         self.shm_prefix = f"fire_{uuid.uuid4().hex[:10]}_"
         self.workdir = Path(tempfile.mkdtemp(prefix="fire-triton-"))
-        cache = Path(os.environ.get("FIRE_CACHE_DIR", Path.home() / ".cache" / "fire"))
-        self.log_dir = Path(config.log_dir or cache / "logs")
+        self.log_dir = Path(config.log_dir) if config.log_dir else cache_dir("logs")
         self.log_path = self.log_dir / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
         self.admin_key = config.admin_key or secrets.token_urlsafe(24)
+        self.inference_key = config.inference_key or INFERENCE.ensure()[0]
+        self.keys = {ADMIN: self.admin_key, INFERENCE: self.inference_key}
         self.log: logs.RotatingLog | None = None
         self.binary, self.backend_dir, self.wheel = resolve_server(config, self.workdir / "backends")
         self.process: subprocess.Popen | None = None
@@ -201,11 +207,14 @@ class TritonServer:
             f"--backend-config=python,shm-default-byte-size={c.stub_shm_bytes}",
             f"--backend-config=python,shm-growth-byte-size={c.stub_shm_bytes}",
             f"--log-verbose={c.log_verbose}",
-            # The key itself is never an argument (every local user can read /proc/<pid>/cmdline): the
-            # placeholder is replaced inside the process by the server_guard preload library.
-            f"--http-restricted-api={RESTRICTED}:{ADMIN_HEADER}={server_guard.KEY_PLACEHOLDER}",
-            f"--grpc-restricted-protocol={RESTRICTED}:{ADMIN_HEADER}={server_guard.KEY_PLACEHOLDER}",
+            f"--http-header-forward-pattern=^{SOURCE_HEADER}$",
+            f"--grpc-header-forward-pattern=^{SOURCE_HEADER}$",
         ]
+        # A key is never an argument (every local user can read /proc/<pid>/cmdline): its placeholder
+        # is replaced inside the process by the server_guard preload library.
+        for key in KEYS:
+            rule = f"{key.categories}:{key.header}={server_guard.placeholder(key)}"
+            cmd += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
         if c.tls_cert or c.tls_key:
             if not (c.tls_cert and c.tls_key):
                 raise ServerError("TLS needs both a certificate and a key")
@@ -224,7 +233,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("OMP_NUM_THREADS", "1")
-        env[server_guard.KEY_ENV] = self.admin_key  # readable by this user and root only; the library drops it
+        for key, value in self.keys.items():  # readable by this user and root only; the library drops them
+            env[key.env] = value
         env["LD_PRELOAD"] = str(server_guard.library())
         env[server_guard.PARENT_ENV] = str(os.getpid())  # the server goes when this process goes (SIGKILL too)
         return env
@@ -255,11 +265,17 @@ class TritonServer:
     def _get(self, path: str, method: str = "GET", timeout: float = 2.0) -> tuple[int, bytes]:
         return admin_request(self.http_url, self.admin_key, path, method, timeout)
 
+    def headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """The inference key's header, for this server's own clients (tests, benchmarks)."""
+        return INFERENCE.headers(self.inference_key, protocol)
+
     def _check_key_is_secret(self) -> None:
-        """Fail closed if the placeholder, which anyone can read in the arguments, works as the key."""
-        status, _ = admin_request(self.http_url, server_guard.KEY_PLACEHOLDER, "/v2/repository/index", "POST", 5)
-        if status != 403:
-            raise ServerError("the admin key placeholder was accepted: the key-hiding library did not run")
+        """Fail closed if a placeholder, which anyone can read in the arguments, works as its key."""
+        probes = {ADMIN: ("/v2/repository/index", "POST"), INFERENCE: ("/v2", "GET")}
+        for key, (path, method) in probes.items():
+            status, _ = http_request(self.http_url, path, method, {key.header: server_guard.placeholder(key)}, 5)
+            if status != 403:
+                raise ServerError(f"the {key.name} key placeholder was accepted: the key-hiding library did not run")
 
     def model_states(self) -> dict[str, dict]:
         """The repository index: model name -> {state, reason}."""

@@ -8,8 +8,8 @@ import pytest
 
 from benchmarks.serving import ServingBenchConfig
 from benchmarks.serving import main as bench_main
+from fire_backend.network import is_loopback
 from loadtest.runner import LoadTestConfig, run_loadtest
-from loadtest.targets import is_loopback
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

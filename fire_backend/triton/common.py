@@ -12,7 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fire_backend.formula import RepairInputError
-from fire_backend.names import PARAM_INPUT_RANGE
+from fire_backend.names import PARAM_INPUT_RANGE, SOURCE_HEADER
 
 
 def parse_args(args: dict[str, str]) -> tuple[dict[str, Any], dict[str, str], Path]:
@@ -45,11 +45,21 @@ def input_range(params: dict[str, str]) -> tuple[float, float] | None:
     return tuple(float(v) for v in rng.split(",")) if rng else None
 
 
+def request_source(request) -> str:
+    """The client the gateway named for this request (its ``fire-source`` header, which Triton passes
+    on as a request parameter), or "" (a request to the raw ports)."""
+    try:
+        value = json.loads(request.parameters() or "{}").get(SOURCE_HEADER, "")
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
 def answer_batched(requests, input_name: str, output_name: str, problem: Callable[[np.ndarray], str | None],
-                   run: Callable[[np.ndarray], np.ndarray]) -> list:  # fmt: skip
-    """Answer ``requests`` with one ``run`` over the concatenation of the inputs ``problem`` finds
-    nothing wrong with; a refused input gets its own error, a failed run fails the requests it held (the
-    server keeps serving)."""
+                   run: Callable[[np.ndarray, list], np.ndarray]) -> list:  # fmt: skip
+    """Answer ``requests`` with one ``run(batch, sources)`` over the concatenation of the inputs
+    ``problem`` finds nothing wrong with (``sources``: each row's ``request_source``); a refused input
+    gets its own error, a failed run fails the requests it held (the server keeps serving)."""
     responses = [None] * len(requests)
     arrays, owners = [], []
     for i, request in enumerate(requests):
@@ -63,7 +73,8 @@ def answer_batched(requests, input_name: str, output_name: str, problem: Callabl
     if not arrays:
         return responses
     try:
-        out = run(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+        sources = [request_source(requests[i]) for i, x in zip(owners, arrays, strict=True) for _ in range(len(x))]
+        out = run(arrays[0] if len(arrays) == 1 else np.concatenate(arrays), sources)
     except RepairInputError as e:
         failed = (f"FIRE repair: {e}", None)
     except Exception as e:  # noqa: BLE001 - an onnxruntime failure fails these requests, not the server

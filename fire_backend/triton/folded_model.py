@@ -48,7 +48,7 @@ class TritonPythonModel:
     def _problem(self, x: np.ndarray) -> str | None:
         return pixel_problem(x, *self.input_range) if self.input_range else None
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, sources: list[str]) -> np.ndarray:
         repair = self.directions.repair
         features = self.head.run([FEATURES], {self.input_name: batch})[0]
         features, scores = repair.repair_with_scores(features, inplace=True)  # onnxruntime's own output

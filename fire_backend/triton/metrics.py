@@ -3,10 +3,13 @@ a Triton stub). They appear on the server's metrics endpoint (``:8002/metrics``)
 labelled with the repair model's name:
 
 - ``fire_repair_samples_total``            samples through the repair
-- ``fire_repair_changed_samples_total``    samples the repair moved (project: s > 0; gated: s > tau;
-                                           subtract: every sample)
 - ``fire_repair_rejected_requests_total``  requests refused (NaN/Inf, wrong shape or dtype)
-- ``fire_projection_score_bucket{le=...}``, ``_count``, ``_sum``: the distribution of s(x) / |beta|
+- with detailed metrics only (parameter ``METRICS`` = ``detailed``; off by default because Triton's
+  metrics port has no authentication, and per-sample scores tell a prober how close its trigger
+  variant comes to the direction):
+  ``fire_repair_changed_samples_total``    samples the repair moved (project: s > 0; gated: s > tau;
+                                           subtract: every sample)
+  ``fire_projection_score_bucket{le=...}``, ``_count``, ``_sum``: the distribution of s(x) / |beta|
   per sample (clean inputs near 0, triggered ones near 1) in Prometheus' histogram layout: cumulative
   bucket counters, so ``histogram_quantile`` works on them
 - ``fire_direction_version``, ``fire_direction_updates``: the direction file in use (``fire update``
@@ -35,7 +38,7 @@ SCORE_BUCKETS = [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0]
 
 
 class RepairMetrics(PeriodicFlush):
-    def __init__(self, model: str, directions: DirectionFile, interval: float = 1.0):
+    def __init__(self, model: str, directions: DirectionFile, interval: float = 1.0, detailed: bool = False):
         family = pb_utils.MetricFamily
         labels = {"model": model}
         self._families = []  # families must outlive their metrics: keep them on the instance
@@ -48,15 +51,17 @@ class RepairMetrics(PeriodicFlush):
             return fam.Metric(labels={**labels, **(extra or {})})
 
         counter = family.COUNTER
+        self.detailed = detailed
         self.samples = metric("fire_repair_samples_total", "Samples through the FIRE repair", counter)
-        self.changed = metric("fire_repair_changed_samples_total", "Samples the FIRE repair moved", counter)
         self.rejected = metric("fire_repair_rejected_requests_total", "Requests the FIRE repair refused", counter)
-        help_text = "Projection score s(x) / |beta| per sample (clean near 0, triggered near 1)"
-        self.buckets = [
-            metric("fire_projection_score_bucket", help_text, counter, {"le": repr(le)}) for le in SCORE_BUCKETS
-        ] + [metric("fire_projection_score_bucket", help_text, counter, {"le": "+Inf"})]
-        self.count = metric("fire_projection_score_count", "Samples scored", counter)
-        self.sum = metric("fire_projection_score_sum", "Sum of the scores", family.GAUGE)  # may go down
+        if detailed:  # per-sample scores: an oracle for whoever reads the (unauthenticated) metrics port
+            self.changed = metric("fire_repair_changed_samples_total", "Samples the FIRE repair moved", counter)
+            help_text = "Projection score s(x) / |beta| per sample (clean near 0, triggered near 1)"
+            self.buckets = [
+                metric("fire_projection_score_bucket", help_text, counter, {"le": repr(le)}) for le in SCORE_BUCKETS
+            ] + [metric("fire_projection_score_bucket", help_text, counter, {"le": "+Inf"})]
+            self.count = metric("fire_projection_score_count", "Samples scored", counter)
+            self.sum = metric("fire_projection_score_sum", "Sum of the scores", family.GAUGE)  # may go down
         self.reload_failures = metric(
             "fire_direction_reload_failures_total", "Replaced direction files the repair model refused", counter
         )
@@ -94,12 +99,17 @@ class RepairMetrics(PeriodicFlush):
     def record(self, scores, repair) -> None:
         """Scores of one request (a NumPy array, or a torch tensor on any device), read with the repair
         that served it."""
-        if hasattr(scores, "cpu"):
-            scores = scores.cpu().numpy()
-        ratio = np.asarray(scores, dtype=np.float64) / repair.beta_norm
+        if not self.detailed:
+            with self._lock:
+                self._pending["samples"] += len(scores)
+            return
+        if hasattr(scores, "cpu"):  # a torch tensor (GPU repair): one copy to the host, then NumPy only
+            scores = scores.detach().cpu().numpy()
+        scores = np.asarray(scores, dtype=np.float64)
+        ratio = scores / repair.beta_norm
         # bucket i counts ratio <= SCORE_BUCKETS[i] (first match), the last one everything above
         hist = np.bincount(np.searchsorted(self.edges, ratio, side="left"), minlength=len(SCORE_BUCKETS) + 1)
-        changed = repair.changed(scores)
+        changed = int((scores > repair.params.tau).sum())
         with self._lock:
             p = self._pending
             p["samples"] += len(scores)
@@ -116,11 +126,13 @@ class RepairMetrics(PeriodicFlush):
             p, self._pending = self._pending, self._zero()
         if not (p["samples"] or p["rejected"]):
             return
-        counts = ((self.samples, p["samples"]), (self.changed, p["changed"]), (self.rejected, p["rejected"]))
+        counts = [(self.samples, p["samples"]), (self.rejected, p["rejected"])]
+        if self.detailed:
+            counts.append((self.changed, p["changed"]))
         for metric, value in counts:
             if value:
                 metric.increment(float(value))
-        if p["samples"]:
+        if p["samples"] and self.detailed:
             for metric, value in zip(self.buckets, np.cumsum(p["hist"]).tolist(), strict=True):
                 if value:
                     metric.increment(float(value))

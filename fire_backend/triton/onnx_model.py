@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from fire_backend.names import (
+    METRICS_DETAILED,
     PARAM_CHECK_FINITE,
+    PARAM_METRICS,
     PARAM_ONNX_FILE,
     PARAM_THREADS,
     PARAM_TRAFFIC_BUDGET,
@@ -44,7 +46,8 @@ class TritonPythonModel:
             classes = int(np.prod(self.session.get_outputs()[0].shape[1:]))
             path = Path(args["model_repository"]) / TRAFFIC_FILE
             budget = int(params.get(PARAM_TRAFFIC_BUDGET, str(DEFAULT_BUDGET)))
-            self.traffic = TrafficRecorder(args["model_name"], path, classes, features, budget)
+            detailed = params.get(PARAM_METRICS) == METRICS_DETAILED
+            self.traffic = TrafficRecorder(args["model_name"], path, classes, features, budget, detailed)
 
     def _problem(self, x: np.ndarray) -> str | None:
         problem = pixel_problem(x, *self.input_range) if self.input_range else None
@@ -52,10 +55,10 @@ class TritonPythonModel:
             problem = finite_problem(x)
         return problem
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, sources: list[str]) -> np.ndarray:
         out = self.session.run([self.output_name], {self.input_name: batch})[0]
         if self.traffic is not None:
-            self.traffic.record(batch, out)
+            self.traffic.record(batch, out, sources)
         return out
 
     def execute(self, requests):

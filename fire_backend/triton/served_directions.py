@@ -10,7 +10,15 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.names import PARAM_DIRECTIONS_POLL, PARAM_METRICS, PARAM_METRICS_INTERVAL, PARAM_MODE
+from fire_backend.names import (
+    METRICS_DETAILED,
+    METRICS_OFF,
+    METRICS_ON,
+    PARAM_DIRECTIONS_POLL,
+    PARAM_METRICS,
+    PARAM_METRICS_INTERVAL,
+    PARAM_MODE,
+)
 from fire_backend.reloader import DirectionWatcher
 from fire_backend.triton.metrics import RepairMetrics
 
@@ -28,9 +36,10 @@ class ServedDirections:
             on_change=self._changed,
             on_error=self._refused,
         )
-        if params.get(PARAM_METRICS, "on") != "off":
+        level = params.get(PARAM_METRICS, METRICS_ON)
+        if level != METRICS_OFF:
             interval = float(params.get(PARAM_METRICS_INTERVAL, "1.0"))
-            self.metrics = RepairMetrics(model, self.watcher.current.directions, interval)
+            self.metrics = RepairMetrics(model, self.watcher.current.directions, interval, level == METRICS_DETAILED)
         poll = float(params.get(PARAM_DIRECTIONS_POLL, "1.0"))
         if poll > 0:
             self.watcher.start(poll)

@@ -1,8 +1,13 @@
 """The tail's traffic recorder (import only inside a Triton stub): feeds ``fire_backend.traffic.TrafficStats``
-with every batch the tail serves (its input features, the class it predicts) and saves them next to
-the model every few seconds, where ``fire update --from-traffic`` reads them. Exports the number of
-samples recorded as ``fire_traffic_samples_total`` and, per predicted class, as
-``fire_traffic_class_samples{class="k"}`` (a backdoor's target class gains a share)."""
+with every batch the tail serves (its input features, the class it predicts, the source the gateway
+named) and saves them next to the model every few seconds, where ``fire update --from-traffic`` reads
+them. At start it continues from the file it finds there (a restart loses at most the last few
+seconds); a file of another format or model is set aside as ``<file>.stale``.
+
+Exports the number of samples recorded as ``fire_traffic_samples_total``; with detailed metrics (see
+``fire_backend.triton.metrics``) also, per predicted class, ``fire_traffic_class_samples{class="k"}``:
+off by default, since the metrics port has no authentication and per-class counts tell a prober
+where its requests landed."""
 
 from __future__ import annotations
 
@@ -12,31 +17,52 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.traffic import TrafficStats
+from fire_backend.traffic import TrafficStats, TrafficStatsError
 from fire_backend.triton.common import PeriodicFlush
 
 
+def _resume(path: Path, num_classes: int, feature_size: int, budget: int) -> TrafficStats:
+    if path.is_file():
+        try:
+            stats, _ = TrafficStats.load(path)
+            if stats.fits(num_classes, feature_size):
+                pb_utils.Logger.log_info(f"{path}: continuing from {stats.total} recorded samples")
+                return stats
+            reason = "recorded for another model"
+        except TrafficStatsError as e:
+            reason = str(e)
+        path.replace(path.with_name(path.name + ".stale"))
+        pb_utils.Logger.log_warn(f"{path}: set aside as .stale ({reason}); recording starts afresh")
+    return TrafficStats(num_classes, feature_size, budget)
+
+
 class TrafficRecorder(PeriodicFlush):
-    def __init__(self, model: str, path: Path, num_classes: int, feature_size: int, budget: int, interval: float = 5.0):
-        self.path, self.stats = path, TrafficStats(num_classes, feature_size, budget)
+    def __init__(self, model: str, path: Path, num_classes: int, feature_size: int, budget: int,
+                 detailed: bool = False, interval: float = 5.0):  # fmt: skip
+        self.path = path
+        self.stats = _resume(path, num_classes, feature_size, budget)
         self._lock, self._dirty = threading.Lock(), False
         self._family = pb_utils.MetricFamily(
             name="fire_traffic_samples_total", description="Samples recorded for traffic calibration",
             kind=pb_utils.MetricFamily.COUNTER,
         )  # fmt: skip
         self._metric = self._family.Metric(labels={"model": model})
-        self._classes = pb_utils.MetricFamily(
-            name="fire_traffic_class_samples", description="Samples recorded per predicted class",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )  # fmt: skip
-        self._per_class = [self._classes.Metric(labels={"model": model, "class": str(k)}) for k in range(num_classes)]
+        self._per_class = []
+        if detailed:
+            self._classes = pb_utils.MetricFamily(
+                name="fire_traffic_class_samples", description="Samples recorded per predicted class",
+                kind=pb_utils.MetricFamily.GAUGE,
+            )  # fmt: skip
+            self._per_class = [
+                self._classes.Metric(labels={"model": model, "class": str(k)}) for k in range(num_classes)
+            ]
         self._pending = 0
         self._start_flushing(interval, "fire-traffic")
 
-    def record(self, features: np.ndarray, logits: np.ndarray) -> None:
+    def record(self, features: np.ndarray, logits: np.ndarray, sources: list[str]) -> None:
         predicted = logits.reshape(len(logits), -1).argmax(axis=1)
         with self._lock:
-            self.stats.update(features, predicted)
+            self.stats.update(features, predicted, sources)
             self._pending += len(features)
             self._dirty = True
 
@@ -49,5 +75,5 @@ class TrafficRecorder(PeriodicFlush):
             counts = self.stats.counts.copy()
         if pending:
             self._metric.increment(float(pending))
-        for metric, n in zip(self._per_class, counts, strict=True):
+        for metric, n in zip(self._per_class, counts, strict=False):
             metric.set(float(n))

@@ -1,13 +1,14 @@
-/* Keep the admin key out of tritonserver's command line, and its shared memory private.
+/* Keep the keys out of tritonserver's command line, and its shared memory private.
  *
- * tritonserver takes its restricted-API key only as an argument, and every local user can read a
- * process's arguments (/proc/<pid>/cmdline). `fire serve` therefore passes the placeholder
- * @FIRE_ADMIN_KEY@ in the arguments and the key in the environment (readable by the same user and
- * root only), and preloads this library: before main() runs, it points each argument that holds the
- * placeholder at a copy with the key substituted. /proc/<pid>/cmdline still shows the placeholder;
- * tritonserver parses the key. It then removes the key and itself from the environment, so the
- * Python-backend stubs the server starts inherit neither. The launcher checks afterwards that the
- * placeholder is refused as a key (a server that started without this library would accept it).
+ * tritonserver takes its restricted-API keys only as arguments, and every local user can read a
+ * process's arguments (/proc/<pid>/cmdline). `fire serve` therefore passes placeholders
+ * (@FIRE_ADMIN_KEY@, @FIRE_INFERENCE_KEY@) in the arguments and the keys in the environment (readable
+ * by the same user and root only), and preloads this library: before main() runs, it points each
+ * argument that holds a placeholder at a copy with the key substituted. /proc/<pid>/cmdline still
+ * shows the placeholders; tritonserver parses the keys. It then removes the keys and itself from the
+ * environment, so the Python-backend stubs the server starts inherit none. The launcher checks
+ * afterwards that each placeholder is refused as a key (a server started without this library would
+ * accept it).
  *
  * Second: the Python backend creates its shared-memory regions in /dev/shm (tensors in flight) and
  * sets their mode to 0644 with fchmod, whatever the umask: readable by every local user. Within the
@@ -36,26 +37,34 @@ int fchmod(int fd, mode_t mode) {
     return real_fchmod(fd, mode & ~(mode_t)(S_IRWXG | S_IRWXO));
 }
 
-#define MARK "@FIRE_ADMIN_KEY@"
+/* placeholder in the arguments -> environment variable holding the key */
+static const char *const KEYS[][2] = {
+    {"@FIRE_ADMIN_KEY@", "FIRE_ADMIN_KEY"},
+    {"@FIRE_INFERENCE_KEY@", "FIRE_INFERENCE_KEY"},
+};
+
+static void substitute(int argc, char **argv, const char *mark, const char *key) {
+    size_t mlen = strlen(mark), klen = strlen(key);
+    for (int i = 0; i < argc; i++) {
+        char *at = strstr(argv[i], mark);
+        if (at == NULL) continue;
+        size_t head = (size_t)(at - argv[i]);
+        char *s = malloc(strlen(argv[i]) - mlen + klen + 1);
+        if (s == NULL) abort();
+        memcpy(s, argv[i], head);
+        memcpy(s + head, key, klen);
+        strcpy(s + head + klen, at + mlen);
+        argv[i] = s;
+    }
+}
 
 static void fire_server_guard(int argc, char **argv, char **envp) {
     (void)envp;
-    const char *key = getenv("FIRE_ADMIN_KEY");
-    if (key != NULL && argv != NULL) {
-        size_t mark = strlen(MARK), klen = strlen(key);
-        for (int i = 0; i < argc; i++) {
-            char *at = strstr(argv[i], MARK);
-            if (at == NULL) continue;
-            size_t head = (size_t)(at - argv[i]);
-            char *s = malloc(strlen(argv[i]) - mark + klen + 1);
-            if (s == NULL) abort();
-            memcpy(s, argv[i], head);
-            memcpy(s + head, key, klen);
-            strcpy(s + head + klen, at + mark);
-            argv[i] = s;
-        }
+    for (size_t k = 0; k < sizeof(KEYS) / sizeof(KEYS[0]); k++) {
+        const char *key = getenv(KEYS[k][1]);
+        if (key != NULL && argv != NULL) substitute(argc, argv, KEYS[k][0], key);
+        unsetenv(KEYS[k][1]);
     }
-    unsetenv("FIRE_ADMIN_KEY");
     unsetenv("LD_PRELOAD");
     const char *parent = getenv("FIRE_PARENT_PID");
     if (parent != NULL) {

@@ -1,7 +1,5 @@
-"""Which hosts a load test may target: loopback only unless the operator says otherwise.
-
-Kept apart from the locustfiles' shared module, which imports locust (and so monkey-patches the process
-with gevent): the runner and the tests import this without that side effect."""
+"""Addresses: which hosts are this machine's loopback (load tests, plaintext binds and the automatic
+inference key are allowed there only)."""
 
 from __future__ import annotations
 
