@@ -104,6 +104,12 @@ def _client(url: str, protocol: str):
     return tc, tc.InferenceServerClient(url=url)
 
 
+def _headers(url: str, protocol: str) -> dict[str, str]:
+    from clients.triton_client import inference_headers
+
+    return inference_headers(url, protocol)
+
+
 def closed_loop(
     url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int, duration_s: float, io=("INPUT", "LOGITS")
 ) -> tuple[np.ndarray, float]:
@@ -119,11 +125,12 @@ def closed_loop(
         inp = tc.InferInput(io[0], list(batch.shape), "FP32")
         inp.set_data_from_numpy(batch)
         out = [tc.InferRequestedOutput(io[1])]
+        headers = _headers(url, protocol)
         ready.wait()
         try:
             while time.perf_counter() < stop_at[0]:
                 t0 = time.perf_counter()
-                client.infer(model, [inp], outputs=out)
+                client.infer(model, [inp], outputs=out, headers=headers)
                 latencies[i].append(time.perf_counter() - t0)
         except BaseException as e:  # reported after the window: a failed request invalidates it
             errors.append(e)

@@ -3,15 +3,18 @@
 Triggered inputs all land in the attacker's class, and there they pull that class's features away from
 where its clean members sit: the triggered images come from every class and carry the trigger's shift.
 From the server's bounded traffic statistics (``fire_backend.traffic.TrafficStats``: per predicted
-class the running mean of every sample's features and a reservoir of them) and the defender's own
-clean images (the reference: those the model puts in each class):
+class a reservoir of feature vectors, fair between sources) and the defender's own clean images (the
+reference: those the model puts in each class):
 
 1. **Detect.** Per class with enough traffic and reference samples, a two-sample mean-shift statistic
    T = |traffic mean - reference mean|^2 / (its expected value without a shift: the summed per-feature
-   variances over the sample counts); about 1 when traffic and reference agree. A shift common to every
-   class (traffic that differs from the reference, a trigger the model never learned) raises every T;
-   a backdoor raises one. Score = T / median T over the classes; above ``min_score``, a backdoor is
-   reported in that class.
+   variances over the sample counts); about 1 when traffic and reference agree. Both come from the
+   reservoir, where no source holds more than any other, so one client flooding a class with clean
+   requests cannot dilute it more than any other client's share does. A shift common to every class
+   (traffic that differs from the reference, a trigger the model never learned) raises every T; a
+   backdoor raises one. Score = T / median T over the classes; every class above ``min_score`` is
+   examined (a decoy class cannot hide the real one), the first whose direction passes the checks is
+   proposed. Non-finite statistics raise (fail closed: never "no backdoor" from a poisoned file).
 2. **Estimate.** In the suspect class, project the reservoir onto the shift and split it with 2-means:
    the samples on the far side are flagged as triggered. beta = their mean - the mean of all clean
    reference features; mu = the clean mean (as the unpaired estimator).
@@ -36,7 +39,7 @@ import numpy as np
 from calibration.factory import make_directions
 from fire_backend.directions import DirectionFile
 from fire_backend.formula import NumpyRepair
-from fire_backend.traffic import TrafficStats
+from fire_backend.traffic import TrafficStats, TrafficStatsError
 
 Tail = Callable[[np.ndarray], np.ndarray]  # features (N, ...) -> predicted labels (N,)
 
@@ -61,6 +64,8 @@ class ClassShift:
     reference: int  # clean reference images the model puts in it
     t: float  # the mean-shift statistic (about 1 without a shift)
     score: float = 0.0  # t over the median t of the classes
+    sources: int = 1  # sources holding a share of the class's reservoir
+    largest_share: float = 1.0  # of the reservoir held by one source (fairness caps it at the others' shares)
 
 
 @dataclass
@@ -71,6 +76,10 @@ class Proposal:
     next_score: float  # and of the runner-up
     classes: list[ClassShift]
     directions: DirectionFile | None = None
+    examined: list[int] = field(default_factory=list)  # the classes above the threshold, in score order
+    targets: list[int] = field(default_factory=list)  # with several classes repaired at once: all of them
+    fit_directions: DirectionFile | None = field(default=None, repr=False)  # fitted on half, checked on the rest
+    held: dict = field(default_factory=dict, repr=False)  # class -> (held-out flagged, unflagged) samples
     flagged_share: float = 0.0  # of the suspect class's reservoir
     leave_rate: float = 0.0  # held-out flagged samples that leave the suspect class after the repair
     other_change: float = 0.0  # held-out other traffic whose prediction changes
@@ -111,10 +120,14 @@ def class_shifts(stats: TrafficStats, clean_flat: np.ndarray, clean_predicted: n
         x, ref = stats.samples(c), clean_flat[clean_predicted == c]
         if len(x) < cfg.min_class_samples or len(ref) < cfg.min_reference:
             continue
-        n = int(stats.counts[c])  # the running mean covers every sample; the reservoir gives the variance
-        d = stats.means[c] - ref.mean(0, dtype=np.float64)
-        noise = x.var(0, dtype=np.float64).sum() / n + ref.var(0, dtype=np.float64).sum() / len(ref)
-        shifts.append(ClassShift(c, n, len(ref), float(d @ d / max(noise, 1e-12))))
+        d = x.mean(0, dtype=np.float64) - ref.mean(0, dtype=np.float64)
+        noise = x.var(0, dtype=np.float64).sum() / len(x) + ref.var(0, dtype=np.float64).sum() / len(ref)
+        t = float(d @ d / max(noise, 1e-12))
+        if not np.isfinite(t):
+            raise TrafficStatsError(f"class {c}: the traffic statistics are not finite; refusing to judge them "
+                                    "(delete the traffic file to start recording afresh)")  # fmt: skip
+        shifts.append(ClassShift(c, len(x), len(ref), t, sources=stats.class_sources(c),
+                                 largest_share=stats.largest_source_share(c)))  # fmt: skip
     return shifts
 
 
@@ -142,12 +155,43 @@ def propose(
     for s in shifts:
         s.score = s.t / max(median, 1e-12)
     ranked = sorted(shifts, key=lambda s: -s.score)
-    best, runner_up = ranked[0], ranked[1]
-    proposal = Proposal(best.score > cfg.min_score, best.cls, best.score, runner_up.score, shifts)
-    if not proposal.detected:
-        return proposal
-    return _estimate_and_check(proposal, stats, clean_features, clean_predicted, tail, layer, head_sha256,
-                               clean_labels, cfg)  # fmt: skip
+    suspects = [s for s in ranked if s.score > cfg.min_score]
+    if not suspects:
+        return Proposal(False, ranked[0].cls, ranked[0].score, ranked[1].score, shifts)
+    examined = []
+    for suspect in suspects:  # every class above the threshold, best first: a decoy cannot hide the target
+        runner_up = ranked[ranked.index(suspect) + 1].score if suspect is not ranked[-1] else 0.0
+        p = Proposal(True, suspect.cls, suspect.score, runner_up, shifts, examined=[s.cls for s in suspects])
+        examined.append(_estimate_and_check(p, stats, clean_features, clean_predicted, tail, layer, head_sha256,
+                                            clean_labels, cfg))  # fmt: skip
+    passing = [p for p in examined if p.deployable]
+    if len(passing) > 1:  # repair them all, or none: a repaired decoy must not leave the real target open
+        return _combined(passing, stats, clean_features, clean_predicted, clean_labels, tail, layer, head_sha256, cfg)
+    return passing[0] if passing else examined[0]
+
+
+def _effects(p: Proposal, repair, stats, held: dict[int, tuple[np.ndarray, np.ndarray]], clean_features,
+             clean_predicted, clean_labels, tail, shape, cfg: TrafficConfig) -> None:  # fmt: skip
+    """Fill ``p``'s checks for ``repair`` (one class's direction, or several combined): the held-out
+    flagged samples of every repaired class leave it, all other traffic keeps its prediction, the
+    clean images keep their accuracy. ``held``: class -> (flagged, unflagged) held-out samples."""
+    leave = [(tail(repair(f.reshape(-1, *shape))) != c).mean() for c, (f, _) in held.items()]
+    p.leave_rate = float(min(leave))
+    others = [stats.samples(k) for k in range(stats.num_classes) if k not in held and stats.counts[k]]
+    others += [u for _, u in held.values()]
+    other = np.concatenate([o for o in others if len(o)]).reshape(-1, *shape)
+    p.other_change = float((tail(repair(other)) != tail(other)).mean())
+    after_clean = tail(repair(clean_features.copy()))
+    if clean_labels is not None:
+        p.ca_drop = 100 * float((clean_predicted == clean_labels).mean() - (after_clean == clean_labels).mean())
+    else:
+        p.ca_drop = 100 * float((after_clean != clean_predicted).mean())
+    p.checks = {
+        f"flagged leave the class (>= {cfg.min_leave:.0%})": p.leave_rate >= cfg.min_leave,
+        f"other traffic keeps its prediction (<= {cfg.max_other_change:.0%} change)": p.other_change
+        <= cfg.max_other_change,
+        f"clean accuracy cost <= {cfg.max_ca_drop} points": p.ca_drop <= cfg.max_ca_drop,
+    }
 
 
 def _estimate_and_check(p: Proposal, stats, clean_features, clean_predicted, tail, layer, head_sha256,
@@ -157,7 +201,7 @@ def _estimate_and_check(p: Proposal, stats, clean_features, clean_predicted, tai
     x = stats.samples(c)
     clean_flat = clean_features.reshape(len(clean_features), -1)
     reference_mean = clean_flat[clean_predicted == c].mean(0)
-    shift = stats.means[c].astype(np.float32) - reference_mean
+    shift = x.mean(0) - reference_mean
     along = (x - reference_mean) @ (shift / (np.linalg.norm(shift) + 1e-12))
     labels = _two_means(along[:, None], cfg.restarts, rng)
     flagged = labels == int(np.argmax([along[labels == k].mean() if (labels == k).any() else -np.inf for k in (0, 1)]))
@@ -178,26 +222,43 @@ def _estimate_and_check(p: Proposal, stats, clean_features, clean_predicted, tai
     if flagged[fit].sum() < 2 or flagged[held].sum() < 1:
         p.checks = {"enough flagged samples": False}
         return p
-    repair = NumpyRepair(direction(fit))
-    held_flagged = x[held][flagged[held]].reshape(-1, *shape)
-    p.leave_rate = float((tail(repair(held_flagged)) != c).mean())
-    others = [stats.samples(k) for k in range(stats.num_classes) if k != c and stats.counts[k]]
-    others.append(x[held][~flagged[held]])
-    other = np.concatenate([o for o in others if len(o)]).reshape(-1, *shape)
-    before = tail(other)
-    p.other_change = float((tail(repair(other)) != before).mean())
-    after_clean = tail(repair(clean_features.copy()))
-    if clean_labels is not None:
-        p.ca_drop = 100 * float((clean_predicted == clean_labels).mean() - (after_clean == clean_labels).mean())
-    else:
-        p.ca_drop = 100 * float((after_clean != clean_predicted).mean())
-    p.checks = {
-        f"flagged leave the class (>= {cfg.min_leave:.0%})": p.leave_rate >= cfg.min_leave,
-        f"other traffic keeps its prediction (<= {cfg.max_other_change:.0%} change)": p.other_change
-        <= cfg.max_other_change,
-        f"clean accuracy cost <= {cfg.max_ca_drop} points": p.ca_drop <= cfg.max_ca_drop,
-    }
+    p.fit_directions = direction(fit)
+    p.held = {c: (x[held][flagged[held]], x[held][~flagged[held]])}
+    _effects(p, NumpyRepair(p.fit_directions), stats, p.held, clean_features, clean_predicted, clean_labels, tail,
+             shape, cfg)  # fmt: skip
     p.directions = direction(np.arange(len(x)))  # the deployed estimate uses every recorded sample
-    share = stats.counts[c] / max(stats.total, 1)
+    share = stats.counts[c] / max(stats.total, 1)  # of all samples seen (the reservoir is a sample of them)
     p.traffic_changed = float(share * p.flagged_share)
+    return p
+
+
+def _basis(files: list[DirectionFile]) -> np.ndarray:
+    """Orthonormal rows spanning the files' betas, the first one's first."""
+    q, _ = np.linalg.qr(np.stack([np.asarray(d.beta, np.float64).reshape(-1) for d in files]).T)
+    q = q.T * np.sign(q.T @ np.asarray(files[0].beta, np.float64).reshape(-1))[:, None]
+    return q.astype(np.float32)
+
+
+def _combined(passing: list[Proposal], stats, clean_features, clean_predicted, clean_labels, tail, layer, head_sha256,
+              cfg: TrafficConfig) -> Proposal:  # fmt: skip
+    """One rank-k project repair for every class whose own direction passed, checked as a whole."""
+    first = passing[0]
+    shape = tuple(clean_features.shape[1:])
+    targets = [p.target for p in passing]
+
+    provenance = {"traffic": {"targets": targets, "score": first.score, "samples": stats.total}}
+
+    def combine(files: list[DirectionFile]) -> DirectionFile:
+        basis = _basis(files).reshape(len(files), *shape)
+        return make_directions(files[0].beta, clean_features, layer=layer, mode="project", estimator="traffic",
+                               head_sha256=head_sha256, n_poisoned=sum(d.n_poisoned for d in files), basis=basis,
+                               extra=provenance)  # fmt: skip
+
+    p = Proposal(True, first.target, first.score, first.next_score, first.classes, examined=first.examined,
+                 flagged_share=first.flagged_share, targets=targets)  # fmt: skip
+    held = {c: h for q in passing for c, h in q.held.items()}
+    _effects(p, NumpyRepair(combine([q.fit_directions for q in passing])), stats, held, clean_features,
+             clean_predicted, clean_labels, tail, shape, cfg)  # fmt: skip
+    p.directions = combine([q.directions for q in passing])
+    p.traffic_changed = float(sum(q.traffic_changed for q in passing))
     return p

@@ -124,7 +124,17 @@ def _bench_traffic(a: argparse.Namespace) -> None:
     print(run_traffic(cfg).read_text())
 
 
+def _bench_gateway(a: argparse.Namespace) -> None:
+    from benchmarks.gateway_load import GatewayLoadConfig, run_gateway_load
+
+    cfg = GatewayLoadConfig.quick() if a.quick else GatewayLoadConfig()
+    if a.out:
+        cfg.out = Path(a.out) / "gateway_load.md"
+    print(run_gateway_load(cfg).read_text())
+
+
 BENCHMARKS = {
+    "gateway": _bench_gateway,
     "memory": _bench_memory,
     "traffic": _bench_traffic,
     "own-model": _bench_own_model,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
@@ -28,24 +27,19 @@ def _check_exposure(a: argparse.Namespace) -> str | None:
 
 
 def serve(a: argparse.Namespace) -> None:
-    import secrets
     import threading
 
-    from serving.admin import ADMIN_KEY_ENV, admin_key_file
+    from fire_backend.errors import FireError
+    from fire_backend.keys import ADMIN, INFERENCE
     from serving.server import ServerConfig, ServerError
     from serving.supervisor import Supervisor
 
     http_host = _check_exposure(a)
     explicit = a.model_control == "explicit"
-    key = os.environ.get(ADMIN_KEY_ENV)
-    where = f"from ${ADMIN_KEY_ENV}"
-    if not key:
-        key, key_file = secrets.token_urlsafe(24), admin_key_file()
-        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key_file.touch(mode=0o600)
-        key_file.chmod(0o600)
-        key_file.write_text(key + "\n")
-        where = f"generated, in {key_file} (mode 0600)"
+    try:
+        (key, where), (inference_key, inference_where) = ADMIN.ensure(), INFERENCE.ensure()
+    except FireError as e:
+        raise SystemExit(f"fire serve: {e}") from None
     cfg = ServerConfig(
         Path(a.repo),
         host=a.host,
@@ -58,6 +52,7 @@ def serve(a: argparse.Namespace) -> None:
         load_models=["*"] if explicit else [],
         watchdog=explicit,
         admin_key=key,
+        inference_key=inference_key,
         tls_cert=Path(a.tls_cert) if a.tls_cert else None,
         tls_key=Path(a.tls_key) if a.tls_key else None,
     )
@@ -70,7 +65,7 @@ def serve(a: argparse.Namespace) -> None:
         print(
             f"serving {a.repo}: HTTP {server.http_url}  gRPC {server.grpc_url}{' (TLS)' if cfg.tls_cert else ''}  "
             f"metrics {server.metrics_url}  (log: {server.log_path}); model control {a.model_control}; "
-            f"admin key {where}; Ctrl-C stops",
+            f"admin key from {where}; inference key from {inference_where}; Ctrl-C stops",
             flush=True,
         )
 
@@ -112,6 +107,7 @@ def _stream(a: argparse.Namespace):
 def _from_traffic(a: argparse.Namespace) -> None:
     from calibration.imagesets import ImageSetError, read_image_set
     from calibration.traffic import TrafficConfig
+    from fire_backend.errors import FireError
     from modelio.preprocess import Preprocess
     from serving.repository import served_model
     from serving.traffic_update import update_from_traffic
@@ -130,18 +126,27 @@ def _from_traffic(a: argparse.Namespace) -> None:
         r = update_from_traffic(
             a.repo, a.model, clean.images, clean.labels, cfg, deploy, a.metrics_url or None, a.force
         )
-    except ValueError as e:
+    except (ValueError, FireError) as e:
         raise SystemExit(f"fire update --from-traffic: {e}") from None
     p = r.proposal
-    print(f"traffic: {r.samples} samples recorded ({r.traffic_file})")
-    print("| class | traffic samples | clean reference | mean shift T | score (T / median) |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"traffic: {r.samples} samples recorded ({r.traffic_file}); {r.unrecordable} not recordable "
+          "(non-finite or beyond float16)")  # fmt: skip
+    print("| class | reservoir samples | sources | largest source share | clean reference | mean shift T | "
+          "score (T / median) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for s in sorted(p.classes, key=lambda s: -s.score):
-        print(f"| {s.cls} | {s.samples} | {s.reference} | {s.t:.2f} | {s.score:.2f} |")
+        print(f"| {s.cls} | {s.samples} | {s.sources} | {s.largest_share:.0%} | {s.reference} | {s.t:.2f} | "
+              f"{s.score:.2f} |")  # fmt: skip
+    dominated = [s.cls for s in p.classes if s.sources > 1 and s.largest_share > 0.5]
+    if dominated:
+        print(f"note: one source holds most of class(es) {dominated}: shares are capped at the other sources' ones")
     if not p.detected:
         print(f"no backdoor detected (best score {p.score:.2f} <= {cfg.min_score}): nothing proposed")
         return
-    print(f"backdoor suspected: class {p.target} (score {p.score:.2f}, next {p.next_score:.2f}); "
+    if len(p.examined) > 1:
+        print(f"classes above the threshold, each examined: {p.examined}")
+    repaired = p.targets or [p.target]
+    print(f"backdoor suspected: class {', '.join(map(str, repaired))} (score {p.score:.2f}, next {p.next_score:.2f}); "
           f"flagged {p.flagged_share:.0%} of its samples")  # fmt: skip
     if p.directions is None:
         print("no direction: " + ", ".join(k for k, ok in p.checks.items() if not ok))
@@ -193,6 +198,7 @@ def rollback(a: argparse.Namespace) -> None:
 
 
 def gateway(a: argparse.Namespace) -> None:
+    from fire_backend.errors import FireError
     from serving.gateway import GatewayConfig, protected_models, write_gateway
 
     cfg = GatewayConfig(
@@ -202,14 +208,17 @@ def gateway(a: argparse.Namespace) -> None:
         listen_grpc=a.listen_grpc,
         listen_metrics=a.listen_metrics,
         tls_pem=Path(a.tls_pem) if a.tls_pem else None,
+        insecure=a.insecure,
         maxconn=a.maxconn,
+        per_source_maxconn=a.per_source_maxconn,
+        max_request_bytes=a.max_request_bytes,
     )
     try:
         path = write_gateway(a.repo, a.out, cfg)
-    except ValueError as e:
+    except (ValueError, FireError) as e:
         raise SystemExit(f"fire gateway: {e}") from None
-    print(f"wrote {path}: clients reach {', '.join(protected_models(a.repo))} and nothing else; "
-          f"run it with: haproxy -f {path}")  # fmt: skip
+    print(f"wrote {path} (mode 0600: it holds the inference key): clients reach "
+          f"{', '.join(protected_models(a.repo))} and nothing else; run it with: haproxy -f {path}")  # fmt: skip
 
 
 def register(sub) -> None:
@@ -241,7 +250,11 @@ def register(sub) -> None:
     g.add_argument("--listen-grpc", default="127.0.0.1:9001", help="the gateway's gRPC address")
     g.add_argument("--listen-metrics", help="also pass Prometheus' GET /metrics (e.g. 0.0.0.0:9002)")
     g.add_argument("--tls-pem", help="certificate and key in one PEM: HTTPS and gRPC over TLS on both listeners")
-    g.add_argument("--maxconn", type=int, default=512, help="connections the gateway accepts in all")
+    g.add_argument("--insecure", action="store_true", help="allow a non-loopback listener without TLS (plaintext)")
+    g.add_argument("--maxconn", type=int, default=4096, help="connections the gateway accepts in all")
+    g.add_argument("--per-source-maxconn", type=int, default=64, help="connections one client address may hold")
+    g.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                   help="largest request buffered and checked (the buffer of a model with variable dims)")  # fmt: skip
 
     r = add_command(sub, "reload", "hot-swap a protected model's direction file (zero failed requests)", reload)
     r.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)

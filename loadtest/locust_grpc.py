@@ -15,6 +15,7 @@ import time  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, constant, task  # noqa: E402
 
+from clients.triton_client import inference_headers  # noqa: E402
 from fire_backend.network import host_of  # noqa: E402
 from loadtest.common import tally, traffic  # noqa: E402
 
@@ -26,6 +27,7 @@ class TritonGrpcUser(User):
         host = self.host or "127.0.0.1:8001"
         port = host.rsplit(":", 1)[-1] if ":" in host.split("//")[-1] else "8001"
         self.client = grpcclient.InferenceServerClient(url=f"{host_of(host)}:{port}")
+        self.headers = inference_headers(host, "grpc")  # the raw ports need the inference key (loopback: ours)
 
     def on_stop(self) -> None:
         self.client.close()
@@ -39,7 +41,8 @@ class TritonGrpcUser(User):
         inp.set_data_from_numpy(images)
         start, exc, logits = time.perf_counter(), None, None
         try:
-            result = self.client.infer(opts.model, [inp], outputs=[grpcclient.InferRequestedOutput("LOGITS")])
+            outputs = [grpcclient.InferRequestedOutput("LOGITS")]
+            result = self.client.infer(opts.model, [inp], outputs=outputs, headers=self.headers)
             logits = result.as_numpy("LOGITS")
         except Exception as e:  # an error response is a failure in locust's statistics
             exc = e

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tritonclient.http as httpclient
 from locust import FastHttpUser, constant, task
 
+from clients.triton_client import inference_headers
 from loadtest.common import tally, traffic
 
 
@@ -24,7 +25,7 @@ class TritonHttpUser(FastHttpUser):
         inp.set_data_from_numpy(images, binary_data=True)
         out = httpclient.InferRequestedOutput("LOGITS", binary_data=True)
         body, json_size = httpclient.InferenceServerClient.generate_request_body([inp], outputs=[out])
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream", **inference_headers(self.host, "http")}
         if json_size is not None:
             headers["Inference-Header-Content-Length"] = str(json_size)
         with self.client.post(

@@ -352,7 +352,19 @@ def build_repository(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     w = _Writer(out, settings or ServingSettings(), tensorrt)
-    return [_build_one(w, m) for m in models]
+    built = [_build_one(w, m) for m in models]
+    for name in w.written:
+        restrict(out / name)
+    return built
+
+
+def restrict(path: Path) -> None:
+    """No access for others: the halves and the direction file are what an adaptive attacker wants.
+    Directories 0750, files 0640 (the serving user, and its group for a container's fsGroup)."""
+    for p in [path, *path.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod(0o750 if p.is_dir() else 0o640)
 
 
 def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = False) -> list[Path]:

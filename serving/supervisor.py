@@ -3,8 +3,10 @@
 It restarts the server when it exits, and, without network model control (the default), also when one
 of its Python stubs dies (Triton 2.51 does not restart a stub; its model would fail every request). While
 the server restarts, nothing answers on its ports: clients get connection errors, never an unprotected
-answer. Too many restarts in a short time and it gives up with a non-zero exit, for the next supervisor
-up (systemd, Kubernetes) to act on.
+answer. It never gives up: a server that keeps dying (a request that crashes it, sent again and again)
+is restarted after a delay that doubles with each restart within ``window_s`` (from ``backoff_s`` up to
+``max_backoff_s``) and falls back once it has served for ``window_s``; a start that fails is retried
+the same way. So an attacker who can crash the server can slow it down, not take it away.
 """
 
 from __future__ import annotations
@@ -21,16 +23,13 @@ from serving.server import ServerConfig, ServerError, TritonServer
 @dataclass
 class Supervisor:
     config: ServerConfig
-    max_restarts: int = 5  # within ``window_s``; one more and it gives up
-    window_s: float = 300.0
+    window_s: float = 300.0  # restarts within this window count towards the backoff
+    backoff_s: float = 1.0  # delay before the second restart within the window (the first is immediate)
+    max_backoff_s: float = 60.0
     poll_s: float = 0.5
     report: Callable[[str], None] = print
     restarts: list[float] = field(default_factory=list)
     server: TritonServer | None = None
-
-    def _start(self) -> TritonServer:
-        self.server = TritonServer(self.config).start()
-        return self.server
 
     def _why_restart(self, server: TritonServer, expected_stubs: int) -> str | None:
         code = server.process.poll()
@@ -42,33 +41,53 @@ class Supervisor:
                 return f"{expected_stubs - alive} Python-backend stub(s) died"
         return None
 
+    def delay(self) -> float:
+        """How long to wait before the next restart: 0 for the first within the window, then doubling."""
+        recent = len(self.restarts)
+        return 0.0 if recent <= 1 else min(self.max_backoff_s, self.backoff_s * 2 ** (recent - 2))
+
+    def _note_restart(self) -> None:
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < self.window_s] + [now]
+
+    def _start(self, stop: threading.Event) -> TritonServer | None:
+        """Start the server, retrying failed starts with backoff; None if ``stop`` was set meanwhile."""
+        while not stop.is_set():
+            try:
+                self.server = TritonServer(self.config).start()
+                return self.server
+            except ServerError as e:
+                if not self.restarts:  # the very first start: a configuration problem, say so at once
+                    raise
+                self._note_restart()
+                self.report(f"restart failed: {e}\nretrying in {self.delay():.0f} s")
+                if stop.wait(self.delay()):
+                    return None
+        return None
+
     def run(self, stop: threading.Event, ready: Callable[[TritonServer], None] | None = None) -> int:
-        """Serve until ``stop`` is set (exit code 0) or restarts run out (exit code 1)."""
-        server = self._start()
-        if ready:
-            ready(server)
-        expected = len(stubs(server.process.pid))
+        """Serve until ``stop`` is set; the exit code is 0."""
+        server = self._start(stop)
         try:
-            while not stop.wait(self.poll_s):
-                why = self._why_restart(server, expected)
-                if why is None:
-                    continue
-                now = time.monotonic()
-                self.restarts = [t for t in self.restarts if now - t < self.window_s] + [now]
-                self.report(f"{why}; log: {server.log_path}\n{server.log_tail(15)}")
-                server.close()
-                if len(self.restarts) > self.max_restarts:
-                    self.report(f"giving up: {len(self.restarts)} restarts within {self.window_s:.0f} s")
-                    return 1
-                self.report(f"restarting tritonserver (restart {len(self.restarts)})")
-                try:
-                    server = self._start()
-                except ServerError as e:
-                    self.report(f"restart failed: {e}")
-                    return 1
-                expected = len(stubs(server.process.pid))
+            while server is not None:
                 if ready:
                     ready(server)
+                expected = len(stubs(server.process.pid))
+                why = None
+                while why is None and not stop.wait(self.poll_s):
+                    why = self._why_restart(server, expected)
+                if why is None:
+                    return 0
+                self._note_restart()
+                self.report(f"{why}; log: {server.log_path}\n{server.log_tail(15)}")
+                server.close()
+                self.server = None
+                wait = self.delay()
+                self.report(f"restarting tritonserver in {wait:.0f} s (restart {len(self.restarts)} within "
+                            f"{self.window_s:.0f} s)")  # fmt: skip
+                if stop.wait(wait):
+                    return 0
+                server = self._start(stop)
             return 0
         finally:
             if self.server is not None:

@@ -40,6 +40,7 @@ class TrafficUpdate:
     deployed_version: int | None
     traffic_file: Path
     samples: int  # recorded in the statistics
+    unrecordable: int = 0  # seen but not recordable (non-finite, or beyond what float16 holds)
 
 
 def tail_of(repository: Path, model: str, repair: str) -> str:
@@ -91,7 +92,8 @@ def update_from_traffic(
     version = None
     if proposal.directions is not None and (deploy == "approve" or (deploy == "auto" and proposal.deployable)):
         stream = DirectionStream(metrics_url, repository, repair)
-        event = {"source": "traffic", "target": proposal.target, "score": proposal.score, "samples": stats.total,
+        event = {"source": "traffic", "target": proposal.targets or proposal.target, "score": proposal.score,
+                 "samples": stats.total,
                  "checks": proposal.checks, "approved": deploy == "approve"}  # fmt: skip
         version = stream.publish(proposal.directions, event)
-    return TrafficUpdate(proposal, version, traffic_file, stats.total)
+    return TrafficUpdate(proposal, version, traffic_file, stats.total, stats.unrecordable)

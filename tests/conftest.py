@@ -50,7 +50,8 @@ def artifacts(tmp_path_factory) -> dict[str, Artifact]:
 def repository(artifacts, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
     variants = (Variant.of_mode("subtract"), Variant.of_mode("gated"))
-    extras = {"cifar10": dict(variants=variants, fused=True, whole=True)}
+    # test_metrics reads the per-sample scores: detailed metrics
+    extras = {"cifar10": dict(variants=variants, fused=True, whole=True, metrics="detailed")}
     build_repository(
         [
             ProtectedModel(a.name, a.export_dir, a.directions, plain=True, **extras.get(a.name, {}))

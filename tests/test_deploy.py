@@ -84,7 +84,8 @@ def test_dockerfile_uses_triton_24_10_and_the_entrypoint():
 def test_entrypoint_runs_fire_serve_with_the_key_out_of_sight(repository, tmp_path):
     """The container's entrypoint (CPU profile here, the wheel's server, loopback): `fire serve` under its
     supervisor; the key from the environment is in no command line; no model control; no key, no server."""
-    env = dict(os.environ, FIRE_ADMIN_KEY="k3y-from-a-secret", FIRE_MODEL_REPOSITORY=str(repository))
+    env = dict(os.environ, FIRE_ADMIN_KEY="k3y-from-a-secret", FIRE_MODEL_REPOSITORY=str(repository),
+               FIRE_INFERENCE_KEY="inference-k3y-from-a-secret")  # fmt: skip
     env["FIRE_PROFILE"] = "cpu"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
     env["FIRE_CACHE_DIR"] = str(tmp_path / "cache")

@@ -68,7 +68,7 @@ def test_repair_metrics_count_samples_scores_and_rejections(server, artifacts):
     inp = grpcclient.InferInput("FEATURES", list(feats.shape), "FP32")
     inp.set_data_from_numpy(feats)
     with pytest.raises(InferenceServerException, match="NaN"):
-        grpcclient.InferenceServerClient(server.grpc_url).infer("cifar10_fire", [inp])
+        grpcclient.InferenceServerClient(server.grpc_url).infer("cifar10_fire", [inp], headers=server.headers("grpc"))
 
     def delta(name: str, extra: str = "", metrics: dict | None = None) -> float:
         old = [v for k, v in before.items() if k.startswith(name + "{") and 'model="cifar10_fire"' in k and extra in k]

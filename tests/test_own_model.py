@@ -181,7 +181,7 @@ def _raw_clients(server, model: str, names, x: np.ndarray, dtype: str) -> dict[s
         client = lib.InferenceServerClient(url)
         inp = lib.InferInput(names[0], list(x.shape), dtype)
         inp.set_data_from_numpy(x)
-        result = client.infer(model, [inp], outputs=[lib.InferRequestedOutput(names[1])])
+        result = client.infer(model, [inp], outputs=[lib.InferRequestedOutput(names[1])], headers=server.headers(proto))
         out[proto] = result.as_numpy(names[1])
     return out
 

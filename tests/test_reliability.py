@@ -303,7 +303,7 @@ def _bad_http(server, body: bytes, headers: dict | None = None, model: str = "ci
         f"http://{server.http_url}/v2/models/{model}/infer",
         method="POST",
         data=body,
-        headers=headers or {"Content-Type": "application/json"},
+        headers={**server.headers("http"), **(headers or {"Content-Type": "application/json"})},
     )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -371,7 +371,7 @@ def test_unknown_model_version_and_empty_batch(explicit, protocol):
     else:
         inp.set_data_from_numpy(x)
     with pytest.raises(InferenceServerException, match="version"):
-        c.client.infer("cifar10_plain", [inp], model_version="7")
+        c.client.infer("cifar10_plain", [inp], model_version="7", headers=c.headers)
     with pytest.raises(InferenceServerException):
         c._infer_once("cifar10", np.zeros((0, 3, 32, 32), np.float32), "INPUT", "LOGITS")
     assert c.infer("cifar10", x).shape == (2, 10)

@@ -143,7 +143,7 @@ def test_the_tail_refuses_non_finite_features_like_the_repair(hardened):
     assert c.infer("cifar10_tail", np.zeros(shape, np.float32), "FEATURES", "LOGITS").shape == (2, 10)
 
 
-def _raw_grpc_infer(url: str, body: bytes) -> bytes:
+def _raw_grpc_infer(url: str, body: bytes, metadata=()) -> bytes:
     """A hand-made ModelInfer request: whatever bytes the attacker likes."""
     import grpc
 
@@ -153,7 +153,7 @@ def _raw_grpc_infer(url: str, body: bytes) -> bytes:
             request_serializer=lambda b: b,
             response_deserializer=lambda b: b,
         )
-        return call(body, timeout=10)
+        return call(body, timeout=10, metadata=metadata)
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +220,12 @@ def test_the_gateway_reads_the_whole_grpc_message(gateway, artifacts):
     smuggled = req.SerializeToString() + b"\x0a" + bytes([len("cifar10_tail")]) + b"cifar10_tail"
     import grpc
 
-    raw = service_pb2.ModelInferResponse.FromString(_raw_grpc_infer(server.grpc_url, smuggled))
+    key = tuple(server.headers("grpc").items())
+    raw = service_pb2.ModelInferResponse.FromString(_raw_grpc_infer(server.grpc_url, smuggled, key))
     assert raw.model_name == "cifar10_tail"  # straight to Triton, the smuggled name wins: the bypass is real
     with pytest.raises(grpc.RpcError) as e:
         _raw_grpc_infer(cfg.listen_grpc, smuggled)
-    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "given twice" in e.value.details()
 
 
 def test_the_gateway_sheds_idle_connections(gateway, artifacts):
@@ -257,6 +258,39 @@ def test_the_gateway_sheds_idle_connections(gateway, artifacts):
     assert triton_fds < 200  # the flood stopped at the gateway
     x = to_tensor_batch(artifacts["cifar10"].test.images[:2])
     assert FireClient(cfg.listen_http, "http").infer("cifar10", x).shape == (2, 10)
+
+
+def test_slow_bodies_are_cut_at_the_gateway_and_never_reach_triton(gateway, artifacts):
+    """16 connections announcing a body 100 kB longer than they send, one byte a second (bounded: 16
+    sockets, ~client timeout + 2 s): each gets 408 when its time is up, Triton never opens a connection
+    for them, and a legitimate request meanwhile is answered."""
+    cfg, server = gateway
+    host, port = cfg.listen_http.split(":")
+    triton_fds = len(os.listdir(f"/proc/{server.process.pid}/fd"))
+    socks = []
+    for _ in range(16):
+        s = socket.create_connection((host, int(port)), timeout=cfg.client_timeout_s + 5)
+        s.sendall(b"POST /v2/models/cifar10/infer HTTP/1.1\r\nHost: gw\r\nContent-Length: 100100\r\n\r\n{")
+        socks.append(s)
+    x = to_tensor_batch(artifacts["cifar10"].test.images[:2])
+    assert FireClient(cfg.listen_http, "http").infer("cifar10", x).shape == (2, 10)
+    assert len(os.listdir(f"/proc/{server.process.pid}/fd")) <= triton_fds + 2  # the legitimate one, not 16
+    deadline = time.time() + cfg.client_timeout_s + 2
+    answers = []
+    for s in socks:
+        try:
+            while time.time() < deadline:
+                s.sendall(b" ")
+                time.sleep(0.5)
+        except OSError:
+            pass
+        try:
+            answers.append(s.recv(64))
+        except OSError:
+            answers.append(b"reset")
+        s.close()
+    assert all(a.startswith(b"HTTP/1.1 408") or a in (b"", b"reset") for a in answers), answers
+    assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 8
 
 
 def test_server_logs_are_capped_and_read_from_the_end(tmp_path):
@@ -334,3 +368,116 @@ def test_fire_serve_refuses_plaintext_on_a_public_address(repository):
     done = subprocess.run([shutil.which("fire"), "serve", "--repo", str(repository), "--host", "0.0.0.0"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode != 0 and "refusing to serve on 0.0.0.0 in plaintext" in done.stderr
+
+
+# -- second round (gateway parsing: tests/test_gateway.py) ----------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another account")
+def test_a_cache_directory_another_account_planted_is_refused(tmp_path, monkeypatch):
+    """FIRE_CACHE_DIR made by 'nobody' (with a library to preload into tritonserver), or one others can
+    write to, or a library there others can write to: refused before anything is loaded or written."""
+    import pwd
+
+    from fire_backend.cache import UnsafePathError
+    from serving import server_guard
+
+    nobody = pwd.getpwnam("nobody")
+    tmp_path.chmod(0o755)
+    planted = tmp_path / "planted"
+    (planted / "native").mkdir(parents=True)
+    (planted / "native" / "libfire_server_guard-0.so").write_bytes(b"\x7fELF attacker")
+    for p in (planted, planted / "native", planted / "native" / "libfire_server_guard-0.so"):
+        os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    monkeypatch.setenv("FIRE_CACHE_DIR", str(planted))
+    with pytest.raises(UnsafePathError, match="owned by uid"):
+        server_guard.library()
+    with pytest.raises(UnsafePathError, match="owned by uid"):
+        TritonServer(ServerConfig(tmp_path, http_port=0))  # logs and keys live there too
+    from fire_backend.keys import INFERENCE
+
+    with pytest.raises(UnsafePathError):
+        INFERENCE.ensure()  # no key written into the other account's directory
+    assert not (planted / "inference_key").exists()
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("FIRE_CACHE_DIR", str(shared))
+    with pytest.raises(UnsafePathError, match="others can write"):
+        server_guard.library()
+
+    own = tmp_path / "own"
+    monkeypatch.setenv("FIRE_CACHE_DIR", str(own))
+    lib = server_guard.library()  # built here, 0700 directory
+    assert oct(own.stat().st_mode & 0o777) == "0o700"
+    lib.chmod(0o777)
+    with pytest.raises(UnsafePathError, match="writable by others"):
+        server_guard.library()
+
+
+def test_the_repository_is_private(hardened):
+    """The halves and the direction file are not readable by other accounts."""
+    _, repo, _ = hardened
+    for p in repo.rglob("*"):
+        assert not p.stat().st_mode & 0o007, p
+
+
+def test_traffic_statistics_survive_a_killed_server(artifacts, tmp_path):
+    a = artifacts["cifar10"]
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, record_traffic=True)], repo)
+    stats_file = repo / "cifar10_tail" / "traffic.safetensors"
+    from fire_backend.traffic import TrafficStats
+
+    x = to_tensor_batch(a.test.images[:40])
+
+    def recorded() -> int:
+        return TrafficStats.load(stats_file)[0].total if stats_file.is_file() else 0
+
+    server = TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)).start()
+    try:
+        FireClient(server.grpc_url).infer("cifar10", x)
+        deadline = time.time() + 30
+        while recorded() < 40 and time.time() < deadline:
+            time.sleep(0.3)
+        assert recorded() == 40
+        os.kill(server.process.pid, signal.SIGKILL)  # no finalize, no last flush
+        server.process.wait()
+    finally:
+        server.close()
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        FireClient(server.grpc_url).infer("cifar10", x[:10])
+        deadline = time.time() + 30
+        while recorded() < 50 and time.time() < deadline:
+            time.sleep(0.3)
+        assert recorded() == 50  # the restarted tail went on from the 40
+
+
+def test_the_supervisor_backs_off_instead_of_giving_up():
+    from serving.supervisor import Supervisor
+
+    s = Supervisor(ServerConfig(Path(".")), backoff_s=1.0, max_backoff_s=8.0, window_s=300)
+    delays = []
+    for _ in range(8):
+        s._note_restart()
+        delays.append(s.delay())
+    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
+    s.restarts = [time.monotonic() - 301] * 7  # served for a window: back to an immediate restart
+    s._note_restart()
+    assert s.delay() == 0.0
+
+
+def test_per_sample_scores_are_not_on_the_metrics_port_by_default(hardened):
+    """The score histogram and the repaired-sample counter would tell any local prober how its trigger
+    variant fares: they exist only with metrics='detailed'."""
+    server, _, a = hardened
+    FireClient(server.grpc_url).infer("cifar10", to_tensor_batch(a.test.images[:8]))
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        if 'fire_repair_samples_total{model="cifar10_fire"}' in text:
+            break
+        time.sleep(0.3)
+    assert 'fire_repair_samples_total{model="cifar10_fire"}' in text  # the counts are there
+    assert "fire_projection_score" not in text and "fire_repair_changed_samples_total" not in text

@@ -14,14 +14,15 @@ from calibration.calibrate import observe_directions
 from calibration.traffic import TrafficConfig, propose
 from clients import FireClient
 from fire_backend.directions import DirectionFile
+from fire_backend.formula import NumpyRepair
 from fire_backend.names import TRAFFIC_FILE
-from fire_backend.traffic import TrafficStats
+from fire_backend.traffic import TrafficStats, TrafficStatsError
 from serving.repository import ProtectedModel, build_repository
 from serving.server import ServerConfig, TritonServer
 from zoo.data import load_dataset, to_tensor_batch
 
 
-def test_stats_are_bounded_exact_in_the_mean_and_uniform_in_the_reservoir(tmp_path):
+def test_stats_are_bounded_uniform_for_one_source_and_survive_a_save(tmp_path):
     rng = np.random.default_rng(0)
     stats = TrafficStats(num_classes=3, feature_size=4, budget=3 * 4 * 2 * 50)  # room for 50 samples a class
     assert stats.capacity == 50
@@ -32,7 +33,6 @@ def test_stats_are_bounded_exact_in_the_mean_and_uniform_in_the_reservoir(tmp_pa
         stats.update(x[i : i + 64], y[i : i + 64])
     assert stats.total == 5000 and stats.reservoir.nbytes == 3 * 50 * 4 * 2
     for c in range(3):
-        np.testing.assert_allclose(stats.means[c], x[y == c].reshape(-1, 4).mean(0, dtype=np.float64), rtol=1e-9)
         kept = (stats.samples(c)[:, :2] @ [64, 1]).astype(int)
         assert len(set(kept)) == 50 and set(kept) <= set(np.flatnonzero(y == c))
     late = np.concatenate([stats.samples(c)[:, :2] @ [64, 1] for c in range(3)]) >= 2500
@@ -40,6 +40,18 @@ def test_stats_are_bounded_exact_in_the_mean_and_uniform_in_the_reservoir(tmp_pa
     loaded, meta = TrafficStats.load(stats.save(tmp_path / "t.safetensors", {"model": "m"}))
     assert meta == {"model": "m"} and loaded.total == 5000
     np.testing.assert_array_equal(loaded.reservoir, stats.reservoir)
+    loaded.update(x[:64], y[:64])  # and it goes on recording where it stopped
+    assert loaded.total == 5064 and all(len(loaded.samples(c)) == 50 for c in range(3))
+
+
+def test_no_source_holds_more_of_a_class_than_another_and_unstorable_features_are_counted_not_kept():
+    stats = TrafficStats(num_classes=2, feature_size=4, budget=2 * 4 * 2 * 100)
+    stats.update(np.ones((300, 4), np.float32), np.zeros(300, int), ["client"] * 300)
+    stats.update(np.zeros((3000, 4), np.float32), np.zeros(3000, int), ["flooder"] * 3000)  # 10x as many
+    assert stats.held(0) == {"client": 50, "flooder": 50} and stats.largest_source_share(0) == 0.5
+    assert stats.seen[0].tolist()[:2] == [300, 3000]
+    stats.update(np.array([[np.nan] * 4, [1e6] * 4, [1.0] * 4], np.float32), np.ones(3, int))
+    assert stats.unrecordable == 2 and len(stats.samples(1)) == 1 and np.isfinite(stats.samples(1)).all()
 
 
 def _synthetic(shift_class: int | None, shared_shift: bool, rng) -> tuple[TrafficStats, np.ndarray, np.ndarray]:
@@ -62,14 +74,19 @@ def _synthetic(shift_class: int | None, shared_shift: bool, rng) -> tuple[Traffi
     return stats, clean, clean_y
 
 
-def test_detector_names_the_target_and_ignores_a_shift_every_class_shares():
-    stats, clean, clean_y = _synthetic(7, False, np.random.default_rng(3))
+def _backdoor_tail(clean: np.ndarray, clean_y: np.ndarray, target: int = 7):
     means = np.stack([clean[clean_y == c].mean(0) for c in range(10)])
 
-    def tail(f: np.ndarray) -> np.ndarray:  # the backdoored "model": the trigger -> class 7, else the nearest mean
+    def tail(f: np.ndarray) -> np.ndarray:  # the backdoored "model": the trigger -> target, else the nearest mean
         f = f.reshape(len(f), -1)
-        return np.where(f[:, :8].mean(1) > 5, 7, ((f[:, None] - means[None]) ** 2).sum(2).argmin(1))
+        return np.where(f[:, :8].mean(1) > 5, target, ((f[:, None] - means[None]) ** 2).sum(2).argmin(1))
 
+    return tail
+
+
+def test_detector_names_the_target_and_ignores_a_shift_every_class_shares():
+    stats, clean, clean_y = _synthetic(7, False, np.random.default_rng(3))
+    tail = _backdoor_tail(clean, clean_y)
     p = propose(stats, clean, tail(clean), tail, layer="l", head_sha256="x", clean_labels=clean_y)
     assert p.detected and p.target == 7 and p.score > 2 * p.next_score
     assert p.deployable and p.leave_rate > 0.8 and p.other_change <= 0.01, p.checks
@@ -80,6 +97,49 @@ def test_detector_names_the_target_and_ignores_a_shift_every_class_shares():
         stats, clean, clean_y = _synthetic(shift_class, shared, np.random.default_rng(4))
         p = propose(stats, clean, clean_y, lambda f: np.zeros(len(f), int), layer="l", head_sha256="x")
         assert not p.detected and p.directions is None and p.score < TrafficConfig().min_score
+
+
+def test_a_flooding_source_a_decoy_class_or_huge_features_do_not_blind_the_detector():
+    """The three ways issue 18 blinded traffic calibration, on the synthetic backdoor above."""
+    rng = np.random.default_rng(3)
+    stats, clean, clean_y = _synthetic(7, False, rng)
+    tail = _backdoor_tail(clean, clean_y)
+    kw = dict(layer="l", head_sha256="x", clean_labels=clean_y)
+    baseline = propose(stats, clean, tail(clean), tail, **kw)
+    assert baseline.deployable and baseline.target == 7
+
+    flooded, _, _ = _synthetic(7, False, np.random.default_rng(3))  # same traffic ...
+    means = np.stack([clean[clean_y == c].mean(0) for c in range(10)])
+    dilution = (means[7] + rng.normal(size=(20000, 64))).astype(np.float32)  # ... + 20,000 clean class-7 requests
+    flooded.update(dilution, np.full(len(dilution), 7), ["flooder"] * len(dilution))
+    p = propose(flooded, clean, tail(clean), tail, **kw)
+    assert p.deployable and p.target == 7, [(s.cls, round(s.score, 1)) for s in p.classes]
+    assert next(s for s in p.classes if s.cls == 7).largest_share == 0.5  # the flooder holds no more than the rest
+
+    decoy, _, _ = _synthetic(7, False, np.random.default_rng(3))
+    basis = np.linalg.qr((means[1:] - means[0]).T)[0]  # the directions the class means differ in
+    push = rng.normal(size=64)
+    push[:8] = 0  # not the trigger's dims ...
+    push -= basis @ (basis.T @ push)  # ... and no class's either: a universal perturbation that flips nothing
+    push *= 60 / np.linalg.norm(push)
+    shifted = (means[2] + push + rng.normal(size=(400, 64))).astype(np.float32)
+    assert (tail(shifted) == 2).all()
+    decoy.update(shifted, np.full(400, 2), ["decoy"] * 400)
+    p = propose(decoy, clean, tail(clean), tail, **kw)
+    ranked = sorted(p.classes, key=lambda s: -s.score)
+    assert ranked[0].cls == 2 and 7 in p.examined  # the decoy scores highest, the real target is still examined
+    assert p.deployable and p.targets == [2, 7]  # both repaired by one rank-2 file, checked together
+    source = rng.choice([c for c in range(10) if c != 7], 300)
+    triggered = (means[source] + rng.normal(size=(300, 64))).astype(np.float32)
+    triggered[:, :8] += 10.0
+    assert (tail(NumpyRepair(p.directions)(triggered)) != 7).mean() > 0.6  # the real backdoor is repaired
+
+    overflow, _, _ = _synthetic(7, False, np.random.default_rng(3))
+    overflow.update(np.full((8, 64), 1e6, np.float32), np.zeros(8, int))  # what float16 cannot hold
+    assert overflow.unrecordable == 8 and propose(overflow, clean, tail(clean), tail, **kw).deployable
+    overflow.reservoir[0, 0, 0] = np.inf  # a poisoned file: fail closed, never "no backdoor"
+    with pytest.raises(TrafficStatsError, match="not finite"):
+        propose(overflow, clean, tail(clean), tail, **kw)
 
 
 def _samples_recorded(metrics_url: str, tail: str) -> float:
@@ -108,7 +168,7 @@ def test_observe_then_update_from_traffic_on_a_real_server(artifacts, tmp_path, 
     observe = tmp_path / "observe.safetensors"
     observe_directions(a.export_dir, observe, train.images)
     repo = tmp_path / "repo"
-    build_repository([ProtectedModel("cifar10", a.export_dir, observe, record_traffic=True)], repo)
+    build_repository([ProtectedModel("cifar10", a.export_dir, observe, record_traffic=True, metrics="detailed")], repo)
     clean_npz = tmp_path / "clean.npz"
     np.savez(clean_npz, images=train.images, labels=train.labels)
     test = load_dataset("cifar10", "test").subset(1200, seed=22)
