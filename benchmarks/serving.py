@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from calibration import CalibrationConfig, calibrate
 from fire_backend.directions import DirectionFile
+from fire_backend.errors import StepFailedError
 from fire_backend.formula import NumpyRepair
 from fire_backend.names import ADMIN_HEADER
 from fire_backend.repair import Repair
@@ -145,7 +146,7 @@ def closed_loop(
         t.join()
     elapsed = time.perf_counter() - t_start
     if errors:
-        raise RuntimeError(f"{model}: request failed during the benchmark: {errors[0]}")
+        raise StepFailedError(f"{model}: request failed during the benchmark: {errors[0]}")
     return np.array([x for lat in latencies for x in lat]), elapsed
 
 

@@ -27,6 +27,7 @@ from calibration.calibrate import zoo_calibration_set
 from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
+from fire_backend.errors import InvalidInputError
 from fire_backend.repair import Repair
 from modelio.export import export_split
 from modelio.split import SplitError, candidate_layers, split_at
@@ -124,7 +125,7 @@ def auto_calibrate(
     config = config or AutoConfig()
     n = len(pair_poisoned)
     if n < 2:
-        raise ValueError(f"auto-calibration needs at least 2 triggered samples, got {n}")
+        raise InvalidInputError(f"auto-calibration needs at least 2 triggered samples, got {n}")
     folds = min(config.folds, n)
     rng = np.random.default_rng(seed)
     fold_of = rng.permutation(n) % folds

@@ -18,6 +18,7 @@ import torch
 from calibration.estimators import mean_features, paired_direction, photometric_views, unpaired_direction
 from calibration.factory import make_directions
 from fire_backend.directions import DirectionFile
+from fire_backend.errors import InvalidInputError
 from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
@@ -86,7 +87,10 @@ class CalibrationSet:
         poison_idx = candidates[:n_poisoned]
         clean_idx = np.setdiff1d(order, poison_idx, assume_unique=True)[:n_clean]
         if len(poison_idx) < min(n_poisoned, 2) or not len(clean_idx):
-            raise ValueError(f"{len(images)} images are too few for {n_poisoned} triggered + {n_clean} clean samples")
+            raise InvalidInputError(
+                f"{len(images)} images are too few for {n_poisoned} triggered + "
+                f"{n_clean} clean samples"
+            )
         pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx])
         return cls(
             clean=images[clean_idx],
@@ -136,7 +140,7 @@ def calibrate_second(
     config = config or CalibrationConfig()
     info = ExportInfo.read(export_dir)
     if not info.multilayer:
-        raise ValueError(f"{export_dir} has one layer; export with a second layer for multi-layer repair")
+        raise InvalidInputError(f"{export_dir} has one layer; export with a second layer for multi-layer repair")
     head = HeadFeatures(export_dir)
     mid = onnx_session(Path(export_dir) / MID_ONNX, threads=2)
     repair = Repair(first)
@@ -153,7 +157,7 @@ def calibrate_second(
 
 def _zoo_set(info: ExportInfo, config: CalibrationConfig) -> CalibrationSet:
     if not info.dataset:
-        raise ValueError(
+        raise InvalidInputError(
             "this export is not a zoo model: give calibration images (clean ones, and flagged triggered ones "
             "or a trigger to put on them), e.g. `fire calibrate --clean imgs/ --poisoned flagged/`"
         )
@@ -181,7 +185,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
     elif estimator == "unpaired":
         beta = unpaired_beta(features, data.clean, data.triggered, config.views, config.seed)
     else:
-        raise ValueError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
+        raise InvalidInputError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
     return make_directions(
         beta,
         batched(features, data.clean),

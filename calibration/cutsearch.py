@@ -24,6 +24,7 @@ from tqdm import tqdm
 from calibration.calibrate import CalibrationSet
 from calibration.estimators import RunningMean, paired_direction, unpaired_direction
 from calibration.factory import make_directions
+from fire_backend.errors import InvalidInputError
 from fire_backend.names import FEATURES
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
@@ -102,9 +103,9 @@ def choose_cut(
 ) -> tuple[CutScore, list[CutScore]]:
     """The best cut among ``cuts`` (see the module docstring) and every cut's score."""
     if not cuts:
-        raise ValueError("no candidate cuts")
+        raise InvalidInputError("no candidate cuts")
     if len(data.triggered) < 4 or len(data.clean) < 4:
-        raise ValueError("choosing a cut needs at least 4 clean and 4 triggered calibration images")
+        raise InvalidInputError("choosing a cut needs at least 4 clean and 4 triggered calibration images")
     scores = [score_cut(runner_for(c), data, seed) for c in tqdm(cuts, desc="cuts", unit="cut", disable=None)]
     within = [s for s in scores if s.cost <= max_ca_drop + 1e-9] or [min(scores, key=lambda s: s.cost)]
     return max(within, key=lambda s: (s.gain, -s.cost)), scores

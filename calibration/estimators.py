@@ -12,6 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from fire_backend.errors import InvalidInputError
+
 
 class RunningMean:
     """Numerically stable running mean of feature tensors (float64 accumulator)."""
@@ -34,7 +36,7 @@ class RunningMean:
 
     def value(self) -> np.ndarray:
         if self.mean is None:
-            raise ValueError("no samples seen")
+            raise InvalidInputError("no samples seen")
         return self.mean.astype(np.float32)
 
     @classmethod
@@ -62,9 +64,12 @@ def mean_features(features: FeatureFn, images: np.ndarray, batch_size: int = 256
 def paired_direction(clean, poisoned) -> torch.Tensor:
     """beta = mean_i f(T(x_i)) - f(x_i): features of the same images without and with the trigger."""
     if tuple(clean.shape) != tuple(poisoned.shape):
-        raise ValueError(f"paired sets must have the same shape, got {tuple(clean.shape)} and {tuple(poisoned.shape)}")
+        raise InvalidInputError(
+            f"paired sets must have the same shape, got {tuple(clean.shape)} and "
+            f"{tuple(poisoned.shape)}"
+        )
     if len(clean) == 0:
-        raise ValueError("no paired samples")
+        raise InvalidInputError("no paired samples")
     diffs = _numpy(poisoned).astype(np.float64) - _numpy(clean)
     return torch.from_numpy(RunningMean.of(diffs).value())
 
@@ -73,7 +78,7 @@ def unpaired_direction(clean: RunningMean, poisoned: RunningMean) -> torch.Tenso
     """beta = mean f(poisoned set) - mean f(clean set), two unrelated sets given as running means (an
     offline set and a stream of reports alike)."""
     if not (clean.count and poisoned.count):
-        raise ValueError("the unpaired estimate needs clean and triggered samples")
+        raise InvalidInputError("the unpaired estimate needs clean and triggered samples")
     return torch.from_numpy((poisoned.mean - clean.mean).astype(np.float32))
 
 
@@ -95,7 +100,7 @@ def photometric_views(images: np.ndarray, views: int, seed: int = 0) -> np.ndarr
 def clean_threshold(scores, fpr: float) -> float:
     """The score above which only a ``fpr`` share of clean samples lie."""
     if not 0 < fpr < 1:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+        raise InvalidInputError(f"fpr must be in (0, 1), got {fpr}")
     return float(np.quantile(np.asarray(scores), 1.0 - fpr))
 
 
@@ -103,7 +108,7 @@ def principal_basis(differences, rank: int) -> np.ndarray:
     """An orthonormal (rank, D) basis for paired feature differences (N, D): the first row is the mean
     difference's direction, the others the top principal directions of what the mean leaves over."""
     if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+        raise InvalidInputError(f"rank must be >= 1, got {rank}")
     d = np.asarray(differences).reshape(len(differences), -1).astype(np.float64)
     mean = d.mean(axis=0)
     first = mean / np.linalg.norm(mean)

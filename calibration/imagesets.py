@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fire_backend.errors import FireError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp")
 
 
-class ImageSetError(ValueError):
+class ImageSetError(FireError, ValueError):
     """Images that cannot be used as given; the message names the file and what to do."""
 
 

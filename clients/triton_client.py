@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fire_backend.errors import InvalidInputError
 from fire_backend.keys import INFERENCE
 from fire_backend.names import INPUT, LOGITS
 from fire_backend.network import host_of, is_loopback
@@ -46,13 +47,13 @@ class FireClient:
         elif protocol == "http":
             import tritonclient.http as tc
         else:
-            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+            raise InvalidInputError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.tc, self.protocol, self.max_batch_size = tc, protocol, max_batch_size
         self.timeout_s = timeout_s
         kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         if tls_root_cert is not None:  # gRPC over TLS, trusting this (e.g. self-signed) certificate
             if protocol != "grpc":
-                raise ValueError("TLS is set up for gRPC; put an HTTPS proxy in front of HTTP")
+                raise InvalidInputError("TLS is set up for gRPC; put an HTTPS proxy in front of HTTP")
             kwargs = {"ssl": True, "root_certificates": str(tls_root_cert)}
         self.client = tc.InferenceServerClient(url=url, **kwargs)
         self.headers = inference_headers(url, protocol, key)

@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from fire_backend.errors import FireError
 from fire_backend.files import atomic_write
 
 FORMAT_VERSION = 1
@@ -33,7 +34,7 @@ TENSORS = ("beta", "mu", "threshold")  # always present
 OPTIONAL_TENSORS = ("basis",)
 
 
-class DirectionFileError(ValueError):
+class DirectionFileError(FireError, ValueError):
     """A direction file is missing, corrupt, or does not fit the deployment."""
 
     def __init__(self, path: str | Path, reason: str):

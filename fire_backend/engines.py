@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fire_backend.errors import FireError
 from fire_backend.files import atomic_write, sha256_file
 
 SERVED_TENSORRT = "10.5"  # the TensorRT of Triton 24.10 (server 2.51), which the GPU profile targets
 COMPUTE_CAPABILITIES = ("7.0", "7.5", "8.0", "8.6", "8.7", "8.9", "9.0")  # V100 ... H100
 
 
-class EngineBindingError(RuntimeError):
+class EngineBindingError(FireError, RuntimeError):
     """The engine a GPU would serve is missing, stale, or was built from another ONNX file."""
 
 

@@ -11,3 +11,15 @@ from __future__ import annotations
 
 class FireError(Exception):
     """An expected failure; the message is one line a user can act on."""
+
+
+class InvalidInputError(FireError, ValueError):
+    """A value, file or request the step cannot use (the message says which and why)."""
+
+
+class MissingFileError(FireError, FileNotFoundError):
+    """A file or directory the step needs is not there (the message says which, and what writes it)."""
+
+
+class StepFailedError(FireError, RuntimeError):
+    """An outside tool or server the step drives failed (the message carries its reason)."""

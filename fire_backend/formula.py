@@ -29,9 +29,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from fire_backend.directions import MODES, DirectionFile
+from fire_backend.errors import FireError, InvalidInputError
 
 
-class RepairInputError(ValueError):
+class RepairInputError(FireError, ValueError):
     """The activation tensor cannot be repaired (shape, dtype, device or non-finite values)."""
 
 
@@ -55,7 +56,7 @@ class RepairParams:
     def from_directions(cls, d: DirectionFile, mode: str | None = None) -> RepairParams:
         mode = mode or d.mode
         if mode not in MODES:
-            raise ValueError(f"unknown repair mode {mode!r}; choose one of {MODES}")
+            raise InvalidInputError(f"unknown repair mode {mode!r}; choose one of {MODES}")
         beta = np.asarray(d.beta, np.float64).reshape(-1)
         norm = float(np.linalg.norm(beta))
         if mode == "project" and d.basis is not None:

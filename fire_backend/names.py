@@ -8,6 +8,7 @@ header have one spelling each. Nothing else in the project spells these strings 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Tensors between the halves (the ensemble's own input/output keep the served model's names).
 INPUT = "INPUT"  # pixels, for models FIRE exported itself
@@ -21,6 +22,7 @@ GUARDED = "GUARDED"  # the GPU profile's input check: the pixels it let through
 DIRECTIONS_FILE = "directions.safetensors"
 HEAD_ONNX, MID_ONNX, TAIL_ONNX, WHOLE_ONNX = "head.onnx", "mid.onnx", "tail.onnx", "model.onnx"
 SPLIT_JSON = "split.json"
+LABELS_FILE = "labels.txt"  # class names, one per line: Triton's classification extension reads it
 TRAFFIC_FILE = "traffic.safetensors"  # in the tail's model directory: what it served, per class (bounded)
 MODEL_VERSION = "1"  # every generated model has this one version directory
 
@@ -34,6 +36,18 @@ GATEWAY_HEADER_PREFIX = "fire-"  # headers a client may not send through the gat
 
 # Environment
 CACHE_ENV = "FIRE_CACHE_DIR"  # keys, logs, the server guard library, decoded datasets (private, 0700)
+DATA_ENV = "FIRE_DATA_DIR"  # where the dataset archives are (default: ../shared/datasets)
+
+# Where things are
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (bundled models, results/, build/)
+REPOSITORY_DIR = "model_repository"  # the default FIRE model repository, relative to the working directory
+LOOPBACK = "127.0.0.1"
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002  # tritonserver's (Triton's own defaults)
+GATEWAY_HTTP_PORT, GATEWAY_GRPC_PORT, GATEWAY_METRICS_PORT = 9000, 9001, 9002  # the gateway's
+
+
+def address(port: int, host: str = LOOPBACK) -> str:
+    return f"{host}:{port}"
 
 # Parameters of the Python-backend models (config.pbtxt ``parameters``)
 PARAM_ONNX_FILE = "ONNX_FILE"
@@ -43,7 +57,8 @@ PARAM_GUARD_INPUT = "GUARD_INPUT"  # the input check's input tensor (the served 
 PARAM_TRAFFIC_STATS = "TRAFFIC_STATS"  # "1": the tail records bounded statistics of the traffic it serves
 PARAM_TRAFFIC_BUDGET = "TRAFFIC_BUDGET_BYTES"
 PARAM_CHECK_FINITE = "CHECK_FINITE"  # the model takes features (tail, mid): refuse NaN / Inf as the repair does
-PARAM_DIRECTIONS = "DIRECTIONS"
+PARAM_DIRECTIONS = "DIRECTIONS"  # the repair model: its direction file, relative to its version directory
+PARAM_DIRECTIONS_OF = "DIRECTIONS_OF"  # the folded model: the repair model whose direction file it serves
 PARAM_DIRECTIONS_POLL = "DIRECTIONS_POLL_S"  # how often the repair model looks for a replaced direction file
 PARAM_PRODUCER_ONNX = "HEAD_ONNX"  # the ONNX file whose output the repair edits (the direction file is bound to it)
 PARAM_TAIL_ONNX = "TAIL_ONNX"  # the folded model: the second half it runs after the repair

@@ -1,4 +1,4 @@
-"""Argument helpers shared by several ``fire`` commands."""
+"""Argument helpers shared by several ``fire`` commands (flags come from ``fire_cli.options``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from fire_backend.errors import FireError
+from fire_backend.names import GRPC_PORT, HTTP_PORT, PROJECT_ROOT, REPOSITORY_DIR, address
+from fire_cli.options import add
+
 Formatter = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / "cifar10_resnet_badnets"  # the demo's bundled backdoored model
-FOLDED_HELP = ("also serve NAME_folded: head, repair and tail in one CPU stub (no hops between steps), "
-               "directions still hot-swappable; on the GPU profile an alias of NAME")  # fmt: skip
+DEFAULT_MODEL_DIR = PROJECT_ROOT / "models" / "cifar10_resnet_badnets"  # the demo's bundled backdoored model
+
+
+class UsageError(FireError):
+    """The arguments do not describe something the command can do; the message says what to give."""
 
 
 def add_command(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
@@ -26,7 +31,7 @@ def parse_kv(items: Sequence[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"expected key=value, got {item!r}")
+            raise UsageError(f"expected key=value, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -36,119 +41,118 @@ def parse_kv(items: Sequence[str]) -> dict:
 
 def attack_spec(a: argparse.Namespace, default: str | dict | None = None) -> dict:
     """The attack chosen on the command line: ``--attack-config FILE`` (JSON, e.g. ``{"name": "custom",
-    "pattern": "trigger.png", "alpha": 0.5}``), then ``--attack NAME``, then ``--attack-param`` overrides;
-    without either, ``default`` (a name or a recorded spec). Parameters with no attack to apply them to
-    are refused, never dropped."""
+    "pattern": "trigger.png", "alpha": 0.5}``; relative paths in it are relative to the file), then
+    ``--attack NAME``, then ``--attack-param`` overrides; without either, ``default`` (a name or a
+    recorded spec). Parameters with no attack to apply them to are refused, never dropped."""
     spec: dict = {}
     if a.attack_config:
-        spec = json.loads(Path(a.attack_config).read_text())
+        path = Path(a.attack_config)
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"--attack-config {path}: {e}") from None
         if not isinstance(spec, dict) or "name" not in spec:
-            raise SystemExit(f"{a.attack_config}: expected a JSON object with a 'name' field")
+            raise UsageError(f"{path}: expected a JSON object with a 'name' field")
+        from zoo.attacks import resolve_trigger_files
+
+        spec = resolve_trigger_files(spec, path.parent)
     if a.attack:
         spec["name"] = a.attack
     if not spec and default:
         spec = {"name": default} if isinstance(default, str) else dict(default)
     if not spec:
         if a.attack_param:
-            raise SystemExit("--attack-param needs an attack to apply to: add --attack NAME or --attack-config FILE")
+            raise UsageError("--attack-param needs an attack to apply to: add --attack NAME or --attack-config FILE")
         return {}
     return {**spec, **parse_kv(a.attack_param)}
 
 
-def add_attack_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument(
-        "--attack",
-        default=default,
-        help="attack name: badnets, blended, wanet, sig, trojan, badnets_all2all, custom",
-    )
-    p.add_argument("--attack-config", help="JSON file with the attack spec (name and parameters)")
-    p.add_argument(
-        "--attack-param",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="attack parameters, e.g. target=0 or, for custom, pattern=trigger.png alpha=0.5 mask=mask.png "
-        "row=-1 col=-1 (one or more per use; repeatable)",
-    )
+def add_attack_args(p: argparse.ArgumentParser) -> None:
+    for flag in ("--attack", "--attack-config", "--attack-param"):
+        add(p, flag)
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="127.0.0.1:8001", help="server address (gRPC 8001, HTTP 8000 by default)")
-    p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+    add(p, "--url", default=None, detail=f"default {address(GRPC_PORT)} (gRPC) or {address(HTTP_PORT)} (HTTP)")
+    add(p, "--protocol", default="grpc")
+
+
+def server_url(a: argparse.Namespace) -> str:
+    return a.url or address(GRPC_PORT if a.protocol == "grpc" else HTTP_PORT)
+
+
+def add_repo_arg(p: argparse.ArgumentParser, detail: str | None = None) -> None:
+    add(p, "--repo", default=REPOSITORY_DIR, detail=detail)
 
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "preprocessing", "how images become the model's input; completed from the model's input where unambiguous"
     )
-    g.add_argument("--input-size", metavar="HxW", help="the model's input size (needed where it is dynamic)")
-    g.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: from where the channels sit")
-    g.add_argument("--channels", choices=["RGB", "BGR", "L"], help="channel order the model expects (default RGB)")
-    g.add_argument("--divisor", type=float, default=255.0, help="float inputs: x = pixel / divisor")
-    g.add_argument("--mean", type=float, nargs="+", help="float inputs: then (x - mean) / std, per channel")
-    g.add_argument("--std", type=float, nargs="+")
+    for flag in ("--input-size", "--layout", "--channels"):
+        add(g, flag)
+    add(g, "--divisor", default=255.0)
+    add(g, "--mean")
+    add(g, "--std")
+
+
+def input_size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--input-size: expected HxW, e.g. 224x224, got {text!r}") from None
+    return h, w
 
 
 def preprocess_from_args(a: argparse.Namespace, dims: tuple, dtype: str):
-    from modelio.preprocess import PreprocessError, infer_preprocess
+    from modelio.preprocess import infer_preprocess
 
     declared = {"layout": a.layout, "channels": a.channels, "divisor": a.divisor, "mean": a.mean, "std": a.std}
-    if a.input_size:
-        try:
-            declared["height"], declared["width"] = (int(v) for v in a.input_size.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--input-size: expected HxW, e.g. 224x224, got {a.input_size!r}") from None
-    try:
-        return infer_preprocess(dims, dtype, **{k: v for k, v in declared.items() if v is not None})
-    except PreprocessError as e:
-        raise SystemExit(f"preprocessing: {e}") from None
+    size = input_size(a.input_size)
+    if size:
+        declared["height"], declared["width"] = size
+    return infer_preprocess(dims, dtype, **{k: v for k, v in declared.items() if v is not None})
 
 
 def add_data_args(p: argparse.ArgumentParser, counts: bool = True) -> None:
     g = p.add_argument_group(
         "calibration images",
-        "clean images (a folder in ImageFolder layout class/xxx.png gives labels, a flat folder none, or .npz), "
-        "and either flagged triggered images (--poisoned) or a trigger to put on clean ones (--attack ...)",
+        "clean images, and either flagged triggered images (--poisoned) or a trigger to put on clean ones (--attack)",
     )
-    g.add_argument("--clean", nargs="+", metavar="PATH", help="clean images: folders, files or .npz")
-    g.add_argument("--poisoned", nargs="+", metavar="PATH", help="images flagged as triggered (no labels needed)")
+    add(g, "--clean")
+    add(g, "--poisoned")
     if counts:
-        g.add_argument("--n-clean", type=int, default=1000, help="clean images to use at most")
-        g.add_argument("--n-poisoned", type=int, default=200, help="triggered images to use at most")
-    g.add_argument("--resize", action="store_true", help="resize images of another size instead of refusing them")
+        add(g, "--n-clean", default=1000)
+        add(g, "--n-poisoned", default=200)
+    add(g, "--resize")
 
 
 def calibration_set_from_args(a: argparse.Namespace, preprocess, clean_only: bool = False):
     """The CalibrationSet the data arguments describe (``a.attack*`` for a trigger spec); with
     ``clean_only`` just the clean images (an observe-only deployment)."""
     from calibration.calibrate import CalibrationSet
-    from calibration.imagesets import ImageSetError, read_image_set
+    from calibration.imagesets import read_image_set
     from zoo.attacks import attack_from_spec
 
     if not a.clean:
-        raise SystemExit("give clean calibration images with --clean PATH (a folder, files or .npz)")
+        raise UsageError("give clean calibration images with --clean PATH (a folder, files or .npz)")
     size = (preprocess.height, preprocess.width)
     if clean_only:
-        try:
-            pool = read_image_set(a.clean, size, a.resize).subset(a.n_clean, seed=a.seed)
-        except ImageSetError as e:
-            raise SystemExit(f"calibration images: {e}") from None
+        pool = read_image_set(a.clean, size, a.resize).subset(a.n_clean, seed=a.seed)
         return CalibrationSet(pool.images, pool.images[:0], clean_labels=pool.labels)
     spec = attack_spec(a)
     if a.poisoned and spec:
-        raise SystemExit("give flagged triggered images (--poisoned PATH) or a trigger (--attack ...), not both")
+        raise UsageError("give flagged triggered images (--poisoned PATH) or a trigger (--attack ...), not both")
     if not (a.poisoned or spec):
-        raise SystemExit("give flagged triggered images (--poisoned PATH) or a trigger for clean ones (--attack ...)")
-    try:
-        clean = read_image_set(a.clean, size, a.resize)
-        if a.poisoned:
-            flagged = read_image_set(a.poisoned, size, a.resize).subset(a.n_poisoned or 200, seed=a.seed)
-            pool = clean.subset(a.n_clean, seed=a.seed)
-            provenance = {"clean": [str(p) for p in a.clean], "poisoned": [str(p) for p in a.poisoned]}
-            return CalibrationSet(pool.images, flagged.images, clean_labels=pool.labels, provenance=provenance)
-    except ImageSetError as e:
-        raise SystemExit(f"calibration images: {e}") from None
+        raise UsageError("give flagged triggered images (--poisoned PATH) or a trigger for clean ones (--attack ...)")
+    clean = read_image_set(a.clean, size, a.resize)
+    if a.poisoned:
+        flagged = read_image_set(a.poisoned, size, a.resize).subset(a.n_poisoned or 200, seed=a.seed)
+        pool = clean.subset(a.n_clean, seed=a.seed)
+        provenance = {"clean": [str(p) for p in a.clean], "poisoned": [str(p) for p in a.poisoned]}
+        return CalibrationSet(pool.images, flagged.images, clean_labels=pool.labels, provenance=provenance)
     attack = attack_from_spec(spec)
     return CalibrationSet.with_trigger(
         clean.images, attack, a.n_poisoned or 200, a.n_clean, clean.labels, a.seed, {"clean": [str(p) for p in a.clean]}

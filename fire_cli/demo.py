@@ -11,7 +11,8 @@ from pathlib import Path
 
 from calibration import CalibrationConfig, calibrate
 from clients import evaluate_served
-from fire_cli.common import DEFAULT_MODEL, REPO_ROOT
+from fire_backend.names import DIRECTIONS_FILE, PROJECT_ROOT, REPOSITORY_DIR
+from fire_cli.common import DEFAULT_MODEL_DIR
 from modelio.export import export_split
 from serving.repository import ProtectedModel, build_repository
 from serving.server import ServerConfig, TritonServer
@@ -21,15 +22,15 @@ from zoo.metrics import format_table
 
 @dataclass
 class DemoConfig:
-    model_dir: Path = DEFAULT_MODEL
+    model_dir: Path = DEFAULT_MODEL_DIR
     name: str = "cifar10"
     layer: str = "layer2"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    work_dir: Path = REPO_ROOT / "build" / "demo"
-    repository: Path = REPO_ROOT / "model_repository"
+    work_dir: Path = PROJECT_ROOT / "build" / "demo"
+    repository: Path = PROJECT_ROOT / REPOSITORY_DIR
     protocol: str = "grpc"
     limit: int = 0  # 0: the whole test split
-    results: Path | None = REPO_ROOT / "results" / "demo.md"
+    results: Path | None = PROJECT_ROOT / "results" / "demo.md"
     command: str = "fire demo"  # recorded in the report
 
 
@@ -39,7 +40,7 @@ def run_demo(cfg: DemoConfig) -> str:
     print(f"[1/5] split {cfg.model_dir} after {cfg.layer!r}, export ONNX -> {export_dir}")
     info = export_split(cfg.model_dir, cfg.layer, export_dir)
     print(f"      split error {info.split_max_abs_err:.2g}, ONNX error {info.onnx_max_abs_err:.2g}")
-    directions = export_dir / "directions.safetensors"
+    directions = export_dir / DIRECTIONS_FILE
     c = cfg.calibration
     print(
         f"[2/5] calibrate ({c.estimator}, {c.n_poisoned} poisoned + {c.n_clean} clean training images) -> {directions}"

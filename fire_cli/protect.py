@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from calibration.calibrate import CalibrationConfig
+from fire_backend.names import REPOSITORY_DIR
 from fire_cli.common import (
-    FOLDED_HELP,
+    UsageError,
     add_attack_args,
     add_command,
     add_data_args,
@@ -14,19 +16,18 @@ from fire_cli.common import (
     calibration_set_from_args,
     preprocess_from_args,
 )
+from fire_cli.options import add, add_fields, config_from, default_of
+from serving.configs import ServingSettings
+from serving.protect import ProtectConfig
 
 
 def add_source_args(p: argparse.ArgumentParser, repo: bool = True) -> None:
     g = p.add_argument_group("the model", "one of: an ONNX file, a PyTorch model, an entry of a Triton repository")
-    g.add_argument("--onnx", help="an ONNX file")
-    g.add_argument(
-        "--torch", metavar="SPEC", help="TorchScript file, package.module:factory, torchvision:NAME or timm:NAME"
-    )
-    g.add_argument("--weights", help="--torch factories: .safetensors, or a state dict (read with weights_only)")
-    g.add_argument("--num-classes", type=int, help="--torch factories: passed to the constructor")
+    for flag in ("--onnx", "--torch", "--weights", "--num-classes"):
+        add(g, flag)
     if repo:
-        g.add_argument("--repo", help="a Triton model repository holding the model (with --model)")
-        g.add_argument("--model", help="the model's name in --repo")
+        add(g, "--source-repo")
+        add(g, "--source-model")
 
 
 class Source:
@@ -34,39 +35,34 @@ class Source:
     or a Triton repository entry."""
 
     def __init__(self, a: argparse.Namespace, work_dir: Path):
-        from modelio.onnx_graph import OnnxGraph, OnnxModelError
-        from modelio.sources import ModelSourceError, is_torchscript, load_torch_model
+        from modelio.onnx_graph import OnnxGraph
+        from modelio.sources import is_torchscript, load_torch_model
 
-        chosen = [x for x in (a.onnx, a.torch, getattr(a, "repo", None)) if x]
+        chosen = [x for x in (a.onnx, a.torch, getattr(a, "source_repo", None)) if x]
         if len(chosen) != 1:
-            raise SystemExit("name the model with exactly one of --onnx FILE, --torch SPEC, --repo DIR --model NAME")
+            raise UsageError("name the model with exactly one of --onnx FILE, --torch SPEC, "
+                             "--source-repo DIR --source-model NAME")  # fmt: skip
         self.entry, self.module, self.onnx = None, None, None
-        try:
-            if getattr(a, "repo", None):
-                from serving.entry import EntryError, read_entry
+        if getattr(a, "source_repo", None):
+            from serving.entry import read_entry
 
-                if not a.model:
-                    raise SystemExit("--repo needs --model NAME")
-                try:
-                    self.entry = read_entry(a.repo, a.model)
-                except EntryError as e:
-                    raise SystemExit(str(e)) from None
-                self.onnx = self.entry.onnx
-            elif a.onnx:
-                self.onnx = Path(a.onnx)
+            if not a.source_model:
+                raise UsageError("--source-repo needs --source-model NAME")
+            self.entry = read_entry(a.source_repo, a.source_model)
+            self.onnx = self.entry.onnx
+        elif a.onnx:
+            self.onnx = Path(a.onnx)
+        else:
+            model = load_torch_model(a.torch, a.weights, a.num_classes)
+            if is_torchscript(a.torch):  # fx cannot cut TorchScript: go through its ONNX graph
+                self.onnx = self._torchscript_onnx(a, model, work_dir)
             else:
-                model = load_torch_model(a.torch, a.weights, a.num_classes)
-                if is_torchscript(a.torch):  # fx cannot cut TorchScript: go through its ONNX graph
-                    self.onnx = self._torchscript_onnx(a, model, work_dir)
-                else:
-                    self.module = model
-            if self.onnx is not None:
-                self.graph = OnnxGraph(self.onnx)
-                self.dims, self.dtype = self.graph.input.dims, self.graph.input.dtype
-            else:
-                self.dims, self.dtype = (None, 3, None, None), "float32"
-        except (OnnxModelError, ModelSourceError) as e:
-            raise SystemExit(str(e)) from None
+                self.module = model
+        if self.onnx is not None:
+            self.graph = OnnxGraph(self.onnx)
+            self.dims, self.dtype = self.graph.input.dims, self.graph.input.dtype
+        else:
+            self.dims, self.dtype = (None, 3, None, None), "float32"
         self.preprocess = preprocess_from_args(a, self.dims, self.dtype)
 
     @staticmethod
@@ -99,6 +95,11 @@ def layers(a: argparse.Namespace) -> None:
         print(f"{name}\t{tuple(shape)}\t{label}")
 
 
+# ProtectConfig fields set from flags of the same meaning (defaults read from the dataclass)
+PROTECT_FIELDS = {"cut": "--cut", "max_ca_drop": "--max-ca-drop", "plain": "--plain", "folded": "--folded",
+                  "observe": "--observe", "metrics": "--metrics"}  # fmt: skip
+
+
 def protect(a: argparse.Namespace) -> None:
     from calibration.calibrate import CalibrationConfig
     from serving.configs import ServingSettings
@@ -107,20 +108,12 @@ def protect(a: argparse.Namespace) -> None:
     work = Path(a.work_dir)
     src = Source(a, work)
     data = calibration_set_from_args(a, src.preprocess, clean_only=a.observe)
-    name = a.name or (src.entry.name if src.entry else Path(a.onnx or a.torch.partition(":")[0]).stem)
-    cfg = ProtectConfig(
-        name=name,
-        out=Path(a.out),
-        work_dir=work,
-        cut=a.cut,
-        max_ca_drop=a.max_ca_drop,
-        calibration=CalibrationConfig(mode=a.mode, n_clean=a.n_clean, n_poisoned=a.n_poisoned, seed=a.seed),
-        keep_original=not a.drop_original,
-        plain=a.plain,
-        folded=a.folded,
-        observe=a.observe,
-        settings=ServingSettings(max_batch_size=a.max_batch_size),
-    )
+    name = a.model or (src.entry.name if src.entry else Path(a.onnx or a.torch.partition(":")[0]).stem)
+    calibration = CalibrationConfig(mode=a.mode, alpha=a.alpha, n_clean=a.n_clean, n_poisoned=a.n_poisoned,
+                                    seed=a.seed)  # fmt: skip
+    settings = ServingSettings(max_batch_size=a.max_batch_size)
+    cfg = config_from(ProtectConfig, a, PROTECT_FIELDS, name=name, out=Path(a.out), work_dir=work,
+                      calibration=calibration, keep_original=not a.drop_original, settings=settings)  # fmt: skip
     if src.entry is not None:
         r = protect_entry(src.entry, src.preprocess, data, cfg)
     elif src.module is not None:
@@ -149,39 +142,37 @@ def protect(a: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     ly = add_command(sub, "layers", "list where a model can be cut (single-tensor cuts, with shapes)", layers)
-    ly.add_argument("path", nargs="?", help="an ONNX file (or use --onnx / --torch / --repo --model)")
+    ly.add_argument("path", nargs="?", help="an ONNX file (or use --onnx / --torch / --source-repo)")
     add_source_args(ly)
     add_preprocess_args(ly)
-    ly.add_argument("--work-dir", default="build/layers", help="TorchScript models: where their ONNX graph is written")
-    ly.set_defaults(func=lambda a: layers(_positional_onnx(a)))
+    add(ly, "--work-dir", default="build/layers", detail="TorchScript models: their ONNX graph")
+    ly.set_defaults(func=layers_command)
 
     p = add_command(sub, "protect", "protect your own classifier: cut, calibrate, write a Triton repository", protect)
     add_source_args(p)
     add_preprocess_args(p)
     add_data_args(p)
-    add_attack_args(p, None)
-    p.add_argument("--cut", help="where to cut (see `fire layers`); default: chosen from the calibration images")
-    p.add_argument("--max-ca-drop", type=float, default=0.5, help="choosing the cut: clean predictions changed, %%")
-    p.add_argument("--mode", default="project", choices=["subtract", "project", "gated"])
-    p.add_argument("--name", help="the protected model's name (default: the file's stem, or the entry's name)")
-    p.add_argument("--out", default="model_repository", help="the model repository to write")
-    p.add_argument("--work-dir", default="build/protect", help="where the halves and the direction file go")
-    p.add_argument("--max-batch-size", type=int, default=64, help="(an entry keeps its own)")
-    p.add_argument("--drop-original", action="store_true", help="--repo: leave out the original (NAME_unprotected)")
-    p.add_argument("--plain", action="store_true", help="also serve NAME_plain (head -> tail, unprotected)")
-    p.add_argument("--folded", action="store_true", help=FOLDED_HELP)
-    p.add_argument(
-        "--observe",
-        action="store_true",
-        help="no triggered images yet: serve with a direction that changes nothing and record the traffic, "
-        "then find the direction there with `fire update --from-traffic`",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_attack_args(p)
+    add_fields(p, ProtectConfig, PROTECT_FIELDS, {"cut": "default: chosen from the calibration images"})
+    add(p, "--mode", default=default_of(CalibrationConfig, "mode"))
+    add(p, "--alpha", default=default_of(CalibrationConfig, "alpha"))
+    add(p, "--model", detail="the protected model's name (default: the file's stem, or the entry's name)")
+    add(p, "--out", default=REPOSITORY_DIR, detail="the model repository")
+    add(p, "--work-dir", default="build/protect", detail="the halves and the direction file")
+    add(p, "--max-batch-size", default=default_of(ServingSettings, "max_batch_size"),
+        detail="a --source-repo entry keeps its own")  # fmt: skip
+    add(p, "--drop-original")
+    add(p, "--seed", default=0)
 
 
-def _positional_onnx(a: argparse.Namespace) -> argparse.Namespace:
+def layers_command(a: argparse.Namespace) -> None:
+    _positional_onnx(a)
+    layers(a)
+
+
+def _positional_onnx(a: argparse.Namespace) -> None:
+    """``fire layers model.onnx`` is ``fire layers --onnx model.onnx``."""
     if a.path:
-        if a.onnx or a.torch or a.repo:
-            raise SystemExit("give the model once: a path, or --onnx / --torch / --repo")
+        if a.onnx or a.torch or a.source_repo:
+            raise UsageError("give the model once: a path, or --onnx / --torch / --source-repo")
         a.onnx = a.path
-    return a

@@ -7,7 +7,19 @@ import signal
 import sys
 from pathlib import Path
 
-from fire_cli.common import add_command
+from calibration.traffic import TrafficConfig
+from fire_backend.names import GRPC_PORT, HTTP_PORT, LOOPBACK, METRICS_PORT, address
+from fire_cli.common import UsageError, add_command, add_repo_arg, add_server_args, server_url
+from fire_cli.options import add, add_fields, config_from
+from serving.gateway import GatewayConfig
+from serving.streaming import GuardRails
+
+TRAFFIC_FIELDS = {"min_score": "--min-score", "max_ca_drop": "--max-ca-drop"}
+GUARD_FIELDS = {"min_samples": "--min-samples", "max_step": "--max-step"}
+GATEWAY_FIELDS = {"triton_http": "--triton-http", "triton_grpc": "--triton-grpc", "listen_http": "--listen-http",
+                  "listen_grpc": "--listen-grpc", "listen_metrics": "--listen-metrics", "insecure": "--insecure",
+                  "maxconn": "--maxconn", "per_source_maxconn": "--per-source-maxconn",
+                  "max_request_bytes": "--max-request-bytes"}  # fmt: skip
 
 
 def _check_exposure(a: argparse.Namespace) -> str | None:
@@ -19,27 +31,23 @@ def _check_exposure(a: argparse.Namespace) -> str | None:
     if a.insecure:
         return None  # everything on a.host, plaintext: the user said so
     if not (a.tls_cert and a.tls_key):
-        raise SystemExit(
+        raise UsageError(
             f"refusing to serve on {a.host} in plaintext: pass --tls-cert/--tls-key (gRPC over TLS; HTTP and "
-            "metrics then stay on 127.0.0.1), put the gateway in deploy/gateway in front (HTTPS), or --insecure"
+            f"metrics then stay on {LOOPBACK}), put the gateway (`fire gateway`) in front, or --insecure"
         )
-    return "127.0.0.1"
+    return LOOPBACK
 
 
 def serve(a: argparse.Namespace) -> None:
     import threading
 
-    from fire_backend.errors import FireError
     from fire_backend.keys import ADMIN, INFERENCE
-    from serving.server import ServerConfig, ServerError
+    from serving.server import ServerConfig
     from serving.supervisor import Supervisor
 
     http_host = _check_exposure(a)
     explicit = a.model_control == "explicit"
-    try:
-        (key, where), (inference_key, inference_where) = ADMIN.ensure(), INFERENCE.ensure()
-    except FireError as e:
-        raise SystemExit(f"fire serve: {e}") from None
+    (key, where), (inference_key, inference_where) = ADMIN.ensure(), INFERENCE.ensure()
     cfg = ServerConfig(
         Path(a.repo),
         host=a.host,
@@ -69,32 +77,20 @@ def serve(a: argparse.Namespace) -> None:
             flush=True,
         )
 
-    try:
-        code = Supervisor(cfg, report=lambda m: print(m, file=sys.stderr, flush=True)).run(stop, ready)
-    except ServerError as e:
-        raise SystemExit(f"fire serve: {e}") from None
-    if code:
-        raise SystemExit(code)
+    Supervisor(cfg, report=lambda m: print(m, file=sys.stderr, flush=True)).run(stop, ready)
 
 
 def _repair_model(a: argparse.Namespace) -> str:
     from serving.repository import repair_model_of
 
-    try:
-        return repair_model_of(a.repo, a.model)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    return repair_model_of(a.repo, a.model)
 
 
 def reload(a: argparse.Namespace) -> None:
-    from serving.admin import ControlError
     from serving.control import reload_directions
 
     repair = _repair_model(a)
-    try:
-        d = reload_directions(Path(a.repo), repair, Path(a.directions), a.metrics_url or None)
-    except ControlError as e:
-        raise SystemExit(f"fire reload: {e}") from None
+    d = reload_directions(Path(a.repo), repair, Path(a.directions), a.metrics_url or None)
     print(f"{repair} now serves {a.directions} (mode {d.mode}, created {d.created}, checksum {d.checksum32:08x})")
 
 
@@ -105,29 +101,18 @@ def _stream(a: argparse.Namespace):
 
 
 def _from_traffic(a: argparse.Namespace) -> None:
-    from calibration.imagesets import ImageSetError, read_image_set
-    from calibration.traffic import TrafficConfig
-    from fire_backend.errors import FireError
+    from calibration.imagesets import read_image_set
     from modelio.preprocess import Preprocess
     from serving.repository import served_model
     from serving.traffic_update import update_from_traffic
 
     if not a.clean:
-        raise SystemExit("--from-traffic needs the defender's clean images (--clean PATH): the clean reference")
+        raise UsageError("--from-traffic needs the defender's clean images (--clean PATH): the clean reference")
     pre = Preprocess.from_dict(served_model(a.repo, a.model).preprocess)
-    try:
-        clean = read_image_set(a.clean, (pre.height, pre.width))
-    except ImageSetError as e:
-        raise SystemExit(f"clean images: {e}") from None
-    given = {"min_score": a.min_score, "max_ca_drop": a.max_ca_drop}
-    cfg = TrafficConfig(**{k: v for k, v in given.items() if v is not None})
+    clean = read_image_set(a.clean, (pre.height, pre.width), a.resize)
+    cfg = config_from(TrafficConfig, a, TRAFFIC_FIELDS)
     deploy = "approve" if a.approve else "auto" if a.auto else "never"
-    try:
-        r = update_from_traffic(
-            a.repo, a.model, clean.images, clean.labels, cfg, deploy, a.metrics_url or None, a.force
-        )
-    except (ValueError, FireError) as e:
-        raise SystemExit(f"fire update --from-traffic: {e}") from None
+    r = update_from_traffic(a.repo, a.model, clean.images, clean.labels, cfg, deploy, a.metrics_url or None, a.force)
     p = r.proposal
     print(f"traffic: {r.samples} samples recorded ({r.traffic_file}); {r.unrecordable} not recordable "
           "(non-finite or beyond float16)")  # fmt: skip
@@ -166,18 +151,14 @@ def update(a: argparse.Namespace) -> None:
     if a.from_traffic:
         return _from_traffic(a)
     if not a.poisoned:
-        raise SystemExit("fire update needs --poisoned PATH (reported triggered images), or --from-traffic")
-    from serving.repository import producer_of
+        raise UsageError("fire update needs --poisoned PATH (reported triggered images), or --from-traffic")
     from serving.streaming import GuardRails, head_features, read_images
 
     stream = _stream(a)
-    head = producer_of(a.repo, stream.repair_model)
-    poisoned = head_features(a.url, head, read_images(a.poisoned), "http")
-    clean = head_features(a.url, head, read_images(a.clean), "http") if a.clean else None
-    try:
-        r = stream.update(poisoned, clean, GuardRails(min_samples=a.min_samples, max_step=a.max_step))
-    except ValueError as e:
-        raise SystemExit(f"fire update: {e}") from None
+    url = server_url(a)
+    poisoned = head_features(url, a.repo, stream.repair_model, read_images(a.poisoned), a.protocol)
+    clean = head_features(url, a.repo, stream.repair_model, read_images(a.clean), a.protocol) if a.clean else None
+    r = stream.update(poisoned, clean, config_from(GuardRails, a, GUARD_FIELDS))
     if r.status == "pending":
         print(f"pending: {r.reported_poisoned} of {a.min_samples} triggered reports; version {r.version} keeps serving")
     else:
@@ -190,99 +171,63 @@ def update(a: argparse.Namespace) -> None:
 
 def rollback(a: argparse.Namespace) -> None:
     stream = _stream(a)
-    try:
-        d = stream.rollback(a.to)
-    except ValueError as e:
-        raise SystemExit(f"fire rollback: {e}") from None
+    d = stream.rollback(a.to)
     print(f"{stream.repair_model} now serves direction version {d.version} (created {d.created})")
 
 
 def gateway(a: argparse.Namespace) -> None:
-    from fire_backend.errors import FireError
-    from serving.gateway import GatewayConfig, protected_models, write_gateway
+    from serving.gateway import protected_models, write_gateway
 
-    cfg = GatewayConfig(
-        triton_http=a.triton_http,
-        triton_grpc=a.triton_grpc,
-        listen_http=a.listen_http,
-        listen_grpc=a.listen_grpc,
-        listen_metrics=a.listen_metrics,
-        tls_pem=Path(a.tls_pem) if a.tls_pem else None,
-        insecure=a.insecure,
-        maxconn=a.maxconn,
-        per_source_maxconn=a.per_source_maxconn,
-        max_request_bytes=a.max_request_bytes,
-    )
-    try:
-        path = write_gateway(a.repo, a.out, cfg)
-    except (ValueError, FireError) as e:
-        raise SystemExit(f"fire gateway: {e}") from None
+    cfg = config_from(GatewayConfig, a, GATEWAY_FIELDS, tls_pem=Path(a.tls_pem) if a.tls_pem else None)
+    path = write_gateway(a.repo, a.out, cfg)
     print(f"wrote {path} (mode 0600: it holds the inference key): clients reach "
           f"{', '.join(protected_models(a.repo))} and nothing else; run it with: haproxy -f {path}")  # fmt: skip
 
 
 def register(sub) -> None:
     s = add_command(sub, "serve", "run tritonserver on a repository until Ctrl-C", serve)
-    s.add_argument("--repo", default="model_repository")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    s.add_argument("--http-port", type=int, default=8000)
-    s.add_argument("--grpc-port", type=int, default=8001)
-    s.add_argument("--metrics-port", type=int, default=8002)
-    s.add_argument("--profile", default="cpu", choices=["cpu", "gpu"])
-    s.add_argument(
-        "--model-control",
-        default="none",
-        choices=["none", "explicit"],
-        help="none: no load/unload over the network (directions still hot-reload from the repository); "
-        "explicit: load/unload with the admin key, stub watchdog reloads a crashed model",
-    )
-    s.add_argument("--tls-cert", help="PEM certificate: serve gRPC over TLS (with --tls-key)")
-    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without TLS (plaintext)")
+    add_repo_arg(s)
+    add(s, "--host", default=LOOPBACK)
+    add(s, "--http-port", default=HTTP_PORT)
+    add(s, "--grpc-port", default=GRPC_PORT)
+    add(s, "--metrics-port", default=METRICS_PORT)
+    add(s, "--profile", default="cpu")
+    add(s, "--model-control", default="none")
+    add(s, "--tls-cert")
+    add(s, "--tls-key")
+    add(s, "--insecure")
 
-    metrics = "the server's metrics endpoint, to wait until it serves the new file ('' to not wait)"
     g = add_command(sub, "gateway", "write the HAProxy gateway that exposes only the protected models", gateway)
-    g.add_argument("--repo", default="model_repository")
-    g.add_argument("--out", default="build/gateway/haproxy.cfg")
-    g.add_argument("--triton-http", default="127.0.0.1:8000", help="where Triton's HTTP endpoint listens")
-    g.add_argument("--triton-grpc", default="127.0.0.1:8001", help="where Triton's gRPC endpoint listens")
-    g.add_argument("--listen-http", default="127.0.0.1:9000", help="the gateway's HTTP(S) address")
-    g.add_argument("--listen-grpc", default="127.0.0.1:9001", help="the gateway's gRPC address")
-    g.add_argument("--listen-metrics", help="also pass Prometheus' GET /metrics (e.g. 0.0.0.0:9002)")
-    g.add_argument("--tls-pem", help="certificate and key in one PEM: HTTPS and gRPC over TLS on both listeners")
-    g.add_argument("--insecure", action="store_true", help="allow a non-loopback listener without TLS (plaintext)")
-    g.add_argument("--maxconn", type=int, default=4096, help="connections the gateway accepts in all")
-    g.add_argument("--per-source-maxconn", type=int, default=64, help="connections one client address may hold")
-    g.add_argument("--max-request-bytes", type=int, default=64 << 20,
-                   help="largest request buffered and checked (the buffer of a model with variable dims)")  # fmt: skip
+    add_repo_arg(g)
+    add(g, "--out", default="build/gateway/haproxy.cfg", detail="the HAProxy configuration (0600: it holds the "
+        "inference key)")  # fmt: skip
+    add_fields(g, GatewayConfig, GATEWAY_FIELDS)
+    add(g, "--tls-pem")
 
+    metrics_url = f"http://{address(METRICS_PORT)}/metrics"
     r = add_command(sub, "reload", "hot-swap a protected model's direction file (zero failed requests)", reload)
-    r.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)
-    r.add_argument("--repo", default="model_repository")
-    r.add_argument("--model", required=True, help="protected model (or its repair model)")
-    r.add_argument("--directions", required=True, help="the new direction file")
+    add(r, "--metrics-url", default=metrics_url)
+    add_repo_arg(r)
+    add(r, "--model", required=True, detail="a protected model, its repair model, or its folded model")
+    add(r, "--directions", required=True, detail="the new one")
 
     up = add_command(sub, "update", "streaming update: refine a served direction from reported samples", update)
-    up.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address (features from its head)")
-    up.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)
-    up.add_argument("--repo", default="model_repository")
-    up.add_argument("--model", required=True, help="protected model (e.g. cifar10)")
-    up.add_argument("--poisoned", nargs="+", help="images known/suspected triggered: files, dirs, .npz")
-    up.add_argument("--clean", nargs="+", help="clean images (optional; --from-traffic: required): files, dirs, .npz")
-    up.add_argument("--from-traffic", action="store_true", help="find the direction in the traffic the server saw")
-    up.add_argument("--auto", action="store_true", help="--from-traffic: deploy when every check passes")
-    up.add_argument("--approve", action="store_true", help="--from-traffic: deploy the proposal (operator approval)")
-    up.add_argument("--force", action="store_true", help="--from-traffic: even with a non-observe direction serving")
-    up.add_argument("--min-score", type=float,
-                    help="--from-traffic: a class's mean shift over the median that counts as a backdoor "
-                    "(default: calibration.traffic.TrafficConfig's)")  # fmt: skip
-    up.add_argument("--max-ca-drop", type=float,
-                    help="--from-traffic: clean accuracy it may cost, points (default: TrafficConfig's)")  # fmt: skip
-    up.add_argument("--min-samples", type=int, default=10, help="triggered reports before an update takes effect")
-    up.add_argument("--max-step", type=float, default=0.5, help="largest move of beta per update, x |beta|")
+    add_server_args(up)
+    add(up, "--metrics-url", default=metrics_url)
+    add_repo_arg(up)
+    add(up, "--model", required=True)
+    add(up, "--poisoned", detail="images known or suspected to be triggered")
+    add(up, "--clean", detail="optional; --from-traffic: required, the clean reference")
+    add(up, "--resize")
+    add(up, "--from-traffic")
+    add(up, "--auto", detail="--from-traffic: deploy when every check passes")
+    add(up, "--approve", detail="--from-traffic")
+    add(up, "--force", detail="--from-traffic")
+    add_fields(up, TrafficConfig, TRAFFIC_FIELDS, {"min_score": "--from-traffic", "max_ca_drop": "--from-traffic"})
+    add_fields(up, GuardRails, GUARD_FIELDS)
 
     rb = add_command(sub, "rollback", "reinstate an earlier direction version of a protected model", rollback)
-    rb.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help=metrics)
-    rb.add_argument("--repo", default="model_repository")
-    rb.add_argument("--model", required=True)
-    rb.add_argument("--to", type=int, help="version to reinstate (default: the one before the live one)")
+    add(rb, "--metrics-url", default=metrics_url)
+    add_repo_arg(rb)
+    add(rb, "--model", required=True)
+    add(rb, "--to")

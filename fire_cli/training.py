@@ -7,27 +7,15 @@ import sys
 from pathlib import Path
 
 from fire_cli.common import add_attack_args, add_command, attack_spec
+from fire_cli.options import add, add_fields, config_from
 
 
 def train(a: argparse.Namespace) -> None:
     from zoo.train import TrainConfig, train
 
     spec = attack_spec(a, "badnets")
-    cfg = TrainConfig(
-        dataset=a.dataset,
-        arch=a.arch,
-        widths=tuple(a.widths),
-        blocks=a.blocks,
-        attack=spec["name"],
-        attack_params={k: v for k, v in spec.items() if k != "name"},
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        hflip=not a.no_hflip,
-        train_subset=a.train_subset,
-        seed=a.seed,
-        threads=a.threads,
-    )
+    params = {k: v for k, v in spec.items() if k != "name"}
+    cfg = config_from(TrainConfig, a, TRAIN_FIELDS, attack=spec["name"], attack_params=params, hflip=not a.no_hflip)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text("fire " + " ".join(sys.argv[1:]) + "\n")
@@ -37,25 +25,23 @@ def train(a: argparse.Namespace) -> None:
 def rescore(a: argparse.Namespace) -> None:
     from zoo.train import rescore
 
-    m = rescore(a.model)
-    print(f"{a.model}: CA {100 * m['CA']:.2f}%  ASR {100 * m['ASR']:.2f}%  PA {100 * m['PA']:.2f}%")
+    m = rescore(a.model_dir)
+    print(f"{a.model_dir}: CA {100 * m['CA']:.2f}%  ASR {100 * m['ASR']:.2f}%  PA {100 * m['PA']:.2f}%")
+
+
+TRAIN_FIELDS = {"dataset": "--dataset", "arch": "--arch", "widths": "--widths", "blocks": "--blocks",
+                "epochs": "--epochs", "batch_size": "--train-batch-size", "lr": "--lr",
+                "train_subset": "--train-subset", "seed": "--seed", "threads": "--threads"}  # fmt: skip
 
 
 def register(sub) -> None:
+    from zoo.train import TrainConfig
+
     t = add_command(sub, "train", "train a backdoored model (resumable, checkpoint per epoch)", train)
-    t.add_argument("--dataset", default="cifar10", choices=["cifar10", "gtsrb"])
-    t.add_argument("--arch", default="resnet_small")
-    t.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64])
-    t.add_argument("--blocks", type=int, default=1)
-    add_attack_args(t, None)
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--no-hflip", action="store_true", help="no horizontal flips (use for traffic signs)")
-    t.add_argument("--train-subset", type=int, default=0, help="train on N random images (0 = all)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--out", required=True, help="model directory to write")
+    add_fields(t, TrainConfig, TRAIN_FIELDS)
+    add_attack_args(t)
+    add(t, "--no-hflip")
+    add(t, "--out", required=True, detail="the model directory")
 
     r = add_command(sub, "rescore", "re-measure a trained model's CA / ASR / PA and update model.json", rescore)
-    r.add_argument("--model", required=True)
+    add(r, "--model-dir", required=True)

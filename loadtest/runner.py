@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fire_backend.errors import InvalidInputError, StepFailedError
 from fire_backend.network import host_of, is_loopback
 from serving.server import ServerConfig, TritonServer
 
@@ -83,7 +84,7 @@ def _locust(cfg: LoadTestConfig, host: str, model: str, prefix: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.run_time_s + 120)
     (prefix.parent / f"{prefix.name}_locust.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"locust failed for {model} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise StepFailedError(f"locust failed for {model} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
 
 
 def summarize(prefix: Path, batch_size: int) -> dict:
@@ -139,7 +140,10 @@ def run_loadtest(cfg: LoadTestConfig) -> Path:
         cfg.url = server.grpc_url if cfg.protocol == "grpc" else server.http_url
     try:
         if not cfg.allow_remote and not is_loopback(host_of(cfg.url)):
-            raise ValueError(f"refusing to load-test {cfg.url}: not a loopback address (allow_remote to override)")
+            raise InvalidInputError(
+                f"refusing to load-test {cfg.url}: not a loopback address (allow_remote "
+                f"to override)"
+            )
         host = cfg.url if cfg.protocol == "grpc" else f"http://{cfg.url.split('://')[-1]}"
         prefixes = {}
         for model in cfg.models:

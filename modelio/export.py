@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fire_backend.errors import FireError, InvalidInputError, MissingFileError
 from fire_backend.files import sha256_file
 from fire_backend.names import (
     FEATURES,
@@ -47,7 +48,7 @@ SPLIT_TOLERANCE = 1e-5  # head(tail(x)) vs the original, same runtime
 EXPORT_TOLERANCE = 1e-4  # ONNX vs torch
 
 
-class ExportError(RuntimeError):
+class ExportError(FireError, RuntimeError):
     """The halves do not reproduce the model; the message gives the measured error."""
 
 
@@ -74,6 +75,7 @@ class ExportInfo:
     output_shape: list[int] | None = None  # without the batch axis; None: [num_classes]
     preprocess: dict = field(default_factory=dict)  # Preprocess.as_dict()
     source: dict = field(default_factory=dict)  # where the model came from
+    labels: list[str] = field(default_factory=list)  # class names, if known (served as the label file)
 
     @property
     def multilayer(self) -> bool:
@@ -89,7 +91,7 @@ class ExportInfo:
     def read(cls, export_dir: str | Path) -> ExportInfo:
         path = Path(export_dir) / SPLIT_JSON
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `fire export` first")
+            raise MissingFileError(f"{path} not found: run `fire export` first")
         return cls(**json.loads(path.read_text()))
 
     def write(self, export_dir: str | Path) -> None:
@@ -220,22 +222,38 @@ def export_torch_model(
         mid_sha256=sha256_file(out_dir / MID_ONNX) if layer2 else None,
         preprocess=preprocess.as_dict(),
         source=source or {"kind": "torch"},
+        labels=list(extra.pop("labels", [])),
     )
     info.write(out_dir)
     return info
 
 
-def export_split(
-    model_dir: str | Path, layer: str, out_dir: str | Path, n_check: int = 256, layer2: str | None = None
-) -> ExportInfo:
-    """Split the zoo model in ``model_dir`` after ``layer`` (and ``layer2``), checked on its test images."""
-    from zoo.checkpoint import load_model
-    from zoo.data import load_dataset
+PIXEL_INPUTS = ("float", "uint8")  # a zoo export's input: float NCHW in [0, 1], or raw uint8 NHWC pixels
 
+
+def export_split(
+    model_dir: str | Path, layer: str, out_dir: str | Path, n_check: int = 256, layer2: str | None = None,
+    pixels: str = "float",
+) -> ExportInfo:  # fmt: skip
+    """Split the zoo model in ``model_dir`` after ``layer`` (and ``layer2``), checked on its test images.
+
+    ``pixels``: "float" (NCHW in [0, 1], what the network was trained on) or "uint8" (raw NHWC pixels,
+    what image files decode to and stock image clients send: the conversion moves into the head)."""
+    from zoo.checkpoint import load_model
+    from zoo.data import class_names, load_dataset
+    from zoo.models import PixelInput
+
+    if pixels not in PIXEL_INPUTS:
+        raise InvalidInputError(f"pixels must be one of {PIXEL_INPUTS}, got {pixels!r}")
     model, meta = load_model(model_dir)
     test = load_dataset(meta["dataset"], "test").subset(n_check, seed=0)
-    preprocess = Preprocess(*test.images.shape[1:3])  # zoo models normalise inside: pixels in [0, 1]
+    size = test.images.shape[1:3]
+    if pixels == "uint8":
+        model.normalize = PixelInput(model.normalize)
+        preprocess = Preprocess(*size, layout="NHWC", dtype="uint8")
+    else:
+        preprocess = Preprocess(*size)  # zoo models normalise inside: pixels in [0, 1]
     return export_torch_model(
-        model, layer, out_dir, preprocess, test.images, layer2,
-        source={"kind": "zoo", "path": str(model_dir)}, dataset=meta["dataset"], attack=meta["attack"],
+        model, layer, out_dir, preprocess, test.images, layer2, source={"kind": "zoo", "path": str(model_dir)},
+        dataset=meta["dataset"], attack=meta["attack"], labels=class_names(meta["dataset"]),
     )  # fmt: skip

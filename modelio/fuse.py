@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from fire_backend.directions import DirectionFile
+from fire_backend.errors import InvalidInputError
 from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX, REPAIRED, TAIL_ONNX
 from fire_backend.repair import RepairGraph
 from modelio.export import ExportInfo, onnx_export
@@ -57,7 +58,10 @@ def build_fused_onnx(
     files = [directions] if isinstance(directions, str | Path) else list(directions)
     cuts = [(info.feature_shape, info.head_sha256)] + ([(info.feature2_shape, info.mid_sha256)] * info.multilayer)
     if len(files) != len(cuts):
-        raise ValueError(f"{export_dir} is cut {len(cuts)} time(s): give as many direction files, not {len(files)}")
+        raise InvalidInputError(
+            f"{export_dir} is cut {len(cuts)} time(s): give as many direction "
+            f"files, not {len(files)}"
+        )
     head = onnx.load(str(export_dir / HEAD_ONNX))
     # (graph, its input, its output), in the order the ensemble runs them
     chain = [(head.graph, info.input_name, FEATURES)]

@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference
 
+from fire_backend.errors import FireError
 from fire_backend.names import FEATURES
 
 ONNX_DTYPES = {  # ONNX tensor element type -> numpy dtype name (the ones FIRE serves)
@@ -32,7 +33,7 @@ ONNX_DTYPES = {  # ONNX tensor element type -> numpy dtype name (the ones FIRE s
 MIN_OPSET = 7  # below this onnxruntime, shape inference and the extractor are unreliable
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(FireError, ValueError):
     """The ONNX model cannot be split as asked; the message names the file and what to do."""
 
 

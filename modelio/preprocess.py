@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from fire_backend.errors import FireError
 
-class PreprocessError(ValueError):
+
+class PreprocessError(FireError, ValueError):
     """A preprocessing declaration that does not fit the model or the images."""
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fire_backend.errors import FireError
 from fire_backend.names import INPUT, LOGITS
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(FireError, ValueError):
     """The model cannot be loaded as given; the message says what was expected."""
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from fire_backend.errors import FireError
 
-class SplitError(ValueError):
+
+class SplitError(FireError, ValueError):
     """The requested cut is not possible; the message says why and which layers would work."""
 
 

@@ -18,10 +18,11 @@ import tempfile
 from pathlib import Path
 
 from fire_backend.engines import SERVED_TENSORRT, plan_name, write_record
+from fire_backend.errors import FireError, StepFailedError
 from fire_backend.files import sha256_file
 
 
-class TensorRTUnavailableError(RuntimeError):
+class TensorRTUnavailableError(FireError, RuntimeError):
     """TensorRT or a CUDA GPU is missing, or the wrong TensorRT: engines can only be built on the GPU
     machine that serves them, with the serving Triton's TensorRT."""
 
@@ -112,7 +113,7 @@ def _build_with_api(trt, onnx_path: Path, plan_path: Path, max_bs: int, opt: int
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise StepFailedError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 30)
     config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls/convolutions would miss the GPU profile's tolerance
@@ -125,7 +126,7 @@ def _build_with_api(trt, onnx_path: Path, plan_path: Path, max_bs: int, opt: int
     config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+        raise StepFailedError(f"TensorRT failed to build an engine from {onnx_path}")
     plan_path.write_bytes(bytes(engine))
 
 

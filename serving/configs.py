@@ -14,6 +14,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fire_backend.engines import COMPUTE_CAPABILITIES, plan_name
+from fire_backend.errors import InvalidInputError
 from fire_backend.names import MODEL_VERSION, PARAM_THREADS
 
 DTYPES = {  # numpy dtype name -> Triton data type
@@ -36,12 +37,18 @@ class TensorSpec:
     dims: tuple[int, ...]
     dtype: str = "float32"
     format: str = "NONE"  # an image input: NCHW or NHWC, declared so that image clients can find it
+    label_filename: str = ""  # an output: the file of class names beside the config (classification extension)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r}; supported: {sorted(DTYPES)}")
+            raise InvalidInputError(
+                f"tensor {self.name!r}: unsupported dtype {self.dtype!r}; supported: "
+                f"{sorted(DTYPES)}"
+            )
         if self.format not in FORMATS:
-            raise ValueError(f"tensor {self.name!r}: format must be one of {sorted(FORMATS)}, got {self.format!r}")
+            raise InvalidInputError(
+                f"tensor {self.name!r}: format must be one of {sorted(FORMATS)}, got {self.format!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ def _add_inputs(config: mc.ModelConfig, specs: list[TensorSpec]) -> None:
 
 def _add_outputs(config: mc.ModelConfig, specs: list[TensorSpec]) -> None:
     for t in specs:
-        config.output.add(name=t.name, data_type=DTYPES[t.dtype], dims=list(t.dims))
+        config.output.add(name=t.name, data_type=DTYPES[t.dtype], dims=list(t.dims), label_filename=t.label_filename)
 
 
 def _composing(

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from fire_backend.errors import FireError
 from serving.configs import DTYPES, TensorSpec, read_config
 
 SPLITTABLE = ("onnxruntime_onnx", "tensorrt_plan")
 _FORMATS = {mc.ModelInput.FORMAT_NCHW: "NCHW", mc.ModelInput.FORMAT_NHWC: "NHWC"}
 
 
-class EntryError(ValueError):
+class EntryError(FireError, ValueError):
     """The repository entry cannot be protected as it is; the message says why and what to do."""
 
 

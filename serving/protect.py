@@ -20,7 +20,8 @@ from calibration.calibrate import CalibrationConfig, CalibrationSet, calibrate, 
 from calibration.cutsearch import CutScore, choose_cut, onnx_runner_for
 from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
-from fire_backend.names import DIRECTIONS_FILE, ModelNames
+from fire_backend.errors import InvalidInputError
+from fire_backend.names import DIRECTIONS_FILE, METRICS_ON, ModelNames
 from modelio.export import ExportInfo, export_onnx_model, export_torch_model
 from modelio.preprocess import Preprocess
 from modelio.split import module_cuts
@@ -42,6 +43,7 @@ class ProtectConfig:
     folded: bool = False  # also serve <name>_folded (CPU: one stub, no hops, hot-swappable directions)
     whole: bool = False  # also serve <name>_whole (the unsplit model, unprotected): benchmarks only
     observe: bool = False  # no triggered images yet: an alpha-0 direction, traffic recorded for --from-traffic
+    metrics: str = METRICS_ON  # FIRE's metrics: off, on, detailed (+ per-sample scores on the metrics port)
     settings: ServingSettings = field(default_factory=ServingSettings)
 
 
@@ -69,7 +71,7 @@ def _finish(export_dir: Path, data: CalibrationSet, cfg: ProtectConfig, scores, 
         d = calibrate(export_dir, export_dir / DIRECTIONS_FILE, cfg.calibration, data)
     directions = export_dir / DIRECTIONS_FILE
     model = ProtectedModel(cfg.name, export_dir, directions, plain=cfg.plain, whole=cfg.whole, io=io,
-                           folded=cfg.folded, record_traffic=cfg.observe)  # fmt: skip
+                           folded=cfg.folded, record_traffic=cfg.observe, metrics=cfg.metrics)  # fmt: skip
     (built,) = build_repository([model], cfg.out, cfg.settings)
     return ProtectResult(ExportInfo.read(export_dir), d, built, scores)
 
@@ -103,7 +105,10 @@ def protect_entry(entry: Entry, preprocess: Preprocess, data: CalibrationSet, cf
     cfg.settings = ServingSettings(**{**cfg.settings.__dict__, "max_batch_size": entry.max_batch_size})
     out = Path(cfg.out)
     if out.resolve() == entry.directory.parent.resolve():
-        raise ValueError(f"--out must be a new repository, not {entry.directory.parent} (nothing is overwritten)")
+        raise InvalidInputError(
+            f"--out must be a new repository, not {entry.directory.parent} (nothing "
+            f"is overwritten)"
+        )
     result = protect_onnx(entry.onnx, preprocess, data, cfg, io=(entry.input, entry.output))
     for other in sorted(p for p in entry.directory.parent.iterdir() if p.is_dir() and p.name != entry.name):
         if not (out / other.name).exists():

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fire_backend.directions import DirectionFile
+from fire_backend.errors import InvalidInputError, MissingFileError
 from fire_backend.files import sha256_file
 from fire_backend.names import (
     DIRECTIONS_FILE,
@@ -35,12 +36,14 @@ from fire_backend.names import (
     FEATURES2,
     GUARDED,
     HEAD_ONNX,
+    LABELS_FILE,
     METRICS_LEVELS,
     METRICS_ON,
     MID_ONNX,
     MODEL_VERSION,
     PARAM_CHECK_FINITE,
     PARAM_DIRECTIONS,
+    PARAM_DIRECTIONS_OF,
     PARAM_GUARD_INPUT,
     PARAM_INPUT_RANGE,
     PARAM_METRICS,
@@ -111,7 +114,7 @@ class ProtectedModel:
 
     def __post_init__(self) -> None:
         if self.metrics not in METRICS_LEVELS:
-            raise ValueError(f"{self.name}: metrics must be one of {METRICS_LEVELS}, got {self.metrics!r}")
+            raise InvalidInputError(f"{self.name}: metrics must be one of {METRICS_LEVELS}, got {self.metrics!r}")
 
 
 @dataclass
@@ -232,7 +235,7 @@ class _Writer:
         params = {
             PARAM_PRODUCER_ONNX: f"{n.head}/{MODEL_VERSION}/{WHOLE_ONNX}",
             PARAM_TAIL_ONNX: f"{n.tail}/{MODEL_VERSION}/{WHOLE_ONNX}",
-            PARAM_DIRECTIONS: f"{n.repair}/{MODEL_VERSION}/{DIRECTIONS_FILE}",
+            PARAM_DIRECTIONS_OF: n.repair,
             PARAM_ROLE: PROTECTED_ROLE,
             PARAM_METRICS: metrics,
             **policy,
@@ -252,7 +255,7 @@ class _Writer:
             current = nxt
         read = [v for st in steps for v in st.inputs.values()]
         if len(read) != len(set(read)):
-            raise ValueError(f"{name}: a tensor feeds two steps; the in-place repair needs a single consumer")
+            raise InvalidInputError(f"{name}: a tensor feeds two steps; the in-place repair needs a single consumer")
         config = ensemble(name, [inp], [out], steps, self.s.max_batch_size)
         write_config(model_dir, config, profile)
 
@@ -270,9 +273,9 @@ def _check_directions(m: ProtectedModel, info: ExportInfo) -> None:
         DirectionFile.load(path, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
     if info.multilayer:
         if m.directions2 is None:
-            raise ValueError(f"{m.name}: the export has a second layer ({info.layer2}); give its direction file")
+            raise InvalidInputError(f"{m.name}: the export has a second layer ({info.layer2}); give its direction file")
         if m.variants:
-            raise ValueError(f"{m.name}: variants are single-layer only")
+            raise InvalidInputError(f"{m.name}: variants are single-layer only")
         DirectionFile.load(m.directions2, feature_shape=tuple(info.feature2_shape), head_sha256=info.mid_sha256)
 
 
@@ -284,10 +287,12 @@ def input_policy(info: ExportInfo) -> dict[str, str]:
 
 
 def served_io(info: ExportInfo) -> tuple[TensorSpec, TensorSpec]:
-    """The protected model's input and output as the export describes them."""
+    """The protected model's input and output as the export describes them (with its class names, if
+    known: image clients ask for the top classes by name)."""
     layout = info.preprocessing().layout
     inp = TensorSpec(info.input_name, tuple(info.input_shape), info.input_dtype, layout)
-    return inp, TensorSpec(info.output_name, tuple(info.output_shape or [info.num_classes]))
+    labels = LABELS_FILE if info.labels else ""
+    return inp, TensorSpec(info.output_name, tuple(info.output_shape or [info.num_classes]), label_filename=labels)
 
 
 def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
@@ -305,7 +310,7 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
     head = Stage(n.head, pixels.name, FEATURES)
     if info.multilayer:
         if m.folded:
-            raise ValueError(f"{m.name}: a folded model serves single-layer exports only (leave out folded)")
+            raise InvalidInputError(f"{m.name}: a folded model serves single-layer exports only (leave out folded)")
         features2 = TensorSpec(FEATURES2, tuple(info.feature2_shape))
         w.onnx_model(n.mid, src / MID_ONNX, features, features2, FEATURE_POLICY)
         w.onnx_model(n.tail, src / TAIL_ONNX, features2, logits, FEATURE_POLICY)
@@ -337,7 +342,12 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
             w.folded(n.folded, n, m.mode, pixels, logits, policy, n.protected, m.metrics)
     if m.whole:
         w.pixel_onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, policy, guard)
-    return BuiltModel(m.name, w.written[first:])
+    built = w.written[first:]
+    if info.labels and logits.label_filename:  # beside every config whose output names the file
+        for name in built:
+            if any(o.label_filename for o in read_config(w.out / name).output):
+                (w.out / name / logits.label_filename).write_text("\n".join(info.labels) + "\n")
+    return BuiltModel(m.name, built)
 
 
 def build_repository(
@@ -348,7 +358,7 @@ def build_repository(
     With ``tensorrt=True`` also build the GPU profile's engines (GPU machine with TensorRT only)."""
     names = [m.name for m in models]
     if len(set(names)) != len(names):
-        raise ValueError(f"protected model names must be unique, got {names}")
+        raise InvalidInputError(f"protected model names must be unique, got {names}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     w = _Writer(out, settings or ServingSettings(), tensorrt)
@@ -381,11 +391,11 @@ def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = 
         if cfg.platform != "tensorrt_plan":
             continue
         if cc not in cfg.cc_model_filenames:
-            raise ValueError(f"{cfg.name}: no engine file name for compute capability {cc} in {cfg_path}")
+            raise InvalidInputError(f"{cfg.name}: no engine file name for compute capability {cc} in {cfg_path}")
         version = cfg_path.parent.parent / MODEL_VERSION
         onnx_file = version / WHOLE_ONNX
         if not onnx_file.is_file():
-            raise FileNotFoundError(f"{cfg.name}: no {onnx_file} to build its engine from")
+            raise MissingFileError(f"{cfg.name}: no {onnx_file} to build its engine from")
         if not rebuild:
             try:
                 check_binding(version, cc, sha256_file(onnx_file))
@@ -405,14 +415,16 @@ def repair_model_of(repository: str | Path, model: str) -> str:
     """The repair model behind ``model``: itself if it is one, else the single repair step of the
     ensemble ``model`` (a two-layer model has two: name the one you mean)."""
     repository = Path(repository)
-    if not (repository / model).is_dir():
-        raise ValueError(f"no model {model!r} in {repository}")
+    if not (repository / model / "config.pbtxt").is_file():
+        raise InvalidInputError(f"no model {model!r} in {repository}")
     if is_repair_model(repository, model):
         return model
     cfg = read_config(repository / model)
+    if PARAM_DIRECTIONS_OF in cfg.parameters:  # a folded model serves its repair model's file
+        return cfg.parameters[PARAM_DIRECTIONS_OF].string_value
     repairs = [st.model_name for st in cfg.ensemble_scheduling.step if is_repair_model(repository, st.model_name)]
     if len(repairs) != 1:
-        raise ValueError(
+        raise InvalidInputError(
             f"{model!r} has {len(repairs)} repair steps {repairs}; name the repair model itself"
             if repairs
             else f"{model!r} is not protected: it has no FIRE repair step"
@@ -450,11 +462,9 @@ def served_model(repository: str | Path, model: str) -> ServedModel:
 def watchers_of(repository: str | Path, repair_model: str) -> list[str]:
     """The models that serve ``repair_model``'s direction file: itself, and folded models reading it."""
     repository = Path(repository)
-    own = f"{repair_model}/{MODEL_VERSION}/{DIRECTIONS_FILE}"
     out = [repair_model]
     for cfg_path in sorted(repository.glob("*/config.pbtxt")):
         params = read_config(cfg_path.parent).parameters
-        reads = params[PARAM_DIRECTIONS].string_value if PARAM_DIRECTIONS in params else ""
-        if cfg_path.parent.name != repair_model and reads == own:
+        if PARAM_DIRECTIONS_OF in params and params[PARAM_DIRECTIONS_OF].string_value == repair_model:
             out.append(cfg_path.parent.name)
     return out

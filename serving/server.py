@@ -54,7 +54,11 @@ STUB_SHM_BYTES = 16 << 20  # per-stub shared memory: a batch-64 activation fits 
 
 
 class ServerError(FireError):
-    """The server could not be found, started, or made ready; the message includes its log tail."""
+    """The server could not be found, started, or made ready; ``details`` holds its log's tail."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
 
 
 def pytriton_root() -> Path:
@@ -155,6 +159,9 @@ class TritonServer:
     """``with TritonServer(cfg) as server:`` starts, waits until every model has loaded, and stops."""
 
     def __init__(self, config: ServerConfig):
+        if not Path(config.repository).is_dir():
+            raise ServerError(f"model repository {config.repository} not found (write one with `fire protect` or "
+                              "`fire build-repo`)")  # fmt: skip
         self.config = config
         unset = [a for a in ("http_port", "grpc_port", "metrics_port") if getattr(config, a) == 0]
         for attr, port in zip(unset, free_ports(len(unset), config.host), strict=True):
@@ -286,9 +293,8 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
-                raise ServerError(
-                    f"tritonserver exited during start-up (code {self.process.returncode}).\n{self.log_tail()}"
-                )
+                raise ServerError(f"tritonserver exited during start-up (code {self.process.returncode}); "
+                                  f"log: {self.log_path}", self.log_tail())  # fmt: skip
             try:
                 status, _ = self._get("/v2/health/live")
                 if status == 200:  # live comes after the start-up loads; a model may still be (re)loading
@@ -305,17 +311,15 @@ class TritonServer:
                         if not require_all_models:
                             return
                         if failed:
-                            raise ServerError(
-                                "models failed to load:\n"
-                                + "\n".join(f"  {n}: {r}" for n, r in failed.items())
-                                + f"\n{self.log_tail()}"
-                            )
+                            reasons = "; ".join(f"{n}: {' '.join(str(r).split())}" for n, r in failed.items())
+                            raise ServerError(f"models failed to load: {reasons} (log: {self.log_path})",
+                                              self.log_tail())  # fmt: skip
                         if self._get("/v2/health/ready")[0] == 200:
                             return
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
             time.sleep(0.25)
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s.\n{self.log_tail()}")
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s (log: {self.log_path})", self.log_tail())
 
     def log_tail(self, lines: int = 40) -> str:
         return logs.tail(self.log_path, lines)

@@ -38,10 +38,13 @@ from calibration.estimators import RunningMean, unpaired_direction
 from calibration.factory import make_directions
 from clients import FireClient, load_images
 from fire_backend.directions import DirectionFile
+from fire_backend.errors import InvalidInputError
 from fire_backend.files import atomic_write
-from fire_backend.names import DIRECTIONS_FILE, FEATURES, INPUT, MODEL_VERSION
+from fire_backend.names import DIRECTIONS_FILE, FEATURES, MODEL_VERSION, PARAM_PREPROCESS
+from modelio.preprocess import Preprocess
+from serving.configs import read_config
 from serving.control import reload_directions
-from zoo.data import to_tensor_batch
+from serving.repository import producer_of
 
 
 @dataclass
@@ -144,7 +147,7 @@ class DirectionStream:
         shape = current.feature_shape
         for name, f in (("triggered", poisoned_features), ("clean", clean_features)):
             if f is not None and (f.shape[1:] != shape or not np.isfinite(f).all()):
-                raise ValueError(f"{name} features must be finite with shape (N, {shape}), got {f.shape}")
+                raise InvalidInputError(f"{name} features must be finite with shape (N, {shape}), got {f.shape}")
         state.poisoned.update(poisoned_features.reshape(len(poisoned_features), -1))
         state.reported_poisoned += len(poisoned_features)
         if clean_features is not None and len(clean_features):
@@ -219,7 +222,7 @@ class DirectionStream:
         path = self.dir / "history" / f"v{target}.safetensors"
         if target < 1 or not path.is_file():
             kept = sorted(p.stem for p in (self.dir / "history").glob("v*.safetensors")) if self.dir.exists() else []
-            raise ValueError(f"no version {target} to roll back to for {self.repair_model}; kept: {kept}")
+            raise InvalidInputError(f"no version {target} to roll back to for {self.repair_model}; kept: {kept}")
         d = reload_directions(self.repository, self.repair_model, path, self.metrics_url)
         state = self.dir / "history" / f"state_v{target}.safetensors"
         atomic_write(self.dir / "state.safetensors", lambda tmp: Path(tmp).write_bytes(state.read_bytes()))
@@ -227,11 +230,18 @@ class DirectionStream:
         return d
 
 
-def head_features(url: str, head_model: str, images: np.ndarray, protocol: str = "grpc") -> np.ndarray:
-    """Features of uint8 NHWC images from the deployed head on the server."""
+def head_features(url: str, repository: str | Path, repair_model: str, images: np.ndarray,
+                  protocol: str = "grpc") -> np.ndarray:  # fmt: skip
+    """Features of uint8 NHWC images from the model whose output ``repair_model`` edits, on the server:
+    fed as the protected model takes its input (its tensor name and preprocessing)."""
     if len(images) == 0:
         return np.zeros((0,), np.float32)
-    return FireClient(url, protocol).infer(head_model, to_tensor_batch(images), INPUT, FEATURES)
+    repository = Path(repository)
+    producer = producer_of(repository, repair_model)
+    params = read_config(repository / repair_model).parameters
+    pre = Preprocess.from_dict(json.loads(params[PARAM_PREPROCESS].string_value))
+    input_name = read_config(repository / producer).input[0].name
+    return FireClient(url, protocol).infer(producer, pre.apply(images), input_name, FEATURES)
 
 
 def read_images(paths: list[str]) -> np.ndarray:
@@ -242,7 +252,7 @@ def read_images(paths: list[str]) -> np.ndarray:
             with np.load(p, allow_pickle=False) as z:
                 arr = z["images"]
             if arr.dtype != np.uint8 or arr.ndim != 4:
-                raise ValueError(f"{p}: 'images' must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+                raise InvalidInputError(f"{p}: 'images' must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
             arrays.append(arr)
         elif p.is_dir():
             files += sorted(str(f) for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".ppm"))
@@ -251,8 +261,8 @@ def read_images(paths: list[str]) -> np.ndarray:
     if files:
         arrays.append(load_images(files))
     if not arrays:
-        raise ValueError(f"no images in {paths}")
+        raise InvalidInputError(f"no images in {paths}")
     out = np.concatenate(arrays)
     if not math.prod(out.shape):
-        raise ValueError(f"no images in {paths}")
+        raise InvalidInputError(f"no images in {paths}")
     return out

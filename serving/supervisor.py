@@ -60,7 +60,7 @@ class Supervisor:
                 if not self.restarts:  # the very first start: a configuration problem, say so at once
                     raise
                 self._note_restart()
-                self.report(f"restart failed: {e}\nretrying in {self.delay():.0f} s")
+                self.report(f"restart failed: {e}\n{e.details}\nretrying in {self.delay():.0f} s")
                 if stop.wait(self.delay()):
                     return None
         return None

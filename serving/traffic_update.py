@@ -18,6 +18,7 @@ import numpy as np
 
 from calibration.traffic import Proposal, TrafficConfig, propose
 from fire_backend.directions import DirectionFile
+from fire_backend.errors import InvalidInputError
 from fire_backend.names import (
     DIRECTIONS_FILE,
     FEATURES,
@@ -48,7 +49,7 @@ def tail_of(repository: Path, model: str, repair: str) -> str:
     for step in read_config(repository / model).ensemble_scheduling.step:
         if step.model_name != repair and any(v.endswith(f"{repair}_out") for v in step.input_map.values()):
             return step.model_name
-    raise ValueError(f"{model}: no step reads {repair}'s output")
+    raise InvalidInputError(f"{model}: no step reads {repair}'s output")
 
 
 def update_from_traffic(
@@ -65,7 +66,7 @@ def update_from_traffic(
     repair = repair_model_of(repository, model)
     current = DirectionFile.load(repository / repair / MODEL_VERSION / DIRECTIONS_FILE)
     if current.alpha != 0 and current.estimator != "observe" and not force:
-        raise ValueError(
+        raise InvalidInputError(
             f"{repair} serves a repair that changes features (alpha {current.alpha}): the traffic statistics are "
             "of repaired features. Calibrate from traffic with an observe-only direction deployed "
             "(fire protect --observe), or pass --force"
@@ -73,7 +74,7 @@ def update_from_traffic(
     tail = tail_of(repository, model, repair)
     traffic_file = repository / tail / TRAFFIC_FILE
     if not traffic_file.is_file():
-        raise ValueError(f"no traffic recorded yet ({traffic_file}); send traffic to {model} first")
+        raise InvalidInputError(f"no traffic recorded yet ({traffic_file}); send traffic to {model} first")
     stats, _ = TrafficStats.load(traffic_file)
     producer = producer_of(repository, repair)
     head = onnx_session(repository / producer / MODEL_VERSION / WHOLE_ONNX, threads=2)

@@ -72,3 +72,15 @@ def triggered_subset(a: Artifact, n: int = 200) -> tuple[np.ndarray, np.ndarray]
     """Triggered test images whose true class is not the target, with their true labels."""
     keep = a.test.labels != a.attack.target
     return a.attack.apply(a.test.images[keep][:n]), a.test.labels[keep][:n]
+
+
+def fire_fails(argv: list[str], capsys) -> str:
+    """Run ``fire argv`` in process, expecting the one-line failure (exit 2); its message."""
+    from fire_cli.main import EXIT_FAILED, main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == EXIT_FAILED and "Traceback" not in err, err
+    return err

@@ -23,7 +23,7 @@ from .conftest import MODELS, triggered_subset
 def test_two_layer_repair_served_end_to_end(tmp_path, artifacts):
     a = artifacts["cifar10"]
     exp = tmp_path / "export"
-    main(["export", "--model", str(MODELS["cifar10"]), "--layer", "layer1", "--layer2", "layer2", "--out", str(exp)])
+    main(["export", "--model-dir", str(MODELS["cifar10"]), "--cut", "layer1", "--cut2", "layer2", "--out", str(exp)])
     main(["calibrate", "--export", str(exp), "--n-poisoned", "100", "--n-clean", "300"])
     info = ExportInfo.read(exp)
     d1 = DirectionFile.load(exp / "directions.safetensors", head_sha256=info.head_sha256)
@@ -37,7 +37,7 @@ def test_two_layer_repair_served_end_to_end(tmp_path, artifacts):
             tmp_path / "bad2",
         )
     repo = tmp_path / "repo"
-    main(["build-repo", "--model", "ml", str(exp), f"{exp}/directions.safetensors,{exp}/directions2.safetensors",
+    main(["build-repo", "--entry", "ml", str(exp), f"{exp}/directions.safetensors,{exp}/directions2.safetensors",
           "--out", str(repo), "--plain"])  # fmt: skip
     steps = {"ml_head", "ml_fire", "ml_mid", "ml_fire2", "ml_tail", "ml_guard"}  # guard: the GPU profile's input check
     assert {p.name for p in repo.iterdir()} == {"ml", "ml_plain", *steps}

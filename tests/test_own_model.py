@@ -4,6 +4,7 @@ bad input, and drop-in serving checked with plain tritonclient code written for 
 
 from __future__ import annotations
 
+import re
 import shutil
 import textwrap
 import warnings
@@ -29,7 +30,7 @@ from serving.server import ServerConfig, TritonServer
 from zoo.checkpoint import load_model
 from zoo.data import load_dataset
 
-from .conftest import MODELS
+from .conftest import MODELS, fire_fails
 
 FLOAT_NAMES = ("input.1", "logits:0")  # as torch.onnx.export and TF exports name them
 UINT8_NAMES = ("x", "save/scale_0.tmp_1")  # as Paddle and TF-converted graphs name them
@@ -151,20 +152,21 @@ def test_preprocessing_is_declared_and_checked():
         Preprocess(32, 32).apply(np.zeros((1, 16, 16, 3), np.uint8))
 
 
-def test_protect_cli_refuses_wrong_size_images_naming_the_file(user, tmp_path):
+def test_protect_cli_refuses_wrong_size_images_naming_the_file(user, tmp_path, capsys):
     big = tmp_path / "big"
     big.mkdir()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(big / "a.png")
-    with pytest.raises(SystemExit, match=r"a\.png: 64x64 pixels, the model takes 32x32.*--resize"):
-        main(["protect", "--onnx", str(user["models"]["float"]), "--clean", str(big),  # fmt: skip
-              "--poisoned", str(user["flagged"]), "--out", str(tmp_path / "repo"), "--work-dir", str(tmp_path / "w")])
+    argv = ["protect", "--onnx", str(user["models"]["float"]), "--clean", str(big), "--poisoned",
+            str(user["flagged"]), "--out", str(tmp_path / "repo"), "--work-dir", str(tmp_path / "w")]  # fmt: skip
+    err = fire_fails(argv, capsys)
+    assert re.search(r"a\.png: 64x64 pixels, the model takes 32x32.*--resize", err), err
 
 
 def test_torch_factory_with_safetensors_weights(user, tmp_path):
     """`package.module:factory` + weights: cut with torch.fx at a sub-module, halves exported to ONNX."""
     main(["protect", "--torch", "zoo.models:ResNetSmall", "--num-classes", "10",
           "--weights", str(MODELS["cifar10"] / "model.safetensors"), "--input-size", "32x32", "--cut", "layer2",
-          "--clean", str(user["clean"]), "--poisoned", str(user["flagged"]), "--name", "tm",
+          "--clean", str(user["clean"]), "--poisoned", str(user["flagged"]), "--model", "tm",
           "--out", str(tmp_path / "repo"), "--work-dir", str(tmp_path / "w")])  # fmt: skip
     d = DirectionFile.load(tmp_path / "w" / "tm" / "directions.safetensors")
     assert d.layer == "layer2" and d.estimator == "unpaired" and d.feature_shape == (32, 16, 16)
@@ -204,7 +206,7 @@ def test_protected_repository_entry_is_a_drop_in(user, tmp_path, kind):
     (src / "other" / "1").mkdir(parents=True)  # another model in the user's repository: copied as it is
     (src / "other" / "config.pbtxt").write_text('name: "other" backend: "python" max_batch_size: 1')
     out = tmp_path / "out"
-    main(["protect", "--repo", str(src), "--model", "classifier", "--clean", str(user["clean"]),
+    main(["protect", "--source-repo", str(src), "--source-model", "classifier", "--clean", str(user["clean"]),
           "--poisoned", str(user["flagged"]), "--out", str(out), "--work-dir", str(tmp_path / "w")])  # fmt: skip
     twin = (out / "classifier_unprotected" / "config.pbtxt").read_text()
     assert 'name: "classifier_unprotected"' in twin and "onnxruntime_onnx" in twin and (out / "other").is_dir()

@@ -15,6 +15,7 @@ from serving.streaming import DirectionStream, GuardRails, head_features
 from zoo.attacks import make_attack
 from zoo.data import load_dataset
 
+from .conftest import fire_fails
 from .test_reliability import Load, batch_of, pipeline
 
 
@@ -33,20 +34,20 @@ def served_version(server) -> float:
     return float(line.split()[-1])
 
 
-def test_streaming_updates_guard_rails_and_rollback(served):
+def test_streaming_updates_guard_rails_and_rollback(served, capsys):
     server, repo, a = served
     stream = DirectionStream(server.metrics_url, repo, "cifar10_fire")
     train = load_dataset("cifar10", "train").subset(400, seed=11)
     images = train.images[train.labels != 0]
     badnets = make_attack("badnets")
-    feats = head_features(server.grpc_url, "cifar10_head", badnets.apply(images[:60]))
+    feats = head_features(server.grpc_url, repo, "cifar10_fire", badnets.apply(images[:60]))
     x = batch_of(a)
     v1 = stream.current()
 
     with Load(server.grpc_url, x) as load:
         r = stream.update(feats[:5])  # fewer than min_samples: nothing changes
         assert r.status == "pending" and r.version == 1 and stream.current().version == 1
-        r = stream.update(feats[5:40], head_features(server.grpc_url, "cifar10_head", images[100:160]))
+        r = stream.update(feats[5:40], head_features(server.grpc_url, repo, "cifar10_fire", images[100:160]))
         assert r.status == "updated" and r.version == 2 and r.step <= 0.5 and r.cosine > 0.9
         load.wait_for(5)  # answers after the update
     for log in load.log:
@@ -57,7 +58,7 @@ def test_streaming_updates_guard_rails_and_rollback(served):
     assert served_version(server) == 2  # reload_directions waited for the server to report the new file
 
     # a very different report (another trigger) is clipped to the allowed step
-    blended = head_features(server.grpc_url, "cifar10_head", make_attack("blended").apply(images[:30]))
+    blended = head_features(server.grpc_url, repo, "cifar10_fire", make_attack("blended").apply(images[:30]))
     r = stream.update(blended, rails=GuardRails(max_step=0.05))
     assert r.status == "updated" and r.clipped and r.proposed_step > 0.05 and r.step == pytest.approx(0.05)
     v3 = stream.current()
@@ -85,9 +86,10 @@ def test_streaming_updates_guard_rails_and_rollback(served):
     np.savez(npz, images=badnets.apply(images[60:80]))
     from fire_cli.main import main
 
-    main(["update", "--url", server.http_url, "--metrics-url", server.metrics_url, "--repo", str(repo),
+    main(["update", "--url", server.grpc_url, "--metrics-url", server.metrics_url, "--repo", str(repo),
           "--model", "cifar10", "--poisoned", str(npz)])  # fmt: skip
     d = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
     assert d.version == 4 and d.updates == 1  # after the rollback to v1, numbering continues past v3
-    with pytest.raises(SystemExit, match="no version 9"):  # a clear message, not a traceback
-        main(["rollback", "--repo", str(repo), "--model", "cifar10", "--metrics-url", server.metrics_url, "--to", "9"])
+    err = fire_fails(["rollback", "--repo", str(repo), "--model", "cifar10", "--metrics-url", server.metrics_url,
+                      "--to", "9"], capsys)  # fmt: skip
+    assert "no version 9" in err  # a clear message, not a traceback

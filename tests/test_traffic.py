@@ -21,6 +21,8 @@ from serving.repository import ProtectedModel, build_repository
 from serving.server import ServerConfig, TritonServer
 from zoo.data import load_dataset, to_tensor_batch
 
+from .conftest import fire_fails
+
 
 def test_stats_are_bounded_uniform_for_one_source_and_survive_a_save(tmp_path):
     rng = np.random.default_rng(0)
@@ -202,13 +204,12 @@ def test_observe_then_update_from_traffic_on_a_real_server(artifacts, tmp_path, 
         clean_test = load_dataset("cifar10", "test").subset(300, seed=1)
         assert (client.infer("cifar10", to_tensor_batch(clean_test.images)).argmax(1) == clean_test.labels).mean() > 0.7
 
-        with pytest.raises(SystemExit, match="observe-only direction"):  # stats are of repaired features now
-            main(cli)
+        assert "observe-only direction" in fire_fails(cli, capsys)  # the stats are of repaired features now
         main(["rollback", "--repo", str(repo), "--model", "cifar10", "--metrics-url", server.metrics_url])
         assert (client.infer("cifar10", to_tensor_batch(probe)).argmax(1) == before).all()
 
 
-def test_fire_protect_observe_serves_an_identity_repair_and_records_traffic(tmp_path):
+def test_fire_protect_observe_serves_an_identity_repair_and_records_traffic(tmp_path, capsys):
     """`fire protect --observe` needs only clean images: alpha 0 (nothing changes) and a recording tail."""
     from fire_backend.names import PARAM_TRAFFIC_STATS
     from fire_cli.main import main
@@ -220,11 +221,11 @@ def test_fire_protect_observe_serves_an_identity_repair_and_records_traffic(tmp_
     np.savez(tmp_path / "clean.npz", images=train.images)
     repo = tmp_path / "repo"
     main(["protect", "--onnx", str(onnx), "--mean", "0.4914", "0.4822", "0.4465", "--std", "0.2470", "0.2435",
-          "0.2616", "--clean", str(tmp_path / "clean.npz"), "--observe", "--name", "mine", "--out", str(repo),
+          "0.2616", "--clean", str(tmp_path / "clean.npz"), "--observe", "--model", "mine", "--out", str(repo),
           "--work-dir", str(tmp_path / "work")])  # fmt: skip
     d = served_model(repo, "mine").directions
     assert d.alpha == 0 and d.estimator == "observe"
     assert read_config(repo / "mine_tail").parameters[PARAM_TRAFFIC_STATS].string_value == "1"
-    with pytest.raises(SystemExit, match="--poisoned"):  # without --observe, flagged images or a trigger are needed
-        main(["protect", "--onnx", str(onnx), "--clean", str(tmp_path / "clean.npz"), "--out", str(tmp_path / "r2"),
-              "--work-dir", str(tmp_path / "work2")])  # fmt: skip
+    err = fire_fails(["protect", "--onnx", str(onnx), "--clean", str(tmp_path / "clean.npz"), "--out",
+                      str(tmp_path / "r2"), "--work-dir", str(tmp_path / "work2")], capsys)  # fmt: skip
+    assert "--poisoned" in err  # without --observe, flagged images or a trigger are needed

@@ -11,6 +11,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fire_backend.errors import FireError
+from zoo.attacks import resolve_trigger_files
 from zoo.models import ModelConfig, build_model
 
 WEIGHTS = "model.safetensors"
@@ -25,11 +27,23 @@ def save_model(directory: str | Path, model: nn.Module, config: ModelConfig, met
     (directory / META).write_text(json.dumps({"model": asdict(config), **meta}, indent=2) + "\n")
 
 
+class ModelDirError(FireError):
+    """Not a model directory `fire train` wrote, or a damaged one."""
+
+
 def load_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META
+    """model.json; trigger files its attack names by a relative path are taken relative to the directory."""
+    directory = Path(directory)
+    path = directory / META
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {directory} a model directory written by `fire train`?")
-    return json.loads(path.read_text())
+        raise ModelDirError(f"{path} not found: is {directory} a model directory written by `fire train`?")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(meta.get("attack"), dict):
+        meta["attack"] = resolve_trigger_files(meta["attack"], directory)
+    return meta
 
 
 def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fire_backend.errors import FireError, InvalidInputError
+
 DATA_ENV = "FIRE_DATA_DIR"
 CACHE_ENV = "FIRE_CACHE_DIR"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +41,15 @@ CIFAR10_CLASSES = (
     "truck",
 )
 ARCHIVES = {"cifar10": "cifar10-jpeg.tar.xz", "gtsrb": "gtsrb32-ppm.tar.xz"}
+
+
+def class_names(dataset: str) -> list[str]:
+    """Label names, index = label (GTSRB's classes are known by number)."""
+    return list(CIFAR10_CLASSES) if dataset == "cifar10" else [f"sign {i:02d}" for i in range(NUM_CLASSES[dataset])]
 NUM_CLASSES = {"cifar10": 10, "gtsrb": 43}
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(FireError, FileNotFoundError):
     """The dataset archive could not be found; the message says where we looked and what to do."""
 
 
@@ -90,7 +97,7 @@ def _decode(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     if arr.shape != (32, 32, 3):
-        raise ValueError(f"expected a 32x32 RGB image, got shape {arr.shape}")
+        raise InvalidInputError(f"expected a 32x32 RGB image, got shape {arr.shape}")
     return arr
 
 
@@ -129,7 +136,7 @@ def _read_gtsrb(archive: Path) -> dict[str, np.ndarray]:
                 rows = csv.DictReader(io.StringIO(tar.extractfile(member).read().decode()), delimiter=";")
                 test_labels = {r["Filename"]: int(r["ClassId"]) for r in rows}
     if not test_labels:
-        raise ValueError(f"{archive}: GT-final_test.csv not found in the archive")
+        raise InvalidInputError(f"{archive}: GT-final_test.csv not found in the archive")
     names = sorted(test_files)
     return {
         "train_images": np.stack(train_x),
@@ -145,9 +152,9 @@ _READERS = {"cifar10": _read_cifar10, "gtsrb": _read_gtsrb}
 def load_dataset(name: str, split: str) -> Split:
     """Load ``split`` ("train" or "test") of dataset ``name`` ("cifar10" or "gtsrb")."""
     if name not in ARCHIVES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(ARCHIVES)}")
+        raise InvalidInputError(f"unknown dataset {name!r}; choose one of {sorted(ARCHIVES)}")
     if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+        raise InvalidInputError(f"unknown split {split!r}; choose 'train' or 'test'")
     cache = cache_dir() / f"{name}.npz"
     if not cache.exists():
         archive = data_dir() / ARCHIVES[name]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fire_backend.errors import InvalidInputError
+
 CHANNEL_MEAN = (0.485, 0.456, 0.406)
 CHANNEL_STD = (0.229, 0.224, 0.225)
 
@@ -20,6 +22,18 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class PixelInput(nn.Module):
+    """Raw pixels in: uint8 (N, H, W, C) as image files decode and stock image clients send, turned into
+    what the network was trained on (float NCHW in [0, 1], then ``normalize``)."""
+
+    def __init__(self, normalize: nn.Module):
+        super().__init__()
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x.permute(0, 3, 1, 2).float() / 255.0)
 
 
 class BasicBlock(nn.Module):
@@ -103,5 +117,5 @@ ARCHITECTURES = {"resnet_small": ResNetSmall, "vgg_small": VGGSmall}
 
 def build_model(config: ModelConfig) -> nn.Module:
     if config.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {config.arch!r}; known: {sorted(ARCHITECTURES)}")
+        raise InvalidInputError(f"unknown architecture {config.arch!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[config.arch](config.num_classes, tuple(config.widths), config.blocks, **config.extra)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fire_backend.errors import InvalidInputError
 from zoo.attacks import Attack, attack_from_spec, make_attack
 from zoo.checkpoint import save_model
 from zoo.data import load_dataset
@@ -117,7 +118,7 @@ class _State:
             return
         ckpt = torch.load(path, weights_only=True)
         if ckpt["config"] != json.dumps(asdict(config), sort_keys=True):
-            raise ValueError(f"{path} was written for a different config; delete it to start over")
+            raise InvalidInputError(f"{path} was written for a different config; delete it to start over")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])

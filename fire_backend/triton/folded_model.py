@@ -16,7 +16,15 @@ import numpy as np
 
 from fire_backend.files import sha256_file
 from fire_backend.formula import NumpyRepair
-from fire_backend.names import FEATURES, PARAM_DIRECTIONS, PARAM_PRODUCER_ONNX, PARAM_TAIL_ONNX, PARAM_THREADS
+from fire_backend.names import (
+    DIRECTIONS_FILE,
+    FEATURES,
+    MODEL_VERSION,
+    PARAM_DIRECTIONS_OF,
+    PARAM_PRODUCER_ONNX,
+    PARAM_TAIL_ONNX,
+    PARAM_THREADS,
+)
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.triton.common import answer_batched, input_range, parse_args, require_io
 from fire_backend.triton.served_directions import ServedDirections
@@ -38,7 +46,7 @@ class TritonPythonModel:
         feature_shape = tuple(self.head.get_outputs()[0].shape[1:])
         self.directions = ServedDirections(  # the repair model's file: one file, every watcher swaps
             args["model_name"],
-            repo_root / params[PARAM_DIRECTIONS],
+            repo_root / params[PARAM_DIRECTIONS_OF] / MODEL_VERSION / DIRECTIONS_FILE,
             feature_shape,
             sha256_file(head_onnx),
             params,

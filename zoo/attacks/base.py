@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fire_backend.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Trigger:
@@ -33,7 +35,7 @@ class Trigger:
 
     def stamp(self, images: np.ndarray) -> np.ndarray:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:3] != self.pattern.shape[:2]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"expected uint8 images (N, {self.pattern.shape[0]}, {self.pattern.shape[1]}, 3), "
                 f"got {images.dtype} {images.shape}"
             )
@@ -43,7 +45,7 @@ class Trigger:
 
 def _check_images(images: np.ndarray) -> None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise InvalidInputError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
 
 
 class Attack(ABC):
@@ -107,7 +109,7 @@ def attack_from_spec(spec: dict[str, Any]) -> Attack:
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in Attack.registry:
-        raise ValueError(f"unknown attack {name!r}; known: {sorted(Attack.registry)}")
+        raise InvalidInputError(f"unknown attack {name!r}; known: {sorted(Attack.registry)}")
     return Attack.registry[name](**spec)
 
 

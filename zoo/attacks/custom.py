@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fire_backend.errors import InvalidInputError, MissingFileError
 from zoo.attacks.base import Attack, Trigger
 
 
 def _read_image(path: str, mode: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"custom trigger file {path!r} does not exist")
+        raise MissingFileError(f"custom trigger file {path!r} does not exist")
     if p.suffix == ".npy":
         arr = np.load(p, allow_pickle=False)
     else:
@@ -45,6 +46,19 @@ def _png(arr: np.ndarray) -> str:
 def _unpng(data: str, mode: str) -> np.ndarray:
     with Image.open(io.BytesIO(base64.b64decode(data))) as img:
         return np.asarray(img.convert(mode)).astype(np.float32)
+
+
+TRIGGER_FILE_FIELDS = ("pattern", "mask")  # parameters that name files
+
+
+def resolve_trigger_files(spec: dict, base: str | Path) -> dict:
+    """A spec whose trigger files are taken relative to ``base`` (the folder of the file that names
+    them: an attack config, a model.json), not to the current directory."""
+    out = dict(spec)
+    for key in TRIGGER_FILE_FIELDS:
+        if out.get(key) and not Path(out[key]).is_absolute():
+            out[key] = str((Path(base) / out[key]).resolve())
+    return out
 
 
 @dataclass(frozen=True)
@@ -67,9 +81,9 @@ class Custom(Attack):
         elif self.pattern:
             patch = _read_image(self.pattern, "RGB")
         else:
-            raise ValueError("the custom attack needs pattern=PATH (an image or .npy file)")
+            raise InvalidInputError("the custom attack needs pattern=PATH (an image or .npy file)")
         if patch.ndim != 3 or patch.shape[2] != 3:
-            raise ValueError(f"pattern {self.pattern!r} must be an RGB image (H, W, 3), got shape {patch.shape}")
+            raise InvalidInputError(f"pattern {self.pattern!r} must be an RGB image (H, W, 3), got shape {patch.shape}")
         if self.mask_png:
             return patch, _unpng(self.mask_png, "L")
         return patch, _read_image(self.mask, "L") if self.mask else None
@@ -87,13 +101,13 @@ class Custom(Attack):
         h, w = patch.shape[:2]
         patch_mask = mask / 255.0 if mask is not None else np.ones((h, w), np.float32)
         if patch_mask.shape != (h, w):
-            raise ValueError(f"mask {self.mask!r} is {patch_mask.shape}, the pattern is {(h, w)}")
+            raise InvalidInputError(f"mask {self.mask!r} is {patch_mask.shape}, the pattern is {(h, w)}")
         if not 0 < self.alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+            raise InvalidInputError(f"alpha must be in (0, 1], got {self.alpha}")
         row = self.row if self.row >= 0 else image_size - h + 1 + self.row
         col = self.col if self.col >= 0 else image_size - w + 1 + self.col
         if not (0 <= row <= image_size - h and 0 <= col <= image_size - w):
-            raise ValueError(f"a {h}x{w} pattern at ({row}, {col}) does not fit a {image_size}px image")
+            raise InvalidInputError(f"a {h}x{w} pattern at ({row}, {col}) does not fit a {image_size}px image")
         pattern = np.zeros((image_size, image_size, 3), dtype=np.float32)
         mask = np.zeros((image_size, image_size, 1), dtype=np.float32)
         pattern[row : row + h, col : col + w] = patch

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fire_backend.errors import InvalidInputError
 from zoo.attacks.base import Attack, Trigger
 
 
@@ -23,7 +24,7 @@ class Trojan(Attack):
     def trigger(self, image_size: int = 32) -> Trigger:
         n = self.patch_size
         if not (0 <= self.row <= image_size - n and 0 <= self.col <= image_size - n):
-            raise ValueError(f"a {n}x{n} patch at ({self.row}, {self.col}) does not fit a {image_size}px image")
+            raise InvalidInputError(f"a {n}x{n} patch at ({self.row}, {self.col}) does not fit a {image_size}px image")
         rng = np.random.default_rng(self.pattern_seed)
         pattern = np.zeros((image_size, image_size, 3), dtype=np.float32)
         pattern[self.row : self.row + n, self.col : self.col + n] = 255.0 * rng.integers(0, 2, size=(n, n, 3))
