@@ -112,7 +112,7 @@ def _headers(url: str, protocol: str) -> dict[str, str]:
 
 
 def closed_loop(
-    url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int, duration_s: float, io=("INPUT", "LOGITS")
+    url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int, duration_s: float
 ) -> tuple[np.ndarray, float]:
     """Latencies (s) of every request ``concurrency`` back-to-back clients complete in about ``duration_s``,
     and the elapsed wall time."""
@@ -121,11 +121,15 @@ def closed_loop(
     ready = threading.Barrier(concurrency + 1)
     stop_at = [0.0]
 
+    from clients import FireClient
+
+    io = FireClient(url, protocol).io(model)  # the served model's own tensor names and datatype
+
     def worker(i: int) -> None:
         tc, client = _client(url, protocol)
-        inp = tc.InferInput(io[0], list(batch.shape), "FP32")
+        inp = tc.InferInput(io.input, list(batch.shape), io.datatype)
         inp.set_data_from_numpy(batch)
-        out = [tc.InferRequestedOutput(io[1])]
+        out = [tc.InferRequestedOutput(io.output)]
         headers = _headers(url, protocol)
         ready.wait()
         try:
@@ -235,7 +239,6 @@ def prepare(cfg: ServingBenchConfig) -> Path:
 def run(cfg: ServingBenchConfig) -> list[dict]:
     repo = prepare(cfg)
     inputs = _inputs(cfg, cfg.work_dir / "export", max(cfg.batch_sizes))
-    io = (ExportInfo.read(cfg.work_dir / "export").input_name, ExportInfo.read(cfg.work_dir / "export").output_name)
     server_cfg = ServerConfig(
         repo,
         http_port=0,
@@ -253,7 +256,7 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
         for b, c in cells:
             batch = inputs[:b]
             for model in labels.values():
-                closed_loop(url, cfg.protocol, model, batch, c, cfg.warmup_s, io)
+                closed_loop(url, cfg.protocol, model, batch, c, cfg.warmup_s)
             lat: dict[str, list[np.ndarray]] = {k: [] for k in labels}
             elapsed = dict.fromkeys(labels, 0.0)
             step_stats: dict[str, dict[str, float]] = {}
@@ -262,7 +265,7 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
                 for label in order:
                     composing = _composing("bench", label)
                     before = _stats(http, composing, server.admin_key)
-                    latencies, seconds = closed_loop(url, cfg.protocol, labels[label], batch, c, cfg.window_s, io)
+                    latencies, seconds = closed_loop(url, cfg.protocol, labels[label], batch, c, cfg.window_s)
                     lat[label].append(latencies)
                     elapsed[label] += seconds
                     after = _stats(http, composing, server.admin_key)

@@ -13,6 +13,7 @@ a key is never sent to another machine unless given explicitly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,18 @@ from PIL import Image
 
 from fire_backend.errors import InvalidInputError
 from fire_backend.keys import INFERENCE
-from fire_backend.names import INPUT, LOGITS
 from fire_backend.network import host_of, is_loopback
 from zoo.data import to_tensor_batch
+
+
+@dataclass(frozen=True)
+class ServedIO:
+    """A served model's input (name, datatype, shape with -1 for variable dims) and output name."""
+
+    input: str
+    datatype: str
+    shape: tuple[int, ...]
+    output: str
 
 
 def inference_headers(url: str, protocol: str, key: str | None = None) -> dict[str, str]:
@@ -64,8 +74,22 @@ class FireClient:
     def metadata(self, model: str):
         return self.client.get_model_metadata(model, headers=self.headers)
 
-    def infer(self, model: str, images: np.ndarray, input_name: str = INPUT, output_name: str = LOGITS) -> np.ndarray:
-        """Logits for a float32 NCHW batch; batches above the model's limit are sent in chunks."""
+    def io(self, model: str) -> ServedIO:
+        """The served model's (first) input and output, from its metadata: any model, any names."""
+        m = self.metadata(model)
+        if self.protocol == "grpc":
+            inp, out = m.inputs[0], m.outputs[0]
+            return ServedIO(inp.name, inp.datatype, tuple(inp.shape), out.name)
+        inp, out = m["inputs"][0], m["outputs"][0]
+        return ServedIO(inp["name"], inp["datatype"], tuple(inp["shape"]), out["name"])
+
+    def infer(self, model: str, images: np.ndarray, input_name: str | None = None,
+              output_name: str | None = None) -> np.ndarray:  # fmt: skip
+        """The model's output for a batch already in its input form; batches above the client's limit are
+        sent in chunks. The tensor names default to the served model's own (from its metadata)."""
+        if input_name is None or output_name is None:
+            io = self.io(model)
+            input_name, output_name = input_name or io.input, output_name or io.output
         images = np.asarray(images)
         outs = []
         for i in range(0, max(len(images), 1), self.max_batch_size):
@@ -95,8 +119,11 @@ class FireClient:
         """Predicted labels for uint8 NHWC images."""
         return self.infer(model, to_tensor_batch(images_uint8)).argmax(axis=1)
 
-    def predictor(self, model: str, input_name: str = INPUT, output_name: str = LOGITS):
-        """A ``metrics.Predictor`` backed by this server model."""
+    def predictor(self, model: str, input_name: str | None = None, output_name: str | None = None):
+        """A ``metrics.Predictor`` backed by this server model (names from its metadata unless given)."""
+        if input_name is None or output_name is None:
+            io = self.io(model)
+            input_name, output_name = input_name or io.input, output_name or io.output
         return lambda x: self.infer(model, x, input_name, output_name)
 
 

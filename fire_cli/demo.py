@@ -25,6 +25,7 @@ class DemoConfig:
     model_dir: Path = DEFAULT_MODEL_DIR
     name: str = "cifar10"
     layer: str = "layer2"
+    pixels: str = "uint8"  # raw pixels in: what stock image clients (NVIDIA's image_client.py) send
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     work_dir: Path = PROJECT_ROOT / "build" / "demo"
     repository: Path = PROJECT_ROOT / REPOSITORY_DIR
@@ -38,7 +39,7 @@ def run_demo(cfg: DemoConfig) -> str:
     t0 = time.time()
     export_dir = cfg.work_dir / cfg.name
     print(f"[1/5] split {cfg.model_dir} after {cfg.layer!r}, export ONNX -> {export_dir}")
-    info = export_split(cfg.model_dir, cfg.layer, export_dir)
+    info = export_split(cfg.model_dir, cfg.layer, export_dir, pixels=cfg.pixels)
     print(f"      split error {info.split_max_abs_err:.2g}, ONNX error {info.onnx_max_abs_err:.2g}")
     directions = export_dir / DIRECTIONS_FILE
     c = cfg.calibration
@@ -55,9 +56,8 @@ def run_demo(cfg: DemoConfig) -> str:
         url = server.grpc_url if cfg.protocol == "grpc" else server.http_url
         print(f"[5/5] evaluate through the server ({cfg.protocol} {url})")
         attack = attack_from_spec(info.attack)
-        results = evaluate_served(
-            url, [f"{cfg.name}_plain", cfg.name], info.dataset, attack, cfg.protocol, limit=cfg.limit
-        )
+        results = evaluate_served(url, [f"{cfg.name}_plain", cfg.name], info.dataset, attack, cfg.protocol,
+                                  limit=cfg.limit, preprocess=info.preprocessing())  # fmt: skip
     rows = {
         f"{cfg.name}_plain (no defense)": results[f"{cfg.name}_plain"],
         f"{cfg.name} (FIRE {c.mode}, {cfg.layer})": results[cfg.name],

@@ -220,6 +220,7 @@ def demo(a: argparse.Namespace) -> None:
         model_dir=Path(a.model_dir),
         name=a.model,
         layer=a.cut,
+        pixels=a.pixels,
         protocol=a.protocol,
         limit=a.limit,
         calibration=CalibrationConfig(mode=a.mode, n_poisoned=a.n_poisoned),
@@ -270,6 +271,7 @@ def register(sub) -> None:
     add(d, "--model-dir", default=str(default_of(DemoConfig, "model_dir")))
     add(d, "--model", default=default_of(DemoConfig, "name"), detail="the protected model's name on the server")
     add(d, "--cut", default=default_of(DemoConfig, "layer"))
+    add(d, "--pixels", default=default_of(DemoConfig, "pixels"))
     add(d, "--mode", default=default_of(CalibrationConfig, "mode"))
     add(d, "--n-poisoned", default=default_of(CalibrationConfig, "n_poisoned"))
     add(d, "--protocol", default=default_of(DemoConfig, "protocol"))

@@ -101,6 +101,9 @@ VOCABULARY = _options(
     Option("--cut", "where to cut the model: a sub-module (zoo models: layer1, layer2, layer3) or an ONNX tensor "
            "(see `fire layers`)"),  # fmt: skip
     Option("--cut2", "multi-layer repair: a second, later cut"),
+    Option("--pixels", "a zoo model's served input: float (NCHW in [0, 1], what it was trained on) or uint8 "
+           "(raw NHWC pixels, what image files decode to and stock image clients send)",
+           {"choices": ["float", "uint8"]}),  # fmt: skip
     Option("--cuts", "candidate cuts (default: every repairable one)", {"nargs": "+"}),
     Option("--mode", "the repair mode", {"choices": MODES}),
     Option("--alpha", "the repair's strength (1: remove the estimated trigger component)", {"type": float}),

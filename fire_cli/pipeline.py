@@ -33,7 +33,7 @@ def export(a: argparse.Namespace) -> None:
         else:
             info = export_onnx_model(src.onnx, a.cut, a.out, src.preprocess)
     elif a.model_dir:
-        info = export_split(a.model_dir, a.cut or ZOO_CUT, a.out, layer2=a.cut2)
+        info = export_split(a.model_dir, a.cut or ZOO_CUT, a.out, layer2=a.cut2, pixels=a.pixels)
     else:
         raise UsageError("fire export needs --model-dir ZOO_DIR, --onnx FILE or --torch SPEC")
     parts = "head.onnx, mid.onnx, tail.onnx" if info.multilayer else "head.onnx, tail.onnx"
@@ -146,6 +146,7 @@ def register(sub) -> None:
     add_preprocess_args(e)
     add(e, "--cut", detail=f"default for a zoo model: {ZOO_CUT}")
     add(e, "--cut2")
+    add(e, "--pixels", default="float", detail="--model-dir only")
     add(e, "--out", required=True, detail="the export directory")
 
     c = add_command(sub, "calibrate", "estimate the backdoor direction and write the direction file", calibrate)

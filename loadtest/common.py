@@ -11,7 +11,8 @@ import numpy as np
 from locust import events
 
 from fire_backend.network import host_of, is_loopback
-from zoo.attacks import make_attack
+from modelio.preprocess import Preprocess
+from zoo.attacks import attack_from_spec
 from zoo.data import load_dataset, to_tensor_batch
 
 
@@ -22,7 +23,9 @@ def _options(parser) -> None:
     g.add_argument("--batch-size", type=int, default=1, help="images per request")
     g.add_argument("--triggered-ratio", type=float, default=0.5, help="share of requests carrying the trigger")
     g.add_argument("--dataset", default="cifar10", choices=["cifar10", "gtsrb"])
-    g.add_argument("--attack", default="badnets", help="trigger stamped on the triggered requests")
+    g.add_argument("--attack-spec", default='{"name": "badnets"}', help="JSON: the trigger on triggered requests")
+    g.add_argument("--preprocess", default="", help="JSON (Preprocess.as_dict): how images become the model's "
+                   "input (default: a zoo model's float pixels)")  # fmt: skip
     g.add_argument("--pool", type=int, default=1024, help="test images held in memory")
     g.add_argument("--tally-file", default="", help="write the live-ASR tally (JSON) here at the end")
     g.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (off by default)")
@@ -41,15 +44,18 @@ def _loopback_guard(environment, **_) -> None:
 
 
 class Traffic:
-    """Batches of real test images: clean ones, and triggered ones whose true class is not the target."""
+    """Batches of real test images, in the served model's input form (its declared preprocessing): clean
+    ones, and triggered ones whose true class is not the target."""
 
-    def __init__(self, dataset: str, attack_name: str, pool: int, batch_size: int, triggered_ratio: float):
+    def __init__(self, dataset: str, attack_spec: dict, pool: int, batch_size: int, triggered_ratio: float,
+                 preprocess: dict | None = None):  # fmt: skip
         test = load_dataset(dataset, "test").subset(pool, seed=0)
-        attack = make_attack(attack_name)
+        attack = attack_from_spec(attack_spec)
         self.target, self.batch_size, self.ratio = attack.target, batch_size, triggered_ratio
-        self.clean = to_tensor_batch(test.images)
+        prepare = Preprocess.from_dict(preprocess).apply if preprocess else to_tensor_batch
+        self.clean = prepare(test.images)
         keep = test.labels != attack.target
-        self.triggered = to_tensor_batch(attack.apply(test.images[keep]))
+        self.triggered = prepare(attack.apply(test.images[keep]))
         self.rng = np.random.default_rng()
 
     def next(self) -> tuple[np.ndarray, bool]:
@@ -68,9 +74,8 @@ def traffic(options) -> Traffic:
     global _traffic
     with _lock:
         if _traffic is None:
-            _traffic = Traffic(
-                options.dataset, options.attack, options.pool, options.batch_size, options.triggered_ratio
-            )
+            _traffic = Traffic(options.dataset, json.loads(options.attack_spec), options.pool, options.batch_size,
+                               options.triggered_ratio, json.loads(options.preprocess or "null"))  # fmt: skip
     return _traffic
 
 

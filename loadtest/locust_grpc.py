@@ -28,6 +28,8 @@ class TritonGrpcUser(User):
         port = host.rsplit(":", 1)[-1] if ":" in host.split("//")[-1] else "8001"
         self.client = grpcclient.InferenceServerClient(url=f"{host_of(host)}:{port}")
         self.headers = inference_headers(host, "grpc")  # the raw ports need the inference key (loopback: ours)
+        meta = self.client.get_model_metadata(self.environment.parsed_options.model, headers=self.headers)
+        self.input, self.datatype, self.output = meta.inputs[0].name, meta.inputs[0].datatype, meta.outputs[0].name
 
     def on_stop(self) -> None:
         self.client.close()
@@ -37,13 +39,13 @@ class TritonGrpcUser(User):
         opts = self.environment.parsed_options
         t = traffic(opts)
         images, triggered = t.next()
-        inp = grpcclient.InferInput("INPUT", list(images.shape), "FP32")
+        inp = grpcclient.InferInput(self.input, list(images.shape), self.datatype)
         inp.set_data_from_numpy(images)
         start, exc, logits = time.perf_counter(), None, None
         try:
-            outputs = [grpcclient.InferRequestedOutput("LOGITS")]
+            outputs = [grpcclient.InferRequestedOutput(self.output)]
             result = self.client.infer(opts.model, [inp], outputs=outputs, headers=self.headers)
-            logits = result.as_numpy("LOGITS")
+            logits = result.as_numpy(self.output)
         except Exception as e:  # an error response is a failure in locust's statistics
             exc = e
         self.environment.events.request.fire(

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 import tritonclient.http as httpclient
 from locust import FastHttpUser, constant, task
 
@@ -16,16 +19,25 @@ from loadtest.common import tally, traffic
 class TritonHttpUser(FastHttpUser):
     wait_time = constant(0)  # closed loop: the next request as soon as the answer is in
 
+    def on_start(self) -> None:
+        self.key = inference_headers(self.host, "http")  # the raw ports need the inference key (loopback: ours)
+        model = self.environment.parsed_options.model
+        request = urllib.request.Request(f"{self.host}/v2/models/{model}", headers=self.key)  # not a measured request
+        with urllib.request.urlopen(request, timeout=30) as r:
+            meta = json.loads(r.read())
+        self.input, self.datatype, self.output = meta["inputs"][0]["name"], meta["inputs"][0]["datatype"], \
+            meta["outputs"][0]["name"]  # fmt: skip
+
     @task
     def infer(self) -> None:
         opts = self.environment.parsed_options
         t = traffic(opts)
         images, triggered = t.next()
-        inp = httpclient.InferInput("INPUT", list(images.shape), "FP32")
+        inp = httpclient.InferInput(self.input, list(images.shape), self.datatype)
         inp.set_data_from_numpy(images, binary_data=True)
-        out = httpclient.InferRequestedOutput("LOGITS", binary_data=True)
+        out = httpclient.InferRequestedOutput(self.output, binary_data=True)
         body, json_size = httpclient.InferenceServerClient.generate_request_body([inp], outputs=[out])
-        headers = {"Content-Type": "application/octet-stream", **inference_headers(self.host, "http")}
+        headers = {"Content-Type": "application/octet-stream", **self.key}
         if json_size is not None:
             headers["Inference-Header-Content-Length"] = str(json_size)
         with self.client.post(
@@ -38,4 +50,4 @@ class TritonHttpUser(FastHttpUser):
             result = httpclient.InferenceServerClient.parse_response_body(
                 resp.content, header_length=int(length) if length else None
             )
-            tally.record(result.as_numpy("LOGITS"), triggered, t.target)
+            tally.record(result.as_numpy(self.output), triggered, t.target)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fire_backend.errors import InvalidInputError, StepFailedError
 from fire_backend.network import host_of, is_loopback
+from serving.repository import traffic_for
 from serving.server import ServerConfig, TritonServer
 
 HERE = Path(__file__).resolve().parent
@@ -35,14 +36,15 @@ class LoadTestConfig:
     run_time_s: int = 20
     batch_size: int = 1
     triggered_ratio: float = 0.5
-    dataset: str = "cifar10"
-    attack: str = "badnets"
+    dataset: str | None = None  # None: the one the protected model's direction file records (else cifar10)
+    attack: str | None = None  # None: the attack it records (else badnets)
     out_dir: Path = REPO_ROOT / "results" / "loadtest"
     allow_remote: bool = False
 
 
 def _locust(cfg: LoadTestConfig, host: str, model: str, prefix: Path) -> None:
     locustfile = HERE / f"locust_{cfg.protocol}.py"
+    traffic = traffic_for(cfg.repository, model, cfg.dataset, {"name": cfg.attack} if cfg.attack else None)
     cmd = [
         sys.executable,
         "-m",
@@ -73,9 +75,11 @@ def _locust(cfg: LoadTestConfig, host: str, model: str, prefix: Path) -> None:
         "--triggered-ratio",
         str(cfg.triggered_ratio),
         "--dataset",
-        cfg.dataset,
-        "--attack",
-        cfg.attack,
+        traffic.dataset,
+        "--attack-spec",
+        json.dumps(traffic.attack),
+        "--preprocess",
+        json.dumps(traffic.preprocess),
         "--tally-file",
         f"{prefix}_tally.json",
     ]

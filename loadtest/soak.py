@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from clients import FireClient
+from modelio.preprocess import Preprocess
+from serving.repository import traffic_for
 from serving.server import ServerConfig, TritonServer
-from zoo.attacks import make_attack
+from zoo.attacks import attack_from_spec
 from zoo.data import load_dataset, to_tensor_batch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -128,10 +130,12 @@ def _sender(
 
 def run_soak(cfg: SoakConfig, server: TritonServer | None = None) -> SoakReport:
     """Soak ``server`` (or one started here on ``cfg.repository``) and write the report."""
-    test = load_dataset("cifar10", "test").subset(512, seed=0)
-    attack = make_attack("badnets")
-    clean = to_tensor_batch(test.images)
-    trig = to_tensor_batch(attack.apply(test.images[test.labels != attack.target]))
+    traffic = traffic_for(cfg.repository, cfg.model)
+    test = load_dataset(traffic.dataset, "test").subset(512, seed=0)
+    attack = attack_from_spec(traffic.attack)
+    prepare = Preprocess.from_dict(traffic.preprocess).apply if traffic.preprocess else to_tensor_batch
+    clean = prepare(test.images)
+    trig = prepare(attack.apply(test.images[test.labels != attack.target]))
     b = cfg.batch_size
     batches = {
         False: [clean[i : i + b] for i in range(0, len(clean) - b, b)],

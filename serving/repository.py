@@ -459,6 +459,45 @@ def served_model(repository: str | Path, model: str) -> ServedModel:
     return ServedModel(model, cfg.input[0].name, cfg.output[0].name, pre, d)
 
 
+def protected_of(repository: str | Path, model: str) -> ServedModel:
+    """The protected model that ``model`` serves for or beside (itself, or ``<name>`` for ``<name>_plain``,
+    ``<name>_fused``, ...): what clients of any of them need (preprocessing, the recorded attack)."""
+    repository = Path(repository)
+    name = model
+    while True:
+        try:
+            return served_model(repository, name)
+        except InvalidInputError:
+            if "_" not in name:
+                raise InvalidInputError(
+                    f"{model!r} is not a protected model of {repository}, nor served beside one"
+                ) from None
+            name = name.rsplit("_", 1)[0]
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What to send a served model: the dataset and attack its direction file records (or the defaults
+    given), and how images become its input."""
+
+    dataset: str
+    attack: dict
+    preprocess: dict  # Preprocess.as_dict(); {} for a zoo model's float pixels
+
+
+def traffic_for(repository: str | Path, model: str, dataset: str | None = None, attack: dict | None = None,
+                default_dataset: str = "cifar10", default_attack: str = "badnets") -> Traffic:  # fmt: skip
+    """The traffic for ``model`` (any model of a protected family); what is given wins over what is
+    recorded, what is recorded over the defaults."""
+    try:
+        served = protected_of(repository, model)
+        extra, preprocess = served.directions.extra, served.preprocess
+    except (InvalidInputError, OSError):
+        extra, preprocess = {}, {}
+    return Traffic(dataset or extra.get("dataset") or default_dataset,
+                   attack or extra.get("attack") or {"name": default_attack}, preprocess)  # fmt: skip
+
+
 def watchers_of(repository: str | Path, repair_model: str) -> list[str]:
     """The models that serve ``repair_model``'s direction file: itself, and folded models reading it."""
     repository = Path(repository)
