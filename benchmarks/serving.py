@@ -217,7 +217,6 @@ def _export(cfg: ServingBenchConfig, export_dir: Path) -> None:
 def _inputs(cfg: ServingBenchConfig, export_dir: Path, n: int) -> np.ndarray:
     if cfg.size == 32:
         return to_tensor_batch(load_dataset("cifar10", "test").subset(n, seed=0).images)
-    from modelio.export import ExportInfo
 
     pre = ExportInfo.read(export_dir).preprocessing()
     return pre.apply(np.random.default_rng(1).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
