@@ -19,14 +19,13 @@ import torch
 from tqdm import tqdm
 
 from calibration import CalibrationConfig, HeadFeatures, calibrate
-from fire_backend.names import FEATURES, LOGITS
+from fire_backend.names import DIRECTIONS_FILE, FEATURES, LOGITS, PROJECT_ROOT, TAIL_ONNX
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
 from modelio.export import export_split
 from zoo.attacks import Trigger
 from zoo.data import load_dataset
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0
 
 
@@ -56,15 +55,15 @@ def variants() -> dict[str, Trigger]:
 
 
 def run(
-    model_dir: Path = REPO_ROOT / "models" / "cifar10_resnet_badnets",
+    model_dir: Path = PROJECT_ROOT / "models" / "cifar10_resnet_badnets",
     layer: str = "layer2",
-    work_dir: Path = REPO_ROOT / "build" / "adaptive",
-    out: Path = REPO_ROOT / "results" / "adaptive.md",
+    work_dir: Path = PROJECT_ROOT / "build" / "adaptive",
+    out: Path = PROJECT_ROOT / "results" / "adaptive.md",
 ) -> str:
     t0 = time.time()
     export_split(model_dir, layer, work_dir)
-    directions = calibrate(work_dir, work_dir / "directions.safetensors", CalibrationConfig(n_poisoned=200))
-    head, tail = HeadFeatures(work_dir), onnx_session(work_dir / "tail.onnx", threads=2)
+    directions = calibrate(work_dir, work_dir / DIRECTIONS_FILE, CalibrationConfig(n_poisoned=200))
+    head, tail = HeadFeatures(work_dir), onnx_session(work_dir / TAIL_ONNX, threads=2)
     test = load_dataset("cifar10", "test")
     keep = test.labels != TARGET
     repairs = {"none": None, **{m: Repair(directions, m) for m in ("project", "subtract", "gated")}}

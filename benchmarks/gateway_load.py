@@ -32,31 +32,30 @@ import numpy as np
 
 from calibration import CalibrationConfig, calibrate
 from clients import FireClient
+from fire_backend.names import DIRECTIONS_FILE, LOOPBACK, PROJECT_ROOT, address
 from modelio.export import export_split
 from serving.gateway import GatewayConfig, write_gateway
 from serving.repository import ProtectedModel, build_repository
 from serving.server import ServerConfig, TritonServer, free_ports
 from zoo.data import load_dataset, to_tensor_batch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass
 class GatewayLoadConfig:
-    model_dir: Path = REPO_ROOT / "models" / "cifar10_resnet_badnets"
+    model_dir: Path = PROJECT_ROOT / "models" / "cifar10_resnet_badnets"
     slow_bodies: int = 64
     idle: int = 500
     idle_sources: int = 8  # idle connections spread over this many addresses (more than one client's limit)
     trickle_s: float = 2.0
     load_s: float = 30.0
     requests: int = 400  # legitimate requests per phase (at most; the loaded phase stops at load_s)
-    work_dir: Path = REPO_ROOT / "build" / "bench-gateway"
-    out: Path = REPO_ROOT / "results" / "gateway_load.md"
+    work_dir: Path = PROJECT_ROOT / "build" / "bench-gateway"
+    out: Path = PROJECT_ROOT / "results" / "gateway_load.md"
 
     @classmethod
     def quick(cls) -> GatewayLoadConfig:
         return cls(slow_bodies=8, idle=40, idle_sources=2, load_s=5.0, requests=40,
-                   out=REPO_ROOT / "results" / "tmp" / "gateway_load.md")  # fmt: skip
+                   out=PROJECT_ROOT / "results" / "tmp" / "gateway_load.md")  # fmt: skip
 
 
 class Attack:
@@ -150,7 +149,7 @@ def _phase(client: FireClient, x: np.ndarray, n: int, until: float | None = None
 
 def _prepare(cfg: GatewayLoadConfig) -> Path:
     export = cfg.work_dir / "export"
-    directions = export / "directions.safetensors"
+    directions = export / DIRECTIONS_FILE
     if not directions.is_file():
         export_split(cfg.model_dir, "layer2", export, n_check=16)
         calibrate(export, directions, CalibrationConfig(n_poisoned=50, n_clean=300))
@@ -166,7 +165,7 @@ def run_gateway_load(cfg: GatewayLoadConfig | None = None) -> Path:
     with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
         http_port, grpc_port = free_ports(2)
         gw = GatewayConfig(triton_http=server.http_url, triton_grpc=server.grpc_url,
-                           listen_http=f"127.0.0.1:{http_port}", listen_grpc=f"127.0.0.1:{grpc_port}")  # fmt: skip
+                           listen_http=address(http_port), listen_grpc=address(grpc_port))  # fmt: skip
         path = write_gateway(repo, cfg.work_dir / "gateway" / "haproxy.cfg", gw)
         proc = subprocess.Popen(["haproxy", "-f", str(path), "-db"], stdout=subprocess.DEVNULL)
         try:
@@ -182,7 +181,7 @@ def run_gateway_load(cfg: GatewayLoadConfig | None = None) -> Path:
                     time.sleep(0.2)
             _phase(client, x, 20)  # warm-up
             rows = [{"phase": "unloaded", **_phase(client, x, cfg.requests)}]
-            with Attack("127.0.0.1", http_port, cfg) as attack:
+            with Attack(LOOPBACK, http_port, cfg) as attack:
                 time.sleep(min(3.0, cfg.load_s / 3))  # let the attack connections pile up
                 loaded = _phase(client, x, 10**9, until=time.monotonic() + cfg.load_s)
                 opened, refused = dict(attack.opened), attack.refused

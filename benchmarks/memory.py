@@ -17,20 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from calibration import CalibrationConfig, calibrate
+from fire_backend.names import DIRECTIONS_FILE, PROJECT_ROOT
 from modelio.export import export_split
 from serving.procfs import pss_mib, rss_mib, stubs
 from serving.repository import ProtectedModel, build_repository
 from serving.server import ServerConfig, TritonServer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass
 class MemoryConfig:
-    model_dir: Path = REPO_ROOT / "models" / "cifar10_resnet_badnets"
+    model_dir: Path = PROJECT_ROOT / "models" / "cifar10_resnet_badnets"
     counts: tuple[int, ...] = (1, 3, 10)
-    work_dir: Path = REPO_ROOT / "build" / "memory"
-    out: Path = REPO_ROOT / "results" / "memory.md"
+    work_dir: Path = PROJECT_ROOT / "build" / "memory"
+    out: Path = PROJECT_ROOT / "results" / "memory.md"
     target_mib: float = 120.0
     rows: list[dict] = field(default_factory=list)
 
@@ -53,7 +52,7 @@ def run_memory(cfg: MemoryConfig | None = None) -> Path:
     cfg = cfg or MemoryConfig()
     export_dir = cfg.work_dir / "export"
     export_split(cfg.model_dir, "layer2", export_dir)
-    directions = export_dir / "directions.safetensors"
+    directions = export_dir / DIRECTIONS_FILE
     calibrate(export_dir, directions, CalibrationConfig(n_poisoned=50, n_clean=200))
     rows = []
     for n in cfg.counts:

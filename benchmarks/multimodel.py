@@ -22,6 +22,7 @@ import numpy as np
 from calibration import CalibrationConfig, calibrate
 from clients import FireClient
 from fire_backend.directions import DirectionFile
+from fire_backend.names import DIRECTIONS_FILE, PROJECT_ROOT, REPOSITORY_DIR, ModelNames
 from modelio.export import export_split
 from serving.admin import load_model, unload_model
 from serving.control import reload_directions
@@ -30,7 +31,6 @@ from serving.repository import ProtectedModel, build_repository
 from serving.server import ServerConfig, TritonServer
 from zoo.data import load_dataset, to_tensor_batch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = {
     "cifar10": "models/cifar10_resnet_badnets",
     "cifar10_vgg": "models/cifar10_vgg_badnets",
@@ -91,7 +91,7 @@ class Traffic:
 
 
 def _group(server: TritonServer, name: str, action) -> None:
-    for model in (name, f"{name}_plain"):
+    for model in (name, ModelNames(name).plain):
         action(server.http_url, server.admin_key, model)
 
 
@@ -100,9 +100,9 @@ def prepare(cfg: MultiModelConfig) -> list[ProtectedModel]:
     out = []
     for name, model_dir in cfg.models.items():
         export = Path(cfg.workdir) / "exports" / name
-        directions = export / "directions.safetensors"
+        directions = export / DIRECTIONS_FILE
         if not directions.is_file():
-            export_split(REPO_ROOT / model_dir if not Path(model_dir).is_absolute() else model_dir, "layer2", export)
+            export_split(PROJECT_ROOT / model_dir if not Path(model_dir).is_absolute() else model_dir, "layer2", export)
             calibrate(export, directions, CalibrationConfig(n_poisoned=100, n_clean=500))
         out.append(ProtectedModel(name, export, directions, plain=True))
     return out
@@ -123,7 +123,7 @@ class MultiModelResult:
 def run_multimodel(cfg: MultiModelConfig | None = None) -> MultiModelResult:
     cfg = cfg or MultiModelConfig()
     protected = prepare(cfg)
-    repo = Path(cfg.workdir) / "model_repository"
+    repo = Path(cfg.workdir) / REPOSITORY_DIR
     build_repository(protected, repo)
     names = [m.name for m in protected]
     memory, events = [], []
@@ -161,9 +161,7 @@ def run_multimodel(cfg: MultiModelConfig | None = None) -> MultiModelResult:
                 (f"load {other.name} (+ plain twin)", lambda: _group(server, other.name, load_model)),
                 (
                     f"update {other.name}'s directions",
-                    lambda: reload_directions(
-                        repo, f"{other.name}_fire", swapped_path, server.metrics_url
-                    ),
+                    lambda: reload_directions(repo, ModelNames(other.name).repair, swapped_path, server.metrics_url),
                 ),
             ):
                 time.sleep(cfg.load_seconds / 2)

@@ -33,7 +33,7 @@ from calibration import CalibrationConfig, calibrate
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import StepFailedError
 from fire_backend.formula import NumpyRepair
-from fire_backend.names import ADMIN_HEADER
+from fire_backend.names import ADMIN_HEADER, DIRECTIONS_FILE, PROJECT_ROOT, ModelNames
 from fire_backend.repair import Repair
 from modelio.export import ExportInfo, export_split
 from serving.configs import ServingSettings
@@ -41,14 +41,13 @@ from serving.repository import ProtectedModel, Variant, build_repository
 from serving.server import STUB_SHM_BYTES, ServerConfig, TritonServer
 from zoo.data import load_dataset, to_tensor_batch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("project", "subtract", "gated")
 SHM_BYTES = STUB_SHM_BYTES  # the server default: a batch of 64 activations fits without growing
 
 
 @dataclass
 class ServingBenchConfig:
-    model_dir: Path = REPO_ROOT / "models" / "cifar10_resnet_badnets"
+    model_dir: Path = PROJECT_ROOT / "models" / "cifar10_resnet_badnets"
     layer: str = "layer2"
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     concurrency: tuple[int, ...] = (1, 4, 16)
@@ -58,8 +57,8 @@ class ServingBenchConfig:
     protocol: str = "grpc"
     profile: str = "cpu"  # "gpu": TensorRT halves and CUDA repair (GPU machine; engines built by the builder)
     settings: ServingSettings = field(default_factory=ServingSettings)
-    work_dir: Path = REPO_ROOT / "build" / "bench"
-    out_dir: Path = REPO_ROOT / "results"
+    work_dir: Path = PROJECT_ROOT / "build" / "bench"
+    out_dir: Path = PROJECT_ROOT / "results"
     name: str = "serving"  # output file stem
     size: int = 32  # 32: the bundled CIFAR-10 ResNet; 224: a ResNet-18 at 3x224x224 (random weights)
     modes: tuple[str, ...] = MODES  # the FIRE ensembles measured (one per repair mode)
@@ -78,12 +77,13 @@ class ServingBenchConfig:
 
 def _models(name: str, modes: tuple[str, ...] = MODES) -> dict[str, str]:
     """Label -> served model name."""
+    n = ModelNames(name)
     return {
-        "whole": f"{name}_whole",
-        "plain": f"{name}_plain",
-        **{f"fire_{m}": name if m == "project" else f"{name}_{m}" for m in modes},
-        "fused": f"{name}_fused",
-        "folded": f"{name}_folded",
+        "whole": n.whole,
+        "plain": n.plain,
+        **{f"fire_{m}": name if m == "project" else n.variant(m) for m in modes},
+        "fused": n.fused,
+        "folded": n.folded,
     }
 
 
@@ -91,10 +91,11 @@ def _composing(name: str, label: str) -> list[str]:
     """The models whose statistics explain one served model's time."""
     if label in ("whole", "fused", "folded"):
         return [_models(name)[label]]
+    n = ModelNames(name)
     if label == "plain":
-        return [f"{name}_head", f"{name}_tail"]
+        return [n.head, n.tail]
     mode = label.removeprefix("fire_")
-    return [f"{name}_head", f"{name}_fire" if mode == "project" else f"{name}_fire_{mode}", f"{name}_tail"]
+    return [n.head, n.repair if mode == "project" else n.variant_repair(mode), n.tail]
 
 
 def _client(url: str, protocol: str):
@@ -193,7 +194,7 @@ def repair_core_timings(directions: Path, batch_sizes: tuple[int, ...], repeats:
 
 def _export(cfg: ServingBenchConfig, export_dir: Path) -> None:
     """The model, split and calibrated: the bundled CIFAR-10 ResNet, or the 224x224 ResNet-18."""
-    directions = export_dir / "directions.safetensors"
+    directions = export_dir / DIRECTIONS_FILE
     if cfg.size == 32:
         export_split(cfg.model_dir, cfg.layer, export_dir)
         calibrate(export_dir, directions, CalibrationConfig(mode="project"))
@@ -229,7 +230,7 @@ def prepare(cfg: ServingBenchConfig) -> Path:
     repo = cfg.work_dir / "repo"
     shutil.rmtree(repo, ignore_errors=True)
     variants = tuple(Variant.of_mode(m) for m in cfg.modes if m != "project")
-    model = ProtectedModel("bench", export_dir, export_dir / "directions.safetensors", variants=variants, fused=True,
+    model = ProtectedModel("bench", export_dir, export_dir / DIRECTIONS_FILE, variants=variants, fused=True,
                            whole=True, plain=True, folded=True)  # fmt: skip
     build_repository([model], repo, cfg.settings, tensorrt=cfg.profile == "gpu")
     return repo
@@ -395,7 +396,7 @@ def main(cfg: ServingBenchConfig | None = None) -> Path:
     cfg = cfg or ServingBenchConfig()
     t0 = time.time()
     rows = run(cfg)
-    core = repair_core_timings(cfg.work_dir / "export" / "directions.safetensors", cfg.batch_sizes)
+    core = repair_core_timings(cfg.work_dir / "export" / DIRECTIONS_FILE, cfg.batch_sizes)
     path = write_results(cfg, rows, core, time.time() - t0)
     print(path.read_text())
     return path

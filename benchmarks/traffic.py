@@ -38,14 +38,19 @@ from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import SplitRunner
 from calibration.traffic import TrafficConfig, propose
 from fire_backend.formula import NumpyRepair
+from fire_backend.names import PROJECT_ROOT
 from fire_backend.traffic import TrafficStats
 from zoo.attacks import attack_from_spec, make_attack
 from zoo.checkpoint import load_model
 from zoo.data import load_dataset, to_tensor_batch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VALID = ("cifar10_resnet_badnets", "cifar10_resnet_blended", "cifar10_resnet_trojan", "cifar10_vgg_badnets",
-         "gtsrb_resnet_badnets12")  # fmt: skip  (ASR >= 90, CA within 3 of the clean twin where one exists)
+VALID = (
+    "cifar10_resnet_badnets",
+    "cifar10_resnet_blended",
+    "cifar10_resnet_trojan",
+    "cifar10_vgg_badnets",
+    "gtsrb_resnet_badnets12",
+)  # fmt: skip  (ASR >= 90, CA within 3 of the clean twin where one exists)
 SUBTLE = ("cifar10_resnet_wanet", "cifar10_resnet_sig")
 FIELDS = ("model", "attack", "defense", "N", "p", "draw", "detected", "target_named", "deployed", "score", "next_score",
           "CA", "ASR", "PA", "ASR_above_floor", "seconds")  # fmt: skip
@@ -65,7 +70,7 @@ class TrafficBenchConfig:
     n_poisoned: int = 50
     baselines: bool = True
     seed: int = 0
-    out: Path = REPO_ROOT / "results"
+    out: Path = PROJECT_ROOT / "results"
 
     @classmethod
     def quick(cls) -> TrafficBenchConfig:
@@ -78,7 +83,7 @@ class Bench:
 
     def __init__(self, name: str, cfg: TrafficBenchConfig, attack_spec: dict | None = None):
         self.name, self.cfg = name, cfg
-        self.model, meta = load_model(REPO_ROOT / "models" / name)
+        self.model, meta = load_model(PROJECT_ROOT / "models" / name)
         self.attack = attack_from_spec(attack_spec or meta["attack"])
         self.dataset = meta["dataset"]
         self.runner = SplitRunner(self.model, cfg.layer)

@@ -28,6 +28,7 @@ from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
+from fire_backend.names import DIRECTIONS_FILE
 from fire_backend.repair import Repair
 from modelio.export import export_split
 from modelio.split import SplitError, candidate_layers, split_at
@@ -204,9 +205,9 @@ def auto_calibrate_model(
     d.head_sha256 = info.head_sha256
     d.extra = {**d.extra, "attack": atk.spec(), "dataset": meta["dataset"], "seed": seed}
     out = Path(export_dir)
-    d.save(out / "directions.safetensors")
+    d.save(out / DIRECTIONS_FILE)
     with (out / "auto_calibration.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(result.scores[0].row()))
         w.writeheader()
         w.writerows(s.row() for s in sorted(result.scores, key=lambda s: -s.pa))
-    return result, out / "directions.safetensors"
+    return result, out / DIRECTIONS_FILE

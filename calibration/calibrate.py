@@ -88,8 +88,7 @@ class CalibrationSet:
         clean_idx = np.setdiff1d(order, poison_idx, assume_unique=True)[:n_clean]
         if len(poison_idx) < min(n_poisoned, 2) or not len(clean_idx):
             raise InvalidInputError(
-                f"{len(images)} images are too few for {n_poisoned} triggered + "
-                f"{n_clean} clean samples"
+                f"{len(images)} images are too few for {n_poisoned} triggered + {n_clean} clean samples"
             )
         pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx])
         return cls(

@@ -65,8 +65,7 @@ def paired_direction(clean, poisoned) -> torch.Tensor:
     """beta = mean_i f(T(x_i)) - f(x_i): features of the same images without and with the trigger."""
     if tuple(clean.shape) != tuple(poisoned.shape):
         raise InvalidInputError(
-            f"paired sets must have the same shape, got {tuple(clean.shape)} and "
-            f"{tuple(poisoned.shape)}"
+            f"paired sets must have the same shape, got {tuple(clean.shape)} and {tuple(poisoned.shape)}"
         )
     if len(clean) == 0:
         raise InvalidInputError("no paired samples")

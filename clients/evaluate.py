@@ -29,7 +29,8 @@ def evaluate_served(
     client = FireClient(url, protocol, max_batch_size=batch_size)
     prepare = preprocess.apply if preprocess else to_tensor_batch
     return {
-        m: backdoor_metrics(client.predictor(m, *(io or (None, None))), test, attack, batch_size=batch_size, desc=m,
-                            prepare=prepare)  # fmt: skip
+        m: backdoor_metrics(
+            client.predictor(m, *(io or (None, None))), test, attack, batch_size=batch_size, desc=m, prepare=prepare
+        )  # fmt: skip
         for m in models
     }

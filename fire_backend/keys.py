@@ -24,7 +24,15 @@ from pathlib import Path
 
 from fire_backend.cache import cache_dir, trusted_file, write_private
 from fire_backend.errors import FireError
-from fire_backend.names import ADMIN_HEADER, GRPC_KEY_PREFIX, INFERENCE_HEADER
+from fire_backend.names import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_FILE,
+    GRPC_KEY_PREFIX,
+    INFERENCE_HEADER,
+    INFERENCE_KEY_ENV,
+    INFERENCE_KEY_FILE,
+)
 
 
 class KeyMissingError(FireError):
@@ -90,8 +98,7 @@ class Key:
         return value, f"{path} (new, mode 0600)"
 
 
-ADMIN = Key(
-    "admin", ADMIN_HEADER, "FIRE_ADMIN_KEY", "admin_key", "model-repository,shared-memory,statistics,logging,trace"
-)
-INFERENCE = Key("inference", INFERENCE_HEADER, "FIRE_INFERENCE_KEY", "inference_key", "inference,metadata,model-config")
+ADMIN_CATEGORIES = "model-repository,shared-memory,statistics,logging,trace"
+ADMIN = Key("admin", ADMIN_HEADER, ADMIN_KEY_ENV, ADMIN_KEY_FILE, ADMIN_CATEGORIES)
+INFERENCE = Key("inference", INFERENCE_HEADER, INFERENCE_KEY_ENV, INFERENCE_KEY_FILE, "inference,metadata,model-config")
 KEYS = (ADMIN, INFERENCE)

@@ -22,6 +22,7 @@ GUARDED = "GUARDED"  # the GPU profile's input check: the pixels it let through
 DIRECTIONS_FILE = "directions.safetensors"
 HEAD_ONNX, MID_ONNX, TAIL_ONNX, WHOLE_ONNX = "head.onnx", "mid.onnx", "tail.onnx", "model.onnx"
 SPLIT_JSON = "split.json"
+TRITON_ONNX_FILE = WHOLE_ONNX  # Triton's default_model_filename for an onnxruntime model
 LABELS_FILE = "labels.txt"  # class names, one per line: Triton's classification extension reads it
 TRAFFIC_FILE = "traffic.safetensors"  # in the tail's model directory: what it served, per class (bounded)
 MODEL_VERSION = "1"  # every generated model has this one version directory
@@ -37,6 +38,10 @@ GATEWAY_HEADER_PREFIX = "fire-"  # headers a client may not send through the gat
 # Environment
 CACHE_ENV = "FIRE_CACHE_DIR"  # keys, logs, the server guard library, decoded datasets (private, 0700)
 DATA_ENV = "FIRE_DATA_DIR"  # where the dataset archives are (default: ../shared/datasets)
+ADMIN_KEY_ENV, ADMIN_KEY_FILE = "FIRE_ADMIN_KEY", "admin_key"  # the admin key: variable, else this file in the cache
+INFERENCE_KEY_ENV, INFERENCE_KEY_FILE = "FIRE_INFERENCE_KEY", "inference_key"  # the inference key, likewise
+PARENT_ENV = "FIRE_PARENT_PID"  # tritonserver stops when the process that launched it goes
+TRITONSERVER_ENV, BACKEND_DIR_ENV = "FIRE_TRITONSERVER", "FIRE_BACKEND_DIR"  # another server (the GPU profile's)
 
 # Where things are
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (bundled models, results/, build/)
@@ -48,6 +53,7 @@ GATEWAY_HTTP_PORT, GATEWAY_GRPC_PORT, GATEWAY_METRICS_PORT = 9000, 9001, 9002  #
 
 def address(port: int, host: str = LOOPBACK) -> str:
     return f"{host}:{port}"
+
 
 # Parameters of the Python-backend models (config.pbtxt ``parameters``)
 PARAM_ONNX_FILE = "ONNX_FILE"

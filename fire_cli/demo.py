@@ -11,7 +11,7 @@ from pathlib import Path
 
 from calibration import CalibrationConfig, calibrate
 from clients import evaluate_served
-from fire_backend.names import DIRECTIONS_FILE, PROJECT_ROOT, REPOSITORY_DIR
+from fire_backend.names import DIRECTIONS_FILE, PROJECT_ROOT, REPOSITORY_DIR, ModelNames
 from fire_cli.common import DEFAULT_MODEL_DIR
 from modelio.export import export_split
 from serving.repository import ProtectedModel, build_repository
@@ -56,10 +56,11 @@ def run_demo(cfg: DemoConfig) -> str:
         url = server.grpc_url if cfg.protocol == "grpc" else server.http_url
         print(f"[5/5] evaluate through the server ({cfg.protocol} {url})")
         attack = attack_from_spec(info.attack)
-        results = evaluate_served(url, [f"{cfg.name}_plain", cfg.name], info.dataset, attack, cfg.protocol,
-                                  limit=cfg.limit, preprocess=info.preprocessing())  # fmt: skip
+        plain = ModelNames(cfg.name).plain
+        results = evaluate_served(url, [plain, cfg.name], info.dataset, attack, cfg.protocol, limit=cfg.limit,
+                                  preprocess=info.preprocessing())  # fmt: skip
     rows = {
-        f"{cfg.name}_plain (no defense)": results[f"{cfg.name}_plain"],
+        f"{plain} (no defense)": results[plain],
         f"{cfg.name} (FIRE {c.mode}, {cfg.layer})": results[cfg.name],
     }
     table = format_table(rows)

@@ -277,4 +277,3 @@ def register(sub) -> None:
     add(d, "--protocol", default=default_of(DemoConfig, "protocol"))
     add(d, "--limit", default=default_of(DemoConfig, "limit"))
     add(d, "--out", default=str(default_of(DemoConfig, "results")), detail="the markdown report ('' for none)")
-

@@ -39,17 +39,23 @@ VOCABULARY = _options(
     Option("--model-dir", "a zoo model directory (written by `fire train`)"),
     Option("--model-dirs", "zoo model directories (written by `fire train`)", {"nargs": "+"}),
     Option("--onnx", "the model as an ONNX file"),
-    Option("--torch", "the model as TorchScript, package.module:factory, torchvision:NAME or timm:NAME",
-           {"metavar": "SPEC"}),  # fmt: skip
+    Option(
+        "--torch",
+        "the model as TorchScript, package.module:factory, torchvision:NAME or timm:NAME",
+        {"metavar": "SPEC"},
+    ),  # fmt: skip
     Option("--weights", "--torch factories: weights (.safetensors, or a state dict read with weights_only)"),
     Option("--num-classes", "--torch factories: the number of classes passed to the constructor", {"type": int}),
     Option("--source-repo", "a Triton model repository that holds the model to protect (with --source-model)"),
     Option("--source-model", "the model's name in --source-repo"),
     # files
     Option("--repo", "the FIRE model repository (what `fire serve` serves)"),
-    Option("--entry", "a protected model to write: its served name, export directory and direction file "
-           "(FIRST,SECOND for a two-layer export); repeatable: one server hosts many",
-           {"nargs": 3, "action": "append", "metavar": ("NAME", "EXPORT", "DIRECTIONS")}),  # fmt: skip
+    Option(
+        "--entry",
+        "a protected model to write: its served name, export directory and direction file "
+        "(FIRST,SECOND for a two-layer export); repeatable: one server hosts many",
+        {"nargs": 3, "action": "append", "metavar": ("NAME", "EXPORT", "DIRECTIONS")},
+    ),  # fmt: skip
     Option("--out", "what this command writes"),
     Option("--out2", "a two-layer export: the second direction file this command writes"),
     Option("--export", "an export directory (head.onnx, tail.onnx, split.json)"),
@@ -64,9 +70,12 @@ VOCABULARY = _options(
     Option("--http-port", "tritonserver's HTTP port", {"type": int}),
     Option("--grpc-port", "tritonserver's gRPC port", {"type": int}),
     Option("--metrics-port", "tritonserver's metrics port", {"type": int}),
-    Option("--model-control", "none: no load/unload over the network (directions still hot-reload from the "
-           "repository); explicit: load/unload with the admin key, a stub watchdog reloads a crashed model",
-           {"choices": ["none", "explicit"]}),  # fmt: skip
+    Option(
+        "--model-control",
+        "none: no load/unload over the network (directions still hot-reload from the "
+        "repository); explicit: load/unload with the admin key, a stub watchdog reloads a crashed model",
+        {"choices": ["none", "explicit"]},
+    ),  # fmt: skip
     Option("--tls-cert", "PEM certificate: serve gRPC over TLS (with --tls-key)"),
     Option("--tls-key", "PEM private key for --tls-cert"),
     Option("--tls-pem", "certificate and key in one PEM: HTTPS and gRPC over TLS on the gateway's listeners"),
@@ -76,11 +85,14 @@ VOCABULARY = _options(
     Option("--triton-grpc", "where Triton's gRPC endpoint listens (host:port)"),
     Option("--listen-http", "the gateway's HTTP(S) address"),
     Option("--listen-grpc", "the gateway's gRPC address"),
-    Option("--listen-metrics", "also pass Prometheus' GET /metrics on this address (e.g. 0.0.0.0:9002)"),
+    Option("--listen-metrics", "also pass Prometheus' GET /metrics on this address (host:port, e.g. on 0.0.0.0)"),
     Option("--maxconn", "connections the gateway accepts in all", {"type": int}),
     Option("--per-source-maxconn", "connections one client address may hold at the gateway", {"type": int}),
-    Option("--max-request-bytes", "the largest request the gateway buffers and checks (the buffer of a model with "
-           "variable dims)", {"type": int}),  # fmt: skip
+    Option(
+        "--max-request-bytes",
+        "the largest request the gateway buffers and checks (the buffer of a model with variable dims)",
+        {"type": int},
+    ),  # fmt: skip
     # serving settings
     Option("--max-batch-size", "the largest batch a served model takes", {"type": int}),
     Option("--max-queue-delay-us", "dynamic batching: how long a request may wait for others", {"type": int}),
@@ -88,37 +100,69 @@ VOCABULARY = _options(
     Option("--tensorrt", "also build the GPU profile's TensorRT engines (needs a GPU)", {"action": "store_true"}),
     Option("--rebuild", "rebuild engines that exist too", {"action": "store_true"}),
     Option("--plain", "also serve NAME_plain, head -> tail, unprotected (comparisons only)", {"action": "store_true"}),
-    Option("--folded", "also serve NAME_folded: head, repair and tail in one CPU stub (no hops between steps), "
-           "directions still hot-swappable; on the GPU profile an alias of NAME",
-           {"action": "store_true"}),  # fmt: skip
-    Option("--drop-original", "leave out the original model (NAME_unprotected) of a --source-repo entry",
-           {"action": "store_true"}),  # fmt: skip
-    Option("--observe", "no triggered images yet: serve a direction that changes nothing and record the traffic, "
-           "then find the direction there with `fire update --from-traffic`", {"action": "store_true"}),  # fmt: skip
-    Option("--metrics", "FIRE's metrics: off, on (counts and the direction in use) or detailed (also per-sample "
-           "scores, readable by anyone on the metrics port)", {"choices": list(METRICS_LEVELS)}),  # fmt: skip
+    Option(
+        "--folded",
+        "also serve NAME_folded: head, repair and tail in one CPU stub (no hops between steps), "
+        "directions still hot-swappable; on the GPU profile an alias of NAME",
+        {"action": "store_true"},
+    ),  # fmt: skip
+    Option(
+        "--drop-original",
+        "leave out the original model (NAME_unprotected) of a --source-repo entry",
+        {"action": "store_true"},
+    ),  # fmt: skip
+    Option(
+        "--observe",
+        "no triggered images yet: serve a direction that changes nothing and record the traffic, "
+        "then find the direction there with `fire update --from-traffic`",
+        {"action": "store_true"},
+    ),  # fmt: skip
+    Option(
+        "--metrics",
+        "FIRE's metrics: off, on (counts and the direction in use) or detailed (also per-sample "
+        "scores, readable by anyone on the metrics port)",
+        {"choices": list(METRICS_LEVELS)},
+    ),  # fmt: skip
     # the repair
-    Option("--cut", "where to cut the model: a sub-module (zoo models: layer1, layer2, layer3) or an ONNX tensor "
-           "(see `fire layers`)"),  # fmt: skip
+    Option(
+        "--cut",
+        "where to cut the model: a sub-module (zoo models: layer1, layer2, layer3) or an ONNX tensor "
+        "(see `fire layers`)",
+    ),  # fmt: skip
     Option("--cut2", "multi-layer repair: a second, later cut"),
-    Option("--pixels", "a zoo model's served input: float (NCHW in [0, 1], what it was trained on) or uint8 "
-           "(raw NHWC pixels, what image files decode to and stock image clients send)",
-           {"choices": ["float", "uint8"]}),  # fmt: skip
+    Option(
+        "--pixels",
+        "a zoo model's served input: float (NCHW in [0, 1], what it was trained on) or uint8 "
+        "(raw NHWC pixels, what image files decode to and stock image clients send)",
+        {"choices": ["float", "uint8"]},
+    ),  # fmt: skip
     Option("--cuts", "candidate cuts (default: every repairable one)", {"nargs": "+"}),
     Option("--mode", "the repair mode", {"choices": MODES}),
     Option("--alpha", "the repair's strength (1: remove the estimated trigger component)", {"type": float}),
     Option("--estimator", "how beta is estimated", {"choices": ["paired", "unpaired"]}),
     Option("--fpr", "gated mode: clean false-positive rate of the gate", {"type": float}),
     Option("--views", "unpaired estimator: augmented views per image", {"type": int}),
-    Option("--auto", "choose automatically from held-out calibration samples, without the test set",
-           {"action": "store_true"}),  # fmt: skip
-    Option("--max-ca-drop", "clean accuracy it may cost, in points (images without labels: percent of clean "
-           "predictions changed)", {"type": float}),  # fmt: skip
+    Option(
+        "--auto",
+        "choose automatically from held-out calibration samples, without the test set",
+        {"action": "store_true"},
+    ),  # fmt: skip
+    Option(
+        "--max-ca-drop",
+        "clean accuracy it may cost, in points (images without labels: percent of clean predictions changed)",
+        {"type": float},
+    ),  # fmt: skip
     # data
-    Option("--clean", "clean images: folders (class/xxx.png gives labels, a flat folder none), files or .npz",
-           {"nargs": "+", "metavar": "PATH"}),  # fmt: skip
-    Option("--poisoned", "images flagged as triggered (no labels needed): folders, files or .npz",
-           {"nargs": "+", "metavar": "PATH"}),  # fmt: skip
+    Option(
+        "--clean",
+        "clean images: folders (class/xxx.png gives labels, a flat folder none), files or .npz",
+        {"nargs": "+", "metavar": "PATH"},
+    ),  # fmt: skip
+    Option(
+        "--poisoned",
+        "images flagged as triggered (no labels needed): folders, files or .npz",
+        {"nargs": "+", "metavar": "PATH"},
+    ),  # fmt: skip
     Option("--n-clean", "clean calibration images to use at most", {"type": int}),
     Option("--n-poisoned", "triggered calibration images to use at most", {"type": int}),
     Option("--resize", "resize images of another size instead of refusing them", {"action": "store_true"}),
@@ -135,9 +179,12 @@ VOCABULARY = _options(
     # attacks
     Option("--attack", "attack name: badnets, blended, wanet, sig, trojan, badnets_all2all, custom"),
     Option("--attack-config", "JSON file with the attack spec (name and parameters)"),
-    Option("--attack-param", "attack parameters, e.g. target=0 or, for custom, pattern=trigger.png alpha=0.5 "
-           "mask=mask.png row=-1 col=-1 (one or more per use; repeatable)",
-           {"action": "extend", "nargs": "+", "metavar": "KEY=VALUE"}),  # fmt: skip
+    Option(
+        "--attack-param",
+        "attack parameters, e.g. target=0 or, for custom, pattern=trigger.png alpha=0.5 "
+        "mask=mask.png row=-1 col=-1 (one or more per use; repeatable)",
+        {"action": "extend", "nargs": "+", "metavar": "KEY=VALUE"},
+    ),  # fmt: skip
     # updates
     Option("--from-traffic", "find the direction in the traffic the server saw", {"action": "store_true"}),
     Option("--approve", "deploy the proposal (an operator's approval)", {"action": "store_true"}),
@@ -157,8 +204,11 @@ VOCABULARY = _options(
     Option("--labels", "a file of class names, one per line (printed beside each label)"),
     # benchmarks
     Option("--quick", "the benchmark's smoke preset (numbers not for reporting)", {"action": "store_true"}),
-    Option("--size", "the model's input size: the bundled CIFAR-10 one (32) or a 224x224 one",
-           {"type": int, "choices": [32, 224]}),  # fmt: skip
+    Option(
+        "--size",
+        "the model's input size: the bundled CIFAR-10 one (32) or a 224x224 one",
+        {"type": int, "choices": [32, 224]},
+    ),  # fmt: skip
     Option("--no-ablations", "headline defenses only", {"action": "store_true"}),
     # training
     Option("--arch", "the architecture to train"),

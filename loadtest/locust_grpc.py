@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, constant, task  # noqa: E402
 
 from clients.triton_client import inference_headers  # noqa: E402
+from fire_backend.names import GRPC_PORT, address  # noqa: E402
 from fire_backend.network import host_of  # noqa: E402
 from loadtest.common import tally, traffic  # noqa: E402
 
@@ -24,8 +25,8 @@ class TritonGrpcUser(User):
     wait_time = constant(0)  # closed loop: the next request as soon as the answer is in
 
     def on_start(self) -> None:
-        host = self.host or "127.0.0.1:8001"
-        port = host.rsplit(":", 1)[-1] if ":" in host.split("//")[-1] else "8001"
+        host = self.host or address(GRPC_PORT)
+        port = host.rsplit(":", 1)[-1] if ":" in host.split("//")[-1] else str(GRPC_PORT)
         self.client = grpcclient.InferenceServerClient(url=f"{host_of(host)}:{port}")
         self.headers = inference_headers(host, "grpc")  # the raw ports need the inference key (loopback: ours)
         meta = self.client.get_model_metadata(self.environment.parsed_options.model, headers=self.headers)

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fire_backend.errors import InvalidInputError, StepFailedError
+from fire_backend.names import PROJECT_ROOT, REPOSITORY_DIR
 from fire_backend.network import host_of, is_loopback
 from serving.repository import traffic_for
 from serving.server import ServerConfig, TritonServer
 
 HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
 
 
 @dataclass
@@ -30,7 +30,7 @@ class LoadTestConfig:
     models: list[str] = field(default_factory=lambda: ["cifar10", "cifar10_plain"])
     protocol: str = "grpc"
     url: str | None = None  # host:port of a running server; None: start one on `repository`
-    repository: Path = REPO_ROOT / "model_repository"
+    repository: Path = PROJECT_ROOT / REPOSITORY_DIR
     users: int = 4
     spawn_rate: float = 4.0
     run_time_s: int = 20
@@ -38,7 +38,7 @@ class LoadTestConfig:
     triggered_ratio: float = 0.5
     dataset: str | None = None  # None: the one the protected model's direction file records (else cifar10)
     attack: str | None = None  # None: the attack it records (else badnets)
-    out_dir: Path = REPO_ROOT / "results" / "loadtest"
+    out_dir: Path = PROJECT_ROOT / "results" / "loadtest"
     allow_remote: bool = False
 
 
@@ -145,8 +145,7 @@ def run_loadtest(cfg: LoadTestConfig) -> Path:
     try:
         if not cfg.allow_remote and not is_loopback(host_of(cfg.url)):
             raise InvalidInputError(
-                f"refusing to load-test {cfg.url}: not a loopback address (allow_remote "
-                f"to override)"
+                f"refusing to load-test {cfg.url}: not a loopback address (allow_remote to override)"
             )
         host = cfg.url if cfg.protocol == "grpc" else f"http://{cfg.url.split('://')[-1]}"
         prefixes = {}

@@ -17,18 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from clients import FireClient
+from fire_backend.names import PROJECT_ROOT, REPOSITORY_DIR
 from modelio.preprocess import Preprocess
 from serving.repository import traffic_for
 from serving.server import ServerConfig, TritonServer
 from zoo.attacks import attack_from_spec
 from zoo.data import load_dataset, to_tensor_batch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass
 class SoakConfig:
-    repository: Path = REPO_ROOT / "model_repository"
+    repository: Path = PROJECT_ROOT / REPOSITORY_DIR
     model: str = "cifar10"
     duration_s: float = 600.0
     warmup_s: float = 60.0
@@ -37,7 +36,7 @@ class SoakConfig:
     triggered_ratio: float = 0.5
     sample_every_s: float = 5.0
     max_rss_growth: float = 0.10
-    out: Path | None = REPO_ROOT / "results" / "soak.md"
+    out: Path | None = PROJECT_ROOT / "results" / "soak.md"
     command: str = "fire soak --minutes 10 --rate 40"
 
 

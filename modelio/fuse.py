@@ -59,8 +59,7 @@ def build_fused_onnx(
     cuts = [(info.feature_shape, info.head_sha256)] + ([(info.feature2_shape, info.mid_sha256)] * info.multilayer)
     if len(files) != len(cuts):
         raise InvalidInputError(
-            f"{export_dir} is cut {len(cuts)} time(s): give as many direction "
-            f"files, not {len(files)}"
+            f"{export_dir} is cut {len(cuts)} time(s): give as many direction files, not {len(files)}"
         )
     head = onnx.load(str(export_dir / HEAD_ONNX))
     # (graph, its input, its output), in the order the ensemble runs them

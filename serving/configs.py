@@ -42,8 +42,7 @@ class TensorSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidInputError(
-                f"tensor {self.name!r}: unsupported dtype {self.dtype!r}; supported: "
-                f"{sorted(DTYPES)}"
+                f"tensor {self.name!r}: unsupported dtype {self.dtype!r}; supported: {sorted(DTYPES)}"
             )
         if self.format not in FORMATS:
             raise InvalidInputError(

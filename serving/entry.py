@@ -14,6 +14,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fire_backend.errors import FireError
+from fire_backend.names import TRITON_ONNX_FILE
 from serving.configs import DTYPES, TensorSpec, read_config
 
 SPLITTABLE = ("onnxruntime_onnx", "tensorrt_plan")
@@ -76,9 +77,9 @@ def read_entry(repository: str | Path, model: str) -> Entry:
         raise EntryError(f"{directory}: no version directory (1/, 2/, ...)")
     version = versions[-1]
     if platform == "onnxruntime_onnx":
-        onnx_file = version / (cfg.default_model_filename or "model.onnx")
+        onnx_file = version / (cfg.default_model_filename or TRITON_ONNX_FILE)
     else:
-        onnx_file = version / "model.onnx"
+        onnx_file = version / TRITON_ONNX_FILE  # the ONNX the plan was built from, beside it
     if not onnx_file.is_file():
         raise EntryError(
             f"{where}: no ONNX file at {onnx_file}"

@@ -40,7 +40,17 @@ from tritonclient.grpc import model_config_pb2 as mc
 from fire_backend.cache import write_private
 from fire_backend.errors import FireError
 from fire_backend.keys import INFERENCE
-from fire_backend.names import GATEWAY_HEADER_PREFIX, GRPC_KEY_PREFIX, SOURCE_HEADER
+from fire_backend.names import (
+    GATEWAY_GRPC_PORT,
+    GATEWAY_HEADER_PREFIX,
+    GATEWAY_HTTP_PORT,
+    GRPC_KEY_PREFIX,
+    GRPC_PORT,
+    HTTP_PORT,
+    METRICS_PORT,
+    SOURCE_HEADER,
+    address,
+)
 from fire_backend.network import host_of, is_loopback
 from serving.configs import read_config
 from serving.repository import PARAM_ROLE, PROTECTED_ROLE, is_repair_model
@@ -113,11 +123,11 @@ def largest_request(spec: dict) -> int | None:
 
 @dataclass
 class GatewayConfig:
-    triton_http: str = "127.0.0.1:8000"
-    triton_grpc: str = "127.0.0.1:8001"
-    listen_http: str = "127.0.0.1:9000"
-    listen_grpc: str = "127.0.0.1:9001"
-    triton_metrics: str = "127.0.0.1:8002"
+    triton_http: str = address(HTTP_PORT)
+    triton_grpc: str = address(GRPC_PORT)
+    listen_http: str = address(GATEWAY_HTTP_PORT)
+    listen_grpc: str = address(GATEWAY_GRPC_PORT)
+    triton_metrics: str = address(METRICS_PORT)
     listen_metrics: str | None = None  # e.g. 0.0.0.0:9002: Prometheus' /metrics and nothing else
     tls_pem: Path | None = None  # certificate + key in one PEM: HTTPS and gRPC over TLS
     insecure: bool = False  # allow a non-loopback listener without TLS

@@ -106,8 +106,7 @@ def protect_entry(entry: Entry, preprocess: Preprocess, data: CalibrationSet, cf
     out = Path(cfg.out)
     if out.resolve() == entry.directory.parent.resolve():
         raise InvalidInputError(
-            f"--out must be a new repository, not {entry.directory.parent} (nothing "
-            f"is overwritten)"
+            f"--out must be a new repository, not {entry.directory.parent} (nothing is overwritten)"
         )
     result = protect_onnx(entry.onnx, preprocess, data, cfg, io=(entry.input, entry.output))
     for other in sorted(p for p in entry.directory.parent.iterdir() if p.is_dir() and p.name != entry.name):

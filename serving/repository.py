@@ -53,6 +53,7 @@ from fire_backend.names import (
     PARAM_TAIL_ONNX,
     PARAM_TRAFFIC_STATS,
     REPAIRED,
+    SUFFIXES,
     TAIL_ONNX,
     WHOLE_ONNX,
     ModelNames,
@@ -335,7 +336,8 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
             w.repair_model(repair, directions, mode, n.head, info.feature_shape, info.preprocess, m.metrics)
             w.ensemble(ensemble_name, pixels, logits, [head, Stage(repair, FEATURES, REPAIRED), tail], guard)
             if fused:
-                w.fused(f"{ensemble_name}_fused", m.export_dir, [directions], mode, pixels, logits, policy, guard)
+                fused_name = ensemble_name + SUFFIXES["fused"]
+                w.fused(fused_name, m.export_dir, [directions], mode, pixels, logits, policy, guard)
         if m.plain:
             w.ensemble(n.plain, pixels, logits, [head, tail], guard)
         if m.folded:

@@ -43,13 +43,22 @@ from pathlib import Path
 from fire_backend.cache import cache_dir
 from fire_backend.errors import FireError
 from fire_backend.keys import ADMIN, INFERENCE, KEYS
-from fire_backend.names import SOURCE_HEADER
+from fire_backend.names import (
+    BACKEND_DIR_ENV,
+    GRPC_PORT,
+    HTTP_PORT,
+    LOOPBACK,
+    METRICS_PORT,
+    PARENT_ENV,
+    PROJECT_ROOT,
+    SOURCE_HEADER,
+    TRITONSERVER_ENV,
+)
 from serving import logs, server_guard
 from serving.admin import admin_request, http_request
 from serving.procfs import group_pids
 from serving.watchdog import StubWatchdog
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 STUB_SHM_BYTES = 16 << 20  # per-stub shared memory: a batch-64 activation fits without growing the pool
 
 
@@ -94,8 +103,8 @@ def resolve_server(config: ServerConfig, scratch: Path) -> tuple[Path, Path, boo
     The CPU profile runs the wheel's server (Python backend only). The GPU profile needs a server with
     the TensorRT backend: the one named in the config or $FIRE_TRITONSERVER, else the NGC image's; it
     refuses to start with a clear message when the backend directory has no ``tensorrt``."""
-    named = config.tritonserver or os.environ.get("FIRE_TRITONSERVER")
-    backends = config.backend_dir or os.environ.get("FIRE_BACKEND_DIR")
+    named = config.tritonserver or os.environ.get(TRITONSERVER_ENV)
+    backends = config.backend_dir or os.environ.get(BACKEND_DIR_ENV)
     gpu = config.model_config_name == "gpu"
     if named is None and gpu and NGC_TRITONSERVER.is_file():
         named = NGC_TRITONSERVER
@@ -117,7 +126,7 @@ def resolve_server(config: ServerConfig, scratch: Path) -> tuple[Path, Path, boo
     return binary, backend_dir, wheel
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
     """``n`` distinct free ports: every socket stays bound until all are picked, so none repeats."""
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -132,10 +141,10 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 @dataclass
 class ServerConfig:
     repository: Path
-    host: str = "127.0.0.1"
-    http_port: int = 8000  # 0: pick a free port
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    host: str = LOOPBACK
+    http_port: int = HTTP_PORT  # 0: pick a free port
+    grpc_port: int = GRPC_PORT
+    metrics_port: int = METRICS_PORT
     model_config_name: str | None = None  # "gpu" selects configs/gpu.pbtxt
     model_control: str = "none"  # or "explicit"
     load_models: list[str] = field(default_factory=list)  # explicit mode: models to load at start
@@ -238,12 +247,12 @@ class TritonServer:
             libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("OMP_NUM_THREADS", "1")
         for key, value in self.keys.items():  # readable by this user and root only; the library drops them
             env[key.env] = value
         env["LD_PRELOAD"] = str(server_guard.library())
-        env[server_guard.PARENT_ENV] = str(os.getpid())  # the server goes when this process goes (SIGKILL too)
+        env[PARENT_ENV] = str(os.getpid())  # the server goes when this process goes (SIGKILL too)
         return env
 
     def start(self, timeout: float = 120.0, require_all_models: bool = True) -> TritonServer:

@@ -18,8 +18,8 @@ from pathlib import Path
 from fire_backend.cache import cache_dir, trusted_file
 from fire_backend.errors import FireError
 from fire_backend.keys import Key
+from fire_backend.names import PARENT_ENV  # noqa: F401 - the launcher sets it (serving.server)
 
-PARENT_ENV = "FIRE_PARENT_PID"  # the launcher: the server is sent SIGTERM when it dies
 SOURCE = Path(__file__).resolve().parent / "native" / "server_guard.c"
 
 

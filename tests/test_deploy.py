@@ -142,8 +142,15 @@ def _requirements() -> dict[str, str]:
 # what the Triton 24.10 image provides besides the standard library (its Python stubs load numpy themselves)
 IMAGE_MODULES = {"triton_python_backend_utils"}
 # the commands the container runs: fire serve / gateway / reload (fire_cli.serve), fire build-engines, the stubs
-ENTRY_POINTS = ("fire_cli.main", "fire_cli.serve", "serving.repository", "modelio.tensorrt",
-                "fire_backend.triton.repair_model", "fire_backend.triton.onnx_model", "fire_backend.triton.guard_model")
+ENTRY_POINTS = (
+    "fire_cli.main",
+    "fire_cli.serve",
+    "serving.repository",
+    "modelio.tensorrt",
+    "fire_backend.triton.repair_model",
+    "fire_backend.triton.onnx_model",
+    "fire_backend.triton.guard_model",
+)
 OPTIONAL = {"torchvision", "timm"}  # only for `--torch torchvision:NAME` / `timm:NAME`, never in the container
 
 

@@ -59,13 +59,15 @@ def _entry(repo: Path, name: str, onnx_file: Path, dtype: str, dims: list[int], 
     """A Triton repository entry as a user would have written it for onnxruntime."""
     (repo / name / "1").mkdir(parents=True)
     (repo / name / "1" / "model.onnx").write_bytes(onnx_file.read_bytes())
-    (repo / name / "config.pbtxt").write_text(textwrap.dedent(f"""\
+    (repo / name / "config.pbtxt").write_text(
+        textwrap.dedent(f"""\
         name: "{name}"
         platform: "onnxruntime_onnx"
         max_batch_size: 16
         input [ {{ name: "{names[0]}" data_type: {dtype} format: {fmt} dims: {dims} }} ]
         output [ {{ name: "{names[1]}" data_type: TYPE_FP32 dims: [ 10 ] }} ]
-        """))
+        """)
+    )
     return repo
 
 

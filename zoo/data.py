@@ -22,11 +22,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fire_backend.cache import cache_dir, trusted_file
 from fire_backend.errors import FireError, InvalidInputError
-
-DATA_ENV = "FIRE_DATA_DIR"
-CACHE_ENV = "FIRE_CACHE_DIR"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from fire_backend.names import DATA_ENV, PROJECT_ROOT
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -46,6 +44,8 @@ ARCHIVES = {"cifar10": "cifar10-jpeg.tar.xz", "gtsrb": "gtsrb32-ppm.tar.xz"}
 def class_names(dataset: str) -> list[str]:
     """Label names, index = label (GTSRB's classes are known by number)."""
     return list(CIFAR10_CLASSES) if dataset == "cifar10" else [f"sign {i:02d}" for i in range(NUM_CLASSES[dataset])]
+
+
 NUM_CLASSES = {"cifar10": 10, "gtsrb": 43}
 
 
@@ -75,7 +75,7 @@ def data_dir() -> Path:
     """The directory that holds the dataset archives, or a clear error naming ``$FIRE_DATA_DIR``."""
     env = os.environ.get(DATA_ENV)
     candidates = (
-        [Path(env)] if env else [REPO_ROOT.parent / "shared" / "datasets", Path.cwd().parent / "shared" / "datasets"]
+        [Path(env)] if env else [PROJECT_ROOT.parent / "shared" / "datasets", Path.cwd().parent / "shared" / "datasets"]
     )
     for path in candidates:
         if path.is_dir():
@@ -85,12 +85,6 @@ def data_dir() -> Path:
         f"dataset directory not found (looked in: {where}). Set {DATA_ENV} to a directory holding "
         f"{' and '.join(ARCHIVES.values())} (see shared/datasets/README.md for the layout)."
     )
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "fire"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -164,7 +158,7 @@ def load_dataset(name: str, split: str) -> Split:
         tmp = cache.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(cache)  # atomic: a killed decode never leaves a half-written cache
-    with np.load(cache, allow_pickle=False) as npz:
+    with np.load(trusted_file(cache), allow_pickle=False) as npz:  # the cache's: this user's, not writable by others
         return Split(npz[f"{split}_images"], npz[f"{split}_labels"], NUM_CLASSES[name])
 
 

@@ -19,7 +19,6 @@ Modules, one concern each: ``config`` (what to run), ``evaluate`` (the defenses 
 ``report`` (CSV and markdown tables), ``plots`` (PNG figures), ``run`` (every model, cached per model).
 """
 
-
 from benchmarks.efficacy.config import EfficacyConfig
 from benchmarks.efficacy.rows import CSV_FIELDS
 from benchmarks.efficacy.run import run_efficacy

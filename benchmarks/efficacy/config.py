@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from calibration.auto import AutoConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_MODELS = (
     "models/cifar10_resnet_badnets",
     "models/cifar10_resnet_blended",

@@ -208,5 +208,3 @@ def _two_layers(model, cfg: EfficacyConfig, ev: EvalSet, caches, pool, poisoned,
     pred_t = chain.run(ev.triggered, [first, second]).argmax(1).numpy()
     return row(ident, "multilayer", "FIRE project @layer1+layer2", ev.score(pred_x, pred_t), layer="layer1+layer2",
                 mode="project", alpha=1.0, rank=1, estimator="paired", n_poisoned=n)  # fmt: skip
-
-

@@ -93,5 +93,3 @@ def plot_summary(rows: list[dict], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
-
-

@@ -145,5 +145,3 @@ def _overview(rows: list[dict], path: Path, seconds: float) -> Path:
         )
     path.write_text("\n".join(lines) + "\n")
     return path
-
-

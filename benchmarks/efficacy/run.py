@@ -9,10 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.efficacy.config import REPO_ROOT, EfficacyConfig
+from benchmarks.efficacy.config import EfficacyConfig
 from benchmarks.efficacy.evaluate import evaluate_model
 from benchmarks.efficacy.report import write_report
 from fire_backend.files import sha256_file
+from fire_backend.names import PROJECT_ROOT
 
 
 def run_efficacy(cfg: EfficacyConfig | None = None, models_dir: str | Path | None = None) -> list[Path]:
@@ -20,14 +21,14 @@ def run_efficacy(cfg: EfficacyConfig | None = None, models_dir: str | Path | Non
     ``OUT/efficacy_runs/MODEL.json`` and reused by a later run with the same config and weights, so an
     interrupted run resumes where it stopped (delete the folder to start over)."""
     cfg = cfg or EfficacyConfig()
-    models_dir = Path(models_dir) if models_dir else REPO_ROOT / "models"
+    models_dir = Path(models_dir) if models_dir else PROJECT_ROOT / "models"
     runs = Path(cfg.out) / "efficacy_runs"
     runs.mkdir(parents=True, exist_ok=True)
     key = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("models", "out", "plots")}, sort_keys=True)
     rows: list[dict] = []
     seconds = 0.0
     for model in tqdm(cfg.models, desc="efficacy", unit="model", disable=None):
-        path = Path(model) if Path(model).is_absolute() or Path(model).exists() else REPO_ROOT / model
+        path = Path(model) if Path(model).is_absolute() or Path(model).exists() else PROJECT_ROOT / model
         weights = sha256_file(path / "model.safetensors")
         cached = runs / f"{path.name}.json"
         if cached.is_file():
@@ -43,8 +44,6 @@ def run_efficacy(cfg: EfficacyConfig | None = None, models_dir: str | Path | Non
         rows += model_rows
         seconds += took
     return write_report(rows, cfg, seconds, models_dir)
-
-
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 
 from calibration.calibrate import CalibrationConfig, CalibrationSet
 from clients import FireClient, evaluate_served
-from fire_backend.names import INPUT, LOGITS
+from fire_backend.names import INPUT, LOGITS, PROJECT_ROOT, WHOLE_ONNX
 from modelio.onnx_graph import OnnxGraph
 from modelio.preprocess import Preprocess
 from modelio.sources import load_torch_model, torchscript_to_onnx
@@ -32,19 +32,17 @@ from zoo.attacks import attack_from_spec
 from zoo.data import load_dataset
 from zoo.metrics import BackdoorMetrics
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-
 
 @dataclass
 class OwnModelConfig:
-    model_dir: Path = REPO_ROOT / "models" / "own_mobilenet_v3_small"
+    model_dir: Path = PROJECT_ROOT / "models" / "own_mobilenet_v3_small"
     n_clean: int = 1000
     n_poisoned: int = 200
     test_limit: int = 0  # 0: the whole CIFAR-10 test split
     latency_requests: int = 60  # per model and batch size, 224x224
     batch_sizes: tuple[int, ...] = (1, 32)
-    work_dir: Path = REPO_ROOT / "build" / "own_model"
-    out: Path = REPO_ROOT / "results" / "own_model.md"
+    work_dir: Path = PROJECT_ROOT / "build" / "own_model"
+    out: Path = PROJECT_ROOT / "results" / "own_model.md"
     seed: int = 0
     rows: dict = field(default_factory=dict)
 
@@ -76,7 +74,7 @@ def _efficacy(cfg: OwnModelConfig) -> tuple[dict[str, BackdoorMetrics], dict[str
     attack = attack_from_spec(meta["attack"])
     flagged, paired = _data(load_dataset("cifar10", "train"), attack, cfg)
     repo = cfg.work_dir / "repository"
-    onnx_file = cfg.model_dir / "model.onnx"
+    onnx_file = cfg.model_dir / WHOLE_ONNX
     import torch
 
     ts = load_torch_model(str(cfg.model_dir / "model.torchscript.pt"))
@@ -198,8 +196,10 @@ def run_own_model(cfg: OwnModelConfig | None = None) -> Path:
         "",
         "| model | batch | p50 ms | p99 ms | images/s |",
         "|---|---:|---:|---:|---:|",
-        *(f"| `{r['model']}` | {r['batch']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['img_s']:.1f} |"
-          for r in latency),  # fmt: skip
+        *(
+            f"| `{r['model']}` | {r['batch']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['img_s']:.1f} |"
+            for r in latency
+        ),  # fmt: skip
         "",
         "Command: `fire bench own-model` (retrain the model: `bash scripts/torchvision_env.sh` then "
         "`PYTHONPATH=. .venv-torchvision/bin/python -m benchmarks.own_model.train_torchvision "

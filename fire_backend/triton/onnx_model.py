@@ -20,6 +20,7 @@ from fire_backend.names import (
     PARAM_TRAFFIC_BUDGET,
     PARAM_TRAFFIC_STATS,
     TRAFFIC_FILE,
+    WHOLE_ONNX,
 )
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.triton.common import answer_batched, input_range, parse_args, require_io
@@ -30,7 +31,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config, params, version_dir = parse_args(args)
         self.session = onnx_session(
-            version_dir / params.get(PARAM_ONNX_FILE, "model.onnx"), threads=int(params.get(PARAM_THREADS, "1"))
+            version_dir / params.get(PARAM_ONNX_FILE, WHOLE_ONNX), threads=int(params.get(PARAM_THREADS, "1"))
         )
         (self.input_name,) = [i.name for i in self.session.get_inputs()]
         (self.output_name,) = [o.name for o in self.session.get_outputs()]
