@@ -19,6 +19,27 @@ from zoo.attacks import Attack, attack_from_spec
 from zoo.data import Split, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
+# fixtures that run the real pipeline: a test using any of them (directly or through another fixture)
+# is an integration test; so is one that starts a server itself (marked in its module)
+PIPELINE_FIXTURES = {"artifacts", "repository", "server"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _only_integration_tests_start_servers(request, monkeypatch):
+    """An unmarked test that starts a tritonserver fails: the quick loop must never start one."""
+    if request.node.get_closest_marker("integration"):
+        return
+
+    def refuse(self, *a, **kw):
+        raise AssertionError(f"{request.node.nodeid} starts a tritonserver: mark it @pytest.mark.integration")
+
+    monkeypatch.setattr(TritonServer, "start", refuse)
 MODELS = {"cifar10": REPO / "models" / "cifar10_resnet_badnets", "gtsrb": REPO / "models" / "gtsrb_resnet_badnets"}
 
 

@@ -42,6 +42,7 @@ def test_loadtests_refuse_non_loopback_targets(tmp_path):
         run_loadtest(LoadTestConfig(url="192.0.2.1:8001", out_dir=tmp_path))
 
 
+@pytest.mark.integration
 def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
     cfg = ServingBenchConfig(
         batch_sizes=(1, 4),

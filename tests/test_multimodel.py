@@ -3,9 +3,12 @@ plain twins: unload / load / hot-update one while the other two serve, zero fail
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.multimodel import MultiModelConfig, run_multimodel
 
 
+@pytest.mark.integration
 def test_three_protected_models_one_changes_the_others_keep_serving(tmp_path):
     cfg = MultiModelConfig(workdir=str(tmp_path / "work"), out=str(tmp_path / "multimodel.md"), load_seconds=2.0)
     r = run_multimodel(cfg)

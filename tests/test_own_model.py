@@ -196,6 +196,7 @@ def _local(export_dir: Path, directions: Path, x: np.ndarray, input_name: str) -
     return onnx_session(export_dir / "tail.onnx").run(None, {"FEATURES": repaired})[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["float", "uint8"])
 def test_protected_repository_entry_is_a_drop_in(user, tmp_path, kind):
     """`fire protect --repo R --model classifier`: the new `classifier` answers the original's clients
@@ -231,6 +232,7 @@ def test_protected_repository_entry_is_a_drop_in(user, tmp_path, kind):
     assert asr(original) > 0.8 and asr(answers["grpc"]) <= asr(original) / 2  # unpaired, 100 flagged images
 
 
+@pytest.mark.integration
 def test_224_model_split_and_served_equals_the_original_with_alpha_0(tmp_path):
     """A ResNet-18 at 3x224x224 (random weights), cut mid-network: served with an identity repair
     (alpha 0) it answers exactly what onnxruntime gives for the original (1e-4)."""
