@@ -220,6 +220,7 @@ def export_torch_model(
         layer2=layer2,
         feature2_shape=list(outputs[1][0].shape[1:]) if layer2 else None,
         mid_sha256=sha256_file(out_dir / MID_ONNX) if layer2 else None,
+        input_dtype=preprocess.dtype,  # what the exported head takes (uint8 for raw pixels)
         preprocess=preprocess.as_dict(),
         source=source or {"kind": "torch"},
         labels=list(extra.pop("labels", [])),
