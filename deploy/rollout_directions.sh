@@ -11,6 +11,6 @@ MODEL="$1"; FILE="$2"; NS="${3:-default}"
 for pod in $(kubectl -n "$NS" get pods -l app.kubernetes.io/name=fire-triton -o jsonpath='{.items[*].metadata.name}'); do
   echo "== $pod"
   kubectl -n "$NS" exec "$pod" -c triton -- \
-    fire reload --url 127.0.0.1:8000 --repo /models --model "$MODEL" --directions "$FILE"
+    fire reload --repo /models --model "$MODEL" --directions "$FILE"
 done
 echo "all pods serve $FILE for $MODEL"

@@ -31,7 +31,7 @@ from .conftest import MODELS
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/test.sh installs it)"),
+    pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/test.sh does it)"),
 ]
 IMAGE_CLIENT = os.environ.get("FIRE_IMAGE_CLIENT")
 
@@ -84,8 +84,10 @@ def test_the_served_contract_is_what_a_stock_image_client_expects(demo):
     assert float(value) and label == CIFAR10_CLASSES[int(index)]
 
 
-@pytest.mark.skipif(not (IMAGE_CLIENT and Path(IMAGE_CLIENT).is_file()),
-                    reason="set $FIRE_IMAGE_CLIENT to NVIDIA's image_client.py (client repo, src/python/examples)")  # fmt: skip
+NO_CLIENT = "set $FIRE_IMAGE_CLIENT to NVIDIA's image_client.py (client repo, src/python/examples)"
+
+
+@pytest.mark.skipif(not (IMAGE_CLIENT and Path(IMAGE_CLIENT).is_file()), reason=NO_CLIENT)
 @pytest.mark.parametrize("protocol", ["HTTP", "gRPC"])
 def test_nvidias_image_client_runs_unmodified_through_the_gateway(demo, protocol):
     cfg, _, images, _ = demo

@@ -170,6 +170,27 @@ def test_hot_reload_under_load_switches_once_with_zero_failures(default_server, 
         reload_directions(repo, "cifar10_fire", a.directions, server.metrics_url)
 
 
+def test_reload_verify_and_rollback_accept_the_folded_models_name(default_server, tmp_path, capsys):
+    """The folded model serves its repair model's file: the CLI resolves ``<name>_folded`` to it."""
+    from fire_cli.main import main
+
+    server, repo, a = default_server
+    x = batch_of(a)
+    new = DirectionFile.load(a.directions)
+    new.mode, new.alpha = "subtract", 2.0
+    new_path = new.save(tmp_path / "new.safetensors")
+    main(["verify", str(new_path), str(repo / "cifar10_folded")])
+    assert "OK:" in capsys.readouterr().out
+    try:
+        main(["reload", "--repo", str(repo), "--model", "cifar10_folded", "--directions", str(new_path),
+              "--metrics-url", server.metrics_url])  # fmt: skip
+        assert "cifar10_fire now serves" in capsys.readouterr().out
+        np.testing.assert_allclose(FireClient(server.grpc_url).infer("cifar10_folded", x), pipeline(a, x, new),
+                                   atol=1e-4)  # fmt: skip
+    finally:
+        reload_directions(repo, "cifar10_fire", a.directions, server.metrics_url)
+
+
 def test_a_bad_new_file_leaves_the_old_directions_serving(default_server, tmp_path):
     server, repo, a = default_server
     x = batch_of(a)
