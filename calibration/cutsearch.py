@@ -113,5 +113,5 @@ def choose_cut(
 
 def onnx_runner_for(onnx_path: str | Path, preprocess: Preprocess) -> tuple[Callable[[str], OnnxRunner], list[str]]:
     """A runner factory over an ONNX model's valid cuts, and those cuts (tensor names)."""
-    graph = OnnxGraph(onnx_path)
+    graph = OnnxGraph(onnx_path, input_dims=(None, *preprocess.dims))  # shapes at the served size
     return (lambda cut: OnnxRunner(graph, cut, preprocess)), [c.tensor for c in graph.cuts()]

@@ -12,12 +12,14 @@ reference: those the model puts in each class):
    reservoir, where no source holds more than any other, so one client flooding a class with clean
    requests cannot dilute it more than any other client's share does. A shift common to every class
    (traffic that differs from the reference, a trigger the model never learned) raises every T; a
-   backdoor raises one. Score = T / median T over the classes; every class above ``min_score`` is
+   backdoor raises one. Score = T / the median T of the other classes (with two classes, the other
+   one's: the model needs two classes with traffic and reference images); every class above ``min_score`` is
    examined (a decoy class cannot hide the real one), the first whose direction passes the checks is
    proposed. Non-finite statistics raise (fail closed: never "no backdoor" from a poisoned file).
 2. **Estimate.** In the suspect class, project the reservoir onto the shift and split it with 2-means:
-   the samples on the far side are flagged as triggered. beta = their mean - the mean of all clean
-   reference features; mu = the clean mean (as the unpaired estimator).
+   the samples on the far side are flagged as triggered. They are images of the other classes carrying
+   the trigger, so beta = their mean - the mean of the clean reference features of the other classes;
+   mu = the clean mean (as the unpaired estimator).
 3. **Check, without labels.** Fit on half of the suspect class's reservoir, check on the other half:
    the flagged samples must leave the suspect class (``min_leave``), every other traffic sample keep its
    prediction (``max_other_change``), and the defender's clean images lose at most ``max_ca_drop``
@@ -149,11 +151,11 @@ def propose(
     cfg = cfg or TrafficConfig()
     clean_flat = clean_features.reshape(len(clean_features), -1)
     shifts = class_shifts(stats, clean_flat, clean_predicted, cfg)
-    if len(shifts) < 3:
+    if len(shifts) < 2:  # nothing to hold a class's statistic against
         return Proposal(False, None, 0.0, 0.0, shifts)
-    median = float(np.median([s.t for s in shifts]))
-    for s in shifts:
-        s.score = s.t / max(median, 1e-12)
+    for s in shifts:  # against the other classes' (two classes: the other one's), so a shared shift cancels
+        others = [o.t for o in shifts if o is not s]
+        s.score = s.t / max(float(np.median(others)), 1e-12)
     ranked = sorted(shifts, key=lambda s: -s.score)
     suspects = [s for s in ranked if s.score > cfg.min_score]
     if not suspects:
@@ -213,8 +215,13 @@ def _estimate_and_check(p: Proposal, stats, clean_features, clean_predicted, tai
     fit, held = order[: len(x) // 2], order[len(x) // 2 :]
     shape = tuple(clean_features.shape[1:])
 
+    # the flagged samples are images of the other classes plus the trigger: beta is their mean minus the
+    # other classes' clean mean (with many classes about the clean mean; with two, the other class's)
+    others = clean_flat[clean_predicted != c]
+    source_mean = (others if len(others) else clean_flat).mean(0)
+
     def direction(rows: np.ndarray) -> DirectionFile:
-        beta = x[rows][flagged[rows]].mean(0) - clean_flat.mean(0)
+        beta = x[rows][flagged[rows]].mean(0) - source_mean
         return make_directions(beta.reshape(shape), clean_features, layer=layer, mode="project",
                                estimator="traffic", head_sha256=head_sha256, n_poisoned=int(flagged[rows].sum()),
                                extra={"traffic": {"target": c, "score": p.score, "samples": stats.total}})  # fmt: skip

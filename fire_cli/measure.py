@@ -34,7 +34,33 @@ def _recorded(a: argparse.Namespace):
     return None
 
 
+def _evaluate_images(a: argparse.Namespace) -> None:
+    """``fire eval --clean / --triggered``: the user's own images, any served model."""
+    from calibration.imagesets import read_image_set
+    from clients import evaluate_images
+    from modelio.preprocess import Preprocess
+    from serving.repository import traffic_for
+    from zoo.metrics import format_table
+
+    traffic = traffic_for(a.repo, a.models[0])
+    if not traffic.preprocess:
+        raise UsageError(f"no preprocessing recorded for {a.models[0]} in {a.repo}: evaluate with --dataset")
+    pre = Preprocess.from_dict(traffic.preprocess)
+    size = (pre.height, pre.width)
+    clean = read_image_set(a.clean, size, a.resize) if a.clean else None
+    if clean is not None and clean.labels is None:
+        raise UsageError("the clean images need labels for CA (an ImageFolder class/xxx.png, or .npz labels)")
+    triggered = read_image_set(a.triggered, size, a.resize) if a.triggered else None
+    target = a.target if a.target is not None else traffic.attack.get("target") if a.triggered else None
+    results = evaluate_images(server_url(a), a.models, clean, triggered, target, pre, a.protocol)
+    print(f"your images: {len(clean) if clean else 0} clean, {len(triggered) if triggered else 0} triggered"
+          + (f" (target class {target})" if target is not None else ""))  # fmt: skip
+    print(format_table(results))
+
+
 def evaluate(a: argparse.Namespace) -> None:
+    if a.clean or a.triggered:
+        return _evaluate_images(a)
     from clients import evaluate_served
     from modelio.preprocess import Preprocess
     from zoo.attacks import attack_from_spec
@@ -56,13 +82,30 @@ def evaluate(a: argparse.Namespace) -> None:
 
 
 def classify(a: argparse.Namespace) -> None:
-    from clients import FireClient, load_images
+    from calibration.imagesets import read_image_set
+    from clients import FireClient
+    from modelio.preprocess import Preprocess
+    from serving.repository import traffic_for
+    from zoo.metrics import predict_labels
 
-    names = Path(a.labels).read_text().split("\n") if a.labels else None
-    labels = FireClient(server_url(a), a.protocol).classify(a.model, load_images(a.images))
+    traffic = traffic_for(a.repo, a.model)
+    pre = Preprocess.from_dict(traffic.preprocess) if traffic.preprocess else None
+    size = (pre.height, pre.width) if pre else (32, 32)
+    images = read_image_set(a.images, size, resize=True).images
+    client = FireClient(server_url(a), a.protocol)
+    labels = predict_labels(client.predictor(a.model), images, prepare=pre.apply) if pre else \
+        predict_labels(client.predictor(a.model), images)  # fmt: skip
+    names = Path(a.labels).read_text().split("\n") if a.labels else _label_file(a.repo, a.model)
     for path, label in zip(a.images, labels, strict=True):
         name = f" ({names[label]})" if names and label < len(names) else ""
         print(f"{path}\t{label}{name}")
+
+
+def _label_file(repository: str, model: str) -> list[str] | None:
+    from fire_backend.names import LABELS_FILE
+
+    path = Path(repository) / model / LABELS_FILE
+    return path.read_text().split("\n") if path.is_file() else None
 
 
 # -- benchmarks: one sub-subcommand each, with the flags of its config ---------------------------------
@@ -241,11 +284,16 @@ def register(sub) -> None:
     add(ev, "--dataset", detail="default: the one recorded, else cifar10")
     add(ev, "--limit", default=0)
     add_attack_args(ev)
+    add(ev, "--clean", detail="your labeled clean images instead of a dataset: CA")
+    add(ev, "--triggered", detail="your triggered images: ASR and PA")
+    add(ev, "--target", detail="with --triggered")
+    add(ev, "--resize")
 
     k = add_command(sub, "classify", "classify image files with a served model", classify)
     add_server_args(k)
     add(k, "--model", required=True)
-    add(k, "--labels")
+    add_repo_arg(k, detail="where the model's preprocessing and label file are")
+    add(k, "--labels", detail="default: the served model's label file, if it has one")
     k.add_argument("images", nargs="+", help="image files")
 
     _register_benchmarks(sub)

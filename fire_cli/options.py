@@ -166,6 +166,9 @@ VOCABULARY = _options(
     Option("--n-clean", "clean calibration images to use at most", {"type": int}),
     Option("--n-poisoned", "triggered calibration images to use at most", {"type": int}),
     Option("--resize", "resize images of another size instead of refusing them", {"action": "store_true"}),
+    Option("--triggered", "images carrying a trigger, labeled with their true classes (ImageFolder or .npz)",
+           {"nargs": "+", "metavar": "PATH"}),  # fmt: skip
+    Option("--target", "the attacker's class (default: the attack the direction file records)", {"type": int}),
     Option("--dataset", "a bundled dataset", {"choices": ["cifar10", "gtsrb"]}),
     Option("--limit", "evaluate on a seeded subset of N test images (0: all)", {"type": int}),
     Option("--seed", "random seed", {"type": int}),

@@ -61,9 +61,13 @@ class Source:
         if self.onnx is not None:
             self.graph = OnnxGraph(self.onnx)
             self.dims, self.dtype = self.graph.input.dims, self.graph.input.dtype
+            if self.entry is not None and min(self.entry.input.dims) > 0:  # the config declares the served size
+                self.dims = (self.dims[0], *self.entry.input.dims)
         else:
             self.dims, self.dtype = (None, 3, None, None), "float32"
         self.preprocess = preprocess_from_args(a, self.dims, self.dtype)
+        if self.onnx is not None and tuple(self.graph.input.dims[1:]) != tuple(self.preprocess.dims):
+            self.graph = OnnxGraph(self.onnx, input_dims=(None, *self.preprocess.dims))  # shapes at the served size
 
     @staticmethod
     def _torchscript_onnx(a: argparse.Namespace, model, work_dir: Path) -> Path:
@@ -90,9 +94,14 @@ def layers(a: argparse.Namespace) -> None:
     else:
         rows = [(c.tensor, c.dims, c.label) for c in src.graph.cuts()]
         kind = "tensor (pass it as --cut)"
-    print(f"{len(rows)} valid single-tensor cuts, in the order the model runs; first column: the {kind}")
+    print(f"{len(rows)} valid single-tensor cuts at input {tuple(src.preprocess.dims)}, in the order the model "
+          f"runs; first column: the {kind}")  # fmt: skip
     for name, shape, label in rows:
         print(f"{name}\t{tuple(shape)}\t{label}")
+    skipped = src.graph.skipped if src.module is None else {}
+    if skipped:
+        listed = "; ".join(f"{t} ({r})" for t, r in list(skipped.items())[:5])
+        print(f"{len(skipped)} more without a static shape, left out: {listed}")
 
 
 # ProtectConfig fields set from flags of the same meaning (defaults read from the dataclass)
@@ -126,6 +135,8 @@ def protect(a: argparse.Namespace) -> None:
         for s in r.cut_scores:
             mark = "  <- chosen" if s.cut == r.export.layer else ""
             print(f"  {s.cut}\t{s.feature_shape}\t{s.gain:.1f} / {s.cost:.2f}{mark}")
+    for reason in r.unservable:
+        print(f"note: copied, but not servable by the CPU profile's server: {reason}")
     d = r.directions
     if a.observe:
         print(f"protected {cfg.name} in observe mode (cut at {r.export.layer}): the repair changes nothing yet; "

@@ -129,7 +129,7 @@ def _sender(
 
 def run_soak(cfg: SoakConfig, server: TritonServer | None = None) -> SoakReport:
     """Soak ``server`` (or one started here on ``cfg.repository``) and write the report."""
-    traffic = traffic_for(cfg.repository, cfg.model)
+    traffic = traffic_for(server.config.repository if server else cfg.repository, cfg.model)
     test = load_dataset(traffic.dataset, "test").subset(512, seed=0)
     attack = attack_from_spec(traffic.attack)
     prepare = Preprocess.from_dict(traffic.preprocess).apply if traffic.preprocess else to_tensor_batch

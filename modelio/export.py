@@ -136,7 +136,7 @@ def export_onnx_model(
 ) -> ExportInfo:
     """Cut an ONNX model at tensor ``cut``; check head -> tail == the original with onnxruntime."""
     out_dir = Path(out_dir)
-    graph = OnnxGraph(onnx_path)
+    graph = OnnxGraph(onnx_path, input_dims=(None, *preprocess.dims))  # halves cut for the served size
     preprocess.check_fits(graph.input.dims, graph.input.dtype, str(onnx_path))
     head, tail = graph.split(cut, out_dir)
     shutil.copyfile(onnx_path, out_dir / WHOLE_ONNX)

@@ -87,9 +87,13 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
 
 
 class OnnxGraph:
-    """One ONNX model with a single input and a single output, shape-inferred, ready to be cut."""
+    """One ONNX model with a single input and a single output, shape-inferred, ready to be cut.
 
-    def __init__(self, path: str | Path):
+    ``input_dims`` (batch first; None where it stays as the model has it) fixes the input's symbolic
+    dims to the size the model is served at, so that shapes propagate through data-dependent ops (a
+    Reshape computed from the input's shape): the halves are then cut for that size."""
+
+    def __init__(self, path: str | Path, input_dims: tuple | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise OnnxModelError(f"{self.path}: no such file")
@@ -100,8 +104,10 @@ class OnnxGraph:
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         if opset < MIN_OPSET:
             raise OnnxModelError(f"{self.path}: opset {opset} is too old to split; re-export with opset >= {MIN_OPSET}")
+        if input_dims:
+            _fix_input_dims(model, input_dims)
         try:
-            self.model = shape_inference.infer_shapes(model, strict_mode=False)
+            self.model = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         except Exception as e:  # noqa: BLE001
             raise OnnxModelError(
                 f"{self.path}: ONNX shape inference failed ({e}); an op or opset FIRE cannot split"
@@ -169,16 +175,22 @@ class OnnxGraph:
         return Cut(tensor, _dims(vi) if vi is not None else (), self.nodes[i].name, self.nodes[i].op_type, i)
 
     def cuts(self) -> list[Cut]:
-        """Every valid single-tensor cut, in topological order (the model's output excluded)."""
-        out = []
+        """Every valid single-tensor cut with a known shape, in topological order (the model's output
+        excluded). Valid cuts whose shape shape inference could not find are in ``skipped``."""
+        out, self.skipped = [], {}
         for node in self.nodes:
             for tensor in node.output:
                 if not tensor or tensor == self.output.name or not self._depends_on_input(tensor):
                     continue
                 if not self._is_float32(tensor):  # the repair edits float32 features
                     continue
-                if not self._crossing(tensor):
-                    out.append(self._cut(tensor))
+                if self._crossing(tensor):
+                    continue
+                cut = self._cut(tensor)
+                if _static(cut.dims):
+                    out.append(cut)
+                else:
+                    self.skipped[tensor] = f"shape {cut.dims or 'unknown'}: not static (declare --input-size HxW)"
         return out
 
     def _is_float32(self, tensor: str) -> bool:
@@ -203,7 +215,13 @@ class OnnxGraph:
                 f"({tensor}, {', '.join(crossing)}): only single-tensor cuts are possible (a skip connection "
                 f"or a branch bypasses it). {self._nearby(self.producer[tensor])}"
             )
-        return self._cut(tensor)
+        cut = self._cut(tensor)
+        if not _static(cut.dims):
+            raise OnnxModelError(
+                f"{self.path}: the shape of {tensor!r} is {cut.dims or 'unknown'} for the input {self.input.dims}; "
+                "give the size the model is served at (--input-size HxW)"
+            )
+        return cut
 
     def _nearby(self, position: int | None, k: int = 3) -> str:
         cuts = self.cuts()
@@ -236,10 +254,32 @@ class OnnxGraph:
             _rename(sub.graph, tensor, FEATURES)
             _dynamic_batch(sub.graph, FEATURES, self.input.dims[0] if self.input.dims else None)
             sub.ir_version = self.model.ir_version
-            onnx.checker.check_model(sub)
+            try:
+                onnx.checker.check_model(sub)
+            except onnx.checker.ValidationError as e:
+                first = str(e).strip().splitlines()[0]
+                raise OnnxModelError(
+                    f"{self.path}: the {part} cut at {tensor!r} is not a valid model ({first})"
+                ) from None
             onnx.save(sub, str(out_dir / filename))
             paths.append(out_dir / filename)
         return paths[0], paths[1]
+
+
+def _static(dims: tuple) -> bool:
+    """Every dim but the batch one known."""
+    return len(dims) > 1 and all(isinstance(d, int) and d > 0 for d in dims[1:])
+
+
+def _fix_input_dims(model: onnx.ModelProto, dims: tuple) -> None:
+    constants = {t.name for t in model.graph.initializer}
+    (inp,) = [i for i in model.graph.input if i.name not in constants][:1] or [None]
+    if inp is None or len(inp.type.tensor_type.shape.dim) != len(dims):
+        return
+    for d, value in zip(inp.type.tensor_type.shape.dim, dims, strict=True):
+        if value and not d.HasField("dim_value"):
+            d.ClearField("dim_param")
+            d.dim_value = int(value)
 
 
 def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:

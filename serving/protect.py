@@ -27,7 +27,7 @@ from modelio.preprocess import Preprocess
 from modelio.split import module_cuts
 from serving.configs import ServingSettings, parse_config, write_config
 from serving.entry import Entry, read_entry
-from serving.repository import BuiltModel, ProtectedModel, build_repository
+from serving.repository import BuiltModel, ProtectedModel, build_repository, serve_on_cpu
 
 
 @dataclass
@@ -53,6 +53,7 @@ class ProtectResult:
     directions: DirectionFile
     built: BuiltModel
     cut_scores: list[CutScore]  # empty when the cut was given
+    unservable: list[str] = field(default_factory=list)  # copied models the CPU profile's server cannot run, and why
 
 
 def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfig) -> tuple[str, list[CutScore]]:
@@ -110,8 +111,9 @@ def protect_entry(entry: Entry, preprocess: Preprocess, data: CalibrationSet, cf
         )
     result = protect_onnx(entry.onnx, preprocess, data, cfg, io=(entry.input, entry.output))
     for other in sorted(p for p in entry.directory.parent.iterdir() if p.is_dir() and p.name != entry.name):
-        if not (out / other.name).exists():
+        if (other / "config.pbtxt").is_file() and not (out / other.name).exists():
             shutil.copytree(other, out / other.name)
+            result.unservable += [w for w in [serve_on_cpu(out / other.name)] if w]
     if cfg.keep_original:
         twin = ModelNames(entry.name).unprotected
         shutil.rmtree(out / twin, ignore_errors=True)
@@ -121,6 +123,7 @@ def protect_entry(entry: Entry, preprocess: Preprocess, data: CalibrationSet, cf
             config.name = twin
             profile = "cpu" if config_file.name == "config.pbtxt" else config_file.stem
             write_config(out / twin, config, profile)
+        result.unservable += [w for w in [serve_on_cpu(out / twin)] if w]
         result.built.models.append(twin)
     return result
 

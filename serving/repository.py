@@ -48,6 +48,7 @@ from fire_backend.names import (
     PARAM_INPUT_RANGE,
     PARAM_METRICS,
     PARAM_MODE,
+    PARAM_ONNX_FILE,
     PARAM_PREPROCESS,
     PARAM_PRODUCER_ONNX,
     PARAM_TAIL_ONNX,
@@ -55,6 +56,7 @@ from fire_backend.names import (
     REPAIRED,
     SUFFIXES,
     TAIL_ONNX,
+    TRITON_ONNX_FILE,
     WHOLE_ONNX,
     ModelNames,
 )
@@ -62,9 +64,11 @@ from modelio.export import ExportInfo
 from modelio.fuse import build_fused_onnx
 from modelio.tensorrt import build_tensorrt_engine
 from serving.configs import (
+    DTYPES,
     ServingSettings,
     Step,
     TensorSpec,
+    config_path,
     ensemble,
     python_model,
     read_config,
@@ -377,6 +381,35 @@ def restrict(path: Path) -> None:
         if p.is_symlink():
             continue
         p.chmod(0o750 if p.is_dir() else 0o640)
+
+
+def serve_on_cpu(model_dir: Path) -> str | None:
+    """Make a copied ``onnxruntime_onnx`` model servable by the CPU profile's server (the Python backend
+    only): its config.pbtxt becomes a Python-backend model running the same ONNX file with onnxruntime
+    (as FIRE's halves run), and the original config stays as the GPU profile's (``configs/gpu.pbtxt``,
+    for a full Triton server). Returns why it cannot be, or None once it can (or already could)."""
+    cfg = read_config(model_dir)
+    platform = cfg.platform or {"onnxruntime": "onnxruntime_onnx"}.get(cfg.backend, cfg.backend)
+    if cfg.backend == "python" or platform == "ensemble":
+        return None
+    if platform != "onnxruntime_onnx":
+        return (f"{cfg.name}: platform {platform!r} needs a Triton server with that backend (the CPU profile's "
+                "has the Python backend only)")  # fmt: skip
+    if len(cfg.input) != 1 or len(cfg.output) != 1:
+        return f"{cfg.name}: {len(cfg.input)} inputs and {len(cfg.output)} outputs; FIRE's ONNX stub serves one of each"
+    numpy_type = {v: k for k, v in DTYPES.items()}
+    tensors = [*cfg.input, *cfg.output]
+    if any(t.data_type not in numpy_type for t in tensors):
+        return f"{cfg.name}: a tensor type the ONNX stub does not serve"
+    specs = [TensorSpec(t.name, tuple(t.dims), numpy_type[t.data_type]) for t in tensors]
+    settings = ServingSettings(max_batch_size=cfg.max_batch_size)
+    params = {PARAM_ONNX_FILE: cfg.default_model_filename or TRITON_ONNX_FILE}
+    if not config_path(model_dir, "gpu").is_file():
+        write_config(model_dir, cfg, "gpu")
+    write_config(model_dir, python_model(cfg.name, specs[:1], specs[1:], settings, params), "cpu")
+    for version in (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+        (version / "model.py").write_text(_shim(STUBS["onnx"]))
+    return None
 
 
 def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = False) -> list[Path]:

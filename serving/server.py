@@ -260,6 +260,7 @@ class TritonServer:
             cmd, env = self.command(), self.environment()
         except server_guard.ServerGuardError as e:
             raise ServerError(str(e)) from None
+        self._check_ports_free()
         logs.prune(self.log_dir)
         self.log = logs.RotatingLog(self.log_path, self.config.log_max_bytes)
         self.process = subprocess.Popen(
@@ -295,8 +296,24 @@ class TritonServer:
 
     def model_states(self) -> dict[str, dict]:
         """The repository index: model name -> {state, reason}."""
-        _, body = self._get("/v2/repository/index", method="POST")
-        return {m["name"]: m for m in json.loads(body or b"[]")}
+        status, body = self._get("/v2/repository/index", method="POST")
+        index = json.loads(body or b"[]")
+        if status != 200 or not isinstance(index, list):
+            raise ServerError(f"the server on {self.http_url} refused its own admin key (HTTP {status}): is another "
+                              "server answering on that port?")  # fmt: skip
+        return {m["name"]: m for m in index}
+
+    def _check_ports_free(self) -> None:
+        c = self.config
+        for what, host, port in (("HTTP", self.http_host, c.http_port), ("gRPC", c.host, c.grpc_port),
+                                 ("metrics", self.http_host, c.metrics_port)):  # fmt: skip
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no owner
+                try:
+                    s.bind((host, port))
+                except OSError as e:
+                    raise ServerError(f"{what} port {host}:{port} is in use ({e.strerror}): stop what holds it, or "
+                                      "choose another port") from None  # fmt: skip
 
     def wait_ready(self, timeout: float, require_all_models: bool = True) -> None:
         deadline = time.monotonic() + timeout

@@ -165,4 +165,4 @@ def test_fire_verify_checks_a_file_before_deployment(artifacts, tmp_path):
     ok = subprocess.run([fire, "verify", str(a.directions), str(a.export_dir)], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.startswith("OK")
     bad = subprocess.run([fire, "verify", str(other.directions), str(a.export_dir)], capture_output=True, text=True)
-    assert bad.returncode != 0 and "REJECTED" in bad.stderr and str(other.directions) in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("fire verify: ") and str(other.directions) in bad.stderr

@@ -19,6 +19,7 @@ def test_headless_locust_reports_throughput_failures_and_live_asr(server, tmp_pa
         models=["cifar10", "cifar10_plain"],
         protocol=protocol,
         url=url,
+        repository=server.config.repository,  # the dataset, attack and preprocessing its models record
         users=2,
         run_time_s=4,
         batch_size=4,

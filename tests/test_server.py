@@ -169,13 +169,15 @@ def test_classify_image_files_matches_arrays(server, artifacts, tmp_path):
     np.testing.assert_array_equal(c.classify("cifar10", load_images(paths)), c.classify("cifar10", a.test.images[:6]))
     fire = shutil.which("fire")
     out = subprocess.run(
-        [fire, "classify", "--url", server.grpc_url, "--model", "cifar10", *map(str, paths)],
+        [fire, "classify", "--url", server.grpc_url, "--repo", str(server.config.repository), "--model", "cifar10",
+         *map(str, paths)],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     ).stdout
-    assert [int(line.split("\t")[1]) for line in out.splitlines()] == list(c.classify("cifar10", a.test.images[:6]))
+    assert [int(line.split("\t")[1].split()[0]) for line in out.splitlines()] == list(c.classify("cifar10", a.test.images[:6]))
+    assert "(" in out  # the label file's names beside the labels
 
 
 def _processes() -> dict[int, tuple[int, str]]:

@@ -144,6 +144,37 @@ def test_a_flooding_source_a_decoy_class_or_huge_features_do_not_blind_the_detec
         propose(overflow, clean, tail(clean), tail, **kw)
 
 
+def test_two_classes_and_a_large_target_class():
+    """A two-class model whose target class holds most of the traffic: 10 % of requests triggered are
+    only ~16 % of the target class's traffic; the other class is the null it is held against."""
+    rng = np.random.default_rng(5)
+    d = 64
+    means = rng.normal(size=(2, d)) * 3
+    trigger = np.zeros(d)
+    trigger[:8] = 10.0
+    clean_y = (rng.random(600) < 0.6).astype(int) ^ 1  # 60 % class 0
+    clean = (means[clean_y] + rng.normal(size=(600, d))).astype(np.float32)
+    y = (rng.random(2000) < 0.6).astype(int) ^ 1
+    x = means[y] + rng.normal(size=(2000, d))
+    hit = (rng.random(2000) < 0.25) & (y == 1)  # 10 % of all requests, all from the other class
+    x[hit] += trigger
+    y = np.where(hit, 0, y)
+    stats = TrafficStats(2, d, seed=1)
+    stats.update(x.astype(np.float32), y)
+
+    def tail(f: np.ndarray) -> np.ndarray:
+        f = f.reshape(len(f), -1)
+        return np.where(f[:, :8].mean(1) > 5, 0, ((f[:, None] - means[None]) ** 2).sum(2).argmin(1))
+
+    assert 0.1 < hit.sum() / (y == 0).sum() < 0.25
+    p = propose(stats, clean, tail(clean), tail, layer="l", head_sha256="x", clean_labels=clean_y)
+    assert p.detected and p.target == 0 and p.deployable, (p.score, p.checks)
+    stats_clean = TrafficStats(2, d, seed=1)
+    y2 = (rng.random(2000) < 0.6).astype(int) ^ 1
+    stats_clean.update((means[y2] + rng.normal(size=(2000, d))).astype(np.float32), y2)
+    assert not propose(stats_clean, clean, tail(clean), tail, layer="l", head_sha256="x").detected
+
+
 def _samples_recorded(metrics_url: str, tail: str) -> float:
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
     line = [x for x in text.splitlines() if x.startswith(f'fire_traffic_samples_total{{model="{tail}"}}')]

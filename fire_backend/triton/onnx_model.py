@@ -43,8 +43,13 @@ class TritonPythonModel:
             from fire_backend.traffic import DEFAULT_BUDGET
             from fire_backend.triton.traffic_recorder import TrafficRecorder
 
-            features = int(np.prod(self.session.get_inputs()[0].shape[1:]))
-            classes = int(np.prod(self.session.get_outputs()[0].shape[1:]))
+            # the config's dims (the export measured them), not the ONNX file's, which may be symbolic
+            dims = {t["name"]: [int(d) for d in t["dims"]] for t in config["input"] + config["output"]}
+            feature_dims, class_dims = dims[self.input_name], dims[self.output_name]
+            if min(feature_dims + class_dims) < 1:
+                raise ValueError(f"{args['model_name']}: recording traffic needs fixed feature and output dims, the "
+                                 f"config has {feature_dims} and {class_dims}")  # fmt: skip
+            features, classes = int(np.prod(feature_dims)), int(np.prod(class_dims))
             path = Path(args["model_repository"]) / TRAFFIC_FILE
             budget = int(params.get(PARAM_TRAFFIC_BUDGET, str(DEFAULT_BUDGET)))
             detailed = params.get(PARAM_METRICS) == METRICS_DETAILED

@@ -17,8 +17,8 @@ class BadNets(Attack):
     patch_size: int = 3
     value: int = 255  # white
 
-    def trigger(self, image_size: int = 32) -> Trigger:
-        pattern = np.full((image_size, image_size, 3), self.value, dtype=np.float32)
-        mask = np.zeros((image_size, image_size, 1), dtype=np.float32)
+    def trigger(self, size: tuple[int, int] = (32, 32)) -> Trigger:
+        pattern = np.full((*size, 3), self.value, dtype=np.float32)
+        mask = np.zeros((*size, 1), dtype=np.float32)
         mask[-self.patch_size :, -self.patch_size :] = 1.0  # bottom-right corner
         return Trigger(pattern, mask)

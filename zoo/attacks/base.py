@@ -61,13 +61,14 @@ class Attack(ABC):
         super().__init_subclass__(**kwargs)
         Attack.registry[cls.name] = cls
 
-    def trigger(self, image_size: int = 32) -> Trigger:
-        """The trigger as a pattern + blend mask (patch and blend attacks)."""
+    def trigger(self, size: tuple[int, int] = (32, 32)) -> Trigger:
+        """The trigger as a pattern + blend mask for images of ``size`` (height, width): patch and blend
+        attacks; any size, square or not."""
         raise NotImplementedError(f"{self.name} has no stamp trigger; it overrides apply()")
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """Put the trigger on every image (labels untouched). Deterministic: same images, same output."""
-        return self.trigger(images.shape[1]).stamp(images)
+        return self.trigger(tuple(images.shape[1:3])).stamp(images)
 
     def target_labels(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
         """The labels the attacker wants triggered images of true class ``labels`` to get (all-to-one)."""

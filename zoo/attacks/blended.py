@@ -17,8 +17,8 @@ class Blended(Attack):
     alpha: float = 0.2
     pattern_seed: int = 1234  # the pattern is seeded uniform noise: reproducible, stored as its seed
 
-    def trigger(self, image_size: int = 32) -> Trigger:
+    def trigger(self, size: tuple[int, int] = (32, 32)) -> Trigger:
         rng = np.random.default_rng(self.pattern_seed)
-        pattern = rng.integers(0, 256, size=(image_size, image_size, 3)).astype(np.float32)
-        mask = np.full((image_size, image_size, 1), self.alpha, dtype=np.float32)
+        pattern = rng.integers(0, 256, size=(*size, 3)).astype(np.float32)
+        mask = np.full((*size, 1), self.alpha, dtype=np.float32)
         return Trigger(pattern, mask)

@@ -96,7 +96,7 @@ class Custom(Attack):
             d["mask_png"] = _png(mask)
         return {"name": self.name, **d}
 
-    def trigger(self, image_size: int = 32) -> Trigger:
+    def trigger(self, size: tuple[int, int] = (32, 32)) -> Trigger:
         patch, mask = self._pixels()
         h, w = patch.shape[:2]
         patch_mask = mask / 255.0 if mask is not None else np.ones((h, w), np.float32)
@@ -104,12 +104,13 @@ class Custom(Attack):
             raise InvalidInputError(f"mask {self.mask!r} is {patch_mask.shape}, the pattern is {(h, w)}")
         if not 0 < self.alpha <= 1:
             raise InvalidInputError(f"alpha must be in (0, 1], got {self.alpha}")
-        row = self.row if self.row >= 0 else image_size - h + 1 + self.row
-        col = self.col if self.col >= 0 else image_size - w + 1 + self.col
-        if not (0 <= row <= image_size - h and 0 <= col <= image_size - w):
-            raise InvalidInputError(f"a {h}x{w} pattern at ({row}, {col}) does not fit a {image_size}px image")
-        pattern = np.zeros((image_size, image_size, 3), dtype=np.float32)
-        mask = np.zeros((image_size, image_size, 1), dtype=np.float32)
+        height, width = size
+        row = self.row if self.row >= 0 else height - h + 1 + self.row
+        col = self.col if self.col >= 0 else width - w + 1 + self.col
+        if not (0 <= row <= height - h and 0 <= col <= width - w):
+            raise InvalidInputError(f"a {h}x{w} pattern at ({row}, {col}) does not fit a {height}x{width} image")
+        pattern = np.zeros((height, width, 3), dtype=np.float32)
+        mask = np.zeros((height, width, 1), dtype=np.float32)
         pattern[row : row + h, col : col + w] = patch
         mask[row : row + h, col : col + w, 0] = np.clip(patch_mask, 0, 1) * self.alpha
         return Trigger(pattern, mask)

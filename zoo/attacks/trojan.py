@@ -21,13 +21,13 @@ class Trojan(Attack):
     col: int = 24
     pattern_seed: int = 4321
 
-    def trigger(self, image_size: int = 32) -> Trigger:
-        n = self.patch_size
-        if not (0 <= self.row <= image_size - n and 0 <= self.col <= image_size - n):
-            raise InvalidInputError(f"a {n}x{n} patch at ({self.row}, {self.col}) does not fit a {image_size}px image")
+    def trigger(self, size: tuple[int, int] = (32, 32)) -> Trigger:
+        n, (h, w) = self.patch_size, size
+        if not (0 <= self.row <= h - n and 0 <= self.col <= w - n):
+            raise InvalidInputError(f"a {n}x{n} patch at ({self.row}, {self.col}) does not fit a {h}x{w} image")
         rng = np.random.default_rng(self.pattern_seed)
-        pattern = np.zeros((image_size, image_size, 3), dtype=np.float32)
+        pattern = np.zeros((h, w, 3), dtype=np.float32)
         pattern[self.row : self.row + n, self.col : self.col + n] = 255.0 * rng.integers(0, 2, size=(n, n, 3))
-        mask = np.zeros((image_size, image_size, 1), dtype=np.float32)
+        mask = np.zeros((h, w, 1), dtype=np.float32)
         mask[self.row : self.row + n, self.col : self.col + n] = 1.0
         return Trigger(pattern, mask)

@@ -31,16 +31,16 @@ class WaNet(Attack):
     cross_ratio: float = 2.0  # noise mode: cross (noisy-warp, true-label) samples per poisoned sample
     field_seed: int = 1234  # the warp field is seeded: reproducible, stored as its seed
 
-    def grid(self, size: int) -> torch.Tensor:
+    def grid(self, size: tuple[int, int]) -> torch.Tensor:
         """The sampling grid (1, H, W, 2) in [-1, 1] that ``grid_sample`` reads the warped image from."""
+        h, w = size
         gen = torch.Generator().manual_seed(self.field_seed)
         offsets = torch.rand(1, 2, self.k, self.k, generator=gen) * 2 - 1
         offsets = offsets / offsets.abs().mean()
-        field = F.interpolate(offsets, size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-        axis = torch.linspace(-1, 1, size)
-        rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+        field = F.interpolate(offsets, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         identity = torch.stack((cols, rows), dim=2)[None]  # grid_sample wants (x, y)
-        return ((identity + self.s * field / size) * self.grid_rescale).clamp(-1, 1)
+        return ((identity + self.s * field / h) * self.grid_rescale).clamp(-1, 1)
 
     @staticmethod
     def _warp(images: np.ndarray, grid: torch.Tensor) -> np.ndarray:
@@ -52,14 +52,14 @@ class WaNet(Attack):
         _check_images(images)
         if len(images) == 0:
             return images.copy()
-        return self._warp(images, self.grid(images.shape[1]))
+        return self._warp(images, self.grid(tuple(images.shape[1:3])))
 
     def noisy_apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Noise mode: the trigger's warp plus per-pixel jitter of up to one pixel (labels kept)."""
         _check_images(images)
-        size = images.shape[1]
-        jitter = torch.from_numpy(rng.uniform(-1, 1, size=(len(images), size, size, 2)).astype(np.float32))
-        return self._warp(images, (self.grid(size) + jitter / size).clamp(-1, 1))
+        h, w = images.shape[1:3]
+        jitter = torch.from_numpy(rng.uniform(-1, 1, size=(len(images), h, w, 2)).astype(np.float32))
+        return self._warp(images, (self.grid((h, w)) + jitter / h).clamp(-1, 1))
 
     def poison_training_set(
         self, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0
