@@ -176,7 +176,8 @@ def test_classify_image_files_matches_arrays(server, artifacts, tmp_path):
         timeout=120,
         check=True,
     ).stdout
-    assert [int(line.split("\t")[1].split()[0]) for line in out.splitlines()] == list(c.classify("cifar10", a.test.images[:6]))
+    printed = [int(line.split("\t")[1].split()[0]) for line in out.splitlines()]
+    assert printed == list(c.classify("cifar10", a.test.images[:6]))
     assert "(" in out  # the label file's names beside the labels
 
 
