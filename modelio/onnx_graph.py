@@ -190,7 +190,8 @@ class OnnxGraph:
                 if _static(cut.dims):
                     out.append(cut)
                 else:
-                    self.skipped[tensor] = f"shape {cut.dims or 'unknown'}: not static (declare --input-size HxW)"
+                    where = "at this input size" if _static(self.input.dims) else "(declare the input size)"
+                    self.skipped[tensor] = f"shape {cut.dims or 'unknown'}: not static {where}"
         return out
 
     def _is_float32(self, tensor: str) -> bool:

@@ -183,6 +183,7 @@ class TritonServer:
         self.inference_key = config.inference_key or INFERENCE.ensure()[0]
         self.keys = {ADMIN: self.admin_key, INFERENCE: self.inference_key}
         self.log: logs.RotatingLog | None = None
+        self._check_ports_free()  # before anything starts: a taken port gets a clear message, not a stuck wait
         self.binary, self.backend_dir, self.wheel = resolve_server(config, self.workdir / "backends")
         self.process: subprocess.Popen | None = None
         self.watchdog = None
@@ -260,7 +261,6 @@ class TritonServer:
             cmd, env = self.command(), self.environment()
         except server_guard.ServerGuardError as e:
             raise ServerError(str(e)) from None
-        self._check_ports_free()
         logs.prune(self.log_dir)
         self.log = logs.RotatingLog(self.log_path, self.config.log_max_bytes)
         self.process = subprocess.Popen(
