@@ -5,7 +5,10 @@
    ``serving.protect`` (the cut chosen from the calibration images), with flagged triggered images (no
    labels, unpaired) and, for the ONNX file, also with the trigger known (paired). CA / ASR / PA are
    measured through Triton on the CIFAR-10 test split, protected vs the original model.
-2. A ResNet-18 at 3x224x224 (random weights), cut after layer2: split error, served == original with an
+2. Foreign test cases (``foreign.py``): a third party's two-class network at 32 x 64 with dynamic H/W,
+   BGR and its own normalisation, fine-tuned with a checker patch and with a blend backdoor; protected
+   by ``fire protect``'s path from 400 clean and 50 flagged images, the cut chosen automatically.
+3. A ResNet-18 at 3x224x224 (random weights), cut after layer2: split error, served == original with an
    identity repair, and the serving latency of FIRE vs the unsplit model at batch 1 and 32.
 
 Writes results/own_model.md and results/own_model.png.
@@ -44,6 +47,8 @@ class OwnModelConfig:
     work_dir: Path = PROJECT_ROOT / "build" / "own_model"
     out: Path = PROJECT_ROOT / "results" / "own_model.md"
     seed: int = 0
+    foreign_clean: int = 400  # the foreign cases: clean calibration images (labeled)
+    foreign_flagged: int = 50  # and flagged triggered ones
     rows: dict = field(default_factory=dict)
 
     @classmethod
@@ -94,6 +99,41 @@ def _efficacy(cfg: OwnModelConfig) -> tuple[dict[str, BackdoorMetrics], dict[str
         metrics |= evaluate_served(server.grpc_url, ["own_torch"], "cifar10", attack, limit=cfg.test_limit,
                                    preprocess=pre, io=(INPUT, LOGITS))  # fmt: skip
     return metrics, results, meta
+
+
+def _foreign(cfg: OwnModelConfig) -> list[dict]:
+    """Each foreign case (built if missing), protected from 400 clean and 50 flagged images with the cut
+    chosen automatically, then measured through the server beside the original."""
+    from benchmarks.own_model.foreign import MEAN, STD, build_case, cases, pairs
+    from calibration.imagesets import ImageSet
+    from clients import evaluate_images
+
+    work = cfg.work_dir / "foreign"
+    pre = Preprocess(32, 64, channels="BGR", mean=MEAN, std=STD)
+    train_x, train_y = pairs("train", cfg.seed)
+    test_x, test_y = pairs("test", cfg.seed)
+    if cfg.test_limit:
+        test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
+    rng = np.random.default_rng(cfg.seed + 7)
+    rows = []
+    for case in cases(work):
+        onnx_file = work / case.name / WHOLE_ONNX
+        meta = json.loads((work / case.name / "case.json").read_text()) if onnx_file.is_file() else \
+            build_case(case, work / case.name, base=work / "clean_base.pt")  # fmt: skip
+        attack = attack_from_spec(case.attack)
+        clean_idx = rng.choice(len(train_x), cfg.foreign_clean, replace=False)
+        flag_idx = rng.choice(np.flatnonzero(train_y != attack.target), cfg.foreign_flagged, replace=False)
+        data = CalibrationSet(train_x[clean_idx], attack.apply(train_x[flag_idx]), clean_labels=train_y[clean_idx])
+        repo = work / f"repository_{case.name}"
+        r = protect_onnx(onnx_file, pre, data, ProtectConfig(case.name, repo, work / "exports", whole=True))
+        with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+            m = evaluate_images(server.grpc_url, [f"{case.name}_whole", case.name], ImageSet(test_x, test_y),
+                                ImageSet(attack.apply(test_x), test_y), attack.target, pre)  # fmt: skip
+        for served, label in ((f"{case.name}_whole", "original"), (case.name, "FIRE")):
+            rows.append({"case": case.name, "served": label, "CA": 100 * m[served].ca, "ASR": 100 * m[served].asr,
+                         "PA": 100 * m[served].pa, "cut": r.export.layer, "features": tuple(r.export.feature_shape),
+                         "train_CA": 100 * meta["CA"], "train_ASR": 100 * meta["ASR"]})  # fmt: skip
+    return rows
 
 
 def _latency(cfg: OwnModelConfig) -> tuple[list[dict], ProtectResult]:
@@ -155,6 +195,7 @@ def run_own_model(cfg: OwnModelConfig | None = None) -> Path:
     cfg = cfg or OwnModelConfig()
     t0 = time.time()
     metrics, results, meta = _efficacy(cfg)
+    foreign = _foreign(cfg)
     latency, big = _latency(cfg)
     label = {
         "own_onnx_whole": "original (no defense)",
@@ -186,6 +227,21 @@ def run_own_model(cfg: OwnModelConfig | None = None) -> Path:
         "",
         f"Training-time test metrics of the model (torch): CA {100 * meta['test']['CA']:.2f}, "
         f"ASR {100 * meta['test']['ASR']:.2f}, PA {100 * meta['test']['PA']:.2f}.",
+        "",
+        "## Foreign models: two classes, 32 x 64, dynamic H/W, BGR, its own normalisation",
+        "",
+        "A third party's network (`benchmarks/own_model/foreign.py`: its recipe) for CIFAR-10 vehicles vs animals, "
+        "two images side by side (32 x 64), 60 % animals (the attacker's class), BGR normalised to [-1, 1], "
+        "exported to ONNX with dynamic H and W, a data-dependent Reshape, and tensor names `x` / "
+        "`save_infer_model/scale_0.tmp_1`; fine-tuned with a 6x6 checker patch (`checker`) or a 15 % noise blend "
+        f"(`blend`). FIRE: `fire protect`'s path from {cfg.foreign_clean} clean and {cfg.foreign_flagged} flagged "
+        "training images, the cut chosen automatically; measured through Triton on the test pairs. Targets: "
+        "ASR <= 5, PA >= CA - 5, CA drop <= 0.5.",
+        "",
+        "| case | served | CA % | ASR % | PA % | cut chosen |",
+        "|---|---|---:|---:|---:|---|",
+        *(f"| {r['case']} | {r['served']} | {r['CA']:.2f} | {r['ASR']:.2f} | {r['PA']:.2f} | "
+          f"{'`' + r['cut'] + '` ' + str(r['features']) if r['served'] == 'FIRE' else ''} |" for r in foreign),
         "",
         "## 3x224x224: ResNet-18 (random weights), cut after layer2",
         "",
