@@ -111,7 +111,11 @@ def choose_cut(
     return max(within, key=lambda s: (s.gain, -s.cost)), scores
 
 
-def onnx_runner_for(onnx_path: str | Path, preprocess: Preprocess) -> tuple[Callable[[str], OnnxRunner], list[str]]:
-    """A runner factory over an ONNX model's valid cuts, and those cuts (tensor names)."""
+def onnx_runner_for(
+    onnx_path: str | Path, preprocess: Preprocess
+) -> tuple[Callable[[str], OnnxRunner], list[str], dict[str, str]]:
+    """A runner factory over an ONNX model's valid cuts, those cuts (tensor names), and the valid cuts left
+    out because their shape is not static at the served size (tensor -> reason)."""
     graph = OnnxGraph(onnx_path, input_dims=(None, *preprocess.dims))  # shapes at the served size
-    return (lambda cut: OnnxRunner(graph, cut, preprocess)), [c.tensor for c in graph.cuts()]
+    cuts = [c.tensor for c in graph.cuts()]
+    return (lambda cut: OnnxRunner(graph, cut, preprocess)), cuts, dict(graph.skipped)

@@ -135,6 +135,9 @@ def protect(a: argparse.Namespace) -> None:
         for s in r.cut_scores:
             mark = "  <- chosen" if s.cut == r.export.layer else ""
             print(f"  {s.cut}\t{s.feature_shape}\t{s.gain:.1f} / {s.cost:.2f}{mark}")
+    if r.skipped_cuts:
+        t, why = next(iter(r.skipped_cuts.items()))
+        print(f"{len(r.skipped_cuts)} valid cut(s) left out, no static shape at the served size (first: {t}, {why})")
     for reason in r.unservable:
         print(f"note: copied, but not servable by the CPU profile's server: {reason}")
     d = r.directions

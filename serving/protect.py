@@ -54,6 +54,7 @@ class ProtectResult:
     built: BuiltModel
     cut_scores: list[CutScore]  # empty when the cut was given
     unservable: list[str] = field(default_factory=list)  # copied models the CPU profile's server cannot run, and why
+    skipped_cuts: dict[str, str] = field(default_factory=dict)  # valid cuts without a static shape -> why left out
 
 
 def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfig) -> tuple[str, list[CutScore]]:
@@ -79,11 +80,13 @@ def _finish(export_dir: Path, data: CalibrationSet, cfg: ProtectConfig, scores, 
 
 def protect_onnx(onnx_path: str | Path, preprocess: Preprocess, data: CalibrationSet, cfg: ProtectConfig,
                  io=None) -> ProtectResult:  # fmt: skip
-    runner_for, cuts = onnx_runner_for(onnx_path, preprocess)
+    runner_for, cuts, skipped = onnx_runner_for(onnx_path, preprocess)
     cut, scores = _choose(runner_for, cuts, data, cfg)
     export_dir = Path(cfg.work_dir) / cfg.name
     export_onnx_model(onnx_path, cut, export_dir, preprocess, check_images=data.clean[:64])
-    return _finish(export_dir, data, cfg, scores, io)
+    result = _finish(export_dir, data, cfg, scores, io)
+    result.skipped_cuts = skipped if not cfg.cut else {}
+    return result
 
 
 def protect_torch(model: nn.Module, preprocess: Preprocess, data: CalibrationSet, cfg: ProtectConfig,

@@ -147,8 +147,8 @@ def _shim(module: str) -> str:
 class _Writer:
     """Writes models into one repository with one set of serving settings."""
 
-    def __init__(self, out: Path, settings: ServingSettings, tensorrt: bool):
-        self.out, self.s, self.tensorrt = out, settings, tensorrt
+    def __init__(self, out: Path, settings: ServingSettings):
+        self.out, self.s = out, settings
         self.written: list[str] = []
 
     def _fresh(self, name: str) -> Path:
@@ -169,8 +169,6 @@ class _Writer:
         version = model_dir / MODEL_VERSION
         shutil.copyfile(src, version / WHOLE_ONNX)
         (version / "model.py").write_text(_shim(STUBS["onnx"]))
-        if self.tensorrt:
-            build_tensorrt_engine(version / WHOLE_ONNX, version, self.s.max_batch_size)
 
     def guard(self, name: str, inp: TensorSpec, policy: dict[str, str]) -> None:
         """The GPU profile's input check (a TensorRT head cannot refuse bad pixels)."""
@@ -200,9 +198,6 @@ class _Writer:
         shutil.copyfile(src, engine_dir / MODEL_VERSION / WHOLE_ONNX)
         self._ensemble_config(engine_dir, engine, inp, out, [Stage(name, inp.name, out.name)], "cpu")
         write_config(engine_dir, tensorrt_model(engine, [inp], [out], self.s), "gpu")
-        if self.tensorrt:
-            version = engine_dir / MODEL_VERSION
-            build_tensorrt_engine(version / WHOLE_ONNX, version, self.s.max_batch_size)
 
     def repair_model(
         self, name: str, directions: Path, mode: str | None, producer: str, shape, preprocess: dict, metrics: str
@@ -367,8 +362,10 @@ def build_repository(
         raise InvalidInputError(f"protected model names must be unique, got {names}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    w = _Writer(out, settings or ServingSettings(), tensorrt)
+    w = _Writer(out, settings or ServingSettings())
     built = [_build_one(w, m) for m in models]
+    if tensorrt:
+        build_engines(out)
     for name in w.written:
         restrict(out / name)
     return built
@@ -415,29 +412,37 @@ def serve_on_cpu(model_dir: Path) -> str | None:
 def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = False) -> list[Path]:
     """Build, on this machine's GPU, the engine of every TensorRT model of ``profile`` whose plan for this
     GPU (compute capability, TensorRT version) is missing or was built from another ONNX file (a
-    Kubernetes init container, see deploy/). Plans are written under a temporary name and renamed."""
+    Kubernetes init container, see deploy/). Every model's ONNX is checked against its config first, so
+    a fixed batch axis or a dim mismatch is reported before anything is built, GPU or not."""
     from fire_backend.engines import EngineBindingError, check_binding
-    from modelio.tensorrt import _gpu
+    from modelio.tensorrt import _gpu, input_profiles
 
-    cc, _ = _gpu()
-    built = []
+    jobs = []
     for cfg_path in sorted(Path(repository).glob(f"*/configs/{profile}.pbtxt")):
         cfg = read_config(cfg_path.parent.parent, profile)
         if cfg.platform != "tensorrt_plan":
             continue
-        if cc not in cfg.cc_model_filenames:
-            raise InvalidInputError(f"{cfg.name}: no engine file name for compute capability {cc} in {cfg_path}")
         version = cfg_path.parent.parent / MODEL_VERSION
         onnx_file = version / WHOLE_ONNX
         if not onnx_file.is_file():
             raise MissingFileError(f"{cfg.name}: no {onnx_file} to build its engine from")
+        declared = {i.name: tuple(i.dims) for i in cfg.input}
+        input_profiles(onnx_file, declared, cfg.max_batch_size)  # refuses what the builder would fail on late
+        jobs.append((cfg, version, onnx_file, declared))
+    if not jobs:
+        return []
+    cc, _ = _gpu()
+    built = []
+    for cfg, version, onnx_file, declared in jobs:
+        if cc not in cfg.cc_model_filenames:
+            raise InvalidInputError(f"{cfg.name}: no engine file name for compute capability {cc} in its config")
         if not rebuild:
             try:
                 check_binding(version, cc, sha256_file(onnx_file))
                 continue  # up to date
             except EngineBindingError:
                 pass
-        built.append(build_tensorrt_engine(onnx_file, version, cfg.max_batch_size))
+        built.append(build_tensorrt_engine(onnx_file, version, cfg.max_batch_size, declared, rebuild=rebuild))
     return built
 
 

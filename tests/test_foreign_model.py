@@ -76,6 +76,7 @@ def test_protect_chooses_a_cut_past_a_data_dependent_reshape_and_serves_it(forei
           "--work-dir", str(tmp_path / "w")])  # fmt: skip
     out = capsys.readouterr().out
     assert "protected orient" in out and "<- chosen" in out
+    assert "left out, no static shape at the served size (first: /Reshape_output_0" in out  # one line, why
     with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
         from clients import FireClient
 

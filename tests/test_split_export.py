@@ -63,8 +63,12 @@ GPU_MACHINE = torch.cuda.is_available() or shutil.which("nvidia-smi") is not Non
 
 @pytest.mark.skipif(GPU_MACHINE, reason="a GPU machine builds engines for real (tests/test_gpu_profile.py)")
 def test_tensorrt_build_fails_clearly_without_a_gpu(artifacts, tmp_path):
+    from modelio.export import ExportInfo
+
+    info = ExportInfo.read(artifacts["cifar10"].export_dir)
     with pytest.raises(TensorRTUnavailableError, match="no CUDA GPU"):
-        build_tensorrt_engine(artifacts["cifar10"].export_dir / "head.onnx", tmp_path, 64)
+        build_tensorrt_engine(artifacts["cifar10"].export_dir / "head.onnx", tmp_path, 64,
+                              {info.input_name: tuple(info.input_shape)})  # fmt: skip
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
