@@ -228,7 +228,8 @@ def _build_with_trtexec(trtexec: str, onnx_path: Path, plan_path: Path, profiles
         return ",".join(f"{p.name}:{'x'.join(map(str, getattr(p, which)))}" for p in profiles)
 
     cmd = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={plan_path}", f"--minShapes={shapes('min')}",
-           f"--optShapes={shapes('opt')}", f"--maxShapes={shapes('max')}", "--noTF32"] + (["--fp16"] if fp16 else [])  # fmt: skip
+           f"--optShapes={shapes('opt')}", f"--maxShapes={shapes('max')}", "--noTF32"]  # fmt: skip
+    cmd += ["--fp16"] if fp16 else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "Error" in ln or "ERROR" in ln]

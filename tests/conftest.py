@@ -40,6 +40,8 @@ def _only_integration_tests_start_servers(request, monkeypatch):
         raise AssertionError(f"{request.node.nodeid} starts a tritonserver: mark it @pytest.mark.integration")
 
     monkeypatch.setattr(TritonServer, "start", refuse)
+
+
 MODELS = {"cifar10": REPO / "models" / "cifar10_resnet_badnets", "gtsrb": REPO / "models" / "gtsrb_resnet_badnets"}
 
 

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fire_backend.engines import check_binding, plan_name, record_path
 from fire_backend.errors import StepFailedError
 from serving.configs import ServingSettings, TensorSpec, tensorrt_model, write_config
+
 from .conftest import fire_fails
 
 CC = "9.0"
@@ -31,10 +32,12 @@ def _onnx(path: Path, batch: int | str = "N", inputs: int = 1, hw: tuple = (4, 4
     for i in range(1, inputs):
         nodes.append(helper.make_node("Add", [last, f"x{i}"], [f"s{i}"]))
         last = f"s{i}"
-    nodes += [helper.make_node("Mul", [last, "w"], ["m"]), helper.make_node("ReduceMean", ["m"], ["y"], axes=[2, 3],
-                                                                          keepdims=0)]  # fmt: skip
+    nodes.append(helper.make_node("Mul", [last, "w"], ["m"]))
+    nodes.append(helper.make_node("ReduceMean", ["m"], ["y"], axes=[2, 3], keepdims=0))
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2])
-    model = helper.make_model(helper.make_graph(nodes, "g", ins, [out], [w]), opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", ins, [out], [w]), opset_imports=[helper.make_opsetid("", 13)]
+    )
     onnx.save(model, path)
     return path
 
@@ -46,7 +49,9 @@ def _repo(tmp_path: Path, **onnx_kw) -> Path:
     n = onnx_kw.get("inputs", 1)
     _onnx(repo / "m" / "1" / "model.onnx", **onnx_kw)
     ins = [TensorSpec(f"x{i}", (2, 4, 4)) for i in range(n)]
-    write_config(repo / "m", tensorrt_model("m", ins, [TensorSpec("y", (2,))], ServingSettings(max_batch_size=8)), "gpu")
+    write_config(
+        repo / "m", tensorrt_model("m", ins, [TensorSpec("y", (2,))], ServingSettings(max_batch_size=8)), "gpu"
+    )
     return repo
 
 

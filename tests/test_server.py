@@ -169,8 +169,17 @@ def test_classify_image_files_matches_arrays(server, artifacts, tmp_path):
     np.testing.assert_array_equal(c.classify("cifar10", load_images(paths)), c.classify("cifar10", a.test.images[:6]))
     fire = shutil.which("fire")
     out = subprocess.run(
-        [fire, "classify", "--url", server.grpc_url, "--repo", str(server.config.repository), "--model", "cifar10",
-         *map(str, paths)],  # fmt: skip
+        [
+            fire,
+            "classify",
+            "--url",
+            server.grpc_url,
+            "--repo",
+            str(server.config.repository),
+            "--model",
+            "cifar10",
+            *map(str, paths),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=120,
