@@ -60,6 +60,7 @@ from serving.procfs import group_pids
 from serving.watchdog import StubWatchdog
 
 STUB_SHM_BYTES = 16 << 20  # per-stub shared memory: a batch-64 activation fits without growing the pool
+STUB_NUMPY_BELOW = 2  # the 2.51 stubs need numpy < 2 (with 2.x, as_numpy of small tensors read wrong values)
 
 
 class ServerError(FireError):
@@ -124,6 +125,25 @@ def resolve_server(config: ServerConfig, scratch: Path) -> tuple[Path, Path, boo
                 "a server with $FIRE_TRITONSERVER and its backends with $FIRE_BACKEND_DIR"
             )
     return binary, backend_dir, wheel
+
+
+def check_stub_numpy(env: dict[str, str]) -> str:
+    """The numpy the Python-backend stubs will import (the ``python3`` first on the server's PATH, with its
+    PYTHONPATH); refuses numpy >= 2, which the stubs of this server misread. Returns the version."""
+    python = shutil.which("python3", path=env.get("PATH")) or sys.executable
+    probe = subprocess.run([python, "-c", "import numpy; print(numpy.__version__)"], env=env, capture_output=True,
+                           text=True, timeout=60, check=False)  # fmt: skip
+    version = probe.stdout.strip()
+    if probe.returncode != 0 or not version:
+        raise ServerError(f"the Python-backend stubs cannot import numpy with {python}: "
+                          f"{(probe.stderr.strip().splitlines() or ['no output'])[-1]}")  # fmt: skip
+    if int(version.split(".")[0]) >= STUB_NUMPY_BELOW:
+        raise ServerError(
+            f"the Python-backend stubs of tritonserver 2.51 need numpy < {STUB_NUMPY_BELOW}; {python} imports numpy "
+            f"{version} (tensors would be read wrong): pip install 'numpy<{STUB_NUMPY_BELOW}' into the environment "
+            "the server runs its models in"
+        )
+    return version
 
 
 def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
@@ -261,6 +281,7 @@ class TritonServer:
             cmd, env = self.command(), self.environment()
         except server_guard.ServerGuardError as e:
             raise ServerError(str(e)) from None
+        check_stub_numpy(env)
         logs.prune(self.log_dir)
         self.log = logs.RotatingLog(self.log_path, self.config.log_max_bytes)
         self.process = subprocess.Popen(

@@ -249,3 +249,22 @@ def test_fire_serve_binds_loopback_and_leaves_nothing_behind(repository, sig):
     while set(_processes()) & {*server_pids, *stubs}:
         assert time.monotonic() < deadline, f"tritonserver or a stub outlived `fire serve` ({sig})"
         time.sleep(0.2)
+
+
+@pytest.mark.integration  # goes through TritonServer.start (refused before the process starts)
+def test_a_server_whose_stubs_would_import_numpy_2_refuses_to_start(tmp_path, monkeypatch, capsys):
+    """The 2.51 stubs misread tensors with numpy 2. The check runs the interpreter the stubs would run,
+    with their PYTHONPATH: here a numpy 2 found first on it (a package that says it is 2.2.0)."""
+    from serving.server import ServerError, check_stub_numpy
+
+    fake = tmp_path / "site" / "numpy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "2.2.0"\n')
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    with pytest.raises(ServerError, match=r"need numpy < 2; .* imports numpy 2\.2\.0"):
+        TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)).start()
+    monkeypatch.delenv("PYTHONPATH")
+    env = TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)).environment()
+    assert check_stub_numpy(env).startswith("1.")  # the project's environment passes
