@@ -3,8 +3,9 @@
 The formula and its parameters live in ``fire_backend.formula`` (one definition for every array
 library); here they become:
 
-- ``Repair``: validates the features and edits them in place (``addmm_``: no copy, so the GPU repair
-  model's DLPack round trip stays zero-copy); the CPU repair model uses ``formula.NumpyRepair``.
+- ``Repair``: validates the features and edits them in place (``addmm_``: no copy of ours; on a GPU
+  the tensor stays on the device, no host round trip, and python_backend copies the output device to
+  device); the CPU repair model uses ``formula.NumpyRepair``.
 - ``RepairGraph``: an ``nn.Module`` computing ``x - C V`` out of place, traceable to ONNX (the fused model).
 
 The tests hold the forms equal for every mode, alpha and rank.

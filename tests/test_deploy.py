@@ -53,9 +53,14 @@ def test_deployment_probes_gpu_ports_and_autoscaling_fit_together():
     assert "ports" not in triton  # Triton listens on 127.0.0.1 inside the pod: only the gateway is reachable
     assert triton["command"] == ["/opt/fire/entrypoint.sh"] and gateway["command"] == ["/opt/fire/gateway.sh"]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    probe_port = triton["livenessProbe"]["httpGet"]["port"]  # probed through the gateway's port
-    assert probe_port in {p["containerPort"] for p in gateway["ports"]}
+    # Triton is probed inside its own container on the port the entrypoint gives it, not through the
+    # gateway (a gateway crash must not restart Triton); the gateway has a liveness probe of its own
+    http_port = re.search(r"--http-port (\d+)", (DEPLOY / "entrypoint.sh").read_text()).group(1)
+    for probe in ("startupProbe", "livenessProbe"):
+        command = " ".join(triton[probe]["exec"]["command"])
+        assert f"http://127.0.0.1:{http_port}/v2/health/live" in command, command
+    assert gateway["livenessProbe"]["tcpSocket"]["port"] == "http"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {p["containerPort"] for p in gateway["ports"]} == {9000, 9001, 9002}
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
