@@ -15,11 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibration.estimators import mean_features, paired_direction, photometric_views, unpaired_direction
+from calibration.estimators import (
+    mean_features,
+    paired_direction,
+    photometric_views,
+    unpaired_direction,
+    unpaired_reference,
+)
 from calibration.factory import make_directions
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
-from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX
+from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX, TAIL_ONNX
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
 from modelio.export import ExportInfo
@@ -122,9 +128,22 @@ def calibrate(
     config = config or CalibrationConfig()
     info = ExportInfo.read(export_dir)
     data = data or _zoo_set(info, config)
-    d = _estimate(HeadFeatures(export_dir), data, info.layer, info.head_sha256, config)
+    d = _estimate(HeadFeatures(export_dir), data, info.layer, info.head_sha256, config, _classifier(export_dir, info))
     d.save(out_path)
     return d
+
+
+def _classifier(export_dir: str | Path, info: ExportInfo, second: bool = False):
+    """features at the (first, or ``second``) cut -> the model's predicted class, with the deployed files."""
+    tail = onnx_session(Path(export_dir) / TAIL_ONNX, threads=2)
+    mid = onnx_session(Path(export_dir) / MID_ONNX, threads=2) if info.multilayer and not second else None
+
+    def classify(features: np.ndarray) -> np.ndarray:
+        f = mid.run([FEATURES2], {FEATURES: features})[0] if mid is not None else features
+        name = FEATURES2 if info.multilayer else FEATURES
+        return tail.run(None, {name: f})[0].reshape(len(f), -1).argmax(1)
+
+    return classify
 
 
 def calibrate_second(
@@ -148,7 +167,8 @@ def calibrate_second(
         repaired = repair(torch.from_numpy(head(images))).numpy()
         return mid.run([FEATURES2], {FEATURES: repaired})[0]
 
-    d = _estimate(features, data or _zoo_set(info, config), info.layer2, info.mid_sha256, config)
+    d = _estimate(features, data or _zoo_set(info, config), info.layer2, info.mid_sha256, config,
+                  _classifier(export_dir, info, second=True))  # fmt: skip
     d.extra["first_layer_directions_sha256"] = first.metadata()["tensors_sha256"]
     d.save(out_path)
     return d
@@ -177,17 +197,27 @@ def unpaired_beta(features, clean: np.ndarray, poisoned: np.ndarray, views: int,
     )
 
 
-def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, config: CalibrationConfig):
+def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, config: CalibrationConfig,
+              classify=None):  # fmt: skip
+    """The direction at ``layer``; ``classify`` (features -> predicted class) picks the unpaired estimate's
+    clean reference (``estimators.unpaired_reference``)."""
     estimator = config.estimator if data.paired else "unpaired"
+    clean_features = batched(features, data.clean)
+    reference = {}
     if estimator == "paired":
         beta = paired_direction(batched(features, data.originals), batched(features, data.triggered))
     elif estimator == "unpaired":
-        beta = unpaired_beta(features, data.clean, data.triggered, config.views, config.seed)
+        mask = np.ones(len(data.clean), bool)
+        if classify is not None:
+            mask, target = unpaired_reference(classify(clean_features), classify(batched(features, data.triggered)))
+            reference = {"reference": {"excluded_class": target, "clean_images": int(mask.sum()),
+                                       "of": len(mask)}}  # fmt: skip
+        beta = unpaired_beta(features, data.clean[mask], data.triggered, config.views, config.seed)
     else:
         raise InvalidInputError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
     return make_directions(
         beta,
-        batched(features, data.clean),
+        clean_features,
         layer=layer,
         mode=config.mode,
         alpha=config.alpha,
@@ -195,7 +225,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         estimator=estimator,
         head_sha256=producer_sha256,
         n_poisoned=len(data.triggered),
-        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator}},
+        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference}},
     )
 
 

@@ -1,12 +1,15 @@
 """Choose where to cut a user's model from the calibration images alone (``fire protect --auto``).
 
-For every candidate cut, the direction is fitted on one half of the calibration images (project mode,
-the default repair) and judged on the other half, without labels where there are none:
+For every candidate cut and repair strength (``ALPHAS``), the direction is fitted on one half of the
+calibration images (project mode, the default repair; unpaired against the clean images the model does
+not put in the triggered images' class, ``estimators.unpaired_reference``) and judged on the other half,
+without labels where there are none:
 - cost: the share of held-out clean images whose prediction the repair changes (with labels: the
   clean-accuracy drop); a cut whose cost exceeds ``max_ca_drop`` points is not taken;
 - gain: the share of held-out triggered images the repair moves off their current prediction; with
   paired images and labels, the share given back their true label (PA).
-The cut with the highest gain within the cost bound wins (ties: lower cost). Works for an ONNX model
+The (cut, strength) with the highest gain within the cost bound wins (ties: lower cost, then the
+weaker repair). Works for an ONNX model
 (tensors, ``OnnxRunner``) and a torch module (sub-modules, ``calibration.inprocess.SplitRunner``).
 """
 
@@ -22,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from calibration.calibrate import CalibrationSet
-from calibration.estimators import RunningMean, paired_direction, unpaired_direction
+from calibration.estimators import RunningMean, paired_direction, unpaired_direction, unpaired_reference
 from calibration.factory import make_directions
 from fire_backend.errors import InvalidInputError
 from fire_backend.names import FEATURES
@@ -58,6 +61,9 @@ class OnnxRunner:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
+ALPHAS = (1.0, 1.5, 2.0)  # repair strengths tried with every cut (1: remove the estimated component)
+
+
 @dataclass
 class CutScore:
     cut: str
@@ -66,6 +72,7 @@ class CutScore:
     cost: float  # percent of held-out clean images changed (or CA drop, points)
     gain_kind: str
     cost_kind: str
+    alpha: float = 1.0
 
 
 def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +80,9 @@ def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
 
 
-def score_cut(runner, data: CalibrationSet, seed: int = 0) -> CutScore:
-    """Fit on one half of the calibration images, judge on the other (see the module docstring)."""
+def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, ...] = (1.0,)) -> list[CutScore]:
+    """Fit on one half of the calibration images, judge on the other (see the module docstring): one score
+    per strength in ``alphas``."""
     name = getattr(runner, "cut", None) or runner.layer
     fit_c, held_c = _halves(len(data.clean), seed)
     fit_t, held_t = _halves(len(data.triggered), seed + 1)
@@ -82,33 +90,39 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0) -> CutScore:
     if data.paired:
         beta = paired_direction(runner.features(data.originals[fit_t]), trig[fit_t])
     else:
-        beta = unpaired_direction(RunningMean.of(clean[fit_c].numpy()), RunningMean.of(trig[fit_t].numpy()))
-    repair = Repair(make_directions(beta, clean[fit_c], layer=name, mode="project"))
+        ref, _ = unpaired_reference(runner.labels(clean[fit_c]), runner.labels(trig[fit_t]))
+        beta = unpaired_direction(RunningMean.of(clean[fit_c][ref].numpy()), RunningMean.of(trig[fit_t].numpy()))
     base_c, base_t = runner.labels(clean[held_c]), runner.labels(trig[held_t])
-    after_c, after_t = runner.labels(clean[held_c], repair), runner.labels(trig[held_t], repair)
-    if data.clean_labels is not None:
-        y = data.clean_labels[held_c]
-        cost, cost_kind = 100 * float((base_c == y).mean() - (after_c == y).mean()), "CA drop"
-    else:
-        cost, cost_kind = 100 * float((after_c != base_c).mean()), "clean predictions changed"
-    if data.paired and data.original_labels is not None:
-        gain, gain_kind = 100 * float((after_t == data.original_labels[held_t]).mean()), "PA"
-    else:
-        gain, gain_kind = 100 * float((after_t != base_t).mean()), "triggered predictions moved"
-    return CutScore(name, tuple(clean.shape[1:]), gain, cost, gain_kind, cost_kind)
+    scores = []
+    for alpha in alphas:
+        repair = Repair(make_directions(beta, clean[fit_c], layer=name, mode="project", alpha=alpha))
+        after_c, after_t = runner.labels(clean[held_c], repair), runner.labels(trig[held_t], repair)
+        if data.clean_labels is not None:
+            y = data.clean_labels[held_c]
+            cost, cost_kind = 100 * float((base_c == y).mean() - (after_c == y).mean()), "CA drop"
+        else:
+            cost, cost_kind = 100 * float((after_c != base_c).mean()), "clean predictions changed"
+        if data.paired and data.original_labels is not None:
+            gain, gain_kind = 100 * float((after_t == data.original_labels[held_t]).mean()), "PA"
+        else:
+            gain, gain_kind = 100 * float((after_t != base_t).mean()), "triggered predictions moved"
+        scores.append(CutScore(name, tuple(clean.shape[1:]), gain, cost, gain_kind, cost_kind, alpha))
+    return scores
 
 
 def choose_cut(
-    runner_for: Callable[[str], object], cuts: list[str], data: CalibrationSet, max_ca_drop: float = 0.5, seed: int = 0
+    runner_for: Callable[[str], object], cuts: list[str], data: CalibrationSet, max_ca_drop: float = 0.5, seed: int = 0,
+    alphas: tuple[float, ...] = ALPHAS,
 ) -> tuple[CutScore, list[CutScore]]:
-    """The best cut among ``cuts`` (see the module docstring) and every cut's score."""
+    """The best (cut, strength) among ``cuts`` x ``alphas`` (see the module docstring) and every score."""
     if not cuts:
         raise InvalidInputError("no candidate cuts")
     if len(data.triggered) < 4 or len(data.clean) < 4:
         raise InvalidInputError("choosing a cut needs at least 4 clean and 4 triggered calibration images")
-    scores = [score_cut(runner_for(c), data, seed) for c in tqdm(cuts, desc="cuts", unit="cut", disable=None)]
+    progress = tqdm(cuts, desc="cuts", unit="cut", disable=None)
+    scores = [s for c in progress for s in score_cut(runner_for(c), data, seed, alphas)]
     within = [s for s in scores if s.cost <= max_ca_drop + 1e-9] or [min(scores, key=lambda s: s.cost)]
-    return max(within, key=lambda s: (s.gain, -s.cost)), scores
+    return max(within, key=lambda s: (s.gain, -s.cost, -s.alpha)), scores
 
 
 def onnx_runner_for(

@@ -81,6 +81,25 @@ def unpaired_direction(clean: RunningMean, poisoned: RunningMean) -> torch.Tenso
     return torch.from_numpy((poisoned.mean - clean.mean).astype(np.float32))
 
 
+REFERENCE_MIN_SHARE = 0.1  # below this share of the clean images, the reference falls back to all of them
+
+
+def unpaired_reference(clean_predicted: np.ndarray, triggered_predicted: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """Which clean images the unpaired estimate compares the triggered ones with: those the model does not
+    put in the class the triggered images go to (their most common prediction), since a triggered image
+    is an image of another class with the trigger on. With every clean image as the reference, the
+    difference of class make-ups enters beta (on two classes it can cancel the trigger's shift). Returns
+    (mask over the clean images, that class); all clean images (and None) when too few would remain."""
+    clean_predicted, triggered_predicted = np.asarray(clean_predicted), np.asarray(triggered_predicted)
+    if not len(triggered_predicted) or not len(clean_predicted):
+        return np.ones(len(clean_predicted), bool), None
+    target = int(np.bincount(triggered_predicted).argmax())
+    mask = clean_predicted != target
+    if mask.sum() < max(2, REFERENCE_MIN_SHARE * len(mask)):
+        return np.ones(len(clean_predicted), bool), None
+    return mask, target
+
+
 def photometric_views(images: np.ndarray, views: int, seed: int = 0) -> np.ndarray:
     """``views`` jittered copies of each uint8 NHWC image (brightness, contrast, pixel noise).
 

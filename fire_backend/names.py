@@ -21,6 +21,10 @@ GUARDED = "GUARDED"  # the GPU profile's input check: the pixels it let through
 # Files
 DIRECTIONS_FILE = "directions.safetensors"
 HEAD_ONNX, MID_ONNX, TAIL_ONNX, WHOLE_ONNX = "head.onnx", "mid.onnx", "tail.onnx", "model.onnx"
+TORCHSCRIPT = {HEAD_ONNX: "head.pt", MID_ONNX: "mid.pt", TAIL_ONNX: "tail.pt", WHOLE_ONNX: "model.pt"}  # the same
+# parts as TorchScript (exports from torch only): what the gpu_torch profile's halves run
+TORCH_FILE = TORCHSCRIPT[WHOLE_ONNX]  # in a model's version directory, beside its ONNX file
+TORCH_STUB_FILE = "model_torch.py"  # the gpu_torch config's Python file (default_model_filename), beside model.py
 SPLIT_JSON = "split.json"
 TRITON_ONNX_FILE = WHOLE_ONNX  # Triton's default_model_filename for an onnxruntime model
 LABELS_FILE = "labels.txt"  # class names, one per line: Triton's classification extension reads it
@@ -74,7 +78,11 @@ METRICS_OFF, METRICS_ON, METRICS_DETAILED = METRICS_LEVELS = ("off", "on", "deta
 PARAM_METRICS_INTERVAL = "METRICS_INTERVAL_S"
 PARAM_PREPROCESS = "FIRE_PREPROCESS"  # JSON: how clients turn images into the protected model's input
 
-PROFILES = ("cpu", "gpu")
+# Serving profiles: config.pbtxt (cpu) or configs/<profile>.pbtxt. gpu: TensorRT halves; gpu_torch: the halves
+# as TorchScript run by torch on CUDA in the Python backend (no TensorRT needed)
+PROFILES = CPU_PROFILE, GPU_PROFILE, GPU_TORCH_PROFILE = ("cpu", "gpu", "gpu_torch")
+PARAM_HALVES = "HALVES"  # the repair model: what runs the head whose output it edits (HALVES_RUNTIMES)
+HALVES_RUNTIMES = HALVES_ONNXRUNTIME, HALVES_TENSORRT, HALVES_TORCH = ("onnxruntime", "tensorrt", "torch")
 
 # The models a protected model ``<name>`` is built from: attribute -> suffix
 SUFFIXES = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fire_backend.names import METRICS_LEVELS
+from fire_backend.names import METRICS_LEVELS, PROFILES
 
 MODES = ["subtract", "project", "gated"]
 
@@ -65,7 +65,7 @@ VOCABULARY = _options(
     Option("--url", "the server's address for --protocol (host:port; gRPC 8001, HTTP 8000 by default)"),
     Option("--protocol", "the protocol to the server", {"choices": ["grpc", "http"]}),
     Option("--metrics-url", "the server's metrics endpoint, to wait until it serves a new file ('' to not wait)"),
-    Option("--profile", "the serving profile", {"choices": ["cpu", "gpu"]}),
+    Option("--profile", "the serving profile", {"choices": list(PROFILES)}),
     Option("--host", "the address tritonserver binds (loopback by default)"),
     Option("--http-port", "tritonserver's HTTP port", {"type": int}),
     Option("--grpc-port", "tritonserver's gRPC port", {"type": int}),

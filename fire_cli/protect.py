@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from calibration.calibrate import CalibrationConfig
+from calibration.cutsearch import ALPHAS
 from fire_backend.names import REPOSITORY_DIR
 from fire_cli.common import (
     UsageError,
@@ -118,11 +119,13 @@ def protect(a: argparse.Namespace) -> None:
     src = Source(a, work)
     data = calibration_set_from_args(a, src.preprocess, clean_only=a.observe)
     name = a.model or (src.entry.name if src.entry else Path(a.onnx or a.torch.partition(":")[0]).stem)
-    calibration = CalibrationConfig(mode=a.mode, alpha=a.alpha, n_clean=a.n_clean, n_poisoned=a.n_poisoned,
+    alpha = default_of(CalibrationConfig, "alpha") if a.alpha is None else a.alpha
+    calibration = CalibrationConfig(mode=a.mode, alpha=alpha, n_clean=a.n_clean, n_poisoned=a.n_poisoned,
                                     seed=a.seed)  # fmt: skip
     settings = ServingSettings(max_batch_size=a.max_batch_size)
     cfg = config_from(ProtectConfig, a, PROTECT_FIELDS, name=name, out=Path(a.out), work_dir=work,
-                      calibration=calibration, keep_original=not a.drop_original, settings=settings)  # fmt: skip
+                      calibration=calibration, keep_original=not a.drop_original, settings=settings,
+                      choose_alpha=a.alpha is None)  # fmt: skip
     if src.entry is not None:
         r = protect_entry(src.entry, src.preprocess, data, cfg)
     elif src.module is not None:
@@ -133,8 +136,8 @@ def protect(a: argparse.Namespace) -> None:
         kinds = r.cut_scores[0]
         print(f"cuts tried ({kinds.gain_kind} / {kinds.cost_kind}, held-out calibration images, %):")
         for s in r.cut_scores:
-            mark = "  <- chosen" if s.cut == r.export.layer else ""
-            print(f"  {s.cut}\t{s.feature_shape}\t{s.gain:.1f} / {s.cost:.2f}{mark}")
+            mark = "  <- chosen" if s.cut == r.export.layer and s.alpha == r.directions.alpha else ""
+            print(f"  {s.cut}\t{s.feature_shape}\talpha {s.alpha:g}\t{s.gain:.1f} / {s.cost:.2f}{mark}")
     if r.skipped_cuts:
         t, why = next(iter(r.skipped_cuts.items()))
         print(f"{len(r.skipped_cuts)} valid cut(s) left out, no static shape at the served size (first: {t}, {why})")
@@ -169,7 +172,8 @@ def register(sub) -> None:
     add_attack_args(p)
     add_fields(p, ProtectConfig, PROTECT_FIELDS, {"cut": "default: chosen from the calibration images"})
     add(p, "--mode", default=default_of(CalibrationConfig, "mode"))
-    add(p, "--alpha", default=default_of(CalibrationConfig, "alpha"))
+    add(p, "--alpha", detail=f"default: chosen with the cut among {', '.join(map(str, ALPHAS))}; "
+        f"{default_of(CalibrationConfig, 'alpha')} with --cut")  # fmt: skip
     add(p, "--model", detail="the protected model's name (default: the file's stem, or the entry's name)")
     add(p, "--out", default=REPOSITORY_DIR, detail="the model repository")
     add(p, "--work-dir", default="build/protect", detail="the halves and the direction file")

@@ -47,6 +47,13 @@ def serve(a: argparse.Namespace) -> None:
 
     http_host = _check_exposure(a)
     explicit = a.model_control == "explicit"
+    if a.profile != "cpu":
+        from serving.configs import from_profile
+
+        cpu_only = from_profile(Path(a.repo), a.profile)
+        if cpu_only:
+            print(f"note: {len(cpu_only)} model(s) have no {a.profile} config and run from their CPU one: "
+                  f"{', '.join(cpu_only[:8])}{' ...' if len(cpu_only) > 8 else ''}", file=sys.stderr)  # fmt: skip
     (key, where), (inference_key, inference_where) = ADMIN.ensure(), INFERENCE.ensure()
     cfg = ServerConfig(
         Path(a.repo),

@@ -36,6 +36,7 @@ from fire_backend.names import (
     MID_ONNX,
     SPLIT_JSON,
     TAIL_ONNX,
+    TORCHSCRIPT,
     WHOLE_ONNX,
 )
 from fire_backend.onnx_runtime import onnx_session
@@ -76,6 +77,8 @@ class ExportInfo:
     preprocess: dict = field(default_factory=dict)  # Preprocess.as_dict()
     source: dict = field(default_factory=dict)  # where the model came from
     labels: list[str] = field(default_factory=list)  # class names, if known (served as the label file)
+    torchscript: dict = field(default_factory=dict)  # ONNX file -> sha256 of the same part as TorchScript
+    # (exports from torch only: the gpu_torch profile runs these)
 
     @property
     def multilayer(self) -> bool:
@@ -111,6 +114,18 @@ def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: s
             output_names=[out_name],
             dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
         )
+
+
+def torchscript_export(module: nn.Module, example: torch.Tensor, path: Path, checks: torch.Tensor) -> float:
+    """``module`` traced to TorchScript (Triton's own PyTorch format, stable across torch versions) at
+    ``path``; the largest difference from the module on ``checks`` (another batch size than the trace's,
+    so a batch baked into the trace shows)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, whose files
+        traced = torch.jit.trace(module, example, check_trace=False)  # do not load across torch versions
+        torch.jit.save(traced, str(path))
+        loaded = torch.jit.load(str(path))
+    return float((loaded(checks) - module(checks)).abs().max())
 
 
 def _check_inputs(preprocess: Preprocess, images: np.ndarray | None, n: int = 64, seed: int = 0) -> np.ndarray:
@@ -194,12 +209,17 @@ def export_torch_model(
     with torch.no_grad():  # not inference_mode: the ONNX exporter re-traces with these tensors
         logits = model(x)
         onnx_export(model, x[:2], out_dir / WHOLE_ONNX, INPUT, LOGITS)  # the unsplit model: serving baseline
+        ts_errors = [torchscript_export(model, x[:2], out_dir / TORCHSCRIPT[WHOLE_ONNX], x[:5])]
         h, onnx_h, outputs = x, x.numpy(), []
         for module, in_name, out_name, filename in parts:
             onnx_export(module, h[:2], out_dir / filename, in_name, out_name)
+            ts_errors.append(torchscript_export(module, h[:2], out_dir / TORCHSCRIPT[filename], h[:5]))
             h = module(h)
             onnx_h = onnx_session(out_dir / filename).run(None, {in_name: onnx_h})[0]
             outputs.append((h, onnx_h))
+    if max(ts_errors) > SPLIT_TOLERANCE:
+        raise ExportError(f"TorchScript export differs from torch by {max(ts_errors):.3g} (> {SPLIT_TOLERANCE})")
+    torchscript = {f: sha256_file(out_dir / TORCHSCRIPT[f]) for f in [WHOLE_ONNX] + [part[3] for part in parts]}
     errors = [np.abs(o - t.numpy()).max() for t, o in outputs]
     errors += [np.abs(_run(out_dir / WHOLE_ONNX, x.numpy()) - logits.numpy()).max()]
     errors.append(np.abs(outputs[-1][0].numpy() - logits.numpy()).max())
@@ -224,6 +244,7 @@ def export_torch_model(
         preprocess=preprocess.as_dict(),
         source=source or {"kind": "torch"},
         labels=list(extra.pop("labels", [])),
+        torchscript=torchscript,
     )
     info.write(out_dir)
     return info

@@ -157,3 +157,31 @@ def parse_config(text: str) -> mc.ModelConfig:
 
 def read_config(model_dir: Path, profile: str = "cpu") -> mc.ModelConfig:
     return parse_config(config_path(model_dir, profile).read_text())
+
+
+def from_profile(repository: Path, profile: str) -> list[str]:
+    """The models of ``repository`` that run from their CPU config under ``profile`` (no
+    ``configs/<profile>.pbtxt`` of their own), ensembles left out (they only route)."""
+    fallbacks = []
+    for model_dir in sorted(p for p in Path(repository).iterdir() if (p / "config.pbtxt").is_file()):
+        if profile == "cpu" or config_path(model_dir, profile).is_file():
+            continue
+        if read_config(model_dir).platform != "ensemble":
+            fallbacks.append(model_dir.name)
+    return fallbacks
+
+
+def profile_on_cpu(repository: Path, profile: str, name: str) -> list[str]:
+    """Write ``configs/<name>.pbtxt`` beside every ``configs/<profile>.pbtxt`` of ``repository`` with its GPU
+    instances made CPU ones: the same models, code paths and parameters on a machine without a GPU (how
+    the suite and ``scripts/gpu_check.sh --cpu`` run the gpu_torch profile). Returns the models written."""
+    written = []
+    for path in sorted(Path(repository).glob(f"*/configs/{profile}.pbtxt")):
+        model_dir = path.parent.parent
+        config = read_config(model_dir, profile)
+        for group in config.instance_group:
+            if group.kind == mc.ModelInstanceGroup.KIND_GPU:
+                group.kind = mc.ModelInstanceGroup.KIND_CPU
+        write_config(model_dir, config, name)
+        written.append(model_dir.name)
+    return written

@@ -11,13 +11,13 @@ other models of that repository are copied alongside.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
 from calibration.calibrate import CalibrationConfig, CalibrationSet, calibrate, observe_directions
-from calibration.cutsearch import CutScore, choose_cut, onnx_runner_for
+from calibration.cutsearch import ALPHAS, CutScore, choose_cut, onnx_runner_for
 from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
@@ -37,6 +37,7 @@ class ProtectConfig:
     work_dir: Path  # where the export (halves, direction file) goes
     cut: str | None = None  # an ONNX tensor or a torch sub-module; None: choose from the calibration images
     max_ca_drop: float = 0.5  # choosing a cut: the most clean predictions (percent) a repair may change
+    choose_alpha: bool = True  # choosing a cut: the strength too, among cutsearch.ALPHAS (else calibration.alpha)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     keep_original: bool = True  # a repository entry: also serve it, unprotected, as <name>_unprotected
     plain: bool = False  # also serve <name>_plain (head -> tail, unprotected): comparisons only
@@ -58,11 +59,14 @@ class ProtectResult:
 
 
 def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfig) -> tuple[str, list[CutScore]]:
+    """The cut (and, when chosen with it, the strength: written into ``cfg.calibration``)."""
     if cfg.cut:
         return cfg.cut, []
     if cfg.observe:  # nothing triggered to choose with: the middle of the network
         return cuts[len(cuts) // 2], []
-    best, scores = choose_cut(runner_for, cuts, data, cfg.max_ca_drop, cfg.calibration.seed)
+    alphas = ALPHAS if cfg.choose_alpha else (cfg.calibration.alpha,)
+    best, scores = choose_cut(runner_for, cuts, data, cfg.max_ca_drop, cfg.calibration.seed, alphas)
+    cfg.calibration = replace(cfg.calibration, alpha=best.alpha)
     return best.cut, scores
 
 

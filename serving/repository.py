@@ -15,9 +15,11 @@ optionally:
                           <name>_<suffix>_fused for a variant
   <name>_whole            the unsplit model, unprotected, as one model (the serving baseline)
 
-``config.pbtxt`` is the CPU profile; ``configs/gpu.pbtxt`` the GPU profile, chosen at server start with
-``--model-config-name=gpu`` (models without one, the ensembles, fall back to config.pbtxt). Configs are
-built as Triton's own ``ModelConfig`` messages (``serving.configs``).
+``config.pbtxt`` is the CPU profile; ``configs/gpu.pbtxt`` the GPU profile (TensorRT halves) and
+``configs/gpu_torch.pbtxt`` the GPU profile without TensorRT (the halves' TorchScript twins run by torch,
+written where the export came from torch), chosen at server start with ``--model-config-name`` (models
+without one, the ensembles among them, fall back to config.pbtxt). Configs are built as Triton's own
+``ModelConfig`` messages (``serving.configs``).
 """
 
 from __future__ import annotations
@@ -28,13 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fire_backend.directions import DirectionFile
+from fire_backend.engines import write_torch_record
 from fire_backend.errors import InvalidInputError, MissingFileError
 from fire_backend.files import sha256_file
 from fire_backend.names import (
+    CPU_PROFILE,
     DIRECTIONS_FILE,
     FEATURES,
     FEATURES2,
+    GPU_PROFILE,
+    GPU_TORCH_PROFILE,
     GUARDED,
+    HALVES_TENSORRT,
+    HALVES_TORCH,
     HEAD_ONNX,
     LABELS_FILE,
     METRICS_LEVELS,
@@ -45,6 +53,7 @@ from fire_backend.names import (
     PARAM_DIRECTIONS,
     PARAM_DIRECTIONS_OF,
     PARAM_GUARD_INPUT,
+    PARAM_HALVES,
     PARAM_INPUT_RANGE,
     PARAM_METRICS,
     PARAM_MODE,
@@ -56,6 +65,9 @@ from fire_backend.names import (
     REPAIRED,
     SUFFIXES,
     TAIL_ONNX,
+    TORCH_FILE,
+    TORCH_STUB_FILE,
+    TORCHSCRIPT,
     TRITON_ONNX_FILE,
     WHOLE_ONNX,
     ModelNames,
@@ -84,6 +96,7 @@ STUBS = {
     "repair": "fire_backend.triton.repair_model",
     "guard": "fire_backend.triton.guard_model",
     "folded": "fire_backend.triton.folded_model",
+    "torch": "fire_backend.triton.torch_model",
 }
 
 
@@ -159,11 +172,31 @@ class _Writer:
         return model_dir
 
     def onnx_model(self, name: str, src: Path, inp: TensorSpec, out: TensorSpec, params: dict[str, str]) -> None:
-        """Served from one ONNX file: onnxruntime in the Python backend (CPU) or a TensorRT plan (GPU)."""
+        """Served from one ONNX file: onnxruntime in the Python backend (CPU), a TensorRT plan (GPU), or
+        its TorchScript twin from the same export run by torch (gpu_torch), where the export has one."""
         model_dir = self._fresh(name)
         self._onnx_files(model_dir, src)
-        write_config(model_dir, python_model(name, [inp], [out], self.s, params), "cpu")
-        write_config(model_dir, tensorrt_model(name, [inp], [out], self.s), "gpu")
+        write_config(model_dir, python_model(name, [inp], [out], self.s, params), CPU_PROFILE)
+        write_config(model_dir, tensorrt_model(name, [inp], [out], self.s), GPU_PROFILE)
+        self._torch_half(model_dir, src, inp, out, params)
+
+    def _torch_half(self, model_dir: Path, src: Path, inp: TensorSpec, out: TensorSpec, params: dict) -> None:
+        """The gpu_torch profile of a model served from ``src``: its TorchScript twin (``TORCHSCRIPT``),
+        bound to the ONNX file by a record, run by the torch stub on a GPU instance."""
+        twin = src.parent / TORCHSCRIPT.get(src.name, "")
+        if src.name not in TORCHSCRIPT or not twin.is_file():
+            return  # an ONNX source or a fused graph: on gpu_torch this model runs from its CPU config
+        version = model_dir / MODEL_VERSION
+        shutil.copyfile(twin, version / TORCH_FILE)
+        write_torch_record(version / TORCH_FILE, sha256_file(version / WHOLE_ONNX))
+        (version / TORCH_STUB_FILE).write_text(_shim(STUBS["torch"]))
+        gpu_params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}  # CUDA tensors between the steps
+        config = python_model(model_dir.name, [inp], [out], self.s, gpu_params, gpu=True)
+        config.default_model_filename = TORCH_STUB_FILE
+        write_config(model_dir, config, GPU_TORCH_PROFILE)
+
+    def has_torch_half(self, name: str) -> bool:
+        return config_path(self.out / name, GPU_TORCH_PROFILE).is_file()
 
     def _onnx_files(self, model_dir: Path, src: Path) -> None:
         version = model_dir / MODEL_VERSION
@@ -176,9 +209,9 @@ class _Writer:
         (model_dir / MODEL_VERSION / "model.py").write_text(_shim(STUBS["guard"]))
         params = {PARAM_GUARD_INPUT: inp.name, PARAM_INPUT_RANGE: policy[PARAM_INPUT_RANGE]}
         io = ([inp], [TensorSpec(GUARDED, inp.dims, inp.dtype)])
-        write_config(model_dir, python_model(name, *io, self.s, params), "cpu")
+        write_config(model_dir, python_model(name, *io, self.s, params), CPU_PROFILE)
         gpu_params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-        write_config(model_dir, python_model(name, *io, self.s, gpu_params, gpu=True), "gpu")
+        write_config(model_dir, python_model(name, *io, self.s, gpu_params, gpu=True), GPU_PROFILE)
 
     def pixel_onnx_model(
         self, name: str, src: Path, inp: TensorSpec, out: TensorSpec, policy: dict[str, str], guard: str | None
@@ -191,13 +224,14 @@ class _Writer:
         engine = f"{name}_engine"
         model_dir = self._fresh(name)
         self._onnx_files(model_dir, src)
-        write_config(model_dir, python_model(name, [inp], [out], self.s, policy), "cpu")
+        write_config(model_dir, python_model(name, [inp], [out], self.s, policy), CPU_PROFILE)
+        self._torch_half(model_dir, src, inp, out, policy)  # gpu_torch: the torch stub checks the pixels itself
         chain = [Stage(guard, inp.name, GUARDED), Stage(engine, inp.name, out.name)]
-        self._ensemble_config(model_dir, name, inp, out, chain, "gpu")
+        self._ensemble_config(model_dir, name, inp, out, chain, GPU_PROFILE)
         engine_dir = self._fresh(engine)
         shutil.copyfile(src, engine_dir / MODEL_VERSION / WHOLE_ONNX)
-        self._ensemble_config(engine_dir, engine, inp, out, [Stage(name, inp.name, out.name)], "cpu")
-        write_config(engine_dir, tensorrt_model(engine, [inp], [out], self.s), "gpu")
+        self._ensemble_config(engine_dir, engine, inp, out, [Stage(name, inp.name, out.name)], CPU_PROFILE)
+        write_config(engine_dir, tensorrt_model(engine, [inp], [out], self.s), GPU_PROFILE)
 
     def repair_model(
         self, name: str, directions: Path, mode: str | None, producer: str, shape, preprocess: dict, metrics: str
@@ -215,9 +249,13 @@ class _Writer:
         if mode:
             params[PARAM_MODE] = mode
         io = ([TensorSpec(FEATURES, tuple(shape))], [TensorSpec(REPAIRED, tuple(shape))])
-        write_config(model_dir, python_model(name, *io, self.s, params), "cpu")
+        write_config(model_dir, python_model(name, *io, self.s, params), CPU_PROFILE)
         gpu_params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}  # CUDA activations reach it without a copy
-        write_config(model_dir, python_model(name, *io, self.s, gpu_params, gpu=True), "gpu")
+        for profile, halves in ((GPU_PROFILE, HALVES_TENSORRT), (GPU_TORCH_PROFILE, HALVES_TORCH)):
+            if profile == GPU_TORCH_PROFILE and not self.has_torch_half(producer):
+                continue  # its head runs from the CPU config there: so does the repair (the NumPy form)
+            config = python_model(name, *io, self.s, {**gpu_params, PARAM_HALVES: halves}, gpu=True)
+            write_config(model_dir, config, profile)
 
     def fused(self, name: str, export_dir: Path, directions: list, mode, inp, out, policy: dict, guard) -> None:
         """Head, repair(s) and the rest folded into one ONNX model (no hot swap)."""
@@ -242,8 +280,8 @@ class _Writer:
         }
         if mode:
             params[PARAM_MODE] = mode
-        write_config(model_dir, python_model(name, [inp], [out], self.s, params), "cpu")
-        self._ensemble_config(model_dir, name, inp, out, [Stage(protected, inp.name, out.name)], "gpu")
+        write_config(model_dir, python_model(name, [inp], [out], self.s, params), CPU_PROFILE)
+        self._ensemble_config(model_dir, name, inp, out, [Stage(protected, inp.name, out.name)], GPU_PROFILE)
 
     def _ensemble_config(self, model_dir: Path, name: str, inp, out, stages: list[Stage], profile: str) -> None:
         """``stages`` chained from the ensemble's input to its output, each tensor read by one step only
@@ -262,9 +300,9 @@ class _Writer:
     def ensemble(self, name: str, inp: TensorSpec, out: TensorSpec, stages: list[Stage], guard: str | None) -> None:
         """The CPU profile chains ``stages``; the GPU profile puts the input check first (``guard``)."""
         model_dir = self._fresh(name)
-        self._ensemble_config(model_dir, name, inp, out, stages, "cpu")
+        self._ensemble_config(model_dir, name, inp, out, stages, CPU_PROFILE)
         if guard is not None:
-            self._ensemble_config(model_dir, name, inp, out, [Stage(guard, inp.name, GUARDED), *stages], "gpu")
+            self._ensemble_config(model_dir, name, inp, out, [Stage(guard, inp.name, GUARDED), *stages], GPU_PROFILE)
 
 
 def _check_directions(m: ProtectedModel, info: ExportInfo) -> None:
@@ -401,15 +439,15 @@ def serve_on_cpu(model_dir: Path) -> str | None:
     specs = [TensorSpec(t.name, tuple(t.dims), numpy_type[t.data_type]) for t in tensors]
     settings = ServingSettings(max_batch_size=cfg.max_batch_size)
     params = {PARAM_ONNX_FILE: cfg.default_model_filename or TRITON_ONNX_FILE}
-    if not config_path(model_dir, "gpu").is_file():
-        write_config(model_dir, cfg, "gpu")
-    write_config(model_dir, python_model(cfg.name, specs[:1], specs[1:], settings, params), "cpu")
+    if not config_path(model_dir, GPU_PROFILE).is_file():
+        write_config(model_dir, cfg, GPU_PROFILE)
+    write_config(model_dir, python_model(cfg.name, specs[:1], specs[1:], settings, params), CPU_PROFILE)
     for version in (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()):
         (version / "model.py").write_text(_shim(STUBS["onnx"]))
     return None
 
 
-def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = False) -> list[Path]:
+def build_engines(repository: str | Path, profile: str = GPU_PROFILE, rebuild: bool = False) -> list[Path]:
     """Build, on this machine's GPU, the engine of every TensorRT model of ``profile`` whose plan for this
     GPU (compute capability, TensorRT version) is missing or was built from another ONNX file (a
     Kubernetes init container, see deploy/). Every model's ONNX is checked against its config first, so
@@ -417,6 +455,8 @@ def build_engines(repository: str | Path, profile: str = "gpu", rebuild: bool = 
     from fire_backend.engines import EngineBindingError, check_binding
     from modelio.tensorrt import _gpu, input_profiles
 
+    if not Path(repository).is_dir():
+        raise MissingFileError(f"{repository}: no such model repository")
     jobs = []
     for cfg_path in sorted(Path(repository).glob(f"*/configs/{profile}.pbtxt")):
         cfg = read_config(cfg_path.parent.parent, profile)

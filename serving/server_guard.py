@@ -32,11 +32,17 @@ class ServerGuardError(FireError):
     """The library could not be built: the server is not started with its keys in the open."""
 
 
-def library(cache: Path | None = None) -> Path:
-    """The compiled library, built with the system C compiler the first time (keyed by the source)."""
+def library_path(cache: Path | None = None) -> Path:
+    """Where the compiled library of this source lives in the private cache (keyed by the source)."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    cache = cache or cache_dir("native")
-    target = cache / f"libfire_server_guard-{digest}.so"
+    return (cache or cache_dir("native")) / f"libfire_server_guard-{digest}.so"
+
+
+def library(cache: Path | None = None) -> Path:
+    """The compiled library, built with the system C compiler the first time (a machine without one can
+    be given the file built elsewhere at ``library_path()``, as the GPU check does)."""
+    target = library_path(cache)
+    cache = target.parent
     if target.exists():
         return trusted_file(target)
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")

@@ -23,6 +23,13 @@ def parse_args(args: dict[str, str]) -> tuple[dict[str, Any], dict[str, str], Pa
     return config, params, version_dir
 
 
+def instance_device(torch, args: dict[str, str]):
+    """The torch device Triton placed this instance on (KIND_GPU -> cuda:<id>, else the CPU)."""
+    if args.get("model_instance_kind", "").upper().endswith("GPU"):
+        return torch.device(f"cuda:{args['model_instance_device_id']}")
+    return torch.device("cpu")
+
+
 def require_io(config: dict[str, Any], inputs: list[str], outputs: list[str]) -> None:
     """Fail the load unless the config declares exactly these input and output tensors (by name)."""
     for kind, names, lookup in (

@@ -1,6 +1,6 @@
 """The GPU profile's input check. A TensorRT half cannot refuse bad pixels, so in the GPU profile every
-model that takes client pixels starts with this step: the same pixels out (DLPack: no copy of ours, no host round trip), or
-INVALID_ARG for NaN / Inf or values outside what real pixels give after the declared preprocessing,
+model that takes client pixels starts with this step: the same pixels out (DLPack: no copy of ours, no
+host round trip), or INVALID_ARG for NaN / Inf or values outside what real pixels give after the declared preprocessing,
 the policy the CPU profile's head applies itself (``fire_backend.validation``). In the CPU profile the
 model is loaded but unused; it imports torch only on a GPU instance.
 """
