@@ -313,7 +313,7 @@ def run_profile(cfg: GpuCheckConfig, server_dir: Path, profile: str, device: str
         io_out = client.get_model_metadata(NAME, headers=server.headers("grpc")).outputs[0].name
         logits = _infer(server, client, NAME, io_in, x, io_out)
         err = float(np.abs(logits - ref.logits(x)).max())
-        report.check(f"logits equal the CPU profile's within {LOGIT_TOL:g}", err <= LOGIT_TOL, f"max |diff| {err:.2e}")
+        report.check(f"logits equal the CPU profile's within {LOGIT_TOL:g}", err <= LOGIT_TOL, f"max abs diff {err:.2e}")
         target = int(batch["target"])
         asr = float((logits[cfg.clean :].argmax(1) == target).mean())
         acc = float((logits[: cfg.clean].argmax(1) == batch["labels"][: cfg.clean]).mean())
@@ -323,7 +323,7 @@ def run_profile(cfg: GpuCheckConfig, server_dir: Path, profile: str, device: str
         repaired = _infer(server, client, n.repair, FEATURES, feats, "REPAIRED")
         err = float(np.abs(repaired - ref.repair.repair_with_scores(feats.copy())[0]).max())
         report.check(
-            f"repaired features equal NumpyRepair within {FEATURE_TOL:g}", err <= FEATURE_TOL, f"max |diff| {err:.2e}"
+            f"repaired features equal NumpyRepair within {FEATURE_TOL:g}", err <= FEATURE_TOL, f"max abs diff {err:.2e}"
         )
         log = server.log_path.read_text(errors="replace")
         m = re.search(rf"FIRE repair {n.repair}: first request's features in (\w+) memory \(is_cpu=(\w+)\), "
@@ -388,7 +388,7 @@ def _concurrent(cfg, server, io_in: str, io_out: str, x: np.ndarray, want: np.nd
     for t in threads:
         t.join()
     ok = not errors and worst[0] <= LOGIT_TOL
-    detail = f"{cfg.clients * cfg.requests} requests, {len(errors)} failed, max |diff| {worst[0]:.2e}"
+    detail = f"{cfg.clients * cfg.requests} requests, {len(errors)} failed, max abs diff {worst[0]:.2e}"
     return (
         f"{cfg.clients} concurrent clients x {cfg.requests} requests all match",
         ok,
