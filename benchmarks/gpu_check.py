@@ -313,7 +313,8 @@ def run_profile(cfg: GpuCheckConfig, server_dir: Path, profile: str, device: str
         io_out = client.get_model_metadata(NAME, headers=server.headers("grpc")).outputs[0].name
         logits = _infer(server, client, NAME, io_in, x, io_out)
         err = float(np.abs(logits - ref.logits(x)).max())
-        report.check(f"logits equal the CPU profile's within {LOGIT_TOL:g}", err <= LOGIT_TOL, f"max abs diff {err:.2e}")
+        name = f"logits equal the CPU profile's within {LOGIT_TOL:g}"
+        report.check(name, err <= LOGIT_TOL, f"max abs diff {err:.2e}")
         target = int(batch["target"])
         asr = float((logits[cfg.clean :].argmax(1) == target).mean())
         acc = float((logits[: cfg.clean].argmax(1) == batch["labels"][: cfg.clean]).mean())

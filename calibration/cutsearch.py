@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,8 @@ class CutScore:
     gain_kind: str
     cost_kind: str
     alpha: float = 1.0
+    repaired: np.ndarray | None = field(default=None, repr=False)  # held-out triggered images' labels after it
+    unrepaired: np.ndarray | None = field(default=None, repr=False)  # and before any repair
 
 
 def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +108,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
             gain, gain_kind = 100 * float((after_t == data.original_labels[held_t]).mean()), "PA"
         else:
             gain, gain_kind = 100 * float((after_t != base_t).mean()), "triggered predictions moved"
-        scores.append(CutScore(name, tuple(clean.shape[1:]), gain, cost, gain_kind, cost_kind, alpha))
+        scores.append(CutScore(name, tuple(clean.shape[1:]), gain, cost, gain_kind, cost_kind, alpha, after_t, base_t))
     return scores
 
 
@@ -122,7 +124,25 @@ def choose_cut(
     progress = tqdm(cuts, desc="cuts", unit="cut", disable=None)
     scores = [s for c in progress for s in score_cut(runner_for(c), data, seed, alphas)]
     within = [s for s in scores if s.cost <= max_ca_drop + 1e-9] or [min(scores, key=lambda s: s.cost)]
+    if scores[0].gain_kind != "PA":  # no true labels: judge the moves by whether the candidates agree on them
+        scores = _agreement(scores, within)
+        within = [s for s in scores if s.cost <= max_ca_drop + 1e-9] or [min(scores, key=lambda s: s.cost)]
     return max(within, key=lambda s: (s.gain, -s.cost, -s.alpha)), scores
+
+
+def _agreement(scores: list[CutScore], within: list[CutScore]) -> list[CutScore]:
+    """Without the triggered images' true labels, "moved off the prediction" cannot tell a restored label
+    from a wrong one, and most candidates move nearly all of them. Restored labels agree across repairs,
+    wrong ones scatter: each held-out triggered image's consensus is the most common label the admissible
+    candidates move it to; a candidate's gain is the share of images it moves to their consensus."""
+    moved, before = np.stack([s.repaired for s in within]), scores[0].unrepaired
+    consensus = np.full(moved.shape[1], -1)
+    for i in range(moved.shape[1]):
+        votes = moved[:, i][moved[:, i] != before[i]]
+        if len(votes):
+            consensus[i] = int(np.bincount(votes).argmax())
+    kind = "triggered moved to the candidates' consensus"
+    return [replace(s, gain=100 * float((s.repaired == consensus).mean()), gain_kind=kind) for s in scores]
 
 
 def onnx_runner_for(

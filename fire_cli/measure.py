@@ -225,7 +225,8 @@ def _register_benchmarks(sub) -> None:
 
 LOADTEST_FIELDS = {"models": "--models", "protocol": "--protocol", "users": "--users", "spawn_rate": "--spawn-rate",
                    "run_time_s": "--run-time", "batch_size": "--batch-size", "triggered_ratio": "--triggered-ratio",
-                   "dataset": "--dataset", "attack": "--attack", "allow_remote": "--allow-remote"}  # fmt: skip
+                   "dataset": "--dataset", "attack": "--attack", "allow_remote": "--allow-remote", "clean": "--clean",
+                   "triggered": "--triggered", "target": "--target"}  # fmt: skip
 
 
 def loadtest(a: argparse.Namespace) -> None:
@@ -299,7 +300,9 @@ def register(sub) -> None:
     _register_benchmarks(sub)
 
     lt = add_command(sub, "loadtest", "headless locust run against protected and plain models", loadtest)
-    add_fields(lt, LoadTestConfig, LOADTEST_FIELDS, {"spawn_rate": "0: all at once"})
+    add_fields(lt, LoadTestConfig, LOADTEST_FIELDS, {"spawn_rate": "0: all at once",
+               "clean": "your images instead of a dataset", "triggered": "default: the attack put on --clean",
+               "target": "with --triggered"})  # fmt: skip
     add(lt, "--url", detail="of a running server (default: start one on --repo)")
     add_repo_arg(lt)
     add(lt, "--out", default="results/loadtest", detail="the results directory")

@@ -27,6 +27,8 @@ def _options(parser) -> None:
     g.add_argument("--preprocess", default="", help="JSON (Preprocess.as_dict): how images become the model's "
                    "input (default: a zoo model's float pixels)")  # fmt: skip
     g.add_argument("--pool", type=int, default=1024, help="test images held in memory")
+    g.add_argument("--images", default="", help=".npz of the user's images (clean, triggered, target) instead of "
+                   "the dataset")  # fmt: skip
     g.add_argument("--tally-file", default="", help="write the live-ASR tally (JSON) here at the end")
     g.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (off by default)")
 
@@ -48,14 +50,20 @@ class Traffic:
     ones, and triggered ones whose true class is not the target."""
 
     def __init__(self, dataset: str, attack_spec: dict, pool: int, batch_size: int, triggered_ratio: float,
-                 preprocess: dict | None = None):  # fmt: skip
-        test = load_dataset(dataset, "test").subset(pool, seed=0)
-        attack = attack_from_spec(attack_spec)
-        self.target, self.batch_size, self.ratio = attack.target, batch_size, triggered_ratio
+                 preprocess: dict | None = None, images: str = ""):  # fmt: skip
+        self.batch_size, self.ratio = batch_size, triggered_ratio
         prepare = Preprocess.from_dict(preprocess).apply if preprocess else to_tensor_batch
-        self.clean = prepare(test.images)
-        keep = test.labels != attack.target
-        self.triggered = prepare(attack.apply(test.images[keep]))
+        if images:  # the user's own (loadtest.runner wrote them at the served size)
+            with np.load(images) as z:
+                self.clean, self.triggered, self.target = prepare(z["clean"]), prepare(z["triggered"]), int(z["target"])
+        else:
+            test = load_dataset(dataset, "test").subset(pool, seed=0)
+            attack = attack_from_spec(attack_spec)
+            self.target = attack.target
+            self.clean = prepare(test.images)
+            self.triggered = prepare(attack.apply(test.images[test.labels != attack.target]))
+        if len(self.clean) < batch_size or len(self.triggered) < batch_size:
+            raise SystemExit(f"fewer images than --batch-size {batch_size}")
         self.rng = np.random.default_rng()
 
     def next(self) -> tuple[np.ndarray, bool]:
@@ -74,8 +82,9 @@ def traffic(options) -> Traffic:
     global _traffic
     with _lock:
         if _traffic is None:
+            preprocess = json.loads(options.preprocess or "null")
             _traffic = Traffic(options.dataset, json.loads(options.attack_spec), options.pool, options.batch_size,
-                               options.triggered_ratio, json.loads(options.preprocess or "null"))  # fmt: skip
+                               options.triggered_ratio, preprocess, options.images)  # fmt: skip
     return _traffic
 
 

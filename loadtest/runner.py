@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from fire_backend.errors import InvalidInputError, StepFailedError
 from fire_backend.names import PROJECT_ROOT, REPOSITORY_DIR
 from fire_backend.network import host_of, is_loopback
 from serving.repository import traffic_for
 from serving.server import ServerConfig, TritonServer
+from zoo.attacks import attack_from_spec
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,6 +42,9 @@ class LoadTestConfig:
     triggered_ratio: float = 0.5
     dataset: str | None = None  # None: the one the protected model's direction file records (else cifar10)
     attack: str | None = None  # None: the attack it records (else badnets)
+    clean: list[str] = field(default_factory=list)  # the user's clean images (folders, files, .npz), not a dataset
+    triggered: list[str] = field(default_factory=list)  # and triggered ones (default: the attack put on the clean ones)
+    target: int | None = None  # with triggered images: the attacker's class (default: the recorded attack's)
     out_dir: Path = PROJECT_ROOT / "results" / "loadtest"
     allow_remote: bool = False
 
@@ -45,6 +52,7 @@ class LoadTestConfig:
 def _locust(cfg: LoadTestConfig, host: str, model: str, prefix: Path) -> None:
     locustfile = HERE / f"locust_{cfg.protocol}.py"
     traffic = traffic_for(cfg.repository, model, cfg.dataset, {"name": cfg.attack} if cfg.attack else None)
+    images = _user_images(cfg, traffic, prefix) if cfg.clean else None
     cmd = [
         sys.executable,
         "-m",
@@ -85,10 +93,33 @@ def _locust(cfg: LoadTestConfig, host: str, model: str, prefix: Path) -> None:
     ]
     if cfg.allow_remote:
         cmd.append("--allow-remote")
+    if images is not None:
+        cmd += ["--images", str(images)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.run_time_s + 120)
     (prefix.parent / f"{prefix.name}_locust.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise StepFailedError(f"locust failed for {model} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+
+
+def _user_images(cfg: LoadTestConfig, traffic, prefix: Path) -> Path:
+    """The user's images at the served size, as one private .npz the locust processes read (``--images``)."""
+    from calibration.imagesets import read_image_set
+    from modelio.preprocess import Preprocess
+
+    if not traffic.preprocess:
+        raise InvalidInputError(f"no preprocessing recorded in {cfg.repository}: load-test it with --dataset")
+    pre = Preprocess.from_dict(traffic.preprocess)
+    clean = read_image_set(cfg.clean, (pre.height, pre.width)).images
+    if cfg.triggered:
+        triggered = read_image_set(cfg.triggered, (pre.height, pre.width)).images
+        target = cfg.target if cfg.target is not None else traffic.attack.get("target", -1)
+    else:
+        attack = attack_from_spec(traffic.attack)
+        triggered, target = attack.apply(clean), attack.target
+    path = prefix.parent / f"{prefix.name}_images.npz"
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        np.savez(f, clean=clean, triggered=triggered, target=np.int64(target))
+    return path
 
 
 def summarize(prefix: Path, batch_size: int) -> dict:

@@ -70,3 +70,50 @@ def test_gated_threshold_holds_its_false_positive_rate_on_clean_data(artifacts):
     assert (scores > d.threshold).mean() < 0.05  # calibrated at 1 % on training images; a test subset
     trig_scores = Repair(d).scores(torch.from_numpy(HeadFeatures(a.export_dir)(triggered_subset(a)[0]))).numpy()
     assert (trig_scores > d.threshold).mean() > 0.9
+
+
+def test_the_unpaired_reference_leaves_out_the_flagged_images_class():
+    """Triggered images are other classes' images with the trigger on: the reference is the clean images
+    the model does not put where the flagged ones go; all of them when too few would remain."""
+    from calibration.estimators import unpaired_reference
+
+    clean = np.array([0, 1, 1, 0, 1, 1, 1, 0, 1, 1])  # 70 % in class 1, the attacker's
+    mask, target = unpaired_reference(clean, np.array([1, 1, 1, 0]))
+    assert target == 1 and mask.tolist() == (clean != 1).tolist()
+    mask, target = unpaired_reference(np.ones(20, int), np.ones(5, int))
+    assert target is None and mask.all()
+
+
+def test_a_two_class_shift_is_found_against_the_other_class_only():
+    """On two classes with a large target class, the mean of every clean image mixes the classes: beta
+    against it is pulled away from the trigger's shift; against the other class it is that shift."""
+    from calibration.estimators import unpaired_reference
+
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0], [4.0, 0.0]])  # class 0, class 1 (the target)
+    labels = (rng.random(1000) < 0.7).astype(int)
+    clean = centers[labels] + rng.normal(0, 0.3, (1000, 2))
+    trigger = np.array([0.0, 3.0])
+    flagged = centers[0] + trigger + rng.normal(0, 0.3, (50, 2))  # class-0 images with the trigger
+    mask, _ = unpaired_reference(labels, np.ones(50, int))
+    against_all = flagged.mean(0) - clean.mean(0)
+    against_reference = flagged.mean(0) - clean[mask].mean(0)
+    assert np.abs(against_reference - trigger).max() < 0.15
+    assert np.abs(against_all - trigger).max() > 2  # the class make-up (0.7 x 4 along x) enters it
+
+
+def test_without_labels_the_candidate_whose_moves_the_others_agree_on_wins():
+    """Every candidate moves all flagged images off the target; only the ones that restore them agree."""
+    from calibration.cutsearch import CutScore, _agreement
+
+    true = np.arange(40) % 9 + 1  # held-out flagged images' true classes (unknown to the search), target 0
+    rng = np.random.default_rng(1)
+
+    def candidate(name, labels):
+        return CutScore(name, (1,), 100.0, 0.0, "moved", "changed", 1.0, labels, np.zeros(40, int))
+
+    restoring = [candidate(f"r{i}", np.where(rng.random(40) < 0.9, true, 5)) for i in range(3)]
+    scattering = candidate("s", rng.integers(1, 10, 40))
+    scores = _agreement([scattering, *restoring], [scattering, *restoring])
+    assert max(scores, key=lambda s: s.gain).cut.startswith("r")
+    assert scores[0].gain < 30 < 80 < min(s.gain for s in scores[1:])

@@ -89,6 +89,12 @@ def test_protect_chooses_a_cut_past_a_data_dependent_reshape_and_serves_it(forei
         main(["classify", "--url", server.grpc_url, "--repo", str(repo), "--model", "orient",
               str(next((foreign / "flagged").iterdir()))])  # fmt: skip
         assert capsys.readouterr().out.strip().split("\t")[1] in ("0", "1")
+        main(["loadtest", "--url", server.grpc_url, "--repo", str(repo), "--models", "orient", "--run-time", "3",
+              "--users", "2", "--clean", str(foreign / "clean"), "--triggered", str(foreign / "triggered"),
+              "--target", "1", "--out", str(tmp_path / "load")])  # fmt: skip
+        report = capsys.readouterr().out
+        print(report)
+        assert "| orient |" in report
 
 
 @pytest.mark.integration
