@@ -1,106 +1,289 @@
-"""Adaptive attacker: what FIRE does when the trigger at test time is not the one it was calibrated on.
+"""``fire bench adaptive``: the attacker who knows the backdoor and changes the trigger at test time.
 
-The bundled BadNets CIFAR-10 model learned a 3x3 white patch in the bottom-right corner. FIRE is
-calibrated on that trigger (200 paired samples); the attacker then changes it: a larger patch, a brighter
-or dimmer one, the patch moved (off the calibrated direction), or a full-image blend. Each row reports
-ASR/PA without defense and with each repair mode, on the CIFAR-10 test split, through the same head ->
-repair -> tail computation the server runs (the served ensemble equals it within 1e-4, tested).
+For every backdoored zoo model, the defender holds what it holds everywhere else: 50 samples of the
+trigger the model was poisoned with (paired with their originals, or flagged: unpaired) and 1,000 clean
+training images. It never sees the variants (``benchmarks.variants``: mirrored, shifted, scaled, dimmed,
+noise-blended), which are measured on the test split. A row counts when the undefended model sends at
+least half of the variant's triggered images to the attacker's class (it learned the variant).
 
-    python -m benchmarks.adaptive      # or: fire bench adaptive; writes results/adaptive.md
+Defenses, each fitted once per model on the same images:
+- FIRE, rank 1 (no spatial views), paired: the estimate before ``calibration.augment``;
+- FIRE paired and FIRE unpaired with the default spatial views (flips, shifts: rank 10), at the
+  export's layer (``layer2``), through the computation the server runs (head -> repair -> tail in
+  process: equal to the served ensemble within 1e-4, tested);
+- STRIP, SCALE-UP (reject), Februus-style (restore), fine-pruning (``benchmarks.defenses``).
+FIRE is measured on the whole test split; the baselines, which cost 2 to 11 forward passes per input,
+on a fixed subset of it (``baseline_limit`` images, the same for every variant). The floor is the clean
+twin's ASR on the same variant (CIFAR-10; GTSRB has no clean twin). Targets on every counted row:
+FIRE ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5. Writes results/adaptive.{md,csv,png}.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration import CalibrationConfig, HeadFeatures, calibrate
-from fire_backend.names import DIRECTIONS_FILE, FEATURES, LOGITS, PROJECT_ROOT, TAIL_ONNX
-from fire_backend.onnx_runtime import onnx_session
+from benchmarks.defenses import REJECTED, Context, Februus, FinePruning, ScaleUp, Strip, auroc
+from benchmarks.variants import LEARNED, variants
+from calibration.augment import spatial_estimate
+from calibration.calibrate import zoo_calibration_set
+from calibration.estimators import unpaired_reference
+from calibration.factory import make_directions
+from calibration.inprocess import SplitRunner
+from fire_backend.names import PROJECT_ROOT
 from fire_backend.repair import Repair
-from modelio.export import export_split
-from zoo.attacks import Trigger
+from zoo.attacks import attack_from_spec
+from zoo.checkpoint import load_model
 from zoo.data import load_dataset
 
-TARGET = 0
+FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "learned", "TPR", "AUROC", "images")
+CLEAN_TWINS = {"cifar10": "cifar10_resnet_clean"}
+FIRE_DEFENSES = ("FIRE rank 1, paired", "FIRE paired", "FIRE unpaired")
 
 
-def patch(size: int, value: float = 255.0, corner: str = "bottom-right") -> Trigger:
-    pattern = np.full((32, 32, 3), value, dtype=np.float32)
-    mask = np.zeros((32, 32, 1), dtype=np.float32)
-    rows = slice(32 - size, 32) if corner.startswith("bottom") else slice(0, size)
-    cols = slice(32 - size, 32) if corner.endswith("right") else slice(0, size)
-    mask[rows, cols] = 1.0
-    return Trigger(pattern, mask)
+def zoo_models() -> tuple[str, ...]:
+    """Every bundled zoo model with a backdoor (the clean twins and the torchvision model left out)."""
+    out = []
+    for d in sorted((PROJECT_ROOT / "models").iterdir()):
+        meta = d / "model.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("attack", {}).get("name") not in (None, "none"):
+            out.append(d.name)
+    return tuple(out)
 
 
-def variants() -> dict[str, Trigger]:
-    noise = np.random.default_rng(7).integers(0, 256, size=(32, 32, 3)).astype(np.float32)
-    return {
-        "calibrated: 3x3 white, bottom-right": patch(3),
-        "scaled up: 5x5 white, bottom-right": patch(5),
-        "scaled up: 8x8 white, bottom-right": patch(8),
-        "dimmer: 3x3 gray (160), bottom-right": patch(3, 160.0),
-        "shifted: 3x3 white, top-left": patch(3, corner="top-left"),
-        "shifted: 3x3 white, bottom-left": patch(3, corner="bottom-left"),
-        "calibrated patch + 10 % noise blend": Trigger(
-            np.where(patch(3).mask > 0, 255.0, noise).astype(np.float32),
-            np.where(patch(3).mask > 0, 1.0, 0.1).astype(np.float32),
-        ),
-    }
+@dataclass
+class AdaptiveConfig:
+    models: tuple[str, ...] = field(default_factory=zoo_models)
+    layer: str = "layer2"
+    n_poisoned: int = 50
+    n_clean: int = 1000
+    test_limit: int = 0  # 0: the whole test split (FIRE)
+    baseline_limit: int = 1000  # test images per row for the baselines
+    baselines: bool = True
+    seed: int = 0
+    out_dir: Path = PROJECT_ROOT / "results"
+
+    @classmethod
+    def quick(cls) -> AdaptiveConfig:
+        return cls(models=("cifar10_resnet_badnets",), test_limit=600, baseline_limit=150)
 
 
-def run(
-    model_dir: Path = PROJECT_ROOT / "models" / "cifar10_resnet_badnets",
-    layer: str = "layer2",
-    work_dir: Path = PROJECT_ROOT / "build" / "adaptive",
-    out: Path = PROJECT_ROOT / "results" / "adaptive.md",
-) -> str:
+class _Model:
+    """One model: its split runner, test images, the defender's calibration images."""
+
+    def __init__(self, name: str, cfg: AdaptiveConfig, attack=None):
+        self.name = name
+        self.model, meta = load_model(PROJECT_ROOT / "models" / name)
+        self.attack = attack or attack_from_spec(meta["attack"])  # a clean twin: the backdoored model's trigger
+        self.dataset = meta["dataset"]
+        test = load_dataset(self.dataset, "test")
+        if cfg.test_limit:
+            test = test.subset(cfg.test_limit, seed=cfg.seed)
+        self.test, self.num_classes = test, test.num_classes
+        keep = self.attack.counts_for_asr(test.labels)
+        self.x, self.true = test.images[keep], test.labels[keep]
+        self.wanted = self.attack.target_labels(self.true, self.num_classes)
+        self.runner = SplitRunner(self.model, cfg.layer)
+        self.calib = None if attack else zoo_calibration_set(self.dataset, self.attack, cfg.n_poisoned, cfg.n_clean,
+                                                             cfg.seed)  # fmt: skip
+
+
+def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
+    """FIRE's three estimates from the 50 calibration samples of the trigger the model learned."""
+    c, r = m.calib, m.runner
+    feats = lambda x: r.features(x).numpy()  # noqa: E731
+    clean = r.features(c.clean)
+    out = {}
+    for name, paired, augment in (("FIRE rank 1, paired", True, "none"), ("FIRE paired", True, "flips-shifts"),
+                                  ("FIRE unpaired", False, "flips-shifts")):  # fmt: skip
+        if paired:
+            beta, basis = spatial_estimate(feats, c.triggered, c.originals, True, augment)
+        else:
+            ref, _ = unpaired_reference(r.labels(clean), r.labels(r.features(c.triggered)))
+            beta, basis = spatial_estimate(feats, c.triggered, c.clean[ref], False, augment)
+        out[name] = Repair(make_directions(beta, clean, layer=layer, basis=basis))
+    return out
+
+
+def _metrics(labels: np.ndarray, true: np.ndarray, wanted: np.ndarray) -> tuple[float, float]:
+    return 100 * float((labels == wanted).mean()), 100 * float((labels == true).mean())
+
+
+def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
+    cfg = cfg or AdaptiveConfig()
     t0 = time.time()
-    export_split(model_dir, layer, work_dir)
-    directions = calibrate(work_dir, work_dir / DIRECTIONS_FILE, CalibrationConfig(n_poisoned=200))
-    head, tail = HeadFeatures(work_dir), onnx_session(work_dir / TAIL_ONNX, threads=2)
-    test = load_dataset("cifar10", "test")
-    keep = test.labels != TARGET
-    repairs = {"none": None, **{m: Repair(directions, m) for m in ("project", "subtract", "gated")}}
+    rows: list[dict] = []
+    for name in tqdm(cfg.models, desc="adaptive", unit="model", disable=None):
+        m = _Model(name, cfg)
+        twin_name = CLEAN_TWINS.get(m.dataset)
+        twin = _Model(twin_name, cfg, attack=m.attack) if twin_name else None
+        r = m.runner
+        clean_f = r.features(m.test.images)
+        base_clean = r.labels(clean_f)
+        repairs = fire_repairs(m, cfg.layer)
+        ca = {"none": 100 * float((base_clean == m.test.labels).mean())}
+        for d, rep in repairs.items():
+            ca[d] = 100 * float((r.labels_after(clean_f, base_clean, rep) == m.test.labels).mean())
+        sub = np.random.default_rng(cfg.seed).permutation(len(m.x))[: cfg.baseline_limit]
+        baselines = []
+        if cfg.baselines:
+            ctx = Context(m.model, m.calib.clean, m.calib.clean_labels, cfg.seed)
+            baselines = [Strip(), ScaleUp(), Februus(), FinePruning(0.3)]
+            pick = np.random.default_rng(cfg.seed).permutation(len(m.test))[: cfg.baseline_limit]
+            clean_sub, clean_sub_labels = m.test.images[pick], m.test.labels[pick]
+            baseline_clean = {}
+            for b in baselines:
+                b.fit(ctx)
+                outcome = b(clean_sub)
+                baseline_clean[b.name] = (100 * float((outcome.labels == clean_sub_labels).mean()), outcome.scores)
+        for variant, apply in variants(m.attack).items():
+            xt = apply(m.x)
+            ft = r.features(xt)
+            base_t = r.labels(ft)
+            asr0, pa0 = _metrics(base_t, m.true, m.wanted)
+            learned = asr0 >= LEARNED
+            floor = ""
+            if twin is not None:
+                twin_t = twin.runner.labels(twin.runner.features(apply(twin.x)))
+                floor = round(_metrics(twin_t, twin.true, twin.wanted)[0], 2)
+            ident = {"model": name, "variant": variant, "floor": floor, "learned": learned}
+            rows.append({**ident, "defense": "none", "CA": ca["none"], "ASR": asr0, "PA": pa0, "images": len(xt)})
+            for d, rep in repairs.items():
+                asr, pa = _metrics(r.labels_after(ft, base_t, rep), m.true, m.wanted)
+                rows.append({**ident, "defense": d, "CA": ca[d], "ASR": asr, "PA": pa, "images": len(xt)})
+            for b in baselines:
+                outcome = b(xt[sub])
+                asr, pa = _metrics(outcome.labels, m.true[sub], m.wanted[sub])
+                row = {**ident, "defense": b.name, "CA": baseline_clean[b.name][0], "ASR": asr, "PA": pa,
+                       "images": len(sub)}  # fmt: skip
+                if outcome.scores is not None:
+                    row["TPR"] = round(100 * float((outcome.labels == REJECTED).mean()), 2)
+                    row["AUROC"] = round(auroc(baseline_clean[b.name][1], outcome.scores), 3)
+                rows.append(row)
+    return write(rows, cfg, time.time() - t0)
 
-    def predict(images: np.ndarray, repair: Repair | None) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), 500):
-            feats = head(images[i : i + 500])
-            if repair is not None:
-                feats = repair(torch.from_numpy(feats)).numpy()
-            out.append(tail.run([LOGITS], {FEATURES: feats})[0].argmax(1))
-        return np.concatenate(out)
 
-    clean = {name: (predict(test.images, r) == test.labels).mean() for name, r in repairs.items()}
+def targets(rows: list[dict]) -> list[dict]:
+    """FIRE (default: paired with spatial views) on every counted row against the issue's targets."""
+    by = {(r["model"], r["variant"], r["defense"]): r for r in rows}
+    out = []
+    for r in rows:
+        if r["defense"] != "FIRE paired" or not r["learned"]:
+            continue
+        none = by[(r["model"], r["variant"], "none")]
+        floor = r["floor"] if r["floor"] != "" else 0.0
+        ok = r["ASR"] <= floor + 3 and r["PA"] >= r["CA"] - 5 and none["CA"] - r["CA"] <= 0.5
+        out.append({**r, "met": ok})
+    return out
+
+
+def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "adaptive.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k in FIELDS})
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    t = targets(rows)
     lines = [
-        "# Adaptive attacker: FIRE calibrated on the 3x3 BadNets patch, tested on other triggers",
+        "# Adaptive attacker: trigger variants the model learned",
         "",
-        f"CIFAR-10 test split ({keep.sum()} triggered images per row), split after `{layer}`, 200 paired "
-        f"calibration samples of the calibrated trigger. Clean accuracy: "
-        + ", ".join(f"{n} {100 * v:.2f} %" for n, v in clean.items())
-        + ".",
+        f"`fire bench adaptive` ({seconds:.0f} s, 2 cores): {len(cfg.models)} models, layer `{cfg.layer}`, the "
+        f"defender's {cfg.n_poisoned} samples of the calibrated trigger and {cfg.n_clean} clean training images. "
+        f"FIRE on {'the whole test split' if not cfg.test_limit else f'{cfg.test_limit} test images'}; the baselines "
+        f"on {cfg.baseline_limit} of them per row. A row counts (`*`) when the undefended ASR is >= {LEARNED:.0f} %. "
+        "Cells: ASR / PA in %; CA per defense in the last table. Floor: the clean twin's ASR on the variant.",
         "",
-        "| trigger at test time | " + " | ".join(f"ASR / PA {n}" for n in repairs) + " |",
-        "|---|" + "---:|" * len(repairs),
-    ]
-    for name, trig in tqdm(variants().items(), desc="triggers", disable=None):
-        x = trig.stamp(test.images[keep])
+        f"Targets (FIRE paired, every counted row: ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5): "
+        f"**{sum(x['met'] for x in t)} of {len(t)} met**"
+        + ("; missed: " + ", ".join(f"{x['model']} / {x['variant']} ({x['ASR']:.1f} / {x['PA']:.1f})"
+                                     for x in t if not x["met"]) if any(not x["met"] for x in t) else "") + ".",
+        "",
+        "| model | variant | floor | " + " | ".join(defenses) + " |",
+        "|---|---|---:|" + "---:|" * len(defenses),
+    ]  # fmt: skip
+    by = {(r["model"], r["variant"], r["defense"]): r for r in rows}
+    keys = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
+    for model, variant in keys:
+        first = by[(model, variant, "none")]
+        cells = [f"{by[(model, variant, d)]['ASR']:.1f} / {by[(model, variant, d)]['PA']:.1f}" for d in defenses]
+        mark = " *" if first["learned"] else ""
+        lines.append(f"| {model} | {variant}{mark} | {first['floor']} | " + " | ".join(cells) + " |")
+    lines += ["", "Clean accuracy (%) per model and defense, and the detectors' TPR at 1 % FPR / AUROC averaged "
+              "over the counted rows:", "", "| model | " + " | ".join(defenses) + " |",
+              "|---|" + "---:|" * len(defenses)]  # fmt: skip
+    for model in dict.fromkeys(k[0] for k in keys):
+        any_variant = next(v for mm, v in keys if mm == model)
         cells = []
-        for r in repairs.values():
-            pred = predict(x, r)
-            cells.append(f"{100 * (pred == TARGET).mean():.1f} / {100 * (pred == test.labels[keep]).mean():.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Wall time {time.time() - t0:.0f} s. Command: `fire bench adaptive`", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    return out.read_text()
+        for d in defenses:
+            cell = f"{by[(model, any_variant, d)]['CA']:.2f}"
+            counted = [by[(model, v, d)] for mm, v in keys if mm == model and by[(model, v, d)]["learned"]]
+            if counted and "AUROC" in counted[0]:
+                cell += f" ({np.mean([c['TPR'] for c in counted]):.1f} / {np.mean([c['AUROC'] for c in counted]):.3f})"
+            cells.append(cell)
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    summary = _summary(rows, defenses)
+    lines += ["", "Over the counted rows (mean ASR / mean PA / rows where the defense has the best PA at a CA cost "
+              "no larger than FIRE paired's):", "", "| defense | mean ASR | mean PA | best PA |",
+              "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {d} | {s[0]:.1f} | {s[1]:.1f} | {s[2]} |" for d, s in summary.items()]
+    lines += ["", "Command: `fire bench adaptive` (CSV: `results/adaptive.csv`)", ""]
+    (out / "adaptive.md").write_text("\n".join(lines))
+    _plot(summary, out / "adaptive.png")
+    return out / "adaptive.md"
+
+
+def _summary(rows: list[dict], defenses: list[str]) -> dict[str, tuple[float, float, int]]:
+    counted = [r for r in rows if r["learned"]]
+    keys = list(dict.fromkeys((r["model"], r["variant"]) for r in counted))
+    by = {(r["model"], r["variant"], r["defense"]): r for r in counted}
+    best = dict.fromkeys(defenses, 0)
+    for k in keys:
+        fire_cost = by[(*k, "none")]["CA"] - by[(*k, "FIRE paired")]["CA"]
+        eligible = [
+            d for d in defenses if by[(*k, "none")]["CA"] - by[(*k, d)]["CA"] <= fire_cost + 1e-9 or d == "FIRE paired"
+        ]
+        top = max(by[(*k, d)]["PA"] for d in eligible)
+        for d in eligible:
+            best[d] += by[(*k, d)]["PA"] == top
+    def mean(d: str, metric: str) -> float:
+        return float(np.mean([by[(*k, d)][metric] for k in keys])) if keys else float("nan")
+
+    return {d: (mean(d, "ASR"), mean(d, "PA"), best[d]) for d in defenses}
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [summary[n][0] for n in names], 0.4, label="mean ASR %")
+    ax.bar(xs + 0.2, [summary[n][1] for n in names], 0.4, label="mean PA %")
+    ax.set_xticks(xs, names, rotation=25, ha="right", fontsize=8)
+    ax.set_title("Trigger variants the models learned (counted rows)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    print(run_adaptive().read_text())
 
 
 if __name__ == "__main__":
-    print(run())
+    torch.set_num_threads(2)
+    main()

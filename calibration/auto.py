@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from calibration.augment import views
 from calibration.calibrate import zoo_calibration_set
 from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import SplitRunner
@@ -41,7 +42,8 @@ class AutoConfig:
     layers: tuple[str, ...] = ()  # empty: every top-level child a single-tensor cut is possible after
     modes: tuple[str, ...] = ("subtract", "project", "gated")
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
-    ranks: tuple[int, ...] = (1, 2)  # tried with mode project
+    ranks: tuple[int, ...] = (1, 2)  # tried with mode project (with spatial views: one per view)
+    augment: str = "flips-shifts"  # spatial views of the pairs the directions are fitted on (calibration.augment)
     folds: int = 5
     max_ca_drop: float = 0.5  # percentage points, on the held-out clean half
     fpr: float = 0.01
@@ -95,9 +97,10 @@ def usable_layers(model: nn.Module) -> list[str]:
 
 def settings_for(layer: str, config: AutoConfig) -> list[Setting]:
     out = []
+    ranks = config.ranks if config.augment == "none" else (len(views(config.augment)),)
     for mode in config.modes:
         for alpha in config.alphas:
-            for rank in config.ranks if mode == "project" else (1,):
+            for rank in ranks if mode == "project" else (1,):
                 out.append(Setting(layer, mode, alpha, rank))
     return out
 
@@ -138,15 +141,20 @@ def auto_calibrate(
     for layer in tqdm(layers, desc="auto-calibrate", unit="layer", disable=None):
         runner = SplitRunner(model, layer)
         fc, fp, fk = runner.features(pair_clean), runner.features(pair_poisoned), runner.features(clean)
-        runners[layer] = (runner, FitInputs(fc, fp, fk[fit_clean]))
+        vs = views(config.augment)  # fitted on every view of the pairs, judged on the held-out pairs as they are
+        fc_v = torch.cat([runner.features(v(pair_clean)) for v in vs])
+        fp_v = torch.cat([runner.features(v(pair_poisoned)) for v in vs])
+        fold_v = np.tile(fold_of, len(vs))
+        runners[layer] = (runner, FitInputs(fc_v, fp_v, fk[fit_clean]))
         held_k = fk[held_clean]
         base_k = runner.labels(held_k)
         base_acc = 100 * float((base_k == clean_labels[held_clean]).mean())
         base_p, original = runner.labels(fp), runner.labels(fc)
         sums = {s: np.zeros(4) for s in settings_for(layer, config)}
         for k in range(folds):
-            fit, held = fold_of != k, fold_of == k
-            inputs = FitInputs(fc[torch.from_numpy(fit)], fp[torch.from_numpy(fit)], fk[fit_clean])
+            held = fold_of == k
+            fit_v = torch.from_numpy(fold_v != k)
+            inputs = FitInputs(fc_v[fit_v], fp_v[fit_v], fk[fit_clean])
             cache: dict[tuple[str, int], DirectionFile] = {}
             for s in sums:
                 key = (s.mode, s.rank)

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibration.augment import spatial_estimate
 from calibration.estimators import (
     mean_features,
-    paired_direction,
     photometric_views,
     unpaired_direction,
     unpaired_reference,
@@ -41,7 +41,8 @@ class CalibrationConfig:
     n_poisoned: int = 200  # poisoned calibration samples (the defender's observations)
     n_clean: int = 1000  # clean samples for mu and the gated threshold
     fpr: float = 0.01  # gated: share of clean samples allowed above the threshold
-    views: int = 4  # unpaired: photometric views per image
+    views: int = 4  # unpaired without spatial views: photometric views per image
+    augment: str = "flips-shifts"  # spatial views of the images (calibration.augment): rank-k project repair
     seed: int = 0
     attack: dict[str, Any] = field(default_factory=dict)  # empty: the attack recorded in split.json
 
@@ -204,15 +205,20 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
     estimator = config.estimator if data.paired else "unpaired"
     clean_features = batched(features, data.clean)
     reference = {}
+    augment = config.augment if config.mode == "project" else "none"  # a basis serves the project mode only
+    basis, feats = None, lambda x: batched(features, x)  # noqa: E731
     if estimator == "paired":
-        beta = paired_direction(batched(features, data.originals), batched(features, data.triggered))
+        beta, basis = spatial_estimate(feats, data.triggered, data.originals, True, augment)
     elif estimator == "unpaired":
         mask = np.ones(len(data.clean), bool)
         if classify is not None:
             mask, target = unpaired_reference(classify(clean_features), classify(batched(features, data.triggered)))
             reference = {"reference": {"excluded_class": target, "clean_images": int(mask.sum()),
                                        "of": len(mask)}}  # fmt: skip
-        beta = unpaired_beta(features, data.clean[mask], data.triggered, config.views, config.seed)
+        if augment == "none":
+            beta = unpaired_beta(features, data.clean[mask], data.triggered, config.views, config.seed)
+        else:
+            beta, basis = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment)
     else:
         raise InvalidInputError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
     return make_directions(
@@ -225,6 +231,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         estimator=estimator,
         head_sha256=producer_sha256,
         n_poisoned=len(data.triggered),
+        basis=basis,
         extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference}},
     )
 

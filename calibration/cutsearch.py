@@ -1,6 +1,7 @@
 """Choose where to cut a user's model from the calibration images alone (``fire protect --auto``).
 
-For every candidate cut and repair strength (``ALPHAS``), the direction is fitted on one half of the
+For every candidate cut and repair strength (``ALPHAS``), the direction (with the calibration's
+spatial views, ``calibration.augment``) is fitted on one half of the
 calibration images (project mode, the default repair; unpaired against the clean images the model does
 not put in the triggered images' class, ``estimators.unpaired_reference``) and judged on the other half,
 without labels where there are none:
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from calibration.augment import spatial_estimate
 from calibration.calibrate import CalibrationSet
-from calibration.estimators import RunningMean, paired_direction, unpaired_direction, unpaired_reference
+from calibration.estimators import unpaired_reference
 from calibration.factory import make_directions
 from fire_backend.errors import InvalidInputError
 from fire_backend.names import FEATURES
@@ -82,22 +84,25 @@ def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
 
 
-def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, ...] = (1.0,)) -> list[CutScore]:
+def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, ...] = (1.0,),
+              augment: str = "none") -> list[CutScore]:  # fmt: skip
     """Fit on one half of the calibration images, judge on the other (see the module docstring): one score
     per strength in ``alphas``."""
     name = getattr(runner, "cut", None) or runner.layer
     fit_c, held_c = _halves(len(data.clean), seed)
     fit_t, held_t = _halves(len(data.triggered), seed + 1)
     clean, trig = runner.features(data.clean), runner.features(data.triggered)
+    feats = lambda x: runner.features(x).numpy()  # noqa: E731
     if data.paired:
-        beta = paired_direction(runner.features(data.originals[fit_t]), trig[fit_t])
+        beta, basis = spatial_estimate(feats, data.triggered[fit_t], data.originals[fit_t], True, augment)
     else:
         ref, _ = unpaired_reference(runner.labels(clean[fit_c]), runner.labels(trig[fit_t]))
-        beta = unpaired_direction(RunningMean.of(clean[fit_c][ref].numpy()), RunningMean.of(trig[fit_t].numpy()))
+        beta, basis = spatial_estimate(feats, data.triggered[fit_t], data.clean[fit_c][ref], False, augment)
     base_c, base_t = runner.labels(clean[held_c]), runner.labels(trig[held_t])
     scores = []
     for alpha in alphas:
-        repair = Repair(make_directions(beta, clean[fit_c], layer=name, mode="project", alpha=alpha))
+        d = make_directions(beta, clean[fit_c], layer=name, mode="project", alpha=alpha, basis=basis)
+        repair = Repair(d)
         after_c, after_t = runner.labels(clean[held_c], repair), runner.labels(trig[held_t], repair)
         if data.clean_labels is not None:
             y = data.clean_labels[held_c]
@@ -114,7 +119,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
 
 def choose_cut(
     runner_for: Callable[[str], object], cuts: list[str], data: CalibrationSet, max_ca_drop: float = 0.5, seed: int = 0,
-    alphas: tuple[float, ...] = ALPHAS,
+    alphas: tuple[float, ...] = ALPHAS, augment: str = "none",
 ) -> tuple[CutScore, list[CutScore]]:
     """The best (cut, strength) among ``cuts`` x ``alphas`` (see the module docstring) and every score."""
     if not cuts:
@@ -122,7 +127,7 @@ def choose_cut(
     if len(data.triggered) < 4 or len(data.clean) < 4:
         raise InvalidInputError("choosing a cut needs at least 4 clean and 4 triggered calibration images")
     progress = tqdm(cuts, desc="cuts", unit="cut", disable=None)
-    scores = [s for c in progress for s in score_cut(runner_for(c), data, seed, alphas)]
+    scores = [s for c in progress for s in score_cut(runner_for(c), data, seed, alphas, augment)]
     within = [s for s in scores if s.cost <= max_ca_drop + 1e-9] or [min(scores, key=lambda s: s.cost)]
     if scores[0].gain_kind != "PA":  # no true labels: judge the moves by whether the candidates agree on them
         scores = _agreement(scores, within)

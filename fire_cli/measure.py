@@ -8,7 +8,6 @@ from pathlib import Path
 
 from fire_backend.names import PROJECT_ROOT
 from fire_cli.common import (
-    DEFAULT_MODEL_DIR,
     UsageError,
     add_attack_args,
     add_command,
@@ -139,9 +138,13 @@ def _bench_multimodel(a: argparse.Namespace) -> None:
 
 
 def _bench_adaptive(a: argparse.Namespace) -> None:
-    from benchmarks.adaptive import run
+    from benchmarks.adaptive import AdaptiveConfig, run_adaptive
 
-    print(run(Path(a.model_dir), a.cut, out=_out_dir(a) / "adaptive.md"))
+    cfg = AdaptiveConfig.quick() if a.quick else AdaptiveConfig()
+    if a.model_dirs:
+        cfg.models = tuple(Path(d).name for d in a.model_dirs)
+    cfg.layer, cfg.out_dir = a.cut, _out_dir(a)
+    print(run_adaptive(cfg).read_text())
 
 
 def _bench_serving(a: argparse.Namespace) -> None:
@@ -210,8 +213,9 @@ def _register_benchmarks(sub) -> None:
     add(s, "--protocol", default="grpc")
     add(s, "--profile", default="cpu")
     add(s, "--size", default=32)
-    ad = benchmark("adaptive", "an attacker who changes the trigger at test time", _bench_adaptive, quick=False)
-    add(ad, "--model-dir", default=str(DEFAULT_MODEL_DIR))
+    ad = benchmark("adaptive", "trigger variants the models learned: FIRE beside STRIP, SCALE-UP, Februus, "
+                   "fine-pruning", _bench_adaptive)  # fmt: skip
+    add(ad, "--model-dirs", detail="default: every backdoored zoo model")
     add(ad, "--cut", default="layer2")
     benchmark("multimodel", "one server, three protected models: unload, load and update under load",
               _bench_multimodel, quick=False)  # fmt: skip

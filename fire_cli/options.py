@@ -141,7 +141,9 @@ VOCABULARY = _options(
     Option("--alpha", "the repair's strength (1: remove the estimated trigger component)", {"type": float}),
     Option("--estimator", "how beta is estimated", {"choices": ["paired", "unpaired"]}),
     Option("--fpr", "gated mode: clean false-positive rate of the gate", {"type": float}),
-    Option("--views", "unpaired estimator: augmented views per image", {"type": int}),
+    Option("--views", "unpaired estimator without spatial views: photometric views per image", {"type": int}),
+    Option("--augment", "spatial views of the calibration images the estimate covers (flips, shifts: a rank-k "
+           "repair), or none (rank 1)", {"choices": ["flips-shifts", "none"]}),  # fmt: skip
     Option(
         "--auto",
         "choose automatically from held-out calibration samples, without the test set",

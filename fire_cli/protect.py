@@ -121,7 +121,7 @@ def protect(a: argparse.Namespace) -> None:
     name = a.model or (src.entry.name if src.entry else Path(a.onnx or a.torch.partition(":")[0]).stem)
     alpha = default_of(CalibrationConfig, "alpha") if a.alpha is None else a.alpha
     calibration = CalibrationConfig(mode=a.mode, alpha=alpha, n_clean=a.n_clean, n_poisoned=a.n_poisoned,
-                                    seed=a.seed)  # fmt: skip
+                                    seed=a.seed, augment=a.augment)  # fmt: skip
     settings = ServingSettings(max_batch_size=a.max_batch_size)
     cfg = config_from(ProtectConfig, a, PROTECT_FIELDS, name=name, out=Path(a.out), work_dir=work,
                       calibration=calibration, keep_original=not a.drop_original, settings=settings,
@@ -172,6 +172,7 @@ def register(sub) -> None:
     add_attack_args(p)
     add_fields(p, ProtectConfig, PROTECT_FIELDS, {"cut": "default: chosen from the calibration images"})
     add(p, "--mode", default=default_of(CalibrationConfig, "mode"))
+    add(p, "--augment", default=default_of(CalibrationConfig, "augment"))
     add(p, "--alpha", detail=f"default: chosen with the cut among {', '.join(map(str, ALPHAS))}; "
         f"{default_of(CalibrationConfig, 'alpha')} with --cut")  # fmt: skip
     add(p, "--model", detail="the protected model's name (default: the file's stem, or the entry's name)")

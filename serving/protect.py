@@ -65,7 +65,8 @@ def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfi
     if cfg.observe:  # nothing triggered to choose with: the middle of the network
         return cuts[len(cuts) // 2], []
     alphas = ALPHAS if cfg.choose_alpha else (cfg.calibration.alpha,)
-    best, scores = choose_cut(runner_for, cuts, data, cfg.max_ca_drop, cfg.calibration.seed, alphas)
+    best, scores = choose_cut(runner_for, cuts, data, cfg.max_ca_drop, cfg.calibration.seed, alphas,
+                              cfg.calibration.augment)  # fmt: skip
     cfg.calibration = replace(cfg.calibration, alpha=best.alpha)
     return best.cut, scores
 

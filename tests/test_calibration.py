@@ -117,3 +117,26 @@ def test_without_labels_the_candidate_whose_moves_the_others_agree_on_wins():
     scores = _agreement([scattering, *restoring], [scattering, *restoring])
     assert max(scores, key=lambda s: s.gain).cut.startswith("r")
     assert scores[0].gain < 30 < 80 < min(s.gain for s in scores[1:])
+
+
+def test_spatial_views_cover_the_trigger_mirrored_which_rank_1_misses(artifacts, tmp_path):
+    """The BadNets model learned its corner patch mirrored too (trained with flips). From the same 100
+    pairs of the calibrated trigger, the rank-1 estimate leaves the mirrored patch working; the estimate
+    over flips and shifts removes it, at no clean-accuracy cost."""
+    a = artifacts["cifar10"]
+    x = a.test.images[a.attack.counts_for_asr(a.test.labels)][:200]
+    mirrored = np.ascontiguousarray(a.attack.apply(x[:, :, ::-1])[:, :, ::-1])
+    results = {}
+    for augment in ("none", "flips-shifts"):
+        d = calibrate(a.export_dir, tmp_path / f"{augment}.safetensors",
+                      CalibrationConfig(n_poisoned=100, n_clean=300, augment=augment))  # fmt: skip
+        results[augment] = (_predict(a, mirrored, Repair(d)) == a.attack.target).mean(), d
+    assert results["none"][1].rank == 1 and results["flips-shifts"][1].rank == 10
+    assert (_predict(a, mirrored, None) == a.attack.target).mean() > 0.8  # the model did learn it
+    assert results["none"][0] > 0.5 and results["flips-shifts"][0] < 0.1
+    clean = a.test.images[:200]
+    labels = a.test.labels[:200]
+    cost = (_predict(a, clean, None) == labels).mean() - (
+        _predict(a, clean, Repair(results["flips-shifts"][1])) == labels
+    ).mean()
+    assert cost <= 0.02
