@@ -37,6 +37,7 @@ from calibration.calibrate import zoo_calibration_set
 from calibration.estimators import unpaired_reference
 from calibration.factory import make_directions
 from calibration.inprocess import SplitRunner
+from fire_backend.errors import MissingFileError
 from fire_backend.names import PROJECT_ROOT
 from fire_backend.repair import Repair
 from zoo.attacks import attack_from_spec
@@ -79,8 +80,11 @@ class _Model:
     """One model: its split runner, test images, the defender's calibration images."""
 
     def __init__(self, name: str, cfg: AdaptiveConfig, attack=None):
-        self.name = name
-        self.model, meta = load_model(PROJECT_ROOT / "models" / name)
+        path = Path(name) if Path(name).is_dir() else PROJECT_ROOT / "models" / name
+        if not (path / "model.json").is_file():
+            raise MissingFileError(f"{name}: no zoo model there (a directory with model.json)")
+        self.name = path.name
+        self.model, meta = load_model(path)
         self.attack = attack or attack_from_spec(meta["attack"])  # a clean twin: the backdoored model's trigger
         self.dataset = meta["dataset"]
         test = load_dataset(self.dataset, "test")
@@ -122,6 +126,7 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
     rows: list[dict] = []
     for name in tqdm(cfg.models, desc="adaptive", unit="model", disable=None):
         m = _Model(name, cfg)
+        name = m.name
         twin_name = CLEAN_TWINS.get(m.dataset)
         twin = _Model(twin_name, cfg, attack=m.attack) if twin_name else None
         r = m.runner

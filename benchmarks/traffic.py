@@ -10,10 +10,11 @@ deployed only when every check passes. Every defense is measured on the evaluati
 - no defense; FIRE from traffic (what it deployed, or nothing);
 - FIRE paired (50 triggered training images with their originals: the upper bound) and unpaired (50
   flagged triggered images), project at the same layer;
-- STRIP used as "reject flagged inputs" (8 superimpositions, threshold at 1 % false rejections on the
-  clean images; a rejected input counts as not correct), and its cost per request;
-- fine-tuning on the same 1,000 clean images (plain, and fine-pruning: 30 % of the last stage's channels,
-  the least active on clean data, pruned first), and its time.
+- STRIP used as "reject flagged inputs" (``benchmarks.defenses.strip``: 10 superimpositions at full
+  weight, threshold at 1 % false rejections on the defender's clean images; a rejected input counts as
+  not correct), with its detection rate, AUROC and cost per request;
+- fine-tuning on the same 1,000 clean images, plain and fine-pruning (30 % of the channels of the
+  last feature map, the least active on clean data, pruned first), and its time.
 
 ASR is also shown above the clean twin's floor (the share of triggered images a model without a
 backdoor sends to the target class). Clean traffic (p = 0) on every model, and the clean twin over 20
@@ -22,7 +23,6 @@ independent draws, must deploy nothing. Writes results/efficacy_traffic.{md,csv,
 
 from __future__ import annotations
 
-import copy
 import csv
 import time
 from dataclasses import asdict, dataclass
@@ -30,11 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from calibration.calibrate import unpaired_beta, zoo_calibration_set
-from calibration.factory import FitInputs, fit_directions
+from calibration.calibrate import zoo_calibration_set
 from calibration.inprocess import SplitRunner
 from calibration.traffic import TrafficConfig, propose
 from fire_backend.formula import NumpyRepair
@@ -42,7 +40,7 @@ from fire_backend.names import PROJECT_ROOT
 from fire_backend.traffic import TrafficStats
 from zoo.attacks import attack_from_spec, make_attack
 from zoo.checkpoint import load_model
-from zoo.data import load_dataset, to_tensor_batch
+from zoo.data import load_dataset
 
 VALID = (
     "cifar10_resnet_badnets",
@@ -108,6 +106,10 @@ class Bench:
                 "ASR": 100 * float((pred_t == self.ev_wanted).mean()),
                 "PA": 100 * float((pred_t == self.ev_true).mean())}  # fmt: skip
 
+    def repaired_torch(self, repair) -> dict[str, float]:
+        return self.metrics(self.runner.labels_after(self.ev_x, self.base_x, repair),
+                            self.runner.labels_after(self.ev_t, self.base_t, repair))  # fmt: skip
+
     def repaired(self, repair) -> dict[str, float]:
         return self.metrics(self.runner.labels_after(self.ev_x, self.base_x, _torch(repair)),
                             self.runner.labels_after(self.ev_t, self.base_t, _torch(repair)))  # fmt: skip
@@ -147,86 +149,43 @@ def _torch(repair: NumpyRepair):
 
 
 def _given_more(b: Bench) -> list[dict]:
-    """FIRE paired and unpaired from 50 triggered calibration images, at the same layer."""
-    c = b.calib
-    inputs = FitInputs(b.runner.features(c.originals), b.runner.features(c.triggered), b.clean)
-    rows = [{"defense": "FIRE paired (50 pairs)", **b.repaired(NumpyRepair(fit_directions(inputs, b.cfg.layer)))}]
-    beta = unpaired_beta(lambda x: b.runner.features(x).numpy(), c.clean, c.triggered, views=4, seed=b.cfg.seed)
-    d = fit_directions(inputs, b.cfg.layer, estimator="unpaired", beta=beta)
-    rows.append({"defense": "FIRE unpaired (50 flagged)", **b.repaired(NumpyRepair(d))})
+    """FIRE paired and unpaired from 50 triggered calibration images, at the same layer and with the same
+    spatial views as ``fire calibrate`` (``benchmarks.adaptive.fire_repairs``)."""
+    from benchmarks.adaptive import fire_repairs
+
+    repairs = fire_repairs(_AsModel(b), b.cfg.layer)
+    return [{"defense": f"{name} (50 {'pairs' if 'paired' in name else 'flagged'})", **b.repaired_torch(rep)}
+            for name, rep in repairs.items() if name != "FIRE rank 1, paired"]  # fmt: skip
+
+
+class _AsModel:
+    """The parts of ``benchmarks.adaptive._Model`` that ``fire_repairs`` reads."""
+
+    def __init__(self, b: Bench):
+        self.calib, self.runner = b.calib, b.runner
+
+
+def _baselines(b: Bench) -> list[dict]:
+    """STRIP (reject), fine-tuning and fine-pruning (``benchmarks.defenses``) on the evaluation half."""
+    from benchmarks.defenses import REJECTED, Context, FinePruning, Strip, auroc
+
+    ctx = Context(b.model, b.calib.clean, b.calib.clean_labels, b.cfg.seed)
+    rows = []
+    for defense in (Strip(), FinePruning(0.0), FinePruning(0.3)):
+        t0 = time.time()
+        defense.fit(ctx)
+        fitted = time.time() - t0
+        t0 = time.time()
+        clean = defense(b.ev_images_clean)
+        per_image = (time.time() - t0) / len(b.ev_images_clean)
+        trig = defense(b.ev_images_trig)
+        label = f"{defense.name} ({per_image * 1e3:.2f} ms/image)" if defense.kind == "detect" else \
+            f"{defense.name} on 1,000 clean ({fitted:.0f} s)"  # fmt: skip
+        if clean.scores is not None:
+            tpr = 100 * float((trig.labels == REJECTED).mean())
+            label += f", TPR {tpr:.1f} % at 1 % FPR, AUROC {auroc(clean.scores, trig.scores):.3f}"
+        rows.append({"defense": label, **b.metrics(clean.labels, trig.labels)})
     return rows
-
-
-@torch.inference_mode()
-def _strip(b: Bench, k: int = 8) -> dict:
-    """STRIP as a filter: reject inputs whose superimpositions with clean images stay confident."""
-    model, rng = b.model.eval(), np.random.default_rng(b.cfg.seed)
-    pool = b.calib.clean
-
-    def entropy(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ent, pred = [], []
-        for i in range(0, len(images), 250):
-            x = images[i : i + 250].astype(np.float32)
-            logits = model(torch.from_numpy(to_tensor_batch(x.astype(np.uint8))))
-            pred.append(logits.argmax(1).numpy())
-            h = np.zeros(len(x))
-            for _ in range(k):
-                blend = ((x + pool[rng.integers(len(pool), size=len(x))]) / 2).round().astype(np.uint8)
-                prob = F.softmax(model(torch.from_numpy(to_tensor_batch(blend))), 1).clamp_min(1e-12)
-                h += -(prob * prob.log()).sum(1).numpy() / k
-            ent.append(h)
-        return np.concatenate(ent), np.concatenate(pred)
-
-    threshold = np.quantile(entropy(b.calib.clean[:500])[0], 0.01)  # 1 % of clean inputs rejected
-    t0 = time.time()
-    ex, px = entropy(b.ev_images_clean)
-    per_image = (time.time() - t0) / len(b.ev_images_clean)
-    et, pt = entropy(b.ev_images_trig)
-    px = np.where(ex < threshold, -1, px)  # a rejected input is not correct (and not the attacker's either)
-    pt = np.where(et < threshold, -1, pt)
-    t1 = time.time()
-    model(torch.from_numpy(to_tensor_batch(b.ev_images_clean[:500])))
-    plain = (time.time() - t1) / 500
-    return {"defense": f"STRIP (reject; {per_image * 1e3:.2f} ms/image, {per_image / plain:.0f}x a forward pass)",
-            **b.metrics(px, pt)}  # fmt: skip
-
-
-def _fine_tune(b: Bench, prune: float) -> dict:
-    """Fine-tune a copy of the model on the 1,000 clean images (after pruning the least active channels
-    of the last stage, for fine-pruning)."""
-    t0 = time.time()
-    model = copy.deepcopy(b.model).train()
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    if prune:
-        acts = []
-        hook = last.register_forward_hook(lambda _m, _i, out: acts.append(out.detach().relu().mean((0, 2, 3))))
-        with torch.no_grad():
-            model.eval()(torch.from_numpy(to_tensor_batch(b.calib.clean)))
-        hook.remove()
-        dead = torch.argsort(acts[0])[: int(prune * last.out_channels)]
-        with torch.no_grad():
-            last.weight[dead] = 0
-        last.weight.register_hook(lambda g: g.index_fill(0, dead, 0))
-        model.train()
-    x, y = torch.from_numpy(to_tensor_batch(b.calib.clean)), torch.from_numpy(b.calib.clean_labels)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(b.cfg.seed)
-    for _ in range(10):
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            xb = x[idx].flip(3) if bool(torch.rand(1, generator=gen) < 0.5) else x[idx]
-            loss = F.cross_entropy(model(xb), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    seconds = time.time() - t0
-    with torch.inference_mode():
-        px = np.concatenate([model(torch.from_numpy(to_tensor_batch(b.ev_images_clean[i : i + 500]))).argmax(1).numpy()
-                             for i in range(0, len(b.ev_images_clean), 500)])  # fmt: skip
-        pt = np.concatenate([model(torch.from_numpy(to_tensor_batch(b.ev_images_trig[i : i + 500]))).argmax(1).numpy()
-                             for i in range(0, len(b.ev_images_trig), 500)])  # fmt: skip
-    label = f"fine-pruning ({prune:.0%} pruned)" if prune else "fine-tuning"
-    return {"defense": f"{label} on 1,000 clean ({seconds:.0f} s)", **b.metrics(px, pt)}
 
 
 def run_traffic(cfg: TrafficBenchConfig | None = None) -> Path:
@@ -242,7 +201,7 @@ def run_traffic(cfg: TrafficBenchConfig | None = None) -> Path:
         ident = {"model": model, "attack": b.attack.name}
         measured = [{"defense": "none", **b.metrics(b.base_x, b.base_t)}]
         if cfg.baselines:
-            measured += [*_given_more(b), _strip(b), _fine_tune(b, 0.0), _fine_tune(b, 0.3)]
+            measured += [*_given_more(b), *_baselines(b)]
         rng = np.random.default_rng(cfg.seed + 1)
         for n in cfg.sizes:
             for p in (0.0, *cfg.rates):

@@ -142,7 +142,7 @@ def _bench_adaptive(a: argparse.Namespace) -> None:
 
     cfg = AdaptiveConfig.quick() if a.quick else AdaptiveConfig()
     if a.model_dirs:
-        cfg.models = tuple(Path(d).name for d in a.model_dirs)
+        cfg.models = tuple(a.model_dirs)
     cfg.layer, cfg.out_dir = a.cut, _out_dir(a)
     print(run_adaptive(cfg).read_text())
 

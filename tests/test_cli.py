@@ -166,7 +166,7 @@ CASES = [
     "rollback --repo REPO --model cifar10_folded --to 9",
     "eval --url DEAD --models no_such_model --repo REPO --limit 2",
     "classify --url DEAD --model cifar10 MISSING",
-    "bench adaptive --model-dir MISSING --out OUT",
+    "bench adaptive --model-dirs MISSING --out OUT",
     "loadtest --repo MISSING --out OUT",
     "soak --repo MISSING --minutes 0.01 --out OUT/soak.md",
     "demo --model-dir MISSING --out ''",

@@ -1,0 +1,38 @@
+"""Trigger variants (``benchmarks.variants``) and the adaptive-attacker benchmark on a real zoo model."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+
+from benchmarks.adaptive import AdaptiveConfig, run_adaptive
+from benchmarks.variants import variants
+from zoo.attacks import make_attack
+
+
+def test_variants_move_resize_and_dim_the_trigger_not_the_image():
+    attack = make_attack("badnets")
+    x = np.full((2, 32, 32, 3), 100, np.uint8)
+    v = variants(attack)
+    changed = {name: (f(x) != x).any(-1)[0] for name, f in v.items()}
+    assert changed["calibrated"][29:, 29:].all() and changed["calibrated"].sum() == 9  # 3x3, bottom-right
+    assert changed["mirrored left-right"][29:, :3].all() and changed["mirrored left-right"].sum() == 9
+    assert changed["mirrored both"][:3, :3].all()
+    assert changed["shifted 4 px"][25:28, 25:28].all() and changed["shifted 4 px"].sum() == 9
+    assert changed["scaled 2.5x"].sum() > 2 * changed["calibrated"].sum()
+    dim = v["dimmed 60 %"](x)[0, 31, 31]
+    assert 100 < dim.min() and dim.max() < attack.apply(x)[0, 31, 31].max()
+
+
+def test_the_adaptive_benchmark_writes_every_defense_and_spatial_views_beat_rank_1(tmp_path):
+    cfg = AdaptiveConfig(models=("cifar10_resnet_badnets",), test_limit=300, baseline_limit=40, out_dir=tmp_path)
+    report = run_adaptive(cfg).read_text()
+    rows = list(csv.DictReader(open(tmp_path / "adaptive.csv")))
+    defenses = {r["defense"] for r in rows}
+    assert {"none", "FIRE paired", "FIRE unpaired", "STRIP", "SCALE-UP"} <= defenses and len(defenses) == 8
+    by = {(r["variant"], r["defense"]): r for r in rows}
+    mirrored = "mirrored left-right"
+    assert by[(mirrored, "none")]["learned"] == "True"
+    assert float(by[(mirrored, "FIRE paired")]["ASR"]) < 10 < 50 < float(by[(mirrored, "FIRE rank 1, paired")]["ASR"])
+    assert "Targets (FIRE paired" in report and (tmp_path / "adaptive.png").is_file()
