@@ -45,6 +45,8 @@ from fire_backend.errors import FireError
 from fire_backend.keys import ADMIN, INFERENCE, KEYS
 from fire_backend.names import (
     BACKEND_DIR_ENV,
+    GPU_PROFILE,
+    GPU_TORCH_PROFILE,
     GRPC_PORT,
     HTTP_PORT,
     LOOPBACK,
@@ -103,11 +105,13 @@ def resolve_server(config: ServerConfig, scratch: Path) -> tuple[Path, Path, boo
 
     The CPU profile runs the wheel's server (Python backend only). The GPU profile needs a server with
     the TensorRT backend: the one named in the config or $FIRE_TRITONSERVER, else the NGC image's; it
-    refuses to start with a clear message when the backend directory has no ``tensorrt``."""
+    refuses to start with a clear message when the backend directory has no ``tensorrt``. The gpu_torch
+    profile needs only the Python backend: the NGC image's server where there is one, else the wheel's."""
     named = config.tritonserver or os.environ.get(TRITONSERVER_ENV)
     backends = config.backend_dir or os.environ.get(BACKEND_DIR_ENV)
-    gpu = config.model_config_name == "gpu"
-    if named is None and gpu and NGC_TRITONSERVER.is_file():
+    gpu = config.model_config_name == GPU_PROFILE  # TensorRT halves: a server with that backend
+    on_gpu = config.model_config_name in (GPU_PROFILE, GPU_TORCH_PROFILE)
+    if named is None and on_gpu and NGC_TRITONSERVER.is_file():  # the Triton image's server, when there
         named = NGC_TRITONSERVER
     if named is None:
         binary, backend_dir, wheel = pytriton_root() / "bin" / "tritonserver", prepare_backends(scratch), True
