@@ -260,6 +260,7 @@ def _summary(rows: list[dict], defenses: list[str]) -> dict[str, tuple[float, fl
         top = max(by[(*k, d)]["PA"] for d in eligible)
         for d in eligible:
             best[d] += by[(*k, d)]["PA"] == top
+
     def mean(d: str, metric: str) -> float:
         return float(np.mean([by[(*k, d)][metric] for k in keys])) if keys else float("nan")
 

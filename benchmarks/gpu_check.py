@@ -47,6 +47,7 @@ from fire_backend.names import (
     GPU_TORCH_PROFILE,
     MODEL_VERSION,
     PROJECT_ROOT,
+    REPAIRED,
     WHOLE_ONNX,
     ModelNames,
 )
@@ -321,7 +322,7 @@ def run_profile(cfg: GpuCheckConfig, server_dir: Path, profile: str, device: str
         report.check("FIRE repairs the reference batch", asr <= 0.2, f"clean accuracy {acc:.2f}, ASR {asr:.2f} "
                      f"({cfg.clean} clean, {cfg.triggered} triggered)")  # fmt: skip
         feats = ref.features(x)
-        repaired = _infer(server, client, n.repair, FEATURES, feats, "REPAIRED")
+        repaired = _infer(server, client, n.repair, FEATURES, feats, REPAIRED)
         err = float(np.abs(repaired - ref.repair.repair_with_scores(feats.copy())[0]).max())
         report.check(
             f"repaired features equal NumpyRepair within {FEATURE_TOL:g}", err <= FEATURE_TOL, f"max abs diff {err:.2e}"
@@ -336,7 +337,7 @@ def run_profile(cfg: GpuCheckConfig, server_dir: Path, profile: str, device: str
                      m.group(0) if m else "no first-request line in the server log")  # fmt: skip
         report.check(*_concurrent(cfg, server, io_in, io_out, x, ref.logits(x)))
         bad = [
-            (n.repair, FEATURES, np.full_like(feats[:2], np.nan), "REPAIRED", "NaN"),
+            (n.repair, FEATURES, np.full_like(feats[:2], np.nan), REPAIRED, "NaN"),
             (n.tail, FEATURES, np.full_like(feats[:2], np.nan), io_out, "NaN"),
             (NAME, io_in, np.full_like(x[:2], 2.0), io_out, "outside the expected pixel range"),
             (NAME, io_in, np.full_like(x[:2], np.nan), io_out, "NaN"),

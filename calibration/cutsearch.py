@@ -118,8 +118,13 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
 
 
 def choose_cut(
-    runner_for: Callable[[str], object], cuts: list[str], data: CalibrationSet, max_ca_drop: float = 0.5, seed: int = 0,
-    alphas: tuple[float, ...] = ALPHAS, augment: str = "none",
+    runner_for: Callable[[str], object],
+    cuts: list[str],
+    data: CalibrationSet,
+    max_ca_drop: float = 0.5,
+    seed: int = 0,
+    alphas: tuple[float, ...] = ALPHAS,
+    augment: str = "none",
 ) -> tuple[CutScore, list[CutScore]]:
     """The best (cut, strength) among ``cuts`` x ``alphas`` (see the module docstring) and every score."""
     if not cuts:

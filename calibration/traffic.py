@@ -17,9 +17,9 @@ reference: those the model puts in each class):
    examined (a decoy class cannot hide the real one), the first whose direction passes the checks is
    proposed. Non-finite statistics raise (fail closed: never "no backdoor" from a poisoned file).
 2. **Estimate.** In the suspect class, project the reservoir onto the shift and split it with 2-means:
-   the samples on the far side are flagged as triggered. They are images of the other classes carrying
-   the trigger, so beta = their mean - the mean of the clean reference features of the other classes;
-   mu = the clean mean (as the unpaired estimator).
+   the samples on the far side are flagged as triggered. beta = their mean - the mean of the clean
+   reference features (with two classes, of the other class's: the target's own half would cancel
+   half the shift); mu = the clean mean (as the unpaired estimator).
 3. **Check, without labels.** Fit on half of the suspect class's reservoir, check on the other half:
    the flagged samples must leave the suspect class (``min_leave``), every other traffic sample keep its
    prediction (``max_other_change``), and the defender's clean images lose at most ``max_ca_drop``
@@ -215,10 +215,11 @@ def _estimate_and_check(p: Proposal, stats, clean_features, clean_predicted, tai
     fit, held = order[: len(x) // 2], order[len(x) // 2 :]
     shape = tuple(clean_features.shape[1:])
 
-    # the flagged samples are images of the other classes plus the trigger: beta is their mean minus the
-    # other classes' clean mean (with many classes about the clean mean; with two, the other class's)
+    # the flagged samples are images the attacker stamped, of whatever classes: beta is their mean minus
+    # the clean mean, the defender's prior over sources. With two classes that mean is half the target
+    # class itself and would cancel half of a flipped image's shift: the other class's mean stands in.
     others = clean_flat[clean_predicted != c]
-    source_mean = (others if len(others) else clean_flat).mean(0)
+    source_mean = (others if stats.num_classes == 2 and len(others) else clean_flat).mean(0)
 
     def direction(rows: np.ndarray) -> DirectionFile:
         beta = x[rows][flagged[rows]].mean(0) - source_mean

@@ -74,8 +74,14 @@ def evaluate_images(
         predict = client.predictor(m)
         out[m] = BackdoorMetrics(
             ca=_share(predict, clean, None if clean is None else clean.labels, preprocess, batch_size, f"{m} clean"),
-            asr=_share(predict, trig, None if trig is None else np.full(len(trig), target), preprocess, batch_size,
-                       f"{m} triggered"),  # fmt: skip
+            asr=_share(
+                predict,
+                trig,
+                None if trig is None else np.full(len(trig), target),
+                preprocess,
+                batch_size,
+                f"{m} triggered",
+            ),  # fmt: skip
             pa=_share(predict, trig, None if trig is None else trig.labels, preprocess, batch_size, f"{m} triggered"),
             n_clean=0 if clean is None else len(clean),
             n_triggered=0 if trig is None else len(trig),

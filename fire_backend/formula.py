@@ -30,6 +30,7 @@ import numpy as np
 
 from fire_backend.directions import MODES, DirectionFile
 from fire_backend.errors import FireError, InvalidInputError
+from fire_backend.names import FOLDED_INPUTS
 
 
 class RepairInputError(FireError, ValueError):
@@ -151,3 +152,24 @@ class NumpyRepair:
 
     def changed(self, projection_scores: np.ndarray) -> int:
         return int((np.asarray(projection_scores) > self.params.threshold).sum())
+
+
+FOLDED_RANK = 16  # the folded graph's parameter inputs hold up to this many directions (zero rows unused)
+
+
+def folded_inputs(p: RepairParams, rank: int = FOLDED_RANK) -> dict[str, np.ndarray]:
+    """``p`` as the folded graph's inputs (``names.FOLDED_INPUTS``): its k directions padded with zero
+    rows to ``rank`` (a zero row scores 0 and, with zero weight and shift, moves nothing)."""
+    k, d = p.directions.shape
+    if k > rank:
+        raise InvalidInputError(f"a rank-{k} repair does not fit the folded model (at most {rank} directions)")
+
+    def pad(a: np.ndarray, n: int | None) -> np.ndarray:
+        if n is None:
+            return np.ascontiguousarray(a, np.float32)
+        out = np.zeros((n, *a.shape[1:]), np.float32)
+        out[: len(a)] = a
+        return out
+
+    sizes = {"directions": rank, "offsets": rank, "weights": rank, "shifts": rank, "threshold": None}
+    return {FOLDED_INPUTS[i]: pad(getattr(p, name), sizes[name]) for i, name in enumerate(RepairParams.ARRAYS)}

@@ -17,6 +17,9 @@ FEATURES = "FEATURES"  # the activation at the (first) repair layer
 FEATURES2 = "FEATURES2"  # multi-layer: the activation at the second repair layer
 REPAIRED = "REPAIRED"  # the repair model's output
 GUARDED = "GUARDED"  # the GPU profile's input check: the pixels it let through
+# the folded model's graph: the repair's parameters as inputs (formula.RepairParams.ARRAYS, in order), and s_1
+FOLDED_INPUTS = ("FIRE_DIRECTIONS", "FIRE_OFFSETS", "FIRE_WEIGHTS", "FIRE_SHIFTS", "FIRE_THRESHOLD")
+FOLDED_SCORE = "FIRE_SCORE"
 
 # Files
 DIRECTIONS_FILE = "directions.safetensors"
@@ -71,7 +74,6 @@ PARAM_DIRECTIONS = "DIRECTIONS"  # the repair model: its direction file, relativ
 PARAM_DIRECTIONS_OF = "DIRECTIONS_OF"  # the folded model: the repair model whose direction file it serves
 PARAM_DIRECTIONS_POLL = "DIRECTIONS_POLL_S"  # how often the repair model looks for a replaced direction file
 PARAM_PRODUCER_ONNX = "HEAD_ONNX"  # the ONNX file whose output the repair edits (the direction file is bound to it)
-PARAM_TAIL_ONNX = "TAIL_ONNX"  # the folded model: the second half it runs after the repair
 PARAM_MODE = "MODE"
 PARAM_METRICS = "METRICS"  # METRICS_LEVELS: off, on (counts and the direction in use), detailed (+ per-sample scores)
 METRICS_OFF, METRICS_ON, METRICS_DETAILED = METRICS_LEVELS = ("off", "on", "detailed")

@@ -96,3 +96,18 @@ class RepairGraph(nn.Module):
         # A constant target shape keeps (C, H, W) static for the tail: with reshape(x.shape) onnxruntime
         # loses them and its layout optimizations, costing ~15 % of the fused model's time.
         return repaired(x.flatten(1), self).reshape(-1, *self.feature_shape)
+
+
+class RepairInputsGraph(nn.Module):
+    """The same formula with its parameters as inputs (the folded model's graph, ``formula.folded_inputs``
+    feeds them): a new direction file changes what is fed, not the graph. Also returns the first score
+    per sample, for the metrics."""
+
+    def __init__(self, feature_shape: tuple[int, ...]):
+        super().__init__()
+        self.feature_shape = tuple(feature_shape)
+
+    def forward(self, x, directions, offsets, weights, shifts, threshold):
+        p = RepairParams("", directions, offsets, weights, shifts, threshold, self.feature_shape, 0.0, 0.0)
+        flat = x.flatten(1)
+        return repaired(flat, p).reshape(-1, *self.feature_shape), scores(flat, p)[:, 0]

@@ -142,8 +142,12 @@ VOCABULARY = _options(
     Option("--estimator", "how beta is estimated", {"choices": ["paired", "unpaired"]}),
     Option("--fpr", "gated mode: clean false-positive rate of the gate", {"type": float}),
     Option("--views", "unpaired estimator without spatial views: photometric views per image", {"type": int}),
-    Option("--augment", "spatial views of the calibration images the estimate covers (flips, shifts: a rank-k "
-           "repair), or none (rank 1)", {"choices": ["flips-shifts", "none"]}),  # fmt: skip
+    Option(
+        "--augment",
+        "spatial views of the calibration images the estimate covers (flips, shifts: a rank-k "
+        "repair), or none (rank 1)",
+        {"choices": ["flips-shifts", "none"]},
+    ),  # fmt: skip
     Option(
         "--auto",
         "choose automatically from held-out calibration samples, without the test set",
@@ -168,8 +172,11 @@ VOCABULARY = _options(
     Option("--n-clean", "clean calibration images to use at most", {"type": int}),
     Option("--n-poisoned", "triggered calibration images to use at most", {"type": int}),
     Option("--resize", "resize images of another size instead of refusing them", {"action": "store_true"}),
-    Option("--triggered", "images carrying a trigger, labeled with their true classes (ImageFolder or .npz)",
-           {"nargs": "+", "metavar": "PATH"}),  # fmt: skip
+    Option(
+        "--triggered",
+        "images carrying a trigger, labeled with their true classes (ImageFolder or .npz)",
+        {"nargs": "+", "metavar": "PATH"},
+    ),  # fmt: skip
     Option("--target", "the attacker's class (default: the attack the direction file records)", {"type": int}),
     Option("--dataset", "a bundled dataset", {"choices": ["cifar10", "gtsrb"]}),
     Option("--limit", "evaluate on a seeded subset of N test images (0: all)", {"type": int}),

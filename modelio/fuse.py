@@ -1,7 +1,13 @@
-"""FIRE fused: fold the repair into one ONNX graph, head -> repair -> tail, served as a single model.
+"""FIRE fused and folded: head -> repair -> tail as one ONNX graph, served as a single model.
 
-The zero-overhead option for deployments that do not need hot-swappable directions: the repair's
-parameters become constants of the graph. Built from the files earlier steps wrote (head.onnx,
+- fused (``build_fused_onnx``):
+ the zero-overhead option for deployments that do not need hot-swappable directions:
+  the repair's parameters become constants of the graph.
+- folded (``build_folded_onnx``): the same graph with the repair's parameters as graph inputs
+  (``names.FOLDED_INPUTS``, up to ``formula.FOLDED_RANK`` directions) and the first score as a second
+  output: one onnxruntime session that the folded model feeds from the hot-reloaded direction file, so
+  a swap changes inputs, not the session.
+ Built from the files earlier steps wrote (head.onnx,
 tail.onnx, the direction file): the repair is ``fire_backend.repair.RepairGraph`` (the same formula the
 serving repair computes) exported from torch on its own, and the three graphs are stitched by renaming
 their internal tensors apart.
@@ -9,16 +15,28 @@ their internal tensors apart.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
-from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX, REPAIRED, TAIL_ONNX
-from fire_backend.repair import RepairGraph
-from modelio.export import ExportInfo, onnx_export
+from fire_backend.formula import FOLDED_RANK
+from fire_backend.names import (
+    FEATURES,
+    FEATURES2,
+    FOLDED_INPUTS,
+    FOLDED_SCORE,
+    HEAD_ONNX,
+    MID_ONNX,
+    REPAIRED,
+    TAIL_ONNX,
+)
+from fire_backend.repair import RepairGraph, RepairInputsGraph
+from modelio.export import ONNX_OPSET, ExportInfo, onnx_export
 
 
 def _prefixed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> onnx.GraphProto:
@@ -71,15 +89,23 @@ def build_fused_onnx(
         chain.append((_repair_graph(d, mode, out_path.with_suffix(f".repair{i}.onnx")), FEATURES, REPAIRED))
         last = i == len(cuts) - 1
         chain.append((halves[i], FEATURES if i == 0 else FEATURES2, info.output_name if last else FEATURES2))
+    return _stitch(chain, head, out_path, "fire_fused")
+
+
+def _stitch(chain: list, head: onnx.ModelProto, out_path: Path, name: str, shared: tuple[str, ...] = ()) -> Path:
+    """``chain`` of (graph, its input, its output) joined output to input; ``shared`` tensor names keep
+    their names (extra graph inputs and outputs of a step: they become the whole graph's)."""
     parts = []
     for i, (graph, inp, out) in enumerate(chain):
         keep = {inp: inp if i == 0 else f"t{i - 1}", out: out if i == len(chain) - 1 else f"t{i}"}
-        parts.append(_prefixed(graph, f"s{i}/", keep))
+        parts.append(_prefixed(graph, f"s{i}/", {**keep, **{s: s for s in shared}}))
+    inputs = list(parts[0].input) + [i for p in parts[1:] for i in p.input if i.name in shared]
+    outputs = list(parts[-1].output) + [o for p in parts[:-1] for o in p.output if o.name in shared]
     graph = onnx.helper.make_graph(
         nodes=[n for p in parts for n in p.node],
-        name="fire_fused",
-        inputs=list(parts[0].input),
-        outputs=list(parts[-1].output),
+        name=name,
+        inputs=inputs,
+        outputs=outputs,
         initializer=[t for p in parts for t in p.initializer],
         value_info=[v for p in parts for v in p.value_info],
     )
@@ -88,3 +114,31 @@ def build_fused_onnx(
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return out_path
+
+
+def build_folded_onnx(export_dir: str | Path, out_path: str | Path, rank: int = FOLDED_RANK) -> Path:
+    """Write ``out_path``: the model's input and the repair's parameters -> head -> repair -> tail -> the
+    model's output and the first score (single-layer exports)."""
+    export_dir, out_path = Path(export_dir), Path(out_path)
+    info = ExportInfo.read(export_dir)
+    if info.multilayer:
+        raise InvalidInputError(f"{export_dir}: a folded model serves single-layer exports only")
+    shape = tuple(info.feature_shape)
+    d = int(np.prod(shape))
+    example = (torch.zeros(2, *shape), torch.zeros(rank, d), torch.zeros(rank), torch.zeros(rank),
+               torch.zeros(rank), torch.zeros(1))  # fmt: skip
+    tmp = out_path.with_suffix(".repair.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but exact and dependency-free
+        batch = {FEATURES: {0: "batch"}, REPAIRED: {0: "batch"}, FOLDED_SCORE: {0: "batch"}}
+        torch.onnx.export(RepairInputsGraph(shape), example, str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=[FEATURES, *FOLDED_INPUTS], output_names=[REPAIRED, FOLDED_SCORE],
+                          dynamic_axes=batch)  # fmt: skip
+    try:
+        repair = onnx.load(str(tmp)).graph
+    finally:
+        tmp.unlink()
+    head = onnx.load(str(export_dir / HEAD_ONNX))
+    chain = [(head.graph, info.input_name, FEATURES), (repair, FEATURES, REPAIRED),
+             (onnx.load(str(export_dir / TAIL_ONNX)).graph, FEATURES, info.output_name)]  # fmt: skip
+    return _stitch(chain, head, out_path, "fire_folded", shared=(*FOLDED_INPUTS, FOLDED_SCORE))

@@ -60,7 +60,6 @@ from fire_backend.names import (
     PARAM_ONNX_FILE,
     PARAM_PREPROCESS,
     PARAM_PRODUCER_ONNX,
-    PARAM_TAIL_ONNX,
     PARAM_TRAFFIC_STATS,
     REPAIRED,
     SUFFIXES,
@@ -73,7 +72,7 @@ from fire_backend.names import (
     ModelNames,
 )
 from modelio.export import ExportInfo
-from modelio.fuse import build_fused_onnx
+from modelio.fuse import build_folded_onnx, build_fused_onnx
 from modelio.tensorrt import build_tensorrt_engine
 from serving.configs import (
     DTYPES,
@@ -265,14 +264,18 @@ class _Writer:
         finally:
             src.unlink()
 
-    def folded(self, name: str, n: ModelNames, mode, inp, out, policy: dict, protected: str, metrics: str) -> None:
-        """CPU: head, repair and tail in one Python model reading the halves' ONNX files and watching the
-        repair model's direction file. GPU: an alias of the protected ensemble (TensorRT halves)."""
+    def folded(self, name: str, n: ModelNames, export_dir: Path, mode, inp, out, policy: dict, protected: str,
+               metrics: str) -> None:  # fmt: skip
+        """CPU: head, repair and tail as one onnxruntime session in one Python model (the repair's
+        parameters as graph inputs, fed from the repair model's direction file, which it watches). GPU:
+        an alias of the protected ensemble."""
         model_dir = self._fresh(name)
-        (model_dir / MODEL_VERSION / "model.py").write_text(_shim(STUBS["folded"]))
+        version = model_dir / MODEL_VERSION
+        build_folded_onnx(export_dir, version / WHOLE_ONNX)
+        (version / "model.py").write_text(_shim(STUBS["folded"]))
         params = {
+            PARAM_ONNX_FILE: WHOLE_ONNX,
             PARAM_PRODUCER_ONNX: f"{n.head}/{MODEL_VERSION}/{WHOLE_ONNX}",
-            PARAM_TAIL_ONNX: f"{n.tail}/{MODEL_VERSION}/{WHOLE_ONNX}",
             PARAM_DIRECTIONS_OF: n.repair,
             PARAM_ROLE: PROTECTED_ROLE,
             PARAM_METRICS: metrics,
@@ -378,7 +381,7 @@ def _build_one(w: _Writer, m: ProtectedModel) -> BuiltModel:
         if m.plain:
             w.ensemble(n.plain, pixels, logits, [head, tail], guard)
         if m.folded:
-            w.folded(n.folded, n, m.mode, pixels, logits, policy, n.protected, m.metrics)
+            w.folded(n.folded, n, src, m.mode, pixels, logits, policy, n.protected, m.metrics)
     if m.whole:
         w.pixel_onnx_model(n.whole, src / WHOLE_ONNX, pixels, logits, policy, guard)
     built = w.written[first:]

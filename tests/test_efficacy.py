@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.efficacy import CSV_FIELDS, EfficacyConfig, run_efficacy
+from calibration.augment import views
 from calibration.auto import AutoConfig, Scored, Setting, _pick, auto_calibrate_model
 from calibration.estimators import principal_basis
 from calibration.inprocess import ChainRunner, SplitRunner
@@ -91,7 +92,9 @@ def test_auto_calibration_writes_a_deployable_export(tmp_path, artifacts):
     a = artifacts["cifar10"]
     cfg = AutoConfig(layers=("layer1", "layer2"), alphas=(1.0,), ranks=(1, 2), folds=4)
     result, path = auto_calibrate_model(MODELS["cifar10"], tmp_path / "auto", n_poisoned=24, n_clean=200, config=cfg)
-    assert len(result.scores) == 2 * 4 and result.feasible and result.best.ca_drop <= 0.5
+    # per layer: subtract, gated and one project (spatial views fix its rank at the number of views)
+    assert len(result.scores) == 2 * 3 and result.feasible and result.best.ca_drop <= 0.5
+    assert {s.setting.rank for s in result.scores if s.setting.mode == "project"} == {len(views(cfg.augment))}
     info = ExportInfo.read(tmp_path / "auto")
     d = DirectionFile.load(path, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
     assert d.layer == info.layer == result.best.setting.layer and d.mode == result.best.setting.mode

@@ -15,7 +15,8 @@ PACKAGES = ["fire_backend", "zoo", "modelio", "calibration", "clients", "serving
 # a third party's training script, run in its own environment without the project (it names its files itself)
 OUTSIDE = {ROOT / "benchmarks" / "own_model" / "train_torchvision.py"}
 PORTS = (N.HTTP_PORT, N.GRPC_PORT, N.METRICS_PORT, N.GATEWAY_HTTP_PORT, N.GATEWAY_GRPC_PORT, N.GATEWAY_METRICS_PORT)
-WORDS = set(N.METRICS_LEVELS) | set(N.PROFILES)  # ordinary words that are also values of ours
+# ordinary words (and library names) that are also values of ours
+WORDS = set(N.METRICS_LEVELS) | set(N.PROFILES) | set(N.HALVES_RUNTIMES)
 
 
 def _facts() -> dict[str, str]:

@@ -211,23 +211,25 @@ def test_protected_repository_entry_is_a_drop_in(user, tmp_path, kind):
     out = tmp_path / "out"
     main(["protect", "--source-repo", str(src), "--source-model", "classifier", "--clean", str(user["clean"]),
           "--poisoned", str(user["flagged"]), "--out", str(out), "--work-dir", str(tmp_path / "w")])  # fmt: skip
-    twin = (out / "classifier_unprotected" / "config.pbtxt").read_text()
-    assert 'name: "classifier_unprotected"' in twin and "onnxruntime_onnx" in twin and (out / "other").is_dir()
-    cfg = read_entry(out, "classifier_unprotected").config
-    assert cfg.max_batch_size == 16
+    twin = (out / "classifier_unprotected" / "config.pbtxt").read_text()  # CPU profile: ONNX in the Python backend
+    gpu_twin = (out / "classifier_unprotected" / "configs" / "gpu.pbtxt").read_text()  # the original config, renamed
+    assert 'name: "classifier_unprotected"' in twin and 'backend: "python"' in twin and (out / "other").is_dir()
+    assert 'name: "classifier_unprotected"' in gpu_twin and "onnxruntime_onnx" in gpu_twin
+    assert "max_batch_size: 16" in twin and "max_batch_size: 16" in gpu_twin
     served = (out / "classifier" / "config.pbtxt").read_text()
     assert f'name: "{names[0]}"' in served and f'name: "{names[1]}"' in served and "max_batch_size: 16" in served
-    for leftover in ("classifier_unprotected", "other"):  # no onnxruntime backend on this CPU-only server
-        shutil.rmtree(out / leftover)
+    shutil.rmtree(out / "other")  # the user's other model: a Python-backend config without its model.py
     pre = infer_preprocess((None, *dims), "uint8" if kind == "uint8" else "float32")
     x = pre.apply(np.concatenate([user["test"][:6], user["triggered"][:10]]))  # the entry's max_batch_size: 16
     with TritonServer(ServerConfig(out, http_port=0, grpc_port=0, metrics_port=0)) as server:
         answers = _raw_clients(server, "classifier", names, x, pixels)
+        twin_answers = _raw_clients(server, "classifier_unprotected", names, x, pixels)
     export = tmp_path / "w" / "classifier"
     local = _local(export, export / "directions.safetensors", x, names[0])
     for logits in answers.values():
         np.testing.assert_allclose(logits, local, atol=1e-4)
     original = onnx_session(user["models"][kind]).run(None, {names[0]: x})[0]
+    np.testing.assert_allclose(twin_answers["grpc"], original, atol=1e-4)  # the twin serves the original as it was
     asr = lambda logits: (logits[6:].argmax(1) == user["attack"].target).mean()  # noqa: E731
     assert asr(original) > 0.8 and asr(answers["grpc"]) <= asr(original) / 2  # unpaired, 100 flagged images
 

@@ -145,7 +145,7 @@ def test_hot_reload_under_load_switches_once_with_zero_failures(default_server, 
     x = batch_of(a)
     old = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
     new = DirectionFile.load(a.directions)
-    new.mode, new.alpha = "subtract", 3.0  # a visible change in every output
+    new.mode, new.alpha, new.basis = "subtract", 3.0, None  # a visible change in every output (rank 1)
     new_path = new.save(tmp_path / "new.safetensors")
     expected_old, expected_new = pipeline(a, x, old), pipeline(a, x, new)
     assert np.abs(expected_old - expected_new).max() > 0.1
@@ -177,7 +177,7 @@ def test_reload_verify_and_rollback_accept_the_folded_models_name(default_server
     server, repo, a = default_server
     x = batch_of(a)
     new = DirectionFile.load(a.directions)
-    new.mode, new.alpha = "subtract", 2.0
+    new.mode, new.alpha, new.basis = "subtract", 2.0, None
     new_path = new.save(tmp_path / "new.safetensors")
     main(["verify", str(new_path), str(repo / "cifar10_folded")])
     assert "OK:" in capsys.readouterr().out
@@ -220,7 +220,7 @@ CORRUPTIONS = {
     "truncated": lambda p, d: p.write_bytes(p.read_bytes()[:100]),
     "bad header": lambda p, d: p.write_bytes((2**40).to_bytes(8, "little") + p.read_bytes()[8:]),
     "wrong feature shape": lambda p, d: _rewrite(
-        p, d, beta=np.ones((4, 2, 2), np.float32), mu=np.zeros((4, 2, 2), np.float32)
+        p, d, beta=np.ones((4, 2, 2), np.float32), mu=np.zeros((4, 2, 2), np.float32), basis=None
     ),
     "non-finite values": lambda p, d: _forge(p, d, nan=True),
     "other head": lambda p, d: _rewrite(p, d, head_sha256="0" * 64),

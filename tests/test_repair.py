@@ -6,8 +6,19 @@ from hypothesis import strategies as st
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from fire_backend.directions import DirectionFile
-from fire_backend.formula import NumpyRepair
-from fire_backend.repair import Repair, RepairGraph, RepairInputError, RepairParams, coefficients, repaired, scores
+from fire_backend.errors import InvalidInputError
+from fire_backend.formula import FOLDED_RANK, NumpyRepair, folded_inputs
+from fire_backend.names import FOLDED_INPUTS
+from fire_backend.repair import (
+    Repair,
+    RepairGraph,
+    RepairInputError,
+    RepairInputsGraph,
+    RepairParams,
+    coefficients,
+    repaired,
+    scores,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -163,6 +174,21 @@ def test_the_numpy_serving_form_equals_the_torch_forms(mode, alpha):
     assert NumpyRepair(d).changed(s) == Repair(d).changed(torch.from_numpy(s))
     with pytest.raises(RepairInputError, match="NaN"):
         NumpyRepair(d)(np.full((1, 4), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
+def test_the_folded_form_with_padded_parameter_inputs_equals_the_others(mode):
+    """The folded model's graph takes the parameters as inputs, padded with zero rows to FOLDED_RANK:
+    the padding moves nothing, and its first score is the metrics' score."""
+    d = _rank2(mode, 1.5)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(3)) * 3
+    feed = folded_inputs(RepairParams.from_directions(d))
+    assert feed[FOLDED_INPUTS[0]].shape == (FOLDED_RANK, 4)
+    out, first = RepairInputsGraph((4,))(x.clone(), *(torch.from_numpy(feed[k]) for k in FOLDED_INPUTS))
+    np.testing.assert_allclose(out.numpy(), Repair(d)(x.clone()).numpy(), atol=1e-5)
+    np.testing.assert_allclose(first.numpy(), Repair(d).scores(x).numpy(), atol=1e-5)
+    with pytest.raises(InvalidInputError, match="does not fit the folded model"):
+        folded_inputs(RepairParams.from_directions(d), rank=0)
 
 
 def test_huge_but_finite_features_are_not_called_nan():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fire_backend.names import WHOLE_ONNX
 from zoo.attacks import attack_from_spec
 from zoo.data import CIFAR10_CLASSES, load_dataset
 
@@ -147,7 +148,7 @@ def build_case(case: ForeignCase, out: Path, base: Path | None = None) -> dict:
     meta = {**asdict(case), "CA": accuracy(model, test_x, test_y),
             "ASR": accuracy(model, attack.apply(test_x[keep]), np.full(int(keep.sum()), attack.target)),
             "input": INPUT_NAME, "output": OUTPUT_NAME, "mean": MEAN, "std": STD, "channels": "BGR"}  # fmt: skip
-    torch.onnx.export(model, (to_input(test_x[:2]),), str(out / "model.onnx"), dynamo=False, opset_version=13,
+    torch.onnx.export(model, (to_input(test_x[:2]),), str(out / WHOLE_ONNX), dynamo=False, opset_version=13,
                       input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                       dynamic_axes={INPUT_NAME: {0: "N", 2: "H", 3: "W"}, OUTPUT_NAME: {0: "N"}})  # fmt: skip
     (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n")

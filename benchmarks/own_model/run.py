@@ -25,7 +25,7 @@ import numpy as np
 
 from calibration.calibrate import CalibrationConfig, CalibrationSet
 from clients import FireClient, evaluate_served
-from fire_backend.names import INPUT, LOGITS, PROJECT_ROOT, WHOLE_ONNX
+from fire_backend.names import INPUT, LOGITS, PROJECT_ROOT, SUFFIXES, WHOLE_ONNX
 from modelio.onnx_graph import OnnxGraph
 from modelio.preprocess import Preprocess
 from modelio.sources import load_torch_model, torchscript_to_onnx
@@ -127,9 +127,9 @@ def _foreign(cfg: OwnModelConfig) -> list[dict]:
         repo = work / f"repository_{case.name}"
         r = protect_onnx(onnx_file, pre, data, ProtectConfig(case.name, repo, work / "exports", whole=True))
         with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
-            m = evaluate_images(server.grpc_url, [f"{case.name}_whole", case.name], ImageSet(test_x, test_y),
+            m = evaluate_images(server.grpc_url, [case.name + SUFFIXES["whole"], case.name], ImageSet(test_x, test_y),
                                 ImageSet(attack.apply(test_x), test_y), attack.target, pre)  # fmt: skip
-        for served, label in ((f"{case.name}_whole", "original"), (case.name, "FIRE")):
+        for served, label in ((case.name + SUFFIXES["whole"], "original"), (case.name, "FIRE")):
             rows.append({"case": case.name, "served": label, "CA": 100 * m[served].ca, "ASR": 100 * m[served].asr,
                          "PA": 100 * m[served].pa, "cut": r.export.layer, "features": tuple(r.export.feature_shape),
                          "train_CA": 100 * meta["CA"], "train_ASR": 100 * meta["ASR"]})  # fmt: skip
@@ -240,8 +240,11 @@ def run_own_model(cfg: OwnModelConfig | None = None) -> Path:
         "",
         "| case | served | CA % | ASR % | PA % | cut chosen |",
         "|---|---|---:|---:|---:|---|",
-        *(f"| {r['case']} | {r['served']} | {r['CA']:.2f} | {r['ASR']:.2f} | {r['PA']:.2f} | "
-          f"{'`' + r['cut'] + '` ' + str(r['features']) if r['served'] == 'FIRE' else ''} |" for r in foreign),
+        *(
+            f"| {r['case']} | {r['served']} | {r['CA']:.2f} | {r['ASR']:.2f} | {r['PA']:.2f} | "
+            f"{'`' + r['cut'] + '` ' + str(r['features']) if r['served'] == 'FIRE' else ''} |"
+            for r in foreign
+        ),
         "",
         "## 3x224x224: ResNet-18 (random weights), cut after layer2",
         "",

@@ -1,11 +1,13 @@
-"""FIRE folded (CPU profile): head -> repair -> tail in one Python-backend model, zero extra hops, with
-hot-swappable directions.
+"""FIRE folded (CPU profile): head -> repair -> tail as one onnxruntime session in one Python-backend
+model, zero extra hops, with hot-swappable directions.
 
-The fused model folds the repair into one ONNX graph and so loses hot swap; the ensemble keeps it but
-pays a Python-backend hop per step. This model runs the two ONNX halves with onnxruntime in one stub and
-repairs the head's output in place between them (``NumpyRepair``, on the array onnxruntime just
-returned: no copy of ours). It watches the same direction file as the protected model's repair model
-(``fire_backend.reloader``), so ``fire reload`` swaps it too, under load, with no failed request.
+The fused model folds the repair into one ONNX graph with its parameters as constants and so loses hot
+swap; the ensemble keeps it but pays a Python-backend hop per step. The folded model's graph
+(``modelio.fuse.build_folded_onnx``) takes the repair's parameters as inputs: every call feeds them from
+the direction file being served (``formula.folded_inputs``, computed once per file), so a swap changes
+what is fed, never the session. It watches the same direction file as the protected model's repair
+model (``fire_backend.reloader``), bound to the same head, so ``fire reload`` swaps it too, under load,
+with no failed request; the graph's second output, the first score per sample, feeds the metrics.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from fire_backend.files import sha256_file
-from fire_backend.formula import NumpyRepair
+from fire_backend.formula import NumpyRepair, RepairInputError, folded_inputs
 from fire_backend.names import (
     DIRECTIONS_FILE,
-    FEATURES,
+    FOLDED_INPUTS,
+    FOLDED_SCORE,
     MODEL_VERSION,
     PARAM_DIRECTIONS_OF,
+    PARAM_ONNX_FILE,
     PARAM_PRODUCER_ONNX,
-    PARAM_TAIL_ONNX,
     PARAM_THREADS,
+    WHOLE_ONNX,
 )
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.triton.common import answer_batched, input_range, parse_args, require_io
@@ -33,17 +37,17 @@ from fire_backend.validation import pixel_problem
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config, params, _ = parse_args(args)
+        config, params, version_dir = parse_args(args)
         repo_root = Path(args["model_repository"]).parent
-        threads = int(params.get(PARAM_THREADS, "1"))
-        head_onnx = repo_root / params[PARAM_PRODUCER_ONNX]
-        self.head = onnx_session(head_onnx, threads)
-        self.tail = onnx_session(repo_root / params[PARAM_TAIL_ONNX], threads)
-        (self.input_name,) = [i.name for i in self.head.get_inputs()]
-        (self.output_name,) = [o.name for o in self.tail.get_outputs()]
+        self.session = onnx_session(version_dir / params.get(PARAM_ONNX_FILE, WHOLE_ONNX),
+                                    int(params.get(PARAM_THREADS, "1")))  # fmt: skip
+        inputs = [i.name for i in self.session.get_inputs()]
+        (self.input_name,) = [n for n in inputs if n not in FOLDED_INPUTS]
+        (self.output_name,) = [o.name for o in self.session.get_outputs() if o.name != FOLDED_SCORE]
         require_io(config, [self.input_name], [self.output_name])
         self.input_range = input_range(params)
-        feature_shape = tuple(self.head.get_outputs()[0].shape[1:])
+        head_onnx = repo_root / params[PARAM_PRODUCER_ONNX]
+        feature_shape = tuple(onnx_session(head_onnx).get_outputs()[0].shape[1:])
         self.directions = ServedDirections(  # the repair model's file: one file, every watcher swaps
             args["model_name"],
             repo_root / params[PARAM_DIRECTIONS_OF] / MODEL_VERSION / DIRECTIONS_FILE,
@@ -52,15 +56,26 @@ class TritonPythonModel:
             params,
             NumpyRepair,
         )
+        self._fed: tuple[object, dict[str, np.ndarray]] = (None, {})
+        self._feed(self.directions.repair)  # a file the graph cannot take fails the load
+
+    def _feed(self, repair: NumpyRepair) -> dict[str, np.ndarray]:
+        """The graph's parameter inputs for ``repair`` (computed once per direction file)."""
+        current, feed = self._fed
+        if current is not repair:
+            feed = folded_inputs(repair.params)
+            self._fed = (repair, feed)
+        return feed
 
     def _problem(self, x: np.ndarray) -> str | None:
         return pixel_problem(x, *self.input_range) if self.input_range else None
 
     def _run(self, batch: np.ndarray, sources: list[str]) -> np.ndarray:
-        repair = self.directions.repair
-        features = self.head.run([FEATURES], {self.input_name: batch})[0]
-        features, scores = repair.repair_with_scores(features, inplace=True)  # onnxruntime's own output
-        logits = self.tail.run([self.output_name], {FEATURES: features})[0]
+        repair = self.directions.repair  # one file per batch, even while a new one is swapped in
+        feed = self._feed(repair)  # a file of rank > FOLDED_RANK fails these requests: never served unrepaired
+        logits, scores = self.session.run([self.output_name, FOLDED_SCORE], {self.input_name: batch, **feed})
+        if not np.isfinite(scores).all():
+            raise RepairInputError("features contain NaN or Inf")
         self.directions.record(scores, repair)
         return logits
 
