@@ -1,16 +1,19 @@
-"""Serving benchmark: what FIRE costs at serving time, measured side by side on one server.
+"""Serving benchmark: what FIRE costs at serving time, measured with NVIDIA's perf_analyzer on one server.
 
-In one run, on one tritonserver, for every batch size x concurrency cell, the models are measured in
-interleaved windows (round-robin, order rotated each round) so drift hits all of them alike:
+For every batch size x concurrency cell, the models are measured in interleaved rounds (each round runs
+every model once, back to back, the order rotated) so drift hits all of them alike:
 
   whole        the unsplit model as one model (unprotected baseline)
   plain        ensemble head -> tail
   fire_<mode>  ensemble head -> repair -> tail, each repair mode
-  fused        head -> repair -> tail folded into one ONNX graph
+  folded       head -> repair -> tail in one onnxruntime session, the repair's parameters as inputs
+               (zero hops, hot-swappable)
+  fused        the same graph with the parameters as constants (zero hops, no hot swap)
 
-Closed loop: ``concurrency`` client threads, each with its own connection, send back-to-back requests
-of ``batch`` real CIFAR-10 test images. Reported: images/s, p50/p95/p99 latency, ratios, and per-step
-queue and compute times from Triton's statistics API; the repair core is also timed in-process.
+perf_analyzer (``benchmarks.perf_analyzer``) sends real CIFAR-10 test images (``--input-data``) from
+``concurrency`` clients, closed loop. Reported: images/s, p50/p95/p99 latency, its server-side times,
+ratios computed within a round, and per-step queue and compute times from Triton's statistics API; the
+repair core is also timed in-process. Then the same at 1 and 2 instances per step.
 
     python -m benchmarks.serving            # or: fire bench serving
 writes results/serving.csv, results/serving.md and results/serving.png.
@@ -19,8 +22,8 @@ writes results/serving.csv, results/serving.md and results/serving.png.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks import perf_analyzer
 from calibration import CalibrationConfig, calibrate
 from fire_backend.directions import DirectionFile
-from fire_backend.errors import StepFailedError
 from fire_backend.formula import NumpyRepair
 from fire_backend.names import ADMIN_HEADER, DIRECTIONS_FILE, PROJECT_ROOT, ModelNames
 from fire_backend.repair import Repair
@@ -42,6 +45,7 @@ from serving.server import STUB_SHM_BYTES, ServerConfig, TritonServer
 from zoo.data import load_dataset, to_tensor_batch
 
 MODES = ("project", "subtract", "gated")
+SCALED = ("whole", "plain", "fire_project", "folded")  # the models of the scaling table
 SHM_BYTES = STUB_SHM_BYTES  # the server default: a batch of 64 activations fits without growing
 
 
@@ -50,10 +54,10 @@ class ServingBenchConfig:
     model_dir: Path = PROJECT_ROOT / "models" / "cifar10_resnet_badnets"
     layer: str = "layer2"
     batch_sizes: tuple[int, ...] = (1, 8, 32)
-    concurrency: tuple[int, ...] = (1, 4, 16)
-    window_s: float = 3.0  # one measurement window per model per round
-    rounds: int = 2
-    warmup_s: float = 1.0
+    concurrency: tuple[int, ...] = (1, 4)
+    window_s: float = 1.0  # perf_analyzer's measurement window (it measures until three windows agree)
+    stability: int = 25  # ... within this many percent (its default, 10, rarely holds on two shared cores)
+    rounds: int = 2  # each round measures every model once, back to back; ratios are taken within a round
     protocol: str = "grpc"
     profile: str = "cpu"  # "gpu": TensorRT halves and CUDA repair (GPU machine; engines built by the builder)
     settings: ServingSettings = field(default_factory=ServingSettings)
@@ -62,16 +66,19 @@ class ServingBenchConfig:
     name: str = "serving"  # output file stem
     size: int = 32  # 32: the bundled CIFAR-10 ResNet; 224: a ResNet-18 at 3x224x224 (random weights)
     modes: tuple[str, ...] = MODES  # the FIRE ensembles measured (one per repair mode)
+    instance_counts: tuple[int, ...] = (1, 2)  # the scaling table: instances per step
+    scaling_cells: tuple[tuple[int, int], ...] = ((8, 4), (32, 4))  # ... at these (batch, clients)
 
     @classmethod
     def quick(cls) -> ServingBenchConfig:
         """A smoke run: every code path in seconds, numbers not meant to be reported."""
-        return cls(batch_sizes=(1, 8), concurrency=(1, 2), window_s=0.5, rounds=1, warmup_s=0.2, name="serving-quick")
+        return cls(batch_sizes=(1, 8), concurrency=(1, 2), window_s=0.5, rounds=1, stability=50,
+                   scaling_cells=((8, 2),), name="serving-quick")  # fmt: skip
 
     @classmethod
     def large(cls) -> ServingBenchConfig:
         """The 224x224 model: fewer, longer windows (a batch-32 request takes about a second here)."""
-        return cls(size=224, batch_sizes=(1, 32), concurrency=(1, 4), window_s=8.0, rounds=2, warmup_s=2.0,
+        return cls(size=224, batch_sizes=(1, 32), concurrency=(1, 4), window_s=4.0, rounds=2, scaling_cells=((32, 4),),
                    modes=("project",), name="serving_224")  # fmt: skip
 
 
@@ -98,61 +105,10 @@ def _composing(name: str, label: str) -> list[str]:
     return [n.head, n.repair if mode == "project" else n.variant_repair(mode), n.tail]
 
 
-def _client(url: str, protocol: str):
-    if protocol == "grpc":
-        import tritonclient.grpc as tc
-    else:
-        import tritonclient.http as tc
-    return tc, tc.InferenceServerClient(url=url)
+def _http(url: str):
+    import tritonclient.http as httpclient
 
-
-def _headers(url: str, protocol: str) -> dict[str, str]:
-    from clients.triton_client import inference_headers
-
-    return inference_headers(url, protocol)
-
-
-def closed_loop(
-    url: str, protocol: str, model: str, batch: np.ndarray, concurrency: int, duration_s: float
-) -> tuple[np.ndarray, float]:
-    """Latencies (s) of every request ``concurrency`` back-to-back clients complete in about ``duration_s``,
-    and the elapsed wall time."""
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    errors: list[BaseException] = []
-    ready = threading.Barrier(concurrency + 1)
-    stop_at = [0.0]
-
-    from clients import FireClient
-
-    io = FireClient(url, protocol).io(model)  # the served model's own tensor names and datatype
-
-    def worker(i: int) -> None:
-        tc, client = _client(url, protocol)
-        inp = tc.InferInput(io.input, list(batch.shape), io.datatype)
-        inp.set_data_from_numpy(batch)
-        out = [tc.InferRequestedOutput(io.output)]
-        headers = _headers(url, protocol)
-        ready.wait()
-        try:
-            while time.perf_counter() < stop_at[0]:
-                t0 = time.perf_counter()
-                client.infer(model, [inp], outputs=out, headers=headers)
-                latencies[i].append(time.perf_counter() - t0)
-        except BaseException as e:  # reported after the window: a failed request invalidates it
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    t_start = time.perf_counter()
-    stop_at[0] = t_start + duration_s
-    ready.wait()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t_start
-    if errors:
-        raise StepFailedError(f"{model}: request failed during the benchmark: {errors[0]}")
-    return np.array([x for lat in latencies for x in lat]), elapsed
+    return httpclient.InferenceServerClient(url=url)
 
 
 def _stats(http, models: list[str], admin_key: str) -> dict[str, dict[str, float]]:
@@ -223,22 +179,27 @@ def _inputs(cfg: ServingBenchConfig, export_dir: Path, n: int) -> np.ndarray:
     return pre.apply(np.random.default_rng(1).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
 
 
-def prepare(cfg: ServingBenchConfig) -> Path:
-    """Export, calibrate and build the benchmark repository (every variant of the model)."""
+def prepare(cfg: ServingBenchConfig, settings: ServingSettings | None = None) -> Path:
+    """The benchmark repository (every variant of the model exported by ``_export``) with ``settings``."""
     export_dir = cfg.work_dir / "export"
-    _export(cfg, export_dir)
     repo = cfg.work_dir / "repo"
     shutil.rmtree(repo, ignore_errors=True)
     variants = tuple(Variant.of_mode(m) for m in cfg.modes if m != "project")
     model = ProtectedModel("bench", export_dir, export_dir / DIRECTIONS_FILE, variants=variants, fused=True,
                            whole=True, plain=True, folded=True)  # fmt: skip
-    build_repository([model], repo, cfg.settings, tensorrt=cfg.profile == "gpu")
+    build_repository([model], repo, settings or cfg.settings, tensorrt=cfg.profile == "gpu")
     return repo
 
 
-def run(cfg: ServingBenchConfig) -> list[dict]:
-    repo = prepare(cfg)
-    inputs = _inputs(cfg, cfg.work_dir / "export", max(cfg.batch_sizes))
+def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels: list[str] | None = None,
+        cells: list[tuple[int, int]] | None = None) -> list[dict]:  # fmt: skip
+    """Measure ``labels`` (default: every model) in ``cells`` (batch, clients; default: every one) on a
+    server of a repository built with ``settings``."""
+    settings = settings or cfg.settings
+    served = {k: v for k, v in _models("bench", cfg.modes).items() if labels is None or k in labels}
+    cells = cells or [(b, c) for b in cfg.batch_sizes for c in cfg.concurrency]
+    repo = prepare(cfg, settings)
+    inputs = _inputs(cfg, cfg.work_dir / "export", max(b for b, _ in cells))
     server_cfg = ServerConfig(
         repo,
         http_port=0,
@@ -246,66 +207,88 @@ def run(cfg: ServingBenchConfig) -> list[dict]:
         metrics_port=0,
         model_config_name=None if cfg.profile == "cpu" else cfg.profile,
     )
-    labels = _models("bench", cfg.modes)
+    perf_analyzer.version()  # installed and starts, before the server does
     rows = []
     with TritonServer(server_cfg) as server:
-        url = server.grpc_url if cfg.protocol == "grpc" else server.http_url
-        _, http = _client(server.http_url, "http")
-        cells = [(b, c) for b in cfg.batch_sizes for c in cfg.concurrency]
-        bar = tqdm(total=len(cells) * cfg.rounds * len(labels), desc="serving bench", unit="window", disable=None)
+        from clients import FireClient
+
+        url = (server.grpc_url if cfg.protocol == "grpc" else server.http_url).split("://")[-1]
+        http = _http(server.http_url)
+        io = FireClient(server.grpc_url).io(served["whole"])  # the served models' input name
+        data = perf_analyzer.input_data(cfg.work_dir / "input_data.json", io.input, inputs)
+        bar = tqdm(total=len(cells) * cfg.rounds * len(served), desc=f"serving bench, {settings.instances} instance(s)",
+                   unit="run", disable=None)  # fmt: skip
         for b, c in cells:
-            batch = inputs[:b]
-            for model in labels.values():
-                closed_loop(url, cfg.protocol, model, batch, c, cfg.warmup_s)
-            lat: dict[str, list[np.ndarray]] = {k: [] for k in labels}
-            elapsed = dict.fromkeys(labels, 0.0)
+            runs: dict[str, list[perf_analyzer.Measurement]] = {k: [] for k in served}
             step_stats: dict[str, dict[str, float]] = {}
-            for r in range(cfg.rounds):
-                order = list(labels)[r % len(labels) :] + list(labels)[: r % len(labels)]
+            for r in range(cfg.rounds):  # interleaved: each round measures every model, the order rotated
+                order = list(served)[r % len(served) :] + list(served)[: r % len(served)]
                 for label in order:
                     composing = _composing("bench", label)
                     before = _stats(http, composing, server.admin_key)
-                    latencies, seconds = closed_loop(url, cfg.protocol, labels[label], batch, c, cfg.window_s)
-                    lat[label].append(latencies)
-                    elapsed[label] += seconds
+                    runs[label].append(perf_analyzer.measure(url, served[label], data, b, c, cfg.window_s,
+                                                             cfg.protocol, server.inference_key, server.admin_key,
+                                                             stability=cfg.stability))  # fmt: skip
                     after = _stats(http, composing, server.admin_key)
                     for m in composing:
                         acc = step_stats.setdefault(f"{label}|{m}", dict.fromkeys(after[m], 0.0))
                         for k in acc:
                             acc[k] += after[m][k] - before[m][k]
                     bar.update()
-            for label in labels:
-                all_lat = np.concatenate(lat[label])
-                row = {
-                    "model": label,
-                    "batch": b,
-                    "concurrency": c,
-                    "requests": len(all_lat),
-                    "images_per_s": len(all_lat) * b / elapsed[label],
-                    "p50_ms": 1e3 * np.percentile(all_lat, 50),
-                    "p95_ms": 1e3 * np.percentile(all_lat, 95),
-                    "p99_ms": 1e3 * np.percentile(all_lat, 99),
-                }
-                steps = []
-                for m in _composing("bench", label):
-                    s = step_stats[f"{label}|{m}"]
-                    n = max(s["requests"], 1)
-                    step = m.removeprefix("bench_")
-                    steps.append(f"{step} q{s['queue_ns'] / n / 1e3:.0f}/c{s['compute_ns'] / n / 1e3:.0f}")
-                    if "fire" in m:
-                        row["repair_infer_us_per_exec"] = s["infer_ns"] / max(s["executions"], 1) / 1e3
-                row["steps_queue_compute_us"] = " ".join(steps)
-                rows.append(row)
+            rows += [_row(label, b, c, settings, runs[label], step_stats) for label in served]
         bar.close()
     return rows
 
 
-def _ratio(rows: list[dict], num: str, den: str, b: int, c: int, key: str) -> float:
+def _row(label: str, b: int, c: int, settings: ServingSettings, ms: list, step_stats: dict) -> dict:
+    row = {"model": label, "batch": b, "concurrency": c, "instances": settings.instances, "rounds": len(ms)}
+    row["images_per_s"] = float(np.mean([m.images_per_s for m in ms]))
+    for key in ("p50_ms", "p95_ms", "p99_ms", "server_queue_us", "server_compute_us"):
+        row[key] = float(np.median([getattr(m, key) for m in ms]))
+    row["rounds_images_per_s"] = " ".join(f"{m.images_per_s:.0f}" for m in ms)
+    steps = []
+    for m in _composing("bench", label):
+        s = step_stats[f"{label}|{m}"]
+        n = max(s["requests"], 1)
+        steps.append(f"{m.removeprefix('bench_')} q{s['queue_ns'] / n / 1e3:.0f}/c{s['compute_ns'] / n / 1e3:.0f}")
+        if "fire" in m:
+            row["repair_infer_us_per_exec"] = s["infer_ns"] / max(s["executions"], 1) / 1e3
+    row["steps_queue_compute_us"] = " ".join(steps)
+    return row
+
+
+def _round_ratio(rows: list[dict], num: str, den: str, b: int, c: int) -> float:
+    """images/s ratio computed within each round (the two ran back to back), then averaged."""
     get = {(r["model"], r["batch"], r["concurrency"]): r for r in rows}
-    return get[(num, b, c)][key] / get[(den, b, c)][key]
+    a = [float(x) for x in get[(num, b, c)]["rounds_images_per_s"].split()]
+    d = [float(x) for x in get[(den, b, c)]["rounds_images_per_s"].split()]
+    return float(np.mean([x / y for x, y in zip(a, d, strict=True)]))
 
 
-def write_results(cfg: ServingBenchConfig, rows: list[dict], core: dict[str, float], wall_s: float) -> Path:
+def _targets(cfg: ServingBenchConfig, rows: list[dict]) -> list[str]:
+    """The issue's targets, each with its measurement and met / missed."""
+    get = {(r["model"], r["batch"], r["concurrency"]): r for r in rows}
+    out = []
+    for b in cfg.batch_sizes:
+        for c in cfg.concurrency:
+            ratio = _round_ratio(rows, "folded", "whole", b, c)
+            out.append(f"folded/whole images/s >= 0.97 at batch {b}, {c} client(s): {ratio:.3f} "
+                       f"{'met' if ratio >= 0.97 else 'MISSED'}")  # fmt: skip
+    if 1 in cfg.batch_sizes:
+        for c in cfg.concurrency:
+            d = get[("folded", 1, c)]["p50_ms"] - get[("whole", 1, c)]["p50_ms"]
+            out.append(f"folded batch-1 p50 <= whole + 0.05 ms, {c} client(s): {d:+.3f} ms "
+                       f"{'met' if d <= 0.05 else 'MISSED'}")  # fmt: skip
+    for b in (b for b in cfg.batch_sizes if b >= 8):
+        for c in cfg.concurrency:
+            ratio = _round_ratio(rows, "fire_project", "plain", b, c)
+            out.append(f"FIRE/plain images/s >= 0.95 at batch {b}, {c} client(s): {ratio:.3f} "
+                       f"{'met' if ratio >= 0.95 else 'MISSED'}")  # fmt: skip
+    return out
+
+
+def write_results(cfg: ServingBenchConfig, rows: list[dict], scaled: list[dict], core: dict[str, float],
+                  wall_s: float) -> Path:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,47 +297,63 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], core: dict[str, flo
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = cfg.out_dir / f"{cfg.name}.csv"
     with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows + scaled for k in r)))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(rows + scaled)
 
-    lines = [
-        f"# Serving benchmark ({cfg.profile} profile, {cfg.protocol})",
-        "",
-        f"One tritonserver, models measured in interleaved {cfg.window_s:g} s windows x {cfg.rounds} rounds per "
-        f"cell; closed loop. Settings: {asdict(cfg.settings)}, Python-backend shm {SHM_BYTES >> 20} MiB. "
-        f"Wall time {wall_s:.0f} s.",
-        "",
-        "| batch | conc | model | images/s | p50 ms | p95 ms | p99 ms | steps: queue/compute us per request |",
-        "|---:|---:|---|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['batch']} | {r['concurrency']} | {r['model']} | {r['images_per_s']:.0f} | "
-            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['steps_queue_compute_us']} |"
-        )
+    labels = list(_models("bench", cfg.modes))
     get = {(r["model"], r["batch"], r["concurrency"]): r for r in rows}
-    lines += [
+    lines = [
+        f"# Serving benchmark ({cfg.profile} profile, {cfg.protocol}, NVIDIA perf_analyzer {perf_analyzer.VERSION})",
         "",
-        "## Ratios and targets",
+        f"One tritonserver; perf_analyzer per model and cell ({cfg.window_s:g} s windows until three agree within "
+        f"{cfg.stability} %), {cfg.rounds} interleaved rounds, real CIFAR-10 test pixels "
+        f"(`--input-data`). Settings: {asdict(cfg.settings)}, Python-backend shm {SHM_BYTES >> 20} MiB. "
+        f"Wall time {wall_s:.0f} s. images/s: mean over rounds; p50: median of the rounds' p50 (ms); "
+        "ratios: within each round, then averaged.",
         "",
-        "Targets: FIRE/plain images/s >= 0.97 at batch 8 and 32; FIRE batch-1 p50 <= plain + 0.15 ms; FIRE/plain "
-        "p99 <= 1.1; folded (zero hops, hot-swappable) / whole >= 0.98 at batch 32.",
-        "",
-        "| batch | conc | FIRE/plain images/s | FIRE - plain p50 ms | FIRE/plain p99 | folded/whole images/s "
-        "| fused/whole images/s | plain/whole images/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch, clients | " + " | ".join(labels) + " | FIRE/plain | FIRE/whole | folded/whole | fused/whole |",
+        "|---|" + "---:|" * (len(labels) + 4),
     ]
     for b in cfg.batch_sizes:
         for c in cfg.concurrency:
-            p50 = get[("fire_project", b, c)]["p50_ms"] - get[("plain", b, c)]["p50_ms"]
-            lines.append(
-                f"| {b} | {c} | {_ratio(rows, 'fire_project', 'plain', b, c, 'images_per_s'):.3f} | {p50:+.2f} | "
-                f"{_ratio(rows, 'fire_project', 'plain', b, c, 'p99_ms'):.3f} | "
-                f"{_ratio(rows, 'folded', 'whole', b, c, 'images_per_s'):.3f} | "
-                f"{_ratio(rows, 'fused', 'whole', b, c, 'images_per_s'):.3f} | "
-                f"{_ratio(rows, 'plain', 'whole', b, c, 'images_per_s'):.3f} |"
-            )
+            cells = " | ".join(f"{get[(k, b, c)]['images_per_s']:.0f} ({get[(k, b, c)]['p50_ms']:.2f})" for k in labels)
+            ratios = [("fire_project", "plain"), ("fire_project", "whole"), ("folded", "whole"), ("fused", "whole")]
+            lines.append(f"| {b}, {c} | {cells} | " + " | ".join(f"{_round_ratio(rows, n, d, b, c):.3f}"
+                                                            for n, d in ratios) + " |")  # fmt: skip
+    lines += ["", "## Targets", ""] + [f"- {t}" for t in _targets(cfg, rows)]
+    lines += [
+        "",
+        "## Latency and per-step times",
+        "",
+        "Server queue/compute: perf_analyzer's server-side times per request (us). Steps: Triton's statistics "
+        "per composing model, queue/compute us per request.",
+        "",
+        "| batch | clients | model | p95 ms | p99 ms | server queue / compute us | steps |",
+        "|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['concurrency']} | {r['model']} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['server_queue_us']:.0f} / {r['server_compute_us']:.0f} | {r['steps_queue_compute_us']} |"
+        )
+    if scaled:
+        lines += [
+            "",
+            "## Instances per step (Triton instance_group count)",
+            "",
+            "`--instances N` on every step but the repair, which keeps `--repair-instances 1`; "
+            "images/s (p50 ms). One server per count.",
+            "",
+            "| instances | batch, clients | " + " | ".join(SCALED) + " |",
+            "|---:|---|" + "---:|" * len(SCALED),
+        ]
+        sget = {(r["instances"], r["model"], r["batch"], r["concurrency"]): r for r in scaled}
+        for n in cfg.instance_counts:
+            for b, c in cfg.scaling_cells:
+                cells = " | ".join(f"{sget[(n, k, b, c)]['images_per_s']:.0f} ({sget[(n, k, b, c)]['p50_ms']:.2f})"
+                                   for k in SCALED)  # fmt: skip
+                lines.append(f"| {n} | {b}, {c} | {cells} |")
     lines += [
         "",
         "## Repair core, in process, in place, 1 thread (us per call)",
@@ -373,7 +372,6 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], core: dict[str, flo
     md_path = cfg.out_dir / f"{cfg.name}.md"
     md_path.write_text("\n".join(lines))
 
-    labels = list(_models("bench", cfg.modes))
     fig, axes = plt.subplots(1, len(cfg.batch_sizes), figsize=(5 * len(cfg.batch_sizes), 4), squeeze=False)
     for ax, b in zip(axes[0], cfg.batch_sizes, strict=True):
         for label in labels:
@@ -381,7 +379,7 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], core: dict[str, flo
             ax.plot([r["concurrency"] for r in pts], [r["images_per_s"] for r in pts], marker="o", label=label)
         ax.set_title(f"batch {b}")
         ax.set_xlabel("concurrent clients")
-        ax.set_ylabel("images/s")
+        ax.set_ylabel("images/s (perf_analyzer)")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -392,12 +390,25 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], core: dict[str, flo
     return md_path
 
 
+def scaling(cfg: ServingBenchConfig) -> list[dict]:
+    """Triton's own way to use more cores: the instance_group count per step, 1 and 2 (``--instances``),
+    the repair step kept at one instance (``--repair-instances 1``: it takes microseconds)."""
+    rows = []
+    for n in cfg.instance_counts:
+        settings = dataclasses.replace(cfg.settings, instances=n, repair_instances=1)
+        rows += run(cfg, settings, labels=list(SCALED), cells=list(cfg.scaling_cells))
+    return rows
+
+
 def main(cfg: ServingBenchConfig | None = None) -> Path:
     cfg = cfg or ServingBenchConfig()
     t0 = time.time()
+    shutil.rmtree(cfg.work_dir / "export", ignore_errors=True)
+    _export(cfg, cfg.work_dir / "export")
     rows = run(cfg)
+    scaled = scaling(cfg) if cfg.instance_counts else []
     core = repair_core_timings(cfg.work_dir / "export" / DIRECTIONS_FILE, cfg.batch_sizes)
-    path = write_results(cfg, rows, core, time.time() - t0)
+    path = write_results(cfg, rows, scaled, core, time.time() - t0)
     print(path.read_text())
     return path
 

@@ -97,6 +97,7 @@ VOCABULARY = _options(
     Option("--max-batch-size", "the largest batch a served model takes", {"type": int}),
     Option("--max-queue-delay-us", "dynamic batching: how long a request may wait for others", {"type": int}),
     Option("--instances", "model instances per step (Triton instance_group count)", {"type": int}),
+    Option("--repair-instances", "the repair step's instance count (None: the --instances count)", {"type": int}),
     Option("--tensorrt", "also build the GPU profile's TensorRT engines (needs a GPU)", {"action": "store_true"}),
     Option("--rebuild", "rebuild engines that exist too", {"action": "store_true"}),
     Option("--plain", "also serve NAME_plain, head -> tail, unprotected (comparisons only)", {"action": "store_true"}),

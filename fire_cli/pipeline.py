@@ -15,7 +15,7 @@ ZOO_CUT = "layer2"  # where a zoo model is cut unless told otherwise
 CALIBRATION_FIELDS = {"estimator": "--estimator", "mode": "--mode", "alpha": "--alpha", "n_clean": "--n-clean",
                       "fpr": "--fpr", "views": "--views", "augment": "--augment", "seed": "--seed"}  # fmt: skip
 SETTINGS_FIELDS = {"max_batch_size": "--max-batch-size", "max_queue_delay_us": "--max-queue-delay-us",
-                   "instances": "--instances"}  # fmt: skip
+                   "instances": "--instances", "repair_instances": "--repair-instances"}  # fmt: skip
 
 
 def export(a: argparse.Namespace) -> None:

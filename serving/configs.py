@@ -7,6 +7,7 @@ one back. A config that is not a valid message cannot be built, let alone writte
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,13 @@ class ServingSettings:
 
     max_batch_size: int = 64
     max_queue_delay_us: int = 0  # batch what is queued, never wait: each hop would add the delay at low load
-    instances: int = 1
+    instances: int = 1  # per step: head, tail, and the zero-hop models
+    repair_instances: int | None = None  # the repair step's own count (it takes microseconds); None: instances
     threads: int = 1  # onnxruntime / torch threads per instance
+
+    def for_repair(self) -> ServingSettings:
+        """The settings of a repair step: its own instance count where one is given."""
+        return dataclasses.replace(self, instances=self.repair_instances or self.instances)
 
 
 def _add_inputs(config: mc.ModelConfig, specs: list[TensorSpec]) -> None:

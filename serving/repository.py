@@ -248,12 +248,13 @@ class _Writer:
         if mode:
             params[PARAM_MODE] = mode
         io = ([TensorSpec(FEATURES, tuple(shape))], [TensorSpec(REPAIRED, tuple(shape))])
-        write_config(model_dir, python_model(name, *io, self.s, params), CPU_PROFILE)
+        settings = self.s.for_repair()
+        write_config(model_dir, python_model(name, *io, settings, params), CPU_PROFILE)
         gpu_params = {**params, "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}  # CUDA activations reach it without a copy
         for profile, halves in ((GPU_PROFILE, HALVES_TENSORRT), (GPU_TORCH_PROFILE, HALVES_TORCH)):
             if profile == GPU_TORCH_PROFILE and not self.has_torch_half(producer):
                 continue  # its head runs from the CPU config there: so does the repair (the NumPy form)
-            config = python_model(name, *io, self.s, {**gpu_params, PARAM_HALVES: halves}, gpu=True)
+            config = python_model(name, *io, settings, {**gpu_params, PARAM_HALVES: halves}, gpu=True)
             write_config(model_dir, config, profile)
 
     def fused(self, name: str, export_dir: Path, directions: list, mode, inp, out, policy: dict, guard) -> None:

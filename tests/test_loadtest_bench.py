@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.serving import ServingBenchConfig
+from benchmarks.serving import SCALED, ServingBenchConfig
 from benchmarks.serving import main as bench_main
 from fire_backend.network import is_loopback
 from loadtest.runner import LoadTestConfig, run_loadtest
@@ -46,11 +46,13 @@ def test_loadtests_refuse_non_loopback_targets(tmp_path):
 @pytest.mark.integration
 def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
     cfg = ServingBenchConfig(
-        batch_sizes=(1, 4),
+        batch_sizes=(4,),
         concurrency=(1, 2),
         window_s=0.3,
         rounds=1,
-        warmup_s=0.1,
+        stability=60,
+        instance_counts=(2,),  # one more server: 2 instances per step
+        scaling_cells=((4, 2),),
         work_dir=tmp_path / "work",
         out_dir=tmp_path / "out",
         name="quick",
@@ -59,12 +61,15 @@ def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
     with (tmp_path / "out" / "quick.csv").open() as f:
         rows = list(csv.DictReader(f))
     models = {"whole", "plain", "fire_project", "fire_subtract", "fire_gated", "fused", "folded"}
-    assert {r["model"] for r in rows} == models and len(rows) == len(models) * 4
+    main_rows = [r for r in rows if r["instances"] == "1"]
+    assert {r["model"] for r in rows} == models and len(rows) == len(models) * 2 + len(SCALED)
     assert all(float(r["images_per_s"]) > 0 and float(r["p99_ms"]) >= float(r["p50_ms"]) for r in rows)
+    assert all(float(r["server_compute_us"]) > 0 for r in main_rows)  # perf_analyzer reached the statistics
     fire = [r for r in rows if r["model"].startswith("fire")]
     assert all(float(r["repair_infer_us_per_exec"]) > 0 and "fire" in r["steps_queue_compute_us"] for r in fire)
+    assert {r["instances"] for r in rows if r["model"] == "folded"} == {"1", "2"} and len(main_rows) == len(models) * 2
     text = md.read_text()
-    assert "FIRE/plain images/s" in text and "Repair core" in text
+    assert "perf_analyzer 2.41.0" in text and "FIRE/plain" in text and "## Targets" in text and "Repair core" in text
     assert (tmp_path / "out" / "quick.png").stat().st_size > 10_000
 
 

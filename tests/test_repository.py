@@ -117,3 +117,16 @@ def test_configs_are_messages_and_byte_stable(artifacts, tmp_path):
     assert 'name: "INPUT"' in text and "format: FORMAT_NCHW" in text and "dims: 32" in text
     with pytest.raises(ValueError, match="unsupported dtype"):
         TensorSpec("x", (3,), "complex64")
+
+
+def test_instances_are_set_per_step(artifacts, tmp_path):
+    """--instances sets every step's instance_group count; --repair-instances the repair step's own."""
+    from serving.configs import ServingSettings, read_config
+
+    a = artifacts["cifar10"]
+    settings = ServingSettings(instances=2, repair_instances=1)
+    build_repository([ProtectedModel("x", a.export_dir, a.directions, folded=True)], tmp_path, settings)
+    counts = {m: read_config(tmp_path / m).instance_group[0].count for m in ("x_head", "x_fire", "x_tail", "x_folded")}
+    assert counts == {"x_head": 2, "x_fire": 1, "x_tail": 2, "x_folded": 2}
+    gpu = read_config(tmp_path / "x_fire", "gpu").instance_group[0]
+    assert gpu.count == 1 and gpu.kind == gpu.KIND_GPU
