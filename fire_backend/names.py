@@ -29,6 +29,7 @@ TORCHSCRIPT = {HEAD_ONNX: "head.pt", MID_ONNX: "mid.pt", TAIL_ONNX: "tail.pt", W
 TORCH_FILE = TORCHSCRIPT[WHOLE_ONNX]  # in a model's version directory, beside its ONNX file
 TORCH_STUB_FILE = "model_torch.py"  # the gpu_torch config's Python file (default_model_filename), beside model.py
 SPLIT_JSON = "split.json"
+FUSED_SOURCES = "sources"  # in a fused model's directory: its export and direction file, to build a new version
 TRITON_ONNX_FILE = WHOLE_ONNX  # Triton's default_model_filename for an onnxruntime model
 LABELS_FILE = "labels.txt"  # class names, one per line: Triton's classification extension reads it
 TRAFFIC_FILE = "traffic.safetensors"  # in the tail's model directory: what it served, per class (bounded)

@@ -95,7 +95,16 @@ def _repair_model(a: argparse.Namespace) -> str:
 
 def reload(a: argparse.Namespace) -> None:
     from serving.control import reload_directions
+    from serving.repository import is_fused_model
 
+    if is_fused_model(a.repo, a.model):  # its tensors are graph constants: a new model version
+        from fire_backend.keys import ADMIN
+        from serving.control import swap_fused
+
+        d, version = swap_fused(Path(a.repo), a.model, Path(a.directions), a.triton_http, ADMIN.read())
+        print(f"{a.model} now serves version {version}, built with {a.directions} (mode {d.mode}, "
+              f"checksum {d.checksum32:08x})")  # fmt: skip
+        return
     repair = _repair_model(a)
     d = reload_directions(Path(a.repo), repair, Path(a.directions), a.metrics_url or None)
     print(f"{repair} now serves {a.directions} (mode {d.mode}, created {d.created}, checksum {d.checksum32:08x})")
@@ -215,8 +224,10 @@ def register(sub) -> None:
     r = add_command(sub, "reload", "hot-swap a protected model's direction file (zero failed requests)", reload)
     add(r, "--metrics-url", default=metrics_url)
     add_repo_arg(r)
-    add(r, "--model", required=True, detail="a protected model, its repair model, or its folded model")
+    add(r, "--model", required=True, detail="a protected model, its repair model, its folded or its fused model "
+        "(a new version, loaded by Triton: the server in --model-control explicit)")  # fmt: skip
     add(r, "--directions", required=True, detail="the new one")
+    add(r, "--triton-http", default=address(HTTP_PORT), detail="a fused model's server (its model-control API)")
 
     up = add_command(sub, "update", "streaming update: refine a served direction from reported samples", update)
     add_server_args(up)

@@ -1,4 +1,5 @@
-"""Hot-reload a protected model's direction file on a running server, without model control.
+"""Hot-reload a protected model's direction file on a running server, without model control; and
+swap a fused model's version with it (``swap_fused``).
 
 The repair model watches its own direction file (``fire_backend.reloader``): replacing the file
 atomically in the repository is the reload. ``reload_directions`` validates the new file against the
@@ -21,7 +22,16 @@ from pathlib import Path
 
 from fire_backend.directions import DirectionFile
 from fire_backend.files import sha256_file
-from fire_backend.names import DIRECTIONS_FILE, FEATURES, MODEL_VERSION, PARAM_PRODUCER_ONNX
+from fire_backend.names import (
+    DIRECTIONS_FILE,
+    FEATURES,
+    FUSED_SOURCES,
+    MODEL_VERSION,
+    PARAM_MODE,
+    PARAM_PRODUCER_ONNX,
+    SPLIT_JSON,
+    WHOLE_ONNX,
+)
 from serving.admin import ControlError
 from serving.configs import read_config
 from serving.repository import watchers_of
@@ -87,3 +97,56 @@ def reload_directions(
         time.sleep(0.2)
     os.replace(backup, target)
     raise ControlError(f"{repair_model} did not report {new_directions} within {timeout:.0f} s; put the old file back")
+
+
+def swap_fused(repository: str | Path, fused_model: str, new_directions: str | Path, http_url: str, admin_key: str,
+               timeout: float = 120.0) -> tuple[DirectionFile, int]:  # fmt: skip
+    """A new direction file for a fused model (zero hops: its tensors are graph constants), by Triton's
+    own version policy: the file is checked against the model's export, the fused graph is built as
+    the next version, and the server is asked to load the model. Triton loads the new version beside
+    the serving one, moves traffic to it once it is ready and unloads the old one after its in-flight
+    requests finish; a version that fails to load is removed and the old one keeps serving. Needs the
+    server in explicit model-control mode (``fire serve --model-control explicit``). Returns the file
+    and the version now served; the older version directories are removed."""
+    from modelio.export import ExportInfo
+    from modelio.fuse import build_fused_onnx
+    from serving.admin import load_model
+    from serving.repository import restrict
+
+    model_dir = Path(repository) / fused_model
+    sources = model_dir / FUSED_SOURCES
+    if not (sources / SPLIT_JSON).is_file():
+        raise ControlError(f"{fused_model} is not a fused protected model (no {FUSED_SOURCES}/{SPLIT_JSON} in "
+                           f"{model_dir}); rebuild the repository with this version of FIRE")  # fmt: skip
+    info = ExportInfo.read(sources)
+    if info.multilayer:
+        raise ControlError(f"{fused_model}: a two-layer fused model is rebuilt with `fire build-repo`, not swapped")
+    d = DirectionFile.load(new_directions, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
+    params = read_config(model_dir).parameters
+    mode = params[PARAM_MODE].string_value if PARAM_MODE in params else None
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    current = model_dir / str(versions[-1])
+    new = model_dir / str(versions[-1] + 1)
+    staged = model_dir / f".{new.name}.incoming"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    try:
+        build_fused_onnx(sources, new_directions, staged / WHOLE_ONNX, mode)
+        for p in current.iterdir():  # the stub and anything else the version holds, but the graph
+            if p.is_file() and p.name != WHOLE_ONNX:
+                shutil.copy2(p, staged / p.name)
+        shutil.copyfile(new_directions, staged / DIRECTIONS_FILE)
+        os.replace(staged, new)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    restrict(new)
+    try:
+        load_model(http_url, admin_key, fused_model, timeout)
+    except ControlError as e:
+        shutil.rmtree(new)
+        raise ControlError(f"{fused_model} refused version {new.name} ({e}); version {current.name} keeps serving") \
+            from None  # fmt: skip
+    shutil.copyfile(new_directions, sources / DIRECTIONS_FILE)
+    for v in versions:  # Triton serves the latest version only: the older ones are unloaded
+        shutil.rmtree(model_dir / str(v))
+    return d, int(new.name)

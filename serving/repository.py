@@ -38,6 +38,7 @@ from fire_backend.names import (
     DIRECTIONS_FILE,
     FEATURES,
     FEATURES2,
+    FUSED_SOURCES,
     GPU_PROFILE,
     GPU_TORCH_PROFILE,
     GUARDED,
@@ -62,6 +63,7 @@ from fire_backend.names import (
     PARAM_PRODUCER_ONNX,
     PARAM_TRAFFIC_STATS,
     REPAIRED,
+    SPLIT_JSON,
     SUFFIXES,
     TAIL_ONNX,
     TORCH_FILE,
@@ -258,12 +260,22 @@ class _Writer:
             write_config(model_dir, config, profile)
 
     def fused(self, name: str, export_dir: Path, directions: list, mode, inp, out, policy: dict, guard) -> None:
-        """Head, repair(s) and the rest folded into one ONNX model (no hot swap)."""
+        """Head, repair(s) and the rest folded into one ONNX model: the direction file's tensors are
+        constants, so a new file is a new model version (``serving.control.swap_fused``, Triton's version
+        policy). Its export and file are kept in ``FUSED_SOURCES`` to build that version from."""
         src = build_fused_onnx(export_dir, directions, self.out / f".{name}.onnx", mode)
         try:
-            self.pixel_onnx_model(name, src, inp, out, {**policy, PARAM_ROLE: PROTECTED_ROLE}, guard)
+            params = {**policy, PARAM_ROLE: PROTECTED_ROLE, **({PARAM_MODE: mode} if mode else {})}
+            self.pixel_onnx_model(name, src, inp, out, params, guard)
         finally:
             src.unlink()
+        sources = self.out / name / FUSED_SOURCES
+        sources.mkdir()
+        files = [SPLIT_JSON, HEAD_ONNX, TAIL_ONNX] + ([MID_ONNX] if len(directions) > 1 else [])
+        for f in files:
+            shutil.copyfile(export_dir / f, sources / f)
+        for i, d in enumerate(directions):
+            shutil.copyfile(d, sources / (DIRECTIONS_FILE if i == 0 else f"{i + 1}.{DIRECTIONS_FILE}"))
 
     def folded(self, name: str, n: ModelNames, export_dir: Path, mode, inp, out, policy: dict, protected: str,
                metrics: str) -> None:  # fmt: skip
@@ -493,6 +505,11 @@ def build_engines(repository: str | Path, profile: str = GPU_PROFILE, rebuild: b
 def is_repair_model(repository: str | Path, model: str) -> bool:
     cfg = read_config(Path(repository) / model)
     return cfg.backend == "python" and PARAM_DIRECTIONS in cfg.parameters
+
+
+def is_fused_model(repository: str | Path, model: str) -> bool:
+    """A fused protected model (the direction file's tensors inside its graph: swapped by version)."""
+    return (Path(repository) / model / FUSED_SOURCES / SPLIT_JSON).is_file()
 
 
 def repair_model_of(repository: str | Path, model: str) -> str:

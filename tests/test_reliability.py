@@ -30,7 +30,7 @@ from serving.server import ServerConfig, TritonServer
 from zoo.checkpoint import load_model
 from zoo.data import to_tensor_batch
 
-from .conftest import triggered_subset
+from .conftest import fire_fails, triggered_subset
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def default_server(artifacts, tmp_path_factory):
     """The production default: no model control over the network; directions hot-reload from the repository."""
     a = artifacts["cifar10"]
     repo = tmp_path_factory.mktemp("default_repo")
-    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, folded=True)], repo)
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, folded=True, fused=True)], repo)
     with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
         yield server, repo, a
 
@@ -47,7 +47,7 @@ def default_server(artifacts, tmp_path_factory):
 def explicit(artifacts, tmp_path_factory):
     a = artifacts["cifar10"]
     repo = tmp_path_factory.mktemp("explicit_repo")
-    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, plain=True)], repo)
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, plain=True, fused=True)], repo)
     cfg = ServerConfig(
         repo, http_port=0, grpc_port=0, metrics_port=0, model_control="explicit", load_models=["*"], watchdog=True
     )
@@ -154,20 +154,73 @@ def test_hot_reload_under_load_switches_once_with_zero_failures(default_server, 
             load.wait_for(10)  # answers with the old directions
             reload_directions(repo, "cifar10_fire", new_path, server.metrics_url)
             load.wait_for(10)  # and with the new ones
-        for log in load.log:
-            assert [e for _, _, e in log if e] == [], "a request failed during the reload"
-            which = []
-            for _, logits, _ in log:
-                if np.allclose(logits, expected_old, atol=1e-4):
-                    which.append("old")
-                elif np.allclose(logits, expected_new, atol=1e-4):
-                    which.append("new")
-                else:
-                    pytest.fail("a response matched neither the old nor the new directions")
-            switch = which.index("new")
-            assert "old" not in which[switch:] and switch > 0, "every response before the switch is old, after new"
+        switched_once(load, expected_old, expected_new)
     finally:
         reload_directions(repo, "cifar10_fire", a.directions, server.metrics_url)
+
+
+def switched_once(load: Load, expected_old: np.ndarray, expected_new: np.ndarray) -> None:
+    """Every client's answers: none failed, each is the old or the new repair's, old then new once."""
+    for log in load.log:
+        assert [e for _, _, e in log if e] == [], "a request failed during the reload"
+        which = []
+        for _, logits, _ in log:
+            if np.allclose(logits, expected_old, atol=1e-4):
+                which.append("old")
+            elif np.allclose(logits, expected_new, atol=1e-4):
+                which.append("new")
+            else:
+                pytest.fail("a response matched neither the old nor the new directions")
+        switch = which.index("new")
+        assert "old" not in which[switch:] and switch > 0, "every response before the switch is old, after new"
+
+
+def _subtract_3(a, tmp_path) -> tuple[DirectionFile, object]:
+    new = DirectionFile.load(a.directions)
+    new.mode, new.alpha, new.basis = "subtract", 3.0, None  # a visible change in every output (rank 1)
+    return new, new.save(tmp_path / "new.safetensors")
+
+
+def test_a_fused_model_is_swapped_by_version_under_load(explicit, tmp_path, capsys, monkeypatch):
+    """`fire reload` on a fused model (zero hops, the directions graph constants): the new file becomes
+    version 2, loaded by Triton beside version 1; no request fails and every answer is the old or the
+    new repair's, switching once. A file for another head is refused before anything is written."""
+    from fire_cli.main import main
+
+    server, repo, a = explicit
+    monkeypatch.setenv("FIRE_ADMIN_KEY", server.admin_key)
+    x = batch_of(a)
+    new, new_path = _subtract_3(a, tmp_path)
+    expected_old, expected_new = pipeline(a, x, DirectionFile.load(a.directions)), pipeline(a, x, new)
+    cli = ["reload", "--repo", str(repo), "--model", "cifar10_fused", "--triton-http", server.http_url]
+    with Load(server.grpc_url, x, clients=2, models=("cifar10_fused",)) as load:
+        load.wait_for(10)
+        main([*cli, "--directions", str(new_path)])
+        load.wait_for(10)
+    assert "cifar10_fused now serves version 2" in capsys.readouterr().out
+    switched_once(load, expected_old, expected_new)
+    assert sorted(p.name for p in (repo / "cifar10_fused").iterdir() if p.name.isdigit()) == ["2"]
+    other = DirectionFile.load(a.directions)
+    other.head_sha256 = "0" * 64
+    bad = other.save(tmp_path / "other_head.safetensors")
+    assert "head" in fire_fails([*cli, "--directions", str(bad)], capsys)
+    assert not (repo / "cifar10_fused" / "3").exists()
+    np.testing.assert_allclose(FireClient(server.grpc_url).infer("cifar10_fused", x), expected_new, atol=1e-4)
+
+
+def test_a_fused_swap_the_server_refuses_leaves_the_old_version_serving(default_server, tmp_path):
+    """Without model control (the default server), the load is refused: the new version directory is
+    removed and version 1 keeps serving."""
+    from serving.control import swap_fused
+
+    server, repo, a = default_server
+    x = batch_of(a)
+    _, new_path = _subtract_3(a, tmp_path)
+    with pytest.raises(ControlError, match="version 1 keeps serving"):
+        swap_fused(repo, "cifar10_fused", new_path, server.http_url, server.admin_key)
+    assert sorted(p.name for p in (repo / "cifar10_fused").iterdir() if p.name.isdigit()) == ["1"]
+    expected = pipeline(a, x, DirectionFile.load(a.directions))
+    np.testing.assert_allclose(FireClient(server.grpc_url).infer("cifar10_fused", x), expected, atol=1e-4)
 
 
 def test_reload_verify_and_rollback_accept_the_folded_models_name(default_server, tmp_path, capsys):
@@ -434,7 +487,7 @@ def _self_signed(tmp_path):
 def test_grpc_over_tls_with_a_self_signed_certificate(artifacts, tmp_path):
     a = artifacts["cifar10"]
     repo = tmp_path / "repo"
-    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, plain=True)], repo)
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, plain=True, fused=True)], repo)
     shutil.rmtree(repo / "cifar10")  # the plain twin alone keeps this server small
     cert, key = _self_signed(tmp_path)
     cfg = ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0, tls_cert=cert, tls_key=key)
