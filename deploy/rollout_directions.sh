@@ -1,16 +1,31 @@
 #!/bin/bash
 # Roll a new direction file out to every replica of a protected model, one pod at a time, with zero
-# failed requests: each pod validates the file against its deployment and hot-reloads it (`fire reload`).
-# The repository volume is shared, so the first pod's atomic swap puts the file in place for all;
-# the others reload it. A file a pod refuses stops the rollout (set -e) and is taken back on that pod;
-# the other pods have not been touched.
+# failed requests. Each pod serves its own copy of the repository (deploy/k8s: the copy-repository init
+# container), so each pod checks the file against its own deployment and hot-reloads it there
+# (`fire reload`, confirmed on the pod's metrics), and no other pod is touched. A pod that refuses the
+# file stops the rollout: the pods already done put their previous file back (`fire reload
+# --previous`), so every pod serves the old file again. After the last pod, the file is promoted into
+# the shared source repository (/models-src), which pods started later copy. benchmarks/fleet.py runs
+# these steps on a loopback fleet (`fire bench fleet`, results/fleet.md).
 #
-#   deploy/rollout_directions.sh cifar10 /models/incoming/cifar10.safetensors [namespace]
+#   deploy/rollout_directions.sh cifar10 /models-src/incoming/cifar10.safetensors [namespace]
 set -euo pipefail
 MODEL="$1"; FILE="$2"; NS="${3:-default}"
-for pod in $(kubectl -n "$NS" get pods -l app.kubernetes.io/name=fire-triton -o jsonpath='{.items[*].metadata.name}'); do
+PODS=$(kubectl -n "$NS" get pods -l app.kubernetes.io/name=fire-triton -o jsonpath='{.items[*].metadata.name}')
+DONE=()
+for pod in $PODS; do
   echo "== $pod"
-  kubectl -n "$NS" exec "$pod" -c triton -- \
-    fire reload --repo /models --model "$MODEL" --directions "$FILE"
+  if ! kubectl -n "$NS" exec "$pod" -c triton -- fire reload --repo /models --model "$MODEL" --directions "$FILE"; then
+    echo "$pod refused $FILE: putting the previous file back on ${#DONE[@]} pod(s)" >&2
+    for back in "${DONE[@]}"; do
+      kubectl -n "$NS" exec "$back" -c triton -- fire reload --repo /models --model "$MODEL" --previous
+    done
+    exit 1
+  fi
+  DONE+=("$pod")
 done
-echo "all pods serve $FILE for $MODEL"
+# every pod serves it: promote it into the source (checked again, swapped atomically; no server to ask)
+first=${DONE[0]}
+kubectl -n "$NS" exec "$first" -c triton -- \
+  fire reload --repo /models-src --model "$MODEL" --directions "$FILE" --metrics-url ''
+echo "all pods serve $FILE for $MODEL; promoted into the source repository"

@@ -190,6 +190,14 @@ def _bench_gateway(a: argparse.Namespace) -> None:
     print(run_gateway_load(cfg).read_text())
 
 
+def _bench_fleet(a: argparse.Namespace) -> None:
+    from benchmarks.fleet import FleetBenchConfig, main
+
+    cfg = FleetBenchConfig.quick() if a.quick else FleetBenchConfig()
+    cfg.out = _out_dir(a) / ("fleet-quick.md" if a.quick else "fleet.md")
+    print(main(cfg).read_text())
+
+
 def _register_benchmarks(sub) -> None:
     bench = add_command(sub, "bench", "run a benchmark; results (tables, CSV, PNG) go to results/", None)
     which = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -223,6 +231,8 @@ def _register_benchmarks(sub) -> None:
     benchmark("memory", "memory per protected model", _bench_memory)
     benchmark("traffic", "FIRE calibrated from unlabeled traffic, beside other defenses", _bench_traffic)
     benchmark("gateway", "the gateway under slow-body and idle-connection load", _bench_gateway)
+    benchmark("fleet", "the Deployment's shape on loopback: a rollout and a killed pod under load, p99 by replicas",
+              _bench_fleet)  # fmt: skip
 
 
 # -- load --------------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ VOCABULARY = _options(
     Option("--repair-instances", "the repair step's instance count (None: the --instances count)", {"type": int}),
     Option("--tensorrt", "also build the GPU profile's TensorRT engines (needs a GPU)", {"action": "store_true"}),
     Option("--rebuild", "rebuild engines that exist too", {"action": "store_true"}),
+    Option("--previous", "put back what the last change replaced", {"action": "store_true"}),
     Option("--plain", "also serve NAME_plain, head -> tail, unprotected (comparisons only)", {"action": "store_true"}),
     Option(
         "--folded",

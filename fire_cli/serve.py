@@ -97,7 +97,9 @@ def reload(a: argparse.Namespace) -> None:
     from serving.control import reload_directions
     from serving.repository import is_fused_model
 
-    if is_fused_model(a.repo, a.model):  # its tensors are graph constants: a new model version
+    if is_fused_model(a.repo, a.model) and a.previous:
+        raise UsageError(f"{a.model} is fused: reload it with the earlier file (--directions PATH)")
+    if is_fused_model(a.repo, a.model) and a.directions:  # its tensors are graph constants: a new version
         from fire_backend.keys import ADMIN
         from serving.control import swap_fused
 
@@ -106,6 +108,15 @@ def reload(a: argparse.Namespace) -> None:
               f"checksum {d.checksum32:08x})")  # fmt: skip
         return
     repair = _repair_model(a)
+    if a.previous:
+        from serving.control import put_back_previous
+
+        d = put_back_previous(Path(a.repo), repair, a.metrics_url or None)
+        print(f"{repair} serves its previous file again (mode {d.mode}, created {d.created}, "
+              f"checksum {d.checksum32:08x})")  # fmt: skip
+        return
+    if not a.directions:
+        raise UsageError("give the new file (--directions PATH), or --previous to put the last one back")
     d = reload_directions(Path(a.repo), repair, Path(a.directions), a.metrics_url or None)
     print(f"{repair} now serves {a.directions} (mode {d.mode}, created {d.created}, checksum {d.checksum32:08x})")
 
@@ -226,7 +237,8 @@ def register(sub) -> None:
     add_repo_arg(r)
     add(r, "--model", required=True, detail="a protected model, its repair model, its folded or its fused model "
         "(a new version, loaded by Triton: the server in --model-control explicit)")  # fmt: skip
-    add(r, "--directions", required=True, detail="the new one")
+    add(r, "--directions", detail="the new one")
+    add(r, "--previous", detail="instead of --directions: the file the last reload replaced (a rollout's undo)")
     add(r, "--triton-http", default=address(HTTP_PORT), detail="a fused model's server (its model-control API)")
 
     up = add_command(sub, "update", "streaming update: refine a served direction from reported samples", update)

@@ -99,6 +99,21 @@ def reload_directions(
     raise ControlError(f"{repair_model} did not report {new_directions} within {timeout:.0f} s; put the old file back")
 
 
+def put_back_previous(repository: str | Path, repair_model: str, metrics_url: str | None = None,
+                      timeout: float = 60.0) -> DirectionFile:  # fmt: skip
+    """Reload the file the last ``reload_directions`` replaced (kept beside the live one), as a reload:
+    checked, swapped atomically and, with ``metrics_url``, confirmed (a rollout's undo on one replica)."""
+    import tempfile
+
+    previous = Path(repository) / repair_model / MODEL_VERSION / (DIRECTIONS_FILE + ".previous")
+    if not previous.is_file():
+        raise ControlError(f"{repair_model}: no previous direction file to put back (no reload since the start)")
+    with tempfile.TemporaryDirectory() as tmp:  # the reload overwrites the .previous it reads
+        copy = Path(tmp) / DIRECTIONS_FILE
+        shutil.copyfile(previous, copy)
+        return reload_directions(repository, repair_model, copy, metrics_url, timeout)
+
+
 def swap_fused(repository: str | Path, fused_model: str, new_directions: str | Path, http_url: str, admin_key: str,
                timeout: float = 120.0) -> tuple[DirectionFile, int]:  # fmt: skip
     """A new direction file for a fused model (zero hops: its tensors are graph constants), by Triton's
