@@ -34,7 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from fire_backend.errors import FireError
-from fire_backend.names import DIRECTIONS_FILE, HEAD_ONNX, LOOPBACK, PROJECT_ROOT, TAIL_ONNX
+from fire_backend.names import (
+    DIRECTIONS_FILE,
+    FEATURES,
+    HEAD_ONNX,
+    INPUT,
+    LOOPBACK,
+    PROJECT_ROOT,
+    TAIL_ONNX,
+    ModelNames,
+)
 from serving.control import put_back_previous, reload_directions
 from serving.gateway import GatewayConfig, write_gateway
 from serving.repository import restrict
@@ -314,7 +323,7 @@ class FleetBenchConfig:
 
 
 NAME = "cifar10"  # the protected model of the fleet's repository
-REPAIR = NAME + "_fire"  # its repair model (fire_backend.names.ModelNames)
+REPAIR = ModelNames(NAME).repair  # its repair model
 
 
 def _prepare(cfg: FleetBenchConfig) -> dict:
@@ -350,12 +359,12 @@ def _prepare(cfg: FleetBenchConfig) -> dict:
         d.save(cfg.work_dir / f"{key}.safetensors")
         files[key] = d
     x = to_tensor_batch(load_dataset("cifar10", "test").subset(8, seed=3).images)
-    feats = onnx_session(export / HEAD_ONNX).run(None, {"INPUT": x})[0]
+    feats = onnx_session(export / HEAD_ONNX).run(None, {INPUT: x})[0]
     tail = onnx_session(export / TAIL_ONNX)
     out["x"] = x
-    out["unprotected"] = tail.run(None, {"FEATURES": feats})[0]
+    out["unprotected"] = tail.run(None, {FEATURES: feats})[0]
     for key, d in files.items():
-        out[key] = tail.run(None, {"FEATURES": Repair(d)(torch.from_numpy(feats.copy())).numpy()})[0]
+        out[key] = tail.run(None, {FEATURES: Repair(d)(torch.from_numpy(feats.copy())).numpy()})[0]
         out[f"{key}_file"] = cfg.work_dir / f"{key}.safetensors"
     return out
 
