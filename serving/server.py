@@ -406,9 +406,10 @@ class TritonServer:
     def __enter__(self) -> TritonServer:
         return self if self.process else self.start()
 
-    def close(self) -> None:
-        """Stop and remove the working directory (the log, elsewhere, stays)."""
-        self.stop()
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop (``timeout``: the grace for a clean unload) and remove the working directory (the log,
+        elsewhere, stays)."""
+        self.stop(timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:

@@ -80,7 +80,7 @@ class Supervisor:
                     return 0
                 self._note_restart()
                 self.report(f"{why}; log: {server.log_path}\n{server.log_tail(15)}")
-                server.close()
+                server.close(timeout=5.0)  # a crashed server: no clean unload to wait for (a dead stub stalls it)
                 self.server = None
                 wait = self.delay()
                 self.report(f"restarting tritonserver in {wait:.0f} s (restart {len(self.restarts)} within "

@@ -125,7 +125,7 @@ def test_model_control_needs_the_admin_key_on_both_protocols(explicit):
     with pytest.raises(InferenceServerException, match="restricted"):
         g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: "wrong-key"})
     index = g.get_model_repository_index(headers={GRPC_ADMIN_HEADER: server.admin_key})
-    assert len(index.models) == 6  # with the plain twin and the GPU input check
+    assert len(index.models) == 8  # with the plain twin, the GPU input check, the fused model and its engine
     with urllib.request.urlopen(
         urllib.request.Request(
             f"http://{server.http_url}/v2/repository/index",
