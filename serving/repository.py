@@ -11,7 +11,8 @@ with a second layer (an export made with ``layer2``, and ``directions2``): multi
 optionally:
   <name>_<suffix>         more protected variants sharing the halves, each with its own repair step
                           <name>_fire_<suffix> (another mode, or another direction file)
-  <name>_fused            head -> repair -> tail folded into one ONNX graph (no hot swap, no extra hops);
+  <name>_fused            head -> repair -> tail folded into one ONNX graph (no extra hops; a new
+                          direction file is a new version, ``serving.control.swap_fused``);
                           <name>_<suffix>_fused for a variant
   <name>_whole            the unsplit model, unprotected, as one model (the serving baseline)
 
