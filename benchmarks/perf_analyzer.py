@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fire_backend.cache import trusted_file
 from fire_backend.errors import FireError
 from fire_backend.keys import ADMIN, INFERENCE
 from fire_backend.names import PARENT_ENV, PROJECT_ROOT
@@ -68,6 +69,7 @@ def version(binary: Path = BINARY) -> str:
     if not binary.is_file():
         raise PerfAnalyzerError(f"perf_analyzer is not installed at {binary}: run `bash scripts/setup.sh` "
                                 "(or `python -m benchmarks.perf_analyzer install`)")  # fmt: skip
+    trusted_file(binary)  # it will run with the keys in its environment: this user's, not writable by others
     done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, env=_env(), timeout=60)
     text = (done.stdout + done.stderr).strip()
     if "Perf Analyzer Version" not in text:
@@ -119,6 +121,7 @@ def measure(url: str, model: str, data: Path, batch: int, concurrency: int, wind
     ``batch``, in time windows of ``window_s`` until three agree within ``stability`` % (its rule; at
     most 10 windows)."""
     keys, headers = {}, []
+    trusted_file(binary)
     for key, value in ((INFERENCE, inference_key), (ADMIN, admin_key)):
         if value:
             keys[key.env] = value

@@ -6,7 +6,10 @@
 # file stops the rollout: the pods already done put their previous file back (`fire reload
 # --previous`), so every pod serves the old file again. After the last pod, the file is promoted into
 # the shared source repository (/models-src), which pods started later copy. benchmarks/fleet.py runs
-# these steps on a loopback fleet (`fire bench fleet`, results/fleet.md).
+# these steps on a loopback fleet (`fire bench fleet`, results/fleet.md). For the ensemble and folded
+# models (a repair model's file); a fused model is swapped by version (`fire reload` on a server in
+# explicit model-control mode) and is not rolled out by this script. Pods created or restarted during
+# a rollout copy the source, which holds the old file until the promotion: run it again for them.
 #
 #   deploy/rollout_directions.sh cifar10 /models-src/incoming/cifar10.safetensors [namespace]
 set -euo pipefail
@@ -17,9 +20,14 @@ for pod in $PODS; do
   echo "== $pod"
   if ! kubectl -n "$NS" exec "$pod" -c triton -- fire reload --repo /models --model "$MODEL" --directions "$FILE"; then
     echo "$pod refused $FILE: putting the previous file back on ${#DONE[@]} pod(s)" >&2
+    FAILED=()
     for back in "${DONE[@]}"; do
-      kubectl -n "$NS" exec "$back" -c triton -- fire reload --repo /models --model "$MODEL" --previous
+      kubectl -n "$NS" exec "$back" -c triton -- fire reload --repo /models --model "$MODEL" --previous \
+        || FAILED+=("$back")
     done
+    if [ ${#FAILED[@]} -gt 0 ]; then
+      echo "STILL ON $FILE: ${FAILED[*]} (put the old file back there by hand: fire reload --directions OLD)" >&2
+    fi
     exit 1
   fi
   DONE+=("$pod")

@@ -13,23 +13,28 @@ Who can change what a protected model serves is therefore whoever can write its 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from fire_backend.cache import trusted_file
 from fire_backend.directions import DirectionFile
 from fire_backend.files import sha256_file
 from fire_backend.names import (
     DIRECTIONS_FILE,
     FEATURES,
     FUSED_SOURCES,
+    HEAD_ONNX,
     MODEL_VERSION,
     PARAM_MODE,
     PARAM_PRODUCER_ONNX,
     SPLIT_JSON,
+    TAIL_ONNX,
     WHOLE_ONNX,
 )
 from serving.admin import ControlError
@@ -103,8 +108,6 @@ def put_back_previous(repository: str | Path, repair_model: str, metrics_url: st
                       timeout: float = 60.0) -> DirectionFile:  # fmt: skip
     """Reload the file the last ``reload_directions`` replaced (kept beside the live one), as a reload:
     checked, swapped atomically and, with ``metrics_url``, confirmed (a rollout's undo on one replica)."""
-    import tempfile
-
     previous = Path(repository) / repair_model / MODEL_VERSION / (DIRECTIONS_FILE + ".previous")
     if not previous.is_file():
         raise ControlError(f"{repair_model}: no previous direction file to put back (no reload since the start)")
@@ -133,35 +136,40 @@ def swap_fused(repository: str | Path, fused_model: str, new_directions: str | P
     if not (sources / SPLIT_JSON).is_file():
         raise ControlError(f"{fused_model} is not a fused protected model (no {FUSED_SOURCES}/{SPLIT_JSON} in "
                            f"{model_dir}); rebuild the repository with this version of FIRE")  # fmt: skip
-    info = ExportInfo.read(sources)
-    if info.multilayer:
-        raise ControlError(f"{fused_model}: a two-layer fused model is rebuilt with `fire build-repo`, not swapped")
-    d = DirectionFile.load(new_directions, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
-    params = read_config(model_dir).parameters
-    mode = params[PARAM_MODE].string_value if PARAM_MODE in params else None
-    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    current = model_dir / str(versions[-1])
-    new = model_dir / str(versions[-1] + 1)
-    staged = model_dir / f".{new.name}.incoming"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir()
-    try:
-        build_fused_onnx(sources, new_directions, staged / WHOLE_ONNX, mode)
-        for p in current.iterdir():  # the stub and anything else the version holds, but the graph
-            if p.is_file() and p.name != WHOLE_ONNX:
-                shutil.copy2(p, staged / p.name)
-        shutil.copyfile(new_directions, staged / DIRECTIONS_FILE)
-        os.replace(staged, new)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    restrict(new)
-    try:
-        load_model(http_url, admin_key, fused_model, timeout)
-    except ControlError as e:
-        shutil.rmtree(new)
-        raise ControlError(f"{fused_model} refused version {new.name} ({e}); version {current.name} keeps serving") \
-            from None  # fmt: skip
-    shutil.copyfile(new_directions, sources / DIRECTIONS_FILE)
-    for v in versions:  # Triton serves the latest version only: the older ones are unloaded
-        shutil.rmtree(model_dir / str(v))
+    with open(model_dir / ".swap.lock", "w") as lock:  # one swap at a time: versions are numbered in turn
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = ExportInfo.read(trusted_file(sources / SPLIT_JSON).parent)
+        if info.multilayer:
+            raise ControlError(f"{fused_model}: a two-layer fused model is rebuilt with `fire build-repo`, not swapped")
+        for f in (HEAD_ONNX, TAIL_ONNX):  # what goes into the graph: this user's files, the head the one bound
+            trusted_file(sources / f)
+        if sha256_file(sources / HEAD_ONNX) != info.head_sha256:
+            raise ControlError(f"{sources / HEAD_ONNX} is not the head {fused_model} was built from; refusing")
+        d = DirectionFile.load(new_directions, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
+        params = read_config(model_dir).parameters
+        mode = params[PARAM_MODE].string_value if PARAM_MODE in params else None
+        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        current = model_dir / str(versions[-1])
+        new = model_dir / str(versions[-1] + 1)
+        staged = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{new.name}."))
+        try:
+            build_fused_onnx(sources, new_directions, staged / WHOLE_ONNX, mode)
+            for p in current.iterdir():  # the stub and anything else the version holds, but the graph
+                if p.is_file() and p.name != WHOLE_ONNX:
+                    shutil.copy2(p, staged / p.name)
+            shutil.copyfile(new_directions, staged / DIRECTIONS_FILE)
+            os.rename(staged, new)  # fails if it exists: never over a version
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        restrict(new)
+        try:
+            load_model(http_url, admin_key, fused_model, timeout)
+        except (ControlError, OSError) as e:  # refused, or no answer: not served, so not kept
+            shutil.rmtree(new)
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ControlError(f"{fused_model} did not load version {new.name} ({why}); version {current.name} "
+                               "keeps serving") from None  # fmt: skip
+        shutil.copyfile(new_directions, sources / DIRECTIONS_FILE)
+        for v in versions:  # Triton serves the latest version only: the older ones are unloaded
+            shutil.rmtree(model_dir / str(v))
     return d, int(new.name)

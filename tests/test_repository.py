@@ -130,3 +130,18 @@ def test_instances_are_set_per_step(artifacts, tmp_path):
     assert counts == {"x_head": 2, "x_fire": 1, "x_tail": 2, "x_folded": 2}
     gpu = read_config(tmp_path / "x_fire", "gpu").instance_group[0]
     assert gpu.count == 1 and gpu.kind == gpu.KIND_GPU
+
+
+def test_a_fused_swap_refuses_a_head_that_is_not_the_one_its_export_names(artifacts, tmp_path):
+    """swap_fused builds the new version from the fused model's kept export: a head.onnx there that is
+    not the one split.json names is refused before anything is built or loaded."""
+    from serving.admin import ControlError
+    from serving.control import swap_fused
+
+    a = artifacts["cifar10"]
+    build_repository([ProtectedModel("x", a.export_dir, a.directions, fused=True)], tmp_path)
+    head = tmp_path / "x_fused" / "fused_sources" / "head.onnx"
+    head.write_bytes(head.read_bytes() + b"\0")
+    with pytest.raises(ControlError, match="not the head"):
+        swap_fused(tmp_path, "x_fused", a.directions, "127.0.0.1:9", "no-key")
+    assert sorted(p.name for p in (tmp_path / "x_fused").iterdir() if p.name.isdigit()) == ["1"]
