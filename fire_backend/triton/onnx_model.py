@@ -7,19 +7,13 @@ receives client pixels validates them first when ``INPUT_RANGE`` is set in the c
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from fire_backend.names import (
-    METRICS_DETAILED,
     PARAM_CHECK_FINITE,
-    PARAM_METRICS,
     PARAM_ONNX_FILE,
     PARAM_THREADS,
-    PARAM_TRAFFIC_BUDGET,
     PARAM_TRAFFIC_STATS,
-    TRAFFIC_FILE,
     WHOLE_ONNX,
 )
 from fire_backend.onnx_runtime import onnx_session
@@ -38,22 +32,12 @@ class TritonPythonModel:
         require_io(config, [self.input_name], [self.output_name])
         self.input_range = input_range(params)
         self.check_finite = params.get(PARAM_CHECK_FINITE) == "1"
-        self.traffic = None
         if params.get(PARAM_TRAFFIC_STATS) == "1":  # the protected model's tail: record what it serves
-            from fire_backend.traffic import DEFAULT_BUDGET
-            from fire_backend.triton.traffic_recorder import TrafficRecorder
+            from fire_backend.triton.traffic_recorder import recorder_for
 
-            # the config's dims (the export measured them), not the ONNX file's, which may be symbolic
-            dims = {t["name"]: [int(d) for d in t["dims"]] for t in config["input"] + config["output"]}
-            feature_dims, class_dims = dims[self.input_name], dims[self.output_name]
-            if min(feature_dims + class_dims) < 1:
-                raise ValueError(f"{args['model_name']}: recording traffic needs fixed feature and output dims, the "
-                                 f"config has {feature_dims} and {class_dims}")  # fmt: skip
-            features, classes = int(np.prod(feature_dims)), int(np.prod(class_dims))
-            path = Path(args["model_repository"]) / TRAFFIC_FILE
-            budget = int(params.get(PARAM_TRAFFIC_BUDGET, str(DEFAULT_BUDGET)))
-            detailed = params.get(PARAM_METRICS) == METRICS_DETAILED
-            self.traffic = TrafficRecorder(args["model_name"], path, classes, features, budget, detailed)
+            self.traffic = recorder_for(args, config, params, self.input_name, self.output_name)
+        else:
+            self.traffic = None
 
     def _problem(self, x: np.ndarray) -> str | None:
         problem = pixel_problem(x, *self.input_range) if self.input_range else None

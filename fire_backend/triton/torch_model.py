@@ -13,21 +13,16 @@ On a CPU instance the same code runs torch on the CPU (how the suite tests it he
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from fire_backend.engines import check_torch_binding
 from fire_backend.files import sha256_file
 from fire_backend.names import (
-    METRICS_DETAILED,
     PARAM_CHECK_FINITE,
-    PARAM_METRICS,
     PARAM_ONNX_FILE,
     PARAM_THREADS,
-    PARAM_TRAFFIC_BUDGET,
     PARAM_TRAFFIC_STATS,
-    TRAFFIC_FILE,
     WHOLE_ONNX,
 )
 from fire_backend.triton.common import error_response, input_range, instance_device, parse_args, request_source
@@ -51,18 +46,12 @@ class TritonPythonModel:
             self.module = torch.jit.load(str(torch_file), map_location=self.device).eval()
         self.input_range = input_range(params)
         self.check_finite = params.get(PARAM_CHECK_FINITE) == "1"
-        self.traffic = None
         if params.get(PARAM_TRAFFIC_STATS) == "1":  # observe mode: the tail records what it serves (host copy)
-            from fire_backend.traffic import DEFAULT_BUDGET
-            from fire_backend.triton.traffic_recorder import TrafficRecorder
+            from fire_backend.triton.traffic_recorder import recorder_for
 
-            dims = {t["name"]: [int(d) for d in t["dims"]] for t in config["input"] + config["output"]}
-            size = {n: int(torch.tensor(d).prod()) for n, d in dims.items()}
-            path = Path(args["model_repository"]) / TRAFFIC_FILE
-            budget = int(params.get(PARAM_TRAFFIC_BUDGET, str(DEFAULT_BUDGET)))
-            detailed = params.get(PARAM_METRICS) == METRICS_DETAILED
-            self.traffic = TrafficRecorder(args["model_name"], path, size[self.output_name], size[self.input_name],
-                                           budget, detailed)  # fmt: skip
+            self.traffic = recorder_for(args, config, params, self.input_name, self.output_name)
+        else:
+            self.traffic = None
 
     def _problem(self, x) -> str | None:
         if x.numel() == 0 or not (self.input_range or self.check_finite):

@@ -17,8 +17,26 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.traffic import TrafficStats, TrafficStatsError
+from fire_backend.names import METRICS_DETAILED, PARAM_METRICS, PARAM_TRAFFIC_BUDGET, PARAM_TRAFFIC_STATS, TRAFFIC_FILE
+from fire_backend.traffic import DEFAULT_BUDGET, TrafficStats, TrafficStatsError
 from fire_backend.triton.common import PeriodicFlush
+
+
+def recorder_for(args: dict, config: dict, params: dict, features: str, classes: str) -> TrafficRecorder | None:
+    """The recorder a tail's parameters ask for (``PARAM_TRAFFIC_STATS``), or None: sized from the
+    config's dims of its ``features`` input and ``classes`` output (the export measured them; a model
+    file's may be symbolic)."""
+    if params.get(PARAM_TRAFFIC_STATS) != "1":
+        return None
+    dims = {t["name"]: [int(d) for d in t["dims"]] for t in config["input"] + config["output"]}
+    feature_dims, class_dims = dims[features], dims[classes]
+    if min(feature_dims + class_dims) < 1:
+        raise ValueError(f"{args['model_name']}: recording traffic needs fixed feature and output dims, the "
+                         f"config has {feature_dims} and {class_dims}")  # fmt: skip
+    path = Path(args["model_repository"]) / TRAFFIC_FILE
+    budget = int(params.get(PARAM_TRAFFIC_BUDGET, str(DEFAULT_BUDGET)))
+    return TrafficRecorder(args["model_name"], path, int(np.prod(class_dims)), int(np.prod(feature_dims)), budget,
+                           params.get(PARAM_METRICS) == METRICS_DETAILED)  # fmt: skip
 
 
 def _resume(path: Path, num_classes: int, feature_size: int, budget: int) -> TrafficStats:
