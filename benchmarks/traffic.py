@@ -167,7 +167,7 @@ class _AsModel:
 
 def _baselines(b: Bench) -> list[dict]:
     """STRIP (reject), fine-tuning and fine-pruning (``benchmarks.defenses``) on the evaluation half."""
-    from benchmarks.defenses import REJECTED, Context, FinePruning, Strip, auroc
+    from benchmarks.defenses import Context, FinePruning, Strip, detection, timed
 
     ctx = Context(b.model, b.calib.clean, b.calib.clean_labels, b.cfg.seed)
     rows = []
@@ -175,15 +175,13 @@ def _baselines(b: Bench) -> list[dict]:
         t0 = time.time()
         defense.fit(ctx)
         fitted = time.time() - t0
-        t0 = time.time()
-        clean = defense(b.ev_images_clean)
-        per_image = (time.time() - t0) / len(b.ev_images_clean)
+        clean, ms = timed(defense, b.ev_images_clean)
         trig = defense(b.ev_images_trig)
-        label = f"{defense.name} ({per_image * 1e3:.2f} ms/image)" if defense.kind == "detect" else \
+        label = f"{defense.name} ({ms:.2f} ms/image)" if defense.kind == "detect" else \
             f"{defense.name} on 1,000 clean ({fitted:.0f} s)"  # fmt: skip
         if clean.scores is not None:
-            tpr = 100 * float((trig.labels == REJECTED).mean())
-            label += f", TPR {tpr:.1f} % at 1 % FPR, AUROC {auroc(clean.scores, trig.scores):.3f}"
+            tpr, area = detection(clean, b.base_x == b.ev_labels, trig, b.base_t == b.ev_wanted)
+            label += f", TPR {tpr:.1f} % at 1 % FPR, AUROC {area:.3f}"
         rows.append({"defense": label, **b.metrics(clean.labels, trig.labels)})
     return rows
 

@@ -154,22 +154,7 @@ class NumpyRepair:
         return int((np.asarray(projection_scores) > self.params.threshold).sum())
 
 
-FOLDED_RANK = 16  # the folded graph's parameter inputs hold up to this many directions (zero rows unused)
-
-
-def folded_inputs(p: RepairParams, rank: int = FOLDED_RANK) -> dict[str, np.ndarray]:
-    """``p`` as the folded graph's inputs (``names.FOLDED_INPUTS``): its k directions padded with zero
-    rows to ``rank`` (a zero row scores 0 and, with zero weight and shift, moves nothing)."""
-    k, d = p.directions.shape
-    if k > rank:
-        raise InvalidInputError(f"a rank-{k} repair does not fit the folded model (at most {rank} directions)")
-
-    def pad(a: np.ndarray, n: int | None) -> np.ndarray:
-        if n is None:
-            return np.ascontiguousarray(a, np.float32)
-        out = np.zeros((n, *a.shape[1:]), np.float32)
-        out[: len(a)] = a
-        return out
-
-    sizes = {"directions": rank, "offsets": rank, "weights": rank, "shifts": rank, "threshold": None}
-    return {FOLDED_INPUTS[i]: pad(getattr(p, name), sizes[name]) for i, name in enumerate(RepairParams.ARRAYS)}
+def folded_inputs(p: RepairParams) -> dict[str, np.ndarray]:
+    """``p`` as the folded graph's inputs (``names.FOLDED_INPUTS``): the graph's rank axis is dynamic, so a
+    rank-k file is fed as it is, k rows (no padding: the repair's two products cost what its rank costs)."""
+    return {FOLDED_INPUTS[i]: np.ascontiguousarray(getattr(p, name), np.float32) for i, name in enumerate(p.ARRAYS)}

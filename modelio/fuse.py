@@ -4,7 +4,7 @@
  the zero-overhead option for deployments that do not need hot-swappable directions:
   the repair's parameters become constants of the graph.
 - folded (``build_folded_onnx``): the same graph with the repair's parameters as graph inputs
-  (``names.FOLDED_INPUTS``, up to ``formula.FOLDED_RANK`` directions) and the first score as a second
+  (``names.FOLDED_INPUTS``, any number of directions: the rank axis is dynamic) and the first score as a second
   output: one onnxruntime session that the folded model feeds from the hot-reloaded direction file, so
   a swap changes inputs, not the session.
  Built from the files earlier steps wrote (head.onnx,
@@ -24,7 +24,6 @@ import torch
 
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
-from fire_backend.formula import FOLDED_RANK
 from fire_backend.names import (
     FEATURES,
     FEATURES2,
@@ -116,24 +115,15 @@ def _stitch(chain: list, head: onnx.ModelProto, out_path: Path, name: str, share
     return out_path
 
 
-def build_folded_onnx(export_dir: str | Path, out_path: str | Path, rank: int = FOLDED_RANK) -> Path:
+def build_folded_onnx(export_dir: str | Path, out_path: str | Path) -> Path:
     """Write ``out_path``: the model's input and the repair's parameters -> head -> repair -> tail -> the
     model's output and the first score (single-layer exports)."""
     export_dir, out_path = Path(export_dir), Path(out_path)
     info = ExportInfo.read(export_dir)
     if info.multilayer:
         raise InvalidInputError(f"{export_dir}: a folded model serves single-layer exports only")
-    shape = tuple(info.feature_shape)
-    d = int(np.prod(shape))
-    example = (torch.zeros(2, *shape), torch.zeros(rank, d), torch.zeros(rank), torch.zeros(rank),
-               torch.zeros(rank), torch.zeros(1))  # fmt: skip
     tmp = out_path.with_suffix(".repair.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but exact and dependency-free
-        batch = {FEATURES: {0: "batch"}, REPAIRED: {0: "batch"}, FOLDED_SCORE: {0: "batch"}}
-        torch.onnx.export(RepairInputsGraph(shape), example, str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[FEATURES, *FOLDED_INPUTS], output_names=[REPAIRED, FOLDED_SCORE],
-                          dynamic_axes=batch)  # fmt: skip
+    export_repair_inputs_graph(tuple(info.feature_shape), tmp)
     try:
         repair = onnx.load(str(tmp)).graph
     finally:
@@ -142,3 +132,18 @@ def build_folded_onnx(export_dir: str | Path, out_path: str | Path, rank: int = 
     chain = [(head.graph, info.input_name, FEATURES), (repair, FEATURES, REPAIRED),
              (onnx.load(str(export_dir / TAIL_ONNX)).graph, FEATURES, info.output_name)]  # fmt: skip
     return _stitch(chain, head, out_path, "fire_folded", shared=(*FOLDED_INPUTS, FOLDED_SCORE))
+
+
+def export_repair_inputs_graph(feature_shape: tuple[int, ...], path: Path) -> None:
+    """Write the folded model's repair step, ``RepairInputsGraph``, to ``path``: the features and the
+    parameters in (dynamic batch and rank axes), the repaired features and the first score out."""
+    d = int(np.prod(feature_shape))
+    example = (torch.zeros(2, *feature_shape), torch.zeros(3, d), torch.zeros(3), torch.zeros(3), torch.zeros(3),
+               torch.zeros(1))  # fmt: skip
+    axes = {FEATURES: {0: "batch"}, REPAIRED: {0: "batch"}, FOLDED_SCORE: {0: "batch"},
+            **{name: {0: "rank"} for name in FOLDED_INPUTS[:4]}}  # a row per direction, not the threshold  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but exact and dependency-free
+        torch.onnx.export(RepairInputsGraph(feature_shape), example, str(path), dynamo=False,
+                          opset_version=ONNX_OPSET, input_names=[FEATURES, *FOLDED_INPUTS],
+                          output_names=[REPAIRED, FOLDED_SCORE], dynamic_axes=axes)  # fmt: skip

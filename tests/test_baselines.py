@@ -91,3 +91,18 @@ def test_fine_pruning_prunes_the_last_feature_map_whose_dormant_channels_carry_t
         asr(model),
         asr(pruned.model),
     )
+
+
+def test_detection_counts_only_successful_attacks_and_correct_clean_inputs():
+    """A triggered input whose trigger failed is no attack to detect; a clean input the model gets wrong
+    is not a clean answer to protect: neither enters TPR or AUROC."""
+    import numpy as np
+
+    from benchmarks.defenses import REJECTED, Outcome, detection
+
+    clean = Outcome(np.array([1, 2, 3, 4]), np.array([0.1, 0.2, 0.3, 9.0]))  # the last one misclassified
+    trig = Outcome(np.array([REJECTED, REJECTED, 5, 6]), np.array([5.0, 6.0, 0.0, 0.05]))  # two failed triggers
+    tpr, area = detection(clean, np.array([True, True, True, False]), trig, np.array([True, True, False, False]))
+    assert (tpr, area) == (100.0, 1.0)
+    assert auroc(clean.scores, trig.scores) < 1.0  # counted over everything, the failures dilute both
+    assert np.isnan(detection(clean, np.ones(4, bool), trig, np.zeros(4, bool))[0])

@@ -6,14 +6,12 @@ from hypothesis import strategies as st
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from fire_backend.directions import DirectionFile
-from fire_backend.errors import InvalidInputError
-from fire_backend.formula import FOLDED_RANK, NumpyRepair, folded_inputs
-from fire_backend.names import FOLDED_INPUTS
+from fire_backend.formula import NumpyRepair, folded_inputs
+from fire_backend.names import FEATURES
 from fire_backend.repair import (
     Repair,
     RepairGraph,
     RepairInputError,
-    RepairInputsGraph,
     RepairParams,
     coefficients,
     repaired,
@@ -177,18 +175,22 @@ def test_the_numpy_serving_form_equals_the_torch_forms(mode, alpha):
 
 
 @pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
-def test_the_folded_form_with_padded_parameter_inputs_equals_the_others(mode):
-    """The folded model's graph takes the parameters as inputs, padded with zero rows to FOLDED_RANK:
-    the padding moves nothing, and its first score is the metrics' score."""
-    d = _rank2(mode, 1.5)
+def test_the_folded_graph_with_parameter_inputs_equals_the_others(mode, tmp_path):
+    """The folded model's graph takes the parameters as inputs, with a dynamic rank axis: the exported
+    graph, fed a rank-2 file and then a rank-1 file, computes what the other forms compute, and its
+    first score is the metrics' score."""
+    import onnxruntime as ort
+
+    from modelio.fuse import export_repair_inputs_graph
+
+    export_repair_inputs_graph((4,), tmp_path / "r.onnx")
+    session = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(3)) * 3
-    feed = folded_inputs(RepairParams.from_directions(d))
-    assert feed[FOLDED_INPUTS[0]].shape == (FOLDED_RANK, 4)
-    out, first = RepairInputsGraph((4,))(x.clone(), *(torch.from_numpy(feed[k]) for k in FOLDED_INPUTS))
-    np.testing.assert_allclose(out.numpy(), Repair(d)(x.clone()).numpy(), atol=1e-5)
-    np.testing.assert_allclose(first.numpy(), Repair(d).scores(x).numpy(), atol=1e-5)
-    with pytest.raises(InvalidInputError, match="does not fit the folded model"):
-        folded_inputs(RepairParams.from_directions(d), rank=0)
+    for d in (_rank2(mode, 1.5), directions([3.0, 4.0, 0.0, 0.0], [0.5, -0.5, 0.25, 0.0], mode, 1.5, 0.3)):
+        feed = folded_inputs(RepairParams.from_directions(d))
+        out, first = session.run(None, {FEATURES: x.numpy(), **feed})
+        np.testing.assert_allclose(out, Repair(d)(x.clone()).numpy(), atol=1e-5)
+        np.testing.assert_allclose(first, Repair(d).scores(x).numpy(), atol=1e-5)
 
 
 def test_huge_but_finite_features_are_not_called_nan():

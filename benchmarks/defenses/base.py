@@ -80,7 +80,19 @@ def auroc(clean_scores: np.ndarray, triggered_scores: np.ndarray) -> float:
     return float((ranks[n_c:].sum() - n_t * (n_t + 1) / 2) / (n_c * n_t))
 
 
-def seconds_per_image(defense: Defense, images: np.ndarray) -> float:
+def detection(clean: Outcome, clean_ok: np.ndarray, triggered: Outcome, attacked: np.ndarray) -> tuple[float, float]:
+    """A detector's (TPR % at its threshold, AUROC), the way SCALE-UP's and STRIP's authors evaluate: over
+    the triggered inputs the undefended model sends to the attacker's class (``attacked``: an input whose
+    trigger fails is no attack to detect) against the clean inputs it classifies correctly (``clean_ok``).
+    NaN when no triggered input succeeds."""
+    if not attacked.any():
+        return float("nan"), float("nan")
+    tpr = 100 * float((triggered.labels[attacked] == REJECTED).mean())
+    return tpr, auroc(clean.scores[clean_ok], triggered.scores[attacked])
+
+
+def timed(defense: Defense, images: np.ndarray) -> tuple[Outcome, float]:
+    """The defense's answer to ``images`` and its wall time per image in ms (in process, every core)."""
     t0 = time.perf_counter()
-    defense(images)
-    return (time.perf_counter() - t0) / len(images)
+    outcome = defense(images)
+    return outcome, 1e3 * (time.perf_counter() - t0) / max(len(images), 1)

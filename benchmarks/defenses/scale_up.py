@@ -8,6 +8,14 @@ amplification, clean ones drift: high SPC is suspicious. SPC takes 12 values, an
 clean images may share the highest one, so the 1 % false-rejection point is held exactly the
 Neyman-Pearson way: inputs above the threshold are rejected, inputs at it with the probability that
 makes the clean rejections 1 % (seeded). Cost: 11 forward passes.
+
+Reviewed against the authors' code (github.com/JunfengGo/SCALE-UP, ``torch_model_wrapper.py``, ``test.py``)
+and BackdoorBox's ``core/defenses/SCALE_UP.py`` (same group): amplification in [0, 1] pixel space with
+clipping, as here; BackdoorBox's scale set is {3, 5, 7, 9, 11} and its "data-limited" variant maps SPC
+through the benign samples' global mean and standard deviation, a monotone map that leaves the ranking,
+and so the threshold at a fixed clean rejection rate, unchanged (not applied here). Both evaluate only
+the triggered inputs that reach the target undefended, and the clean ones classified correctly:
+``base.detection`` does the same for every detector.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class TritonPythonModel:
 
     def _run(self, batch: np.ndarray, sources: list[str]) -> np.ndarray:
         repair = self.directions.repair  # one file per batch, even while a new one is swapped in
-        feed = self._feed(repair)  # a file of rank > FOLDED_RANK fails these requests: never served unrepaired
+        feed = self._feed(repair)
         logits, scores = self.session.run([self.output_name, FOLDED_SCORE], {self.input_name: batch, **feed})
         if not np.isfinite(scores).all():
             raise RepairInputError("features contain NaN or Inf")
