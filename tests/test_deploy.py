@@ -77,6 +77,72 @@ def test_deployment_probes_gpu_ports_and_autoscaling_fit_together():
     assert secret["name"] == docs["Secret/fire-admin"]["metadata"]["name"]
 
 
+def test_only_the_promotion_job_writes_the_shared_source():
+    """Pods mount the shared source read-only (a compromised pod cannot plant a file every new pod
+    copies); the rollout's promotion Job is its only writer, holds no key and validates as a Job."""
+    pod = manifests()["Deployment/fire-triton"]["spec"]["template"]["spec"]
+    mounts = [m for c in pod["initContainers"] + pod["containers"] for m in c["volumeMounts"]]
+    assert [m.get("readOnly") for m in mounts if m["name"] == "model-source"] == [True, True]
+    text = (DEPLOY / "promote-job.yaml").read_text()
+    job = yaml.safe_load(text.replace("@JOB@", "fire-promote-1").replace("@MODEL@", "m").replace("@FILE@", "/f"))
+    kubernetes_validate.validate(job, "1.31.0", strict=True)
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert "env" not in container and "ports" not in container
+    assert container["volumeMounts"] == [{"name": "model-source", "mountPath": "/models-src"}]
+    claim = next(v for v in pod["volumes"] if v["name"] == "model-source")["persistentVolumeClaim"]
+    assert spec["volumes"][0]["persistentVolumeClaim"] == claim
+
+
+def _rollout(tmp_path: Path, pods: list[str], refuses: str = "", later: str = "") -> tuple[int, list[str], Path]:
+    """deploy/rollout_directions.sh against a stand-in ``kubectl`` (no cluster here) that answers the pod
+    list (``later`` joins it after the promotion), fails ``fire reload`` on the pod ``refuses``, records
+    every call and keeps the manifest it is given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "pods").write_text(" ".join(pods))
+    kubectl = bin_dir / "kubectl"
+    kubectl.write_text(f"""#!/bin/bash
+echo "$*" >> {tmp_path}/calls
+case "$*" in
+  *"get pods"*) cat {tmp_path}/pods ;;
+  *"create -f -"*) cat > {tmp_path}/job.yaml; echo " {later}" >> {tmp_path}/pods ;;
+  *"exec {refuses or "-"} "*"--directions"*) exit 1 ;;
+esac
+""")
+    kubectl.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(DEPLOY / "rollout_directions.sh"), "cifar10", "/models-src/incoming/new.st"],
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    calls = (tmp_path / "calls").read_text().splitlines()
+    return proc.returncode, calls, tmp_path / "job.yaml"
+
+
+def test_rollout_goes_pod_by_pod_promotes_once_and_reaches_pods_started_meanwhile(tmp_path):
+    rc, calls, job = _rollout(tmp_path, ["p1", "p2"], later="p3")
+    assert rc == 0
+    reloads = [c.split()[3] for c in calls if "--directions /models-src/incoming/new.st" in c and "exec" in c]
+    assert reloads == ["p1", "p2", "p3"]  # one at a time; p3 copied the source before the promotion
+    created = yaml.safe_load(job.read_text())
+    kubernetes_validate.validate(created, "1.31.0", strict=True)
+    command = created["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--model") + 1] == "cifar10"
+    assert command[command.index("--directions") + 1] == "/models-src/incoming/new.st"
+
+
+def test_a_refused_file_stops_the_rollout_and_is_undone_without_promotion(tmp_path):
+    rc, calls, job = _rollout(tmp_path, ["p1", "p2", "p3"], refuses="p2")
+    assert rc == 1 and not job.exists()  # nothing promoted: new pods copy the old file
+    execs = [(c.split()[3], "--previous" in c) for c in calls if c.startswith("-n default exec")]
+    assert execs == [("p1", False), ("p2", False), ("p1", True)]  # p3 never touched; p1 put back
+
+
+def test_the_rollout_refuses_names_that_would_edit_its_manifest(tmp_path):
+    proc = subprocess.run(["bash", str(DEPLOY / "rollout_directions.sh"), "m|x", "/f"], capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    assert proc.returncode == 2 and "refusing" in proc.stderr
+
+
 def test_dockerfile_uses_triton_24_10_and_the_entrypoint():
     df = DockerfileParser(path=str(DEPLOY / "Dockerfile"))
     assert df.baseimage == "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton server 2.51, as tested here
