@@ -117,6 +117,14 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
     return out
 
 
+def _ms(runner: SplitRunner, images: np.ndarray, edit: Repair | None = None) -> float:
+    """Wall time per image in ms of head -> ``edit`` -> tail on ``images`` (every row through the tail, as
+    served), one run as for the baselines (``defenses.timed``; the model has just run on this variant)."""
+    t0 = time.perf_counter()
+    runner.labels(runner.features(images), edit=edit)
+    return 1e3 * (time.perf_counter() - t0) / max(len(images), 1)
+
+
 def _metrics(labels: np.ndarray, true: np.ndarray, wanted: np.ndarray) -> tuple[float, float]:
     return 100 * float((labels == wanted).mean()), 100 * float((labels == true).mean())
 
@@ -152,12 +160,8 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
                 baseline_clean[b.name] = (100 * float((outcome.labels == clean_sub_labels).mean()), outcome)
         for variant, apply in variants(m.attack).items():
             xt = apply(m.x)
-            t_head = time.perf_counter()
             ft = r.features(xt)
-            t_tail = time.perf_counter()
             base_t = r.labels(ft)
-            undefended_ms = 1e3 * (time.perf_counter() - t_head) / len(xt)
-            head_ms = 1e3 * (t_tail - t_head) / len(xt)
             asr0, pa0 = _metrics(base_t, m.true, m.wanted)
             learned = asr0 >= LEARNED
             floor = ""
@@ -165,15 +169,13 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
                 twin_t = twin.runner.labels(twin.runner.features(apply(twin.x)))
                 floor = round(_metrics(twin_t, twin.true, twin.wanted)[0], 2)
             ident = {"model": name, "variant": variant, "floor": floor, "learned": learned}
+            served = xt[sub]  # the cost per request, on the baselines' images: head -> (repair) -> tail
             rows.append({**ident, "defense": "none", "CA": ca["none"], "ASR": asr0, "PA": pa0,
-                         "ms_per_image": undefended_ms, "images": len(xt)})  # fmt: skip
+                         "ms_per_image": _ms(r, served), "images": len(xt)})  # fmt: skip
             for d, rep in repairs.items():
-                t = time.perf_counter()
-                labels = r.labels_after(ft, base_t, rep)  # the head's features are FIRE's too: its time counts
-                ms = head_ms + 1e3 * (time.perf_counter() - t) / len(xt)
-                asr, pa = _metrics(labels, m.true, m.wanted)
-                rows.append({**ident, "defense": d, "CA": ca[d], "ASR": asr, "PA": pa, "ms_per_image": ms,
-                             "images": len(xt)})  # fmt: skip
+                asr, pa = _metrics(r.labels_after(ft, base_t, rep), m.true, m.wanted)
+                rows.append({**ident, "defense": d, "CA": ca[d], "ASR": asr, "PA": pa,
+                             "ms_per_image": _ms(r, served, rep), "images": len(xt)})  # fmt: skip
             attacked = base_t[sub] == m.wanted[sub]
             for b in baselines:
                 outcome, ms = timed(b, xt[sub])
@@ -208,7 +210,8 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k in FIELDS})
+            w.writerow({k: (round(v, 4 if k == "ms_per_image" else 2) if isinstance(v, float) else v)
+                        for k, v in r.items() if k in FIELDS})  # fmt: skip
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     t = targets(rows)
     lines = [

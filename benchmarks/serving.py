@@ -35,8 +35,17 @@ from tqdm import tqdm
 from benchmarks import perf_analyzer
 from calibration import CalibrationConfig, calibrate
 from fire_backend.directions import DirectionFile
-from fire_backend.formula import NumpyRepair
-from fire_backend.names import ADMIN_HEADER, DIRECTIONS_FILE, PROJECT_ROOT, ModelNames
+from fire_backend.formula import NumpyRepair, folded_inputs
+from fire_backend.names import (
+    ADMIN_HEADER,
+    DIRECTIONS_FILE,
+    FOLDED_INPUTS,
+    MODEL_VERSION,
+    PROJECT_ROOT,
+    WHOLE_ONNX,
+    ModelNames,
+)
+from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
 from modelio.export import ExportInfo, export_split
 from serving.configs import ServingSettings
@@ -46,6 +55,7 @@ from zoo.data import load_dataset, to_tensor_batch
 
 MODES = ("project", "subtract", "gated")
 SCALED = ("whole", "plain", "fire_project", "folded")  # the models of the scaling table
+ZERO_HOP = ("whole", "fused", "folded")  # the one-graph models, also timed in process
 SHM_BYTES = STUB_SHM_BYTES  # the server default: a batch of 64 activations fits without growing
 
 
@@ -177,6 +187,33 @@ def _inputs(cfg: ServingBenchConfig, export_dir: Path, n: int) -> np.ndarray:
 
     pre = ExportInfo.read(export_dir).preprocessing()
     return pre.apply(np.random.default_rng(1).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
+
+
+def graph_timings(cfg: ServingBenchConfig, inputs: np.ndarray, repeats: int = 5) -> dict[str, float]:
+    """In-process time of one onnxruntime call (1 thread) of the whole, fused and folded graphs the
+    repository serves, per batch size, in us: what the zero-hop models cost without Triton (the folded
+    graph fed the served file's parameters). Interleaved, the best of ``repeats`` timings."""
+    names, repo = ModelNames("bench"), cfg.work_dir / "repo"
+    feed = folded_inputs(NumpyRepair(DirectionFile.load(cfg.work_dir / "export" / DIRECTIONS_FILE)).params)
+    sessions = {label: onnx_session(repo / getattr(names, label) / MODEL_VERSION / WHOLE_ONNX, 1)
+                for label in ZERO_HOP}  # fmt: skip
+    out = {"rank": float(len(feed[FOLDED_INPUTS[0]]))}
+    for b in cfg.batch_sizes:
+        feeds = {
+            k: {s.get_inputs()[0].name: inputs[:b], **(feed if k == "folded" else {})} for k, s in sessions.items()
+        }
+        t0 = time.perf_counter()
+        sessions["whole"].run(None, feeds["whole"])
+        calls = max(1, int(0.2 / (time.perf_counter() - t0)))  # ~0.2 s per timing
+        best = dict.fromkeys(sessions, float("inf"))
+        for _ in range(repeats):
+            for k, s in sessions.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    s.run(None, feeds[k])
+                best[k] = min(best[k], (time.perf_counter() - t0) / calls * 1e6)
+        out.update({f"{k}/b{b}": v for k, v in best.items()})
+    return out
 
 
 def prepare(cfg: ServingBenchConfig, settings: ServingSettings | None = None) -> Path:
@@ -367,6 +404,22 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], scaled: list[dict],
         for mode in MODES:
             cells = " | ".join(f"{core[f'{lib}/{mode}/b{b}']:.1f}" for b in cfg.batch_sizes)
             lines.append(f"| {lib} | {mode} | {cells} |")
+    lines += [
+        "",
+        "## The zero-hop graphs, in process, 1 thread (us per onnxruntime call)",
+        "",
+        "The same ONNX files the server runs, without Triton: what `folded` and `fused` add to `whole` is the "
+        f"repair's own graph ops (the two k x D products of the served file's rank-{core['rank']:.0f} repair, "
+        "D the feature size), the floor under the served ratios above.",
+        "",
+        "| graph | " + " | ".join(f"batch {b}" for b in cfg.batch_sizes) + " | "
+        + " | ".join(f"/ whole, batch {b}" for b in cfg.batch_sizes) + " |",
+        "|---|" + "---:|" * (2 * len(cfg.batch_sizes)),
+    ]  # fmt: skip
+    for k in ZERO_HOP:
+        cells = [f"{core[f'{k}/b{b}']:.0f}" for b in cfg.batch_sizes]
+        cells += [f"{core[f'whole/b{b}'] / core[f'{k}/b{b}']:.3f}" for b in cfg.batch_sizes]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     command = "fire bench serving" + (" --size 224" if cfg.size == 224 else "")
     lines += ["", f"Command: `{command}`", ""]
     md_path = cfg.out_dir / f"{cfg.name}.md"
@@ -408,6 +461,8 @@ def main(cfg: ServingBenchConfig | None = None) -> Path:
     rows = run(cfg)
     scaled = scaling(cfg) if cfg.instance_counts else []
     core = repair_core_timings(cfg.work_dir / "export" / DIRECTIONS_FILE, cfg.batch_sizes)
+    prepare(cfg)  # the repository as measured first (scaling rebuilt it with other instance counts)
+    core.update(graph_timings(cfg, _inputs(cfg, cfg.work_dir / "export", max(cfg.batch_sizes))))
     path = write_results(cfg, rows, scaled, core, time.time() - t0)
     print(path.read_text())
     return path

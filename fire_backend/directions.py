@@ -168,6 +168,8 @@ class DirectionFile:
             if b.dtype != np.float32 or b.ndim != self.beta.ndim + 1 or tuple(b.shape[1:]) != self.feature_shape:
                 shape = ", ".join(map(str, self.feature_shape))
                 fail(f"basis must be float32 (k, {shape}), got {b.dtype} {tuple(b.shape)}")
+            if len(b) == 0:
+                fail("basis has no rows (leave it out for a rank-1 repair)")
             if self.mode != "project":
                 fail(f"a basis (rank {len(b)}) is only used by mode 'project', not {self.mode!r}")
             flat = b.reshape(len(b), -1).astype(np.float64)

@@ -74,7 +74,7 @@ class DirectionWatcher:
             return False
         try:
             loaded = self._load()
-        except (DirectionFileError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever a replaced file raises, keep serving and watching
             self._refused = stamp
             self._report(e)
             return False

@@ -83,6 +83,8 @@ def test_only_the_promotion_job_writes_the_shared_source():
     pod = manifests()["Deployment/fire-triton"]["spec"]["template"]["spec"]
     mounts = [m for c in pod["initContainers"] + pod["containers"] for m in c["volumeMounts"]]
     assert [m.get("readOnly") for m in mounts if m["name"] == "model-source"] == [True, True]
+    assert next(v for v in pod["volumes"] if v["name"] == "model-source")["persistentVolumeClaim"]["readOnly"]
+    assert pod["automountServiceAccountToken"] is False  # no API token in a pod to create a writer with
     text = (DEPLOY / "promote-job.yaml").read_text()
     job = yaml.safe_load(text.replace("@JOB@", "fire-promote-1").replace("@MODEL@", "m").replace("@FILE@", "/f"))
     kubernetes_validate.validate(job, "1.31.0", strict=True)
@@ -90,8 +92,8 @@ def test_only_the_promotion_job_writes_the_shared_source():
     (container,) = spec["containers"]
     assert "env" not in container and "ports" not in container
     assert container["volumeMounts"] == [{"name": "model-source", "mountPath": "/models-src"}]
-    claim = next(v for v in pod["volumes"] if v["name"] == "model-source")["persistentVolumeClaim"]
-    assert spec["volumes"][0]["persistentVolumeClaim"] == claim
+    claim = next(v for v in pod["volumes"] if v["name"] == "model-source")["persistentVolumeClaim"]["claimName"]
+    assert spec["volumes"][0]["persistentVolumeClaim"] == {"claimName": claim}  # writable here only
 
 
 def _rollout(tmp_path: Path, pods: list[str], refuses: str = "", later: str = "") -> tuple[int, list[str], Path]:
@@ -106,6 +108,7 @@ def _rollout(tmp_path: Path, pods: list[str], refuses: str = "", later: str = ""
 echo "$*" >> {tmp_path}/calls
 case "$*" in
   *"get pods"*) cat {tmp_path}/pods ;;
+  *"get job"*) echo "1/" ;;
   *"create -f -"*) cat > {tmp_path}/job.yaml; echo " {later}" >> {tmp_path}/pods ;;
   *"exec {refuses or "-"} "*"--directions"*) exit 1 ;;
 esac
@@ -137,9 +140,16 @@ def test_a_refused_file_stops_the_rollout_and_is_undone_without_promotion(tmp_pa
     assert execs == [("p1", False), ("p2", False), ("p1", True)]  # p3 never touched; p1 put back
 
 
-def test_the_rollout_refuses_names_that_would_edit_its_manifest(tmp_path):
-    proc = subprocess.run(["bash", str(DEPLOY / "rollout_directions.sh"), "m|x", "/f"], capture_output=True,
-                          text=True, timeout=30)  # fmt: skip
+def test_no_running_pod_stops_the_rollout_before_anything_is_promoted(tmp_path):
+    rc, calls, job = _rollout(tmp_path, [])
+    assert rc == 1 and not job.exists() and not any("exec" in c for c in calls)
+
+
+@pytest.mark.parametrize("args", [["m|x", "/models-src/f"], ["m", "/etc/passwd"], ["m", "/models-src/../x"],
+                                  ["m", "/models-src/f", "Not_A_Namespace"]])  # fmt: skip
+def test_the_rollout_refuses_names_that_would_edit_its_manifest(args):
+    proc = subprocess.run(["bash", str(DEPLOY / "rollout_directions.sh"), *args], capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
     assert proc.returncode == 2 and "refusing" in proc.stderr
 
 

@@ -116,6 +116,7 @@ def test_deployment_mismatches_are_refused(tmp_path):
         dict(alpha=float("inf")),
         dict(mu=torch.zeros(3)),
         dict(beta=torch.ones(4, 2, 2, dtype=torch.float64)),
+        dict(basis=torch.zeros(0, 4, 2, 2)),  # rank 0: no row to be beta / |beta|
     ],
 )
 def test_invalid_directions_are_never_written(tmp_path, bad):
@@ -166,3 +167,25 @@ def test_fire_verify_checks_a_file_before_deployment(artifacts, tmp_path):
     assert ok.returncode == 0 and ok.stdout.startswith("OK")
     bad = subprocess.run([fire, "verify", str(other.directions), str(a.export_dir)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("fire verify: ") and str(other.directions) in bad.stderr
+
+
+def test_the_watcher_keeps_serving_and_watching_whatever_a_replaced_file_raises(tmp_path):
+    """A replaced file that fails in any way (here: the repair cannot be built from it) is refused and
+    reported; the watcher keeps the file it serves and still takes the next good one."""
+    from fire_backend.reloader import DirectionWatcher
+
+    path = tmp_path / "d.safetensors"
+    make().save(path)
+    calls, errors = [], []
+
+    def build(d, mode):
+        calls.append(d.alpha)
+        if d.alpha == 2.0:
+            raise ValueError("cannot build this one")
+        return d.alpha
+
+    w = DirectionWatcher(path, (4, 2, 2), "ab" * 32, make_repair=build, on_error=errors.append)
+    make(alpha=2.0).save(path)
+    assert not w.check() and w.current.repair == 1.0 and "cannot build" in str(errors[0])
+    make(alpha=0.5).save(path)
+    assert w.check() and w.current.repair == 0.5

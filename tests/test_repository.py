@@ -145,3 +145,25 @@ def test_a_fused_swap_refuses_a_head_that_is_not_the_one_its_export_names(artifa
     with pytest.raises(ControlError, match="not the head"):
         swap_fused(tmp_path, "x_fused", a.directions, "127.0.0.1:9", "no-key")
     assert sorted(p.name for p in (tmp_path / "x_fused").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_reloading_the_file_in_place_keeps_the_previous_one_for_the_undo(repository, tmp_path):
+    """A rollout gives the file again to a pod that may serve it already: that reload changes nothing,
+    so `fire reload --previous` still puts back the file from before the rollout."""
+    import shutil
+
+    from fire_backend.directions import DirectionFile
+    from serving.control import put_back_previous, reload_directions
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    live = repo / "cifar10_fire" / "1" / "directions.safetensors"
+    old = live.read_bytes()
+    new = DirectionFile.load(live)
+    new.alpha = 0.5
+    new_path = new.save(tmp_path / "new.safetensors")
+    reload_directions(repo, "cifar10_fire", new_path)
+    reload_directions(repo, "cifar10_fire", new_path)  # in place already: a no-op
+    assert live.read_bytes() == new_path.read_bytes()
+    put_back_previous(repo, "cifar10_fire")
+    assert live.read_bytes() == old

@@ -56,8 +56,12 @@ class TritonPythonModel:
             params,
             NumpyRepair,
         )
+        rank_axis = next(i.shape[0] for i in self.session.get_inputs() if i.name == FOLDED_INPUTS[0])
+        if isinstance(rank_axis, int):  # a graph built before the rank axis was dynamic takes 16 rows only
+            raise RepairInputError(f"{version_dir}: this folded graph has a fixed rank ({rank_axis}); rebuild the "
+                                   "repository with `fire build-repo`")  # fmt: skip
         self._fed: tuple[object, dict[str, np.ndarray]] = (None, {})
-        self._feed(self.directions.repair)  # a file the graph cannot take fails the load
+        self._feed(self.directions.repair)
 
     def _feed(self, repair: NumpyRepair) -> dict[str, np.ndarray]:
         """The graph's parameter inputs for ``repair`` (computed once per direction file)."""
