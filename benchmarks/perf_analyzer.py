@@ -116,10 +116,11 @@ def input_data(path: Path, input_name: str, images: np.ndarray) -> Path:
 
 def measure(url: str, model: str, data: Path, batch: int, concurrency: int, window_s: float,
             protocol: str = "grpc", inference_key: str | None = None, admin_key: str | None = None,
-            stability: int = 10, binary: Path = BINARY) -> Measurement:  # fmt: skip
+            stability: int = 10, binary: Path = BINARY, window_requests: int = 0) -> Measurement:  # fmt: skip
     """perf_analyzer on ``model`` at ``url`` (host:port), ``concurrency`` clients sending batches of
-    ``batch``, in time windows of ``window_s`` until three agree within ``stability`` % (its rule; at
-    most 10 windows)."""
+    ``batch``, in time windows of ``window_s`` (or, with ``window_requests``, windows of at least that
+    many requests: for requests so slow that a time window holds too few) until three agree within
+    ``stability`` % (its rule; at most 10 windows)."""
     keys, headers = {}, []
     trusted_file(binary)
     for key, value in ((INFERENCE, inference_key), (ADMIN, admin_key)):
@@ -133,7 +134,10 @@ def measure(url: str, model: str, data: Path, batch: int, concurrency: int, wind
                "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
                str(int(window_s * 1000)), "--max-trials", "10", "--stability-percentage", str(stability),
                "--percentile", "50", "--input-data", str(data), "-f", str(out), *headers]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(keys), timeout=60 + 20 * window_s)
+        if window_requests:
+            cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", str(window_requests)]
+        timeout = 60 + 20 * window_s + 30 * window_requests  # ten windows, generously
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(keys), timeout=timeout)
         if done.returncode != 0 or not out.is_file():
             lines = [s for s in (done.stdout + done.stderr).splitlines() if s.strip()]
             reason = next((s for s in lines if "rror" in s or "ailed" in s), lines[-1] if lines else "no output")

@@ -67,6 +67,7 @@ class ServingBenchConfig:
     concurrency: tuple[int, ...] = (1, 4)
     window_s: float = 1.0  # perf_analyzer's measurement window (it measures until three windows agree)
     stability: int = 25  # ... within this many percent (its default, 10, rarely holds on two shared cores)
+    window_requests: int = 0  # > 0: windows of at least this many requests instead (for slow requests)
     rounds: int = 2  # each round measures every model once, back to back; ratios are taken within a round
     protocol: str = "grpc"
     profile: str = "cpu"  # "gpu": TensorRT halves and CUDA repair (GPU machine; engines built by the builder)
@@ -87,9 +88,10 @@ class ServingBenchConfig:
 
     @classmethod
     def large(cls) -> ServingBenchConfig:
-        """The 224x224 model: fewer, longer windows (a batch-32 request takes about a second here)."""
-        return cls(size=224, batch_sizes=(1, 32), concurrency=(1, 4), window_s=4.0, rounds=2, scaling_cells=((32, 4),),
-                   modes=("project",), name="serving_224")  # fmt: skip
+        """The 224x224 model: batches of 1 and 8 (a batch-8 request takes ~0.3 s here, a batch of 32 over
+        a second), in windows of at least 12 requests (a time window would hold too few to agree)."""
+        return cls(size=224, batch_sizes=(1, 8), concurrency=(1, 4), window_s=4.0, window_requests=12, rounds=2,
+                   scaling_cells=((8, 4),), modes=("project",), name="serving_224")  # fmt: skip
 
 
 def _models(name: str, modes: tuple[str, ...] = MODES) -> dict[str, str]:
@@ -265,7 +267,8 @@ def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels
                     before = _stats(http, composing, server.admin_key)
                     runs[label].append(perf_analyzer.measure(url, served[label], data, b, c, cfg.window_s,
                                                              cfg.protocol, server.inference_key, server.admin_key,
-                                                             stability=cfg.stability))  # fmt: skip
+                                                             stability=cfg.stability,
+                                                             window_requests=cfg.window_requests))  # fmt: skip
                     after = _stats(http, composing, server.admin_key)
                     for m in composing:
                         acc = step_stats.setdefault(f"{label}|{m}", dict.fromkeys(after[m], 0.0))
@@ -340,11 +343,14 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], scaled: list[dict],
 
     labels = list(_models("bench", cfg.modes))
     get = {(r["model"], r["batch"], r["concurrency"]): r for r in rows}
+    windows = f"windows of at least {cfg.window_requests} requests" if cfg.window_requests else \
+        f"{cfg.window_s:g} s windows"  # fmt: skip
+    pixels = "real CIFAR-10 test pixels" if cfg.size == 32 else "random pixels (the model has random weights)"
     lines = [
         f"# Serving benchmark ({cfg.profile} profile, {cfg.protocol}, NVIDIA perf_analyzer {perf_analyzer.VERSION})",
         "",
-        f"One tritonserver; perf_analyzer per model and cell ({cfg.window_s:g} s windows until three agree within "
-        f"{cfg.stability} %), {cfg.rounds} interleaved rounds, real CIFAR-10 test pixels "
+        f"One tritonserver; perf_analyzer per model and cell ({windows} until three agree within "
+        f"{cfg.stability} %), {cfg.rounds} interleaved rounds, {pixels} "
         f"(`--input-data`). Settings: {asdict(cfg.settings)}, Python-backend shm {SHM_BYTES >> 20} MiB. "
         f"Wall time {wall_s:.0f} s. images/s: mean over rounds; p50: median of the rounds' p50 (ms); "
         "ratios: within each round, then averaged.",
