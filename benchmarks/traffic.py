@@ -154,7 +154,7 @@ def _given_more(b: Bench) -> list[dict]:
     from benchmarks.adaptive import fire_repairs
 
     repairs = fire_repairs(_AsModel(b), b.cfg.layer)
-    return [{"defense": f"{name} (50 {'pairs' if 'paired' in name else 'flagged'})", **b.repaired_torch(rep)}
+    return [{"defense": f"{name} (50 {'flagged' if 'unpaired' in name else 'pairs'})", **b.repaired_torch(rep)}
             for name, rep in repairs.items() if name != "FIRE rank 1, paired"]  # fmt: skip
 
 
