@@ -265,10 +265,7 @@ def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels
                 for label in order:
                     composing = _composing("bench", label)
                     before = _stats(http, composing, server.admin_key)
-                    runs[label].append(perf_analyzer.measure(url, served[label], data, b, c, cfg.window_s,
-                                                             cfg.protocol, server.inference_key, server.admin_key,
-                                                             stability=cfg.stability,
-                                                             window_requests=cfg.window_requests))  # fmt: skip
+                    runs[label].append(_measure(cfg, url, served[label], data, b, c, server))
                     after = _stats(http, composing, server.admin_key)
                     for m in composing:
                         acc = step_stats.setdefault(f"{label}|{m}", dict.fromkeys(after[m], 0.0))
@@ -278,6 +275,23 @@ def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels
             rows += [_row(label, b, c, settings, runs[label], step_stats) for label in served]
         bar.close()
     return rows
+
+
+def _measure(cfg: ServingBenchConfig, url: str, model: str, data: Path, b: int, c: int, server,
+             attempts: int = 3) -> perf_analyzer.Measurement:  # fmt: skip
+    """One perf_analyzer measurement, tried again when it fails to settle or to keep its load on these two
+    shared cores (it reports rather than measures then); the last failure is raised."""
+    def once() -> perf_analyzer.Measurement:
+        return perf_analyzer.measure(url, model, data, b, c, cfg.window_s, cfg.protocol, server.inference_key,
+                                     server.admin_key, stability=cfg.stability,
+                                     window_requests=cfg.window_requests)  # fmt: skip
+
+    for _ in range(attempts - 1):
+        try:
+            return once()
+        except perf_analyzer.PerfAnalyzerError as e:
+            tqdm.write(f"{e}; measuring again")
+    return once()
 
 
 def _row(label: str, b: int, c: int, settings: ServingSettings, ms: list, step_stats: dict) -> dict:
