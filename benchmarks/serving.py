@@ -281,6 +281,7 @@ def _measure(cfg: ServingBenchConfig, url: str, model: str, data: Path, b: int, 
              attempts: int = 3) -> perf_analyzer.Measurement:  # fmt: skip
     """One perf_analyzer measurement, tried again when it fails to settle or to keep its load on these two
     shared cores (it reports rather than measures then); the last failure is raised."""
+
     def once() -> perf_analyzer.Measurement:
         return perf_analyzer.measure(url, model, data, b, c, cfg.window_s, cfg.protocol, server.inference_key,
                                      server.admin_key, stability=cfg.stability,
