@@ -17,17 +17,15 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.names import METRICS_DETAILED, PARAM_METRICS, PARAM_TRAFFIC_BUDGET, PARAM_TRAFFIC_STATS, TRAFFIC_FILE
+from fire_backend.names import METRICS_DETAILED, PARAM_METRICS, PARAM_TRAFFIC_BUDGET, TRAFFIC_FILE
 from fire_backend.traffic import DEFAULT_BUDGET, TrafficStats, TrafficStatsError
 from fire_backend.triton.common import PeriodicFlush
 
 
-def recorder_for(args: dict, config: dict, params: dict, features: str, classes: str) -> TrafficRecorder | None:
-    """The recorder a tail's parameters ask for (``PARAM_TRAFFIC_STATS``), or None: sized from the
+def recorder_for(args: dict, config: dict, params: dict, features: str, classes: str) -> TrafficRecorder:
+    """The recorder of a tail whose parameters ask for one (``PARAM_TRAFFIC_STATS``): sized from the
     config's dims of its ``features`` input and ``classes`` output (the export measured them; a model
     file's may be symbolic)."""
-    if params.get(PARAM_TRAFFIC_STATS) != "1":
-        return None
     dims = {t["name"]: [int(d) for d in t["dims"]] for t in config["input"] + config["output"]}
     feature_dims, class_dims = dims[features], dims[classes]
     if min(feature_dims + class_dims) < 1:
