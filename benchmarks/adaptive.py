@@ -11,11 +11,15 @@ Defenses, each fitted once per model on the same images:
 - FIRE paired and FIRE unpaired with the default spatial views (flips, shifts: rank 10), at the
   export's layer (``layer2``), through the computation the server runs (head -> repair -> tail in
   process: equal to the served ensemble within 1e-4, tested);
+- FIRE paired at the cut and strength ``fire protect`` chooses from the same 50 pairs
+  (``calibration.cutsearch``, every module cut of the model): what a user who names no cut deploys;
 - STRIP, SCALE-UP (reject), Februus-style (restore), fine-pruning (``benchmarks.defenses``).
 FIRE is measured on the whole test split; the baselines, which cost 2 to 11 forward passes per input,
 on a fixed subset of it (``baseline_limit`` images, the same for every variant). The floor is the clean
-twin's ASR on the same variant (CIFAR-10; GTSRB has no clean twin). Targets on every counted row:
-FIRE ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5. Writes results/adaptive.{md,csv,png}.
+twin's ASR on the same variant (CIFAR-10; GTSRB has no clean twin); the ceiling is the clean twin's PA on
+it: what a model that never learned the backdoor gets right on those images, so the part of the PA target
+the trigger's own damage to the image puts out of reach shows. Targets on every counted row: FIRE ASR <=
+floor + 3, PA >= CA - 5, CA drop <= 0.5. Writes results/adaptive.{md,csv,png}.
 """
 
 from __future__ import annotations
@@ -34,20 +38,22 @@ from benchmarks.defenses import Context, Februus, FinePruning, ScaleUp, Strip, d
 from benchmarks.variants import LEARNED, variants
 from calibration.augment import spatial_estimate
 from calibration.calibrate import zoo_calibration_set
+from calibration.cutsearch import choose_cut
 from calibration.estimators import unpaired_reference
 from calibration.factory import make_directions
 from calibration.inprocess import SplitRunner
 from fire_backend.errors import MissingFileError
 from fire_backend.names import PROJECT_ROOT
 from fire_backend.repair import Repair
+from modelio.split import module_cuts
 from zoo.attacks import attack_from_spec
 from zoo.checkpoint import load_model
 from zoo.data import load_dataset
 
-FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "learned", "TPR", "AUROC", "ms_per_image",
-          "images")  # fmt: skip
+FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "ceiling", "learned", "cut", "TPR", "AUROC",
+          "ms_per_image", "images")  # fmt: skip
 CLEAN_TWINS = {"cifar10": "cifar10_resnet_clean"}
-FIRE_DEFENSES = ("FIRE rank 1, paired", "FIRE paired", "FIRE unpaired")
+CHOSEN = "FIRE paired, cut chosen"  # fire protect's cut search (module docstring)
 
 
 def zoo_models() -> tuple[str, ...]:
@@ -117,6 +123,18 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
     return out
 
 
+def chosen_cut(m: _Model, augment: str = "flips-shifts") -> tuple[SplitRunner, Repair]:
+    """What ``fire protect`` deploys from the 50 pairs when no cut is named: its cut search over every
+    module cut, then the direction at that cut and strength from all the pairs."""
+    c = m.calib
+    example = torch.zeros((2, *m.test.images.shape[3:], *m.test.images.shape[1:3]))
+    cuts = [x.name for x in module_cuts(m.model, example)]
+    best, _ = choose_cut(lambda k: SplitRunner(m.model, k), cuts, c, augment=augment)
+    r = SplitRunner(m.model, best.cut)
+    beta, basis = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment)
+    return r, Repair(make_directions(beta, r.features(c.clean), layer=best.cut, alpha=best.alpha, basis=basis))
+
+
 def _ms(runner: SplitRunner, images: np.ndarray, edit: Repair | None = None) -> float:
     """Wall time per image in ms of head -> ``edit`` -> tail on ``images`` (every row through the tail, as
     served), one run as for the baselines (``defenses.timed``; the model has just run on this variant)."""
@@ -141,10 +159,12 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
         r = m.runner
         clean_f = r.features(m.test.images)
         base_clean = r.labels(clean_f)
-        repairs = fire_repairs(m, cfg.layer)
+        repairs = {d: (r, rep) for d, rep in fire_repairs(m, cfg.layer).items()}
+        repairs[CHOSEN] = chosen_cut(m)
         ca = {"none": 100 * float((base_clean == m.test.labels).mean())}
-        for d, rep in repairs.items():
-            ca[d] = 100 * float((r.labels_after(clean_f, base_clean, rep) == m.test.labels).mean())
+        for d, (rd, rep) in repairs.items():
+            f = clean_f if rd is r else rd.features(m.test.images)
+            ca[d] = 100 * float((rd.labels_after(f, rd.labels(f), rep) == m.test.labels).mean())
         sub = np.random.default_rng(cfg.seed).permutation(len(m.x))[: cfg.baseline_limit]
         baselines = []
         if cfg.baselines:
@@ -164,18 +184,19 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
             base_t = r.labels(ft)
             asr0, pa0 = _metrics(base_t, m.true, m.wanted)
             learned = asr0 >= LEARNED
-            floor = ""
+            floor = ceiling = ""
             if twin is not None:
                 twin_t = twin.runner.labels(twin.runner.features(apply(twin.x)))
-                floor = round(_metrics(twin_t, twin.true, twin.wanted)[0], 2)
-            ident = {"model": name, "variant": variant, "floor": floor, "learned": learned}
+                floor, ceiling = (round(v, 2) for v in _metrics(twin_t, twin.true, twin.wanted))
+            ident = {"model": name, "variant": variant, "floor": floor, "ceiling": ceiling, "learned": learned}
             served = xt[sub]  # the cost per request, on the baselines' images: head -> (repair) -> tail
             rows.append({**ident, "defense": "none", "CA": ca["none"], "ASR": asr0, "PA": pa0,
                          "ms_per_image": _ms(r, served), "images": len(xt)})  # fmt: skip
-            for d, rep in repairs.items():
-                asr, pa = _metrics(r.labels_after(ft, base_t, rep), m.true, m.wanted)
-                rows.append({**ident, "defense": d, "CA": ca[d], "ASR": asr, "PA": pa,
-                             "ms_per_image": _ms(r, served, rep), "images": len(xt)})  # fmt: skip
+            for d, (rd, rep) in repairs.items():
+                f, base = (ft, base_t) if rd is r else (rd.features(xt), None)
+                asr, pa = _metrics(rd.labels_after(f, rd.labels(f) if base is None else base, rep), m.true, m.wanted)
+                rows.append({**ident, "defense": d, "CA": ca[d], "ASR": asr, "PA": pa, "cut": rd.layer,
+                             "ms_per_image": _ms(rd, served, rep), "images": len(xt)})  # fmt: skip
             attacked = base_t[sub] == m.wanted[sub]
             for b in baselines:
                 outcome, ms = timed(b, xt[sub])
@@ -189,12 +210,12 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
     return write(rows, cfg, time.time() - t0)
 
 
-def targets(rows: list[dict]) -> list[dict]:
-    """FIRE (default: paired with spatial views) on every counted row against the issue's targets."""
+def targets(rows: list[dict], defense: str = "FIRE paired") -> list[dict]:
+    """``defense`` (default: FIRE paired with spatial views) on every counted row against the targets."""
     by = {(r["model"], r["variant"], r["defense"]): r for r in rows}
     out = []
     for r in rows:
-        if r["defense"] != "FIRE paired" or not r["learned"]:
+        if r["defense"] != defense or not r["learned"]:
             continue
         none = by[(r["model"], r["variant"], "none")]
         floor = r["floor"] if r["floor"] != "" else 0.0
@@ -213,7 +234,9 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
             w.writerow({k: (round(v, 4 if k == "ms_per_image" else 2) if isinstance(v, float) else v)
                         for k, v in r.items() if k in FIELDS})  # fmt: skip
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    t = targets(rows)
+    t, t_chosen = targets(rows), targets(rows, CHOSEN)
+    cuts = {r["model"]: r["cut"] for r in rows if r["defense"] == CHOSEN}
+    unreachable = [x for x in t if x["ceiling"] != "" and x["ceiling"] < x["CA"] - 5]
     lines = [
         "# Adaptive attacker: trigger variants the model learned",
         "",
@@ -221,15 +244,26 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
         f"defender's {cfg.n_poisoned} samples of the calibrated trigger and {cfg.n_clean} clean training images. "
         f"FIRE on {'the whole test split' if not cfg.test_limit else f'{cfg.test_limit} test images'}; the baselines "
         f"on {cfg.baseline_limit} of them per row. A row counts (`*`) when the undefended ASR is >= {LEARNED:.0f} %. "
-        "Cells: ASR / PA in %; CA per defense in the last table. Floor: the clean twin's ASR on the variant.",
+        "Cells: ASR / PA in %; CA per defense in the last table. Floor: the clean twin's ASR on the variant; "
+        "ceiling: the clean twin's PA on it (what a model that never learned the backdoor gets right on those "
+        "images).",
         "",
         f"Targets (FIRE paired, every counted row: ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5): "
         f"**{sum(x['met'] for x in t)} of {len(t)} met**"
         + ("; missed: " + ", ".join(f"{x['model']} / {x['variant']} ({x['ASR']:.1f} / {x['PA']:.1f})"
                                      for x in t if not x["met"]) if any(not x["met"] for x in t) else "") + ".",
         "",
-        "| model | variant | floor | " + " | ".join(defenses) + " |",
-        "|---|---|---:|" + "---:|" * len(defenses),
+        f"On {len(unreachable)} of the counted rows the PA target (CA - 5) is above the ceiling: the trigger itself "
+        "destroys that much of the image for a model without the backdoor"
+        + (" (" + ", ".join(f"{x['model']} / {x['variant']}: ceiling {x['ceiling']:.1f}, target {x['CA'] - 5:.1f}"
+                            for x in unreachable) + ")" if unreachable else "") + ".",
+        "",
+        f"{CHOSEN} (the cut and strength `fire protect` picks from the same pairs; cuts: "
+        + ", ".join(f"{k} {v}" for k, v in cuts.items()) + f"): **{sum(x['met'] for x in t_chosen)} of "
+        f"{len(t_chosen)} met**.",
+        "",
+        "| model | variant | floor | ceiling | " + " | ".join(defenses) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(defenses),
     ]  # fmt: skip
     by = {(r["model"], r["variant"], r["defense"]): r for r in rows}
     keys = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
@@ -237,7 +271,8 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
         first = by[(model, variant, "none")]
         cells = [f"{by[(model, variant, d)]['ASR']:.1f} / {by[(model, variant, d)]['PA']:.1f}" for d in defenses]
         mark = " *" if first["learned"] else ""
-        lines.append(f"| {model} | {variant}{mark} | {first['floor']} | " + " | ".join(cells) + " |")
+        ident = f"| {model} | {variant}{mark} | {first['floor']} | {first['ceiling']} | "
+        lines.append(ident + " | ".join(cells) + " |")
     lines += ["", "Clean accuracy (%) per model and defense, and the detectors' TPR at 1 % FPR / AUROC averaged "
               "over the counted rows (over the triggered inputs the undefended model sends to the attacker's "
               "class, against the clean inputs it classifies correctly, as the detectors' authors evaluate):", "",
@@ -261,7 +296,7 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
               "| defense | mean ASR | mean PA | best PA | ms per image | x undefended |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     base_ms = summary["none"][3]
-    lines += [f"| {d} | {s[0]:.1f} | {s[1]:.1f} | {s[2]} | {s[3]:.3f} | {s[3] / base_ms:.1f} |"
+    lines += [f"| {d} | {s[0]:.1f} | {s[1]:.1f} | {s[2]} | {s[3]:.3f} | {s[3] / base_ms:.2f} |"
               for d, s in summary.items()]  # fmt: skip
     lines += ["", "Command: `fire bench adaptive` (CSV: `results/adaptive.csv`)", ""]
     (out / "adaptive.md").write_text("\n".join(lines))

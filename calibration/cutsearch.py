@@ -8,9 +8,14 @@ without labels where there are none:
 - cost: the share of held-out clean images whose prediction the repair changes (with labels: the
   clean-accuracy drop); a cut whose cost exceeds ``max_ca_drop`` points is not taken;
 - gain: the share of held-out triggered images the repair moves off their current prediction; with
-  paired images and labels, the share given back their true label (PA).
-The (cut, strength) with the highest gain within the cost bound wins (ties: lower cost, then the
-weaker repair). Works for an ONNX model
+  paired images and labels, the share given back their true label (PA);
+- transfer: the same gain for a direction fitted on the images as they are (no views) and judged on the
+  held-out triggered images moved by each view (mirrored, shifted): whether the trigger moves the
+  features the same way wherever it sits. A cut where it does is one where the variants an attacker will
+  try share a direction; one where it does not repairs the calibrated placement only.
+The (cut, strength) with the highest gain within the cost bound wins; ties (common: with 25 held-out
+images one image is 4 points) go to the higher transfer, then lower cost, then the weaker repair. Works
+for an ONNX model
 (tensors, ``OnnxRunner``) and a torch module (sub-modules, ``calibration.inprocess.SplitRunner``).
 """
 
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.augment import spatial_estimate
+from calibration.augment import spatial_estimate, views
 from calibration.calibrate import CalibrationSet
 from calibration.estimators import unpaired_reference
 from calibration.factory import make_directions
@@ -64,6 +69,7 @@ class OnnxRunner:
 
 
 ALPHAS = (1.0, 1.5, 2.0)  # repair strengths tried with every cut (1: remove the estimated component)
+TRANSFER_VIEWS = "flips-shifts"  # the moves the transfer score judges on (calibration.augment), whatever the fit uses
 
 
 @dataclass
@@ -75,6 +81,7 @@ class CutScore:
     gain_kind: str
     cost_kind: str
     alpha: float = 1.0
+    transfer: float = 0.0  # the gain of a view-less direction on the held-out images moved (module docstring)
     repaired: np.ndarray | None = field(default=None, repr=False)  # held-out triggered images' labels after it
     unrepaired: np.ndarray | None = field(default=None, repr=False)  # and before any repair
 
@@ -94,11 +101,20 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     clean, trig = runner.features(data.clean), runner.features(data.triggered)
     feats = lambda x: runner.features(x).numpy()  # noqa: E731
     if data.paired:
-        beta, basis = spatial_estimate(feats, data.triggered[fit_t], data.originals[fit_t], True, augment)
+        other = data.originals[fit_t]
     else:
         ref, _ = unpaired_reference(runner.labels(clean[fit_c]), runner.labels(trig[fit_t]))
-        beta, basis = spatial_estimate(feats, data.triggered[fit_t], data.clean[fit_c][ref], False, augment)
+        other = data.clean[fit_c][ref]
+    beta, basis = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, augment)
+    beta_1, _ = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, "none")
+    moved = [runner.features(view(data.triggered[held_t])) for view in views(TRANSFER_VIEWS)[1:]]
+    moved_base = [runner.labels(f) for f in moved]
     base_c, base_t = runner.labels(clean[held_c]), runner.labels(trig[held_t])
+    labels = data.original_labels[held_t] if data.paired and data.original_labels is not None else None
+
+    def gain_of(after: np.ndarray, before: np.ndarray) -> float:
+        return 100 * float((after == labels).mean() if labels is not None else (after != before).mean())
+
     scores = []
     for alpha in alphas:
         d = make_directions(beta, clean[fit_c], layer=name, mode="project", alpha=alpha, basis=basis)
@@ -109,11 +125,11 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
             cost, cost_kind = 100 * float((base_c == y).mean() - (after_c == y).mean()), "CA drop"
         else:
             cost, cost_kind = 100 * float((after_c != base_c).mean()), "clean predictions changed"
-        if data.paired and data.original_labels is not None:
-            gain, gain_kind = 100 * float((after_t == data.original_labels[held_t]).mean()), "PA"
-        else:
-            gain, gain_kind = 100 * float((after_t != base_t).mean()), "triggered predictions moved"
-        scores.append(CutScore(name, tuple(clean.shape[1:]), gain, cost, gain_kind, cost_kind, alpha, after_t, base_t))
+        gain_kind = "PA" if labels is not None else "triggered predictions moved"
+        one = Repair(make_directions(beta_1, clean[fit_c], layer=name, mode="project", alpha=alpha))
+        transfer = [gain_of(runner.labels(f, one), b) for f, b in zip(moved, moved_base, strict=True)]
+        scores.append(CutScore(name, tuple(clean.shape[1:]), gain_of(after_t, base_t), cost, gain_kind, cost_kind,
+                               alpha, float(np.mean(transfer)), after_t, base_t))  # fmt: skip
     return scores
 
 
@@ -137,7 +153,12 @@ def choose_cut(
     if scores[0].gain_kind != "PA":  # no true labels: judge the moves by whether the candidates agree on them
         scores = _agreement(scores, within)
         within = [s for s in scores if s.cost <= max_ca_drop + 1e-9] or [min(scores, key=lambda s: s.cost)]
-    return max(within, key=lambda s: (s.gain, -s.cost, -s.alpha)), scores
+    return max(within, key=preference), scores
+
+
+def preference(s: CutScore) -> tuple[float, float, float, float]:
+    """How ``choose_cut`` orders the candidates within the cost bound: gain, transfer, lower cost, weaker."""
+    return s.gain, s.transfer, -s.cost, -s.alpha
 
 
 def _agreement(scores: list[CutScore], within: list[CutScore]) -> list[CutScore]:

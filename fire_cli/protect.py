@@ -134,10 +134,11 @@ def protect(a: argparse.Namespace) -> None:
         r = protect_onnx(src.onnx, src.preprocess, data, cfg)
     if r.cut_scores:
         kinds = r.cut_scores[0]
-        print(f"cuts tried ({kinds.gain_kind} / {kinds.cost_kind}, held-out calibration images, %):")
+        print(f"cuts tried ({kinds.gain_kind} / transfer / {kinds.cost_kind}, held-out calibration images, %):")
         for s in r.cut_scores:
             mark = "  <- chosen" if s.cut == r.export.layer and s.alpha == r.directions.alpha else ""
-            print(f"  {s.cut}\t{s.feature_shape}\talpha {s.alpha:g}\t{s.gain:.1f} / {s.cost:.2f}{mark}")
+            scores = f"{s.gain:.1f} / {s.transfer:.1f} / {s.cost:.2f}"
+            print(f"  {s.cut}\t{s.feature_shape}\talpha {s.alpha:g}\t{scores}{mark}")
     if r.skipped_cuts:
         t, why = next(iter(r.skipped_cuts.items()))
         print(f"{len(r.skipped_cuts)} valid cut(s) left out, no static shape at the served size (first: {t}, {why})")

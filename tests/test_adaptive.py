@@ -31,9 +31,15 @@ def test_the_adaptive_benchmark_writes_every_defense_and_spatial_views_beat_rank
     with open(tmp_path / "adaptive.csv") as f:
         rows = list(csv.DictReader(f))
     defenses = {r["defense"] for r in rows}
-    assert {"none", "FIRE paired", "FIRE unpaired", "STRIP", "SCALE-UP"} <= defenses and len(defenses) == 8
+    assert {"none", "FIRE paired", "FIRE unpaired", "STRIP", "SCALE-UP", "FIRE paired, cut chosen"} <= defenses
+    assert len(defenses) == 9
     by = {(r["variant"], r["defense"]): r for r in rows}
     mirrored = "mirrored left-right"
     assert by[(mirrored, "none")]["learned"] == "True"
     assert float(by[(mirrored, "FIRE paired")]["ASR"]) < 10 < 50 < float(by[(mirrored, "FIRE rank 1, paired")]["ASR"])
     assert "Targets (FIRE paired" in report and (tmp_path / "adaptive.png").is_file()
+    ceilings = {float(r["ceiling"]) for r in rows if r["defense"] == "none" and r["variant"] == "calibrated"}
+    (ceiling,) = ceilings  # the clean twin's PA on the calibrated trigger: a patch leaves most images legible
+    assert float(by[("calibrated", "none")]["PA"]) < 20 < 60 < ceiling <= 100
+    chosen = {r["cut"] for r in rows if r["defense"] == "FIRE paired, cut chosen"}
+    assert len(chosen) == 1 and chosen != {""} and "cut chosen" in report

@@ -140,3 +140,32 @@ def test_spatial_views_cover_the_trigger_mirrored_which_rank_1_misses(artifacts,
         _predict(a, clean, Repair(results["flips-shifts"][1])) == labels
     ).mean()
     assert cost <= 0.02
+
+
+def test_gain_ties_go_to_the_cut_whose_direction_transfers_across_placements():
+    from calibration.cutsearch import CutScore, preference
+
+    def candidate(cut, gain, transfer, cost=0.0, alpha=1.0):
+        return CutScore(cut, (1,), gain, cost, "PA", "CA drop", alpha, transfer)
+
+    early, deep = candidate("early", 76.0, 16.0, cost=-0.2), candidate("deep", 76.0, 31.0)
+    assert max([early, deep], key=preference).cut == "deep"  # a tie on gain: transfer before cost
+    assert max([early, deep, candidate("best", 80.0, 0.0)], key=preference).cut == "best"  # gain first
+
+
+def test_a_corner_patch_direction_transfers_across_placements_deep_in_the_network_not_at_the_stem():
+    """BadNets zoo model, 50 pairs of the calibrated trigger: a direction fitted on the pairs as they are
+    repairs the held-out pairs mirrored and shifted (the transfer score) far better at layer3 than at the
+    stem, where the shift a patch makes depends on where it sits."""
+    from calibration.calibrate import zoo_calibration_set
+    from calibration.cutsearch import score_cut
+    from calibration.inprocess import SplitRunner
+    from fire_backend.names import PROJECT_ROOT
+    from zoo.attacks import attack_from_spec
+    from zoo.checkpoint import load_model
+
+    model, meta = load_model(PROJECT_ROOT / "models" / "cifar10_resnet_badnets")
+    data = zoo_calibration_set(meta["dataset"], attack_from_spec(meta["attack"]), 50, 300, 0)
+    stem, deep = (score_cut(SplitRunner(model, cut), data, augment="flips-shifts")[0] for cut in ("stem", "layer3"))
+    assert deep.transfer > stem.transfer + 5, (stem, deep)
+    assert 0 <= stem.transfer <= 100 and deep.gain >= 50
