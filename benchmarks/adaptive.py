@@ -17,8 +17,9 @@ Defenses, each fitted once per model on the same images:
 FIRE is measured on the whole test split; the baselines, which cost 2 to 11 forward passes per input,
 on a fixed subset of it (``baseline_limit`` images, the same for every variant). The floor is the clean
 twin's ASR on the same variant (CIFAR-10; GTSRB has no clean twin); the ceiling is the clean twin's PA on
-it: what a model that never learned the backdoor gets right on those images, so the part of the PA target
-the trigger's own damage to the image puts out of reach shows. Targets on every counted row: FIRE ASR <=
+it: what a model that never learned the backdoor gets right on those images as they are (a repair deep in
+the network cannot give back what the trigger covers; one where the trigger is still a pixel pattern can
+undo the pattern and do better). Targets on every counted row: FIRE ASR <=
 floor + 3, PA >= CA - 5, CA drop <= 0.5. Writes results/adaptive.{md,csv,png}.
 """
 
@@ -253,8 +254,10 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
         + ("; missed: " + ", ".join(f"{x['model']} / {x['variant']} ({x['ASR']:.1f} / {x['PA']:.1f})"
                                      for x in t if not x["met"]) if any(not x["met"] for x in t) else "") + ".",
         "",
-        f"On {len(unreachable)} of the counted rows the PA target (CA - 5) is above the ceiling: the trigger itself "
-        "destroys that much of the image for a model without the backdoor"
+        f"On {len(unreachable)} of the counted rows the PA target (CA - 5) is above the ceiling: a model that never "
+        "learned the backdoor gets fewer of those images right than the target asks of the repair (a repair at a "
+        "cut where the trigger is still a pixel pattern can undo the pattern and beat the ceiling; one deeper "
+        "cannot give back what the trigger covers)"
         + (" (" + ", ".join(f"{x['model']} / {x['variant']}: ceiling {x['ceiling']:.1f}, target {x['CA'] - 5:.1f}"
                             for x in unreachable) + ")" if unreachable else "") + ".",
         "",
