@@ -116,11 +116,11 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
     for name, paired, augment in (("FIRE rank 1, paired", True, "none"), ("FIRE paired", True, "flips-shifts"),
                                   ("FIRE unpaired", False, "flips-shifts")):  # fmt: skip
         if paired:
-            beta, basis = spatial_estimate(feats, c.triggered, c.originals, True, augment)
+            e = spatial_estimate(feats, c.triggered, c.originals, True, augment)
         else:
             ref, _ = unpaired_reference(r.labels(clean), r.labels(r.features(c.triggered)))
-            beta, basis = spatial_estimate(feats, c.triggered, c.clean[ref], False, augment)
-        out[name] = Repair(make_directions(beta, clean, layer=layer, basis=basis))
+            e = spatial_estimate(feats, c.triggered, c.clean[ref], False, augment)
+        out[name] = Repair(make_directions(e.beta, clean, layer=layer, basis=e.basis, project_gate=e.project_gate))
     return out
 
 
@@ -132,8 +132,10 @@ def chosen_cut(m: _Model, augment: str = "flips-shifts") -> tuple[SplitRunner, R
     cuts = [x.name for x in module_cuts(m.model, example)]
     best, _ = choose_cut(lambda k: SplitRunner(m.model, k), cuts, c, augment=augment)
     r = SplitRunner(m.model, best.cut)
-    beta, basis = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment)
-    return r, Repair(make_directions(beta, r.features(c.clean), layer=best.cut, alpha=best.alpha, basis=basis))
+    e = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment)
+    d = make_directions(e.beta, r.features(c.clean), layer=best.cut, alpha=best.alpha, basis=e.basis,
+                        project_gate=e.project_gate)  # fmt: skip
+    return r, Repair(d)
 
 
 def _ms(runner: SplitRunner, images: np.ndarray, edit: Repair | None = None) -> float:

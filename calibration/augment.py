@@ -16,6 +16,7 @@ unpaired estimate's other tool, ``estimators.photometric_views``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,20 +46,40 @@ def views(name: str) -> list[View]:
     return AUGMENTS[name]
 
 
+GATE_COVERAGE = 0.9  # the least share of every view's triggered images the project gate must let through
+
+
+@dataclass(frozen=True)
+class SpatialEstimate:
+    beta: np.ndarray  # the mean difference (the first direction)
+    basis: np.ndarray | None  # (k, D) orthonormal span of the views' differences, None for one view
+    project_gate: bool  # whether gating on the first direction still repairs every view's triggered images
+
+
 def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np.ndarray, other: np.ndarray,
-                     paired: bool, augment: str) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-    """(beta, basis) over the views of ``augment``: ``other`` is the originals of ``triggered`` (paired:
+                     paired: bool, augment: str) -> SpatialEstimate:  # fmt: skip
+    """The estimate over the views of ``augment``: ``other`` is the originals of ``triggered`` (paired:
     per-pair differences, each view applied to both) or the clean reference (unpaired: one mean
     difference per view). beta is the mean difference; with more than one view, basis is the orthonormal
     (k, D) span of the differences, the mean's direction first (``estimators.principal_basis``), k the
-    number of views. ``features``: uint8 NHWC images -> (N, ...) features."""
+    number of views. ``features``: uint8 NHWC images -> (N, ...) features.
+
+    The project repair moves only samples past the clean mean along the first direction. When the views'
+    shifts do not all point that way (a periodic pattern mirrored or shifted is the same pattern out of
+    phase: the shifts cancel in the mean), that gate would skip a view's triggered images; then, if fewer
+    than ``GATE_COVERAGE`` of some view's triggered images pass it, the repair is not gated."""
     from calibration.estimators import principal_basis
 
-    diffs = []
+    diffs, scored = [], []
     for view in views(augment):
         t, o = features(view(triggered)).astype(np.float64), features(view(other)).astype(np.float64)
         diffs.append(t - o if paired else (t.mean(0) - o.mean(0))[None])
+        scored.append(t.reshape(len(t), -1))
+        if len(scored) == 1:
+            mu = o.reshape(len(o), -1).mean(0)  # the images as they are: the clean side's mean
     d = np.concatenate(diffs)
-    beta = d.mean(0).astype(np.float32)
+    beta = d.mean(0)
+    b = beta.reshape(-1) / np.linalg.norm(beta)
+    coverage = min(float(((t - mu) @ b > 0).mean()) for t in scored)
     basis = principal_basis(d, len(diffs)) if len(diffs) > 1 else None
-    return beta, basis
+    return SpatialEstimate(beta.astype(np.float32), basis, basis is None or coverage >= GATE_COVERAGE)

@@ -206,9 +206,10 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
     clean_features = batched(features, data.clean)
     reference = {}
     augment = config.augment if config.mode == "project" else "none"  # a basis serves the project mode only
-    basis, feats = None, lambda x: batched(features, x)  # noqa: E731
+    basis, gate, feats = None, True, lambda x: batched(features, x)  # noqa: E731
     if estimator == "paired":
-        beta, basis = spatial_estimate(feats, data.triggered, data.originals, True, augment)
+        est = spatial_estimate(feats, data.triggered, data.originals, True, augment)
+        beta, basis, gate = est.beta, est.basis, est.project_gate
     elif estimator == "unpaired":
         mask = np.ones(len(data.clean), bool)
         if classify is not None:
@@ -218,7 +219,8 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         if augment == "none":
             beta = unpaired_beta(features, data.clean[mask], data.triggered, config.views, config.seed)
         else:
-            beta, basis = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment)
+            est = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment)
+            beta, basis, gate = est.beta, est.basis, est.project_gate
     else:
         raise InvalidInputError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
     return make_directions(
@@ -232,6 +234,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         head_sha256=producer_sha256,
         n_poisoned=len(data.triggered),
         basis=basis,
+        project_gate=gate,
         extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference}},
     )
 

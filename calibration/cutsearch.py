@@ -105,8 +105,8 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     else:
         ref, _ = unpaired_reference(runner.labels(clean[fit_c]), runner.labels(trig[fit_t]))
         other = data.clean[fit_c][ref]
-    beta, basis = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, augment)
-    beta_1, _ = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, "none")
+    est = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, augment)
+    beta_1 = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, "none").beta
     moved = [runner.features(view(data.triggered[held_t])) for view in views(TRANSFER_VIEWS)[1:]]
     moved_base = [runner.labels(f) for f in moved]
     base_c, base_t = runner.labels(clean[held_c]), runner.labels(trig[held_t])
@@ -117,7 +117,8 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
 
     scores = []
     for alpha in alphas:
-        d = make_directions(beta, clean[fit_c], layer=name, mode="project", alpha=alpha, basis=basis)
+        d = make_directions(est.beta, clean[fit_c], layer=name, mode="project", alpha=alpha, basis=est.basis,
+                            project_gate=est.project_gate)  # fmt: skip
         repair = Repair(d)
         after_c, after_t = runner.labels(clean[held_c], repair), runner.labels(trig[held_t], repair)
         if data.clean_labels is not None:

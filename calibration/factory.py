@@ -35,12 +35,14 @@ def make_directions(
     mu=None,
     threshold: float | None = None,
     basis=None,
+    project_gate: bool = True,
     extra: dict | None = None,
 ) -> DirectionFile:
     """A direction file from ``beta`` and clean features ``clean`` (N, *feature shape).
 
     ``mu`` defaults to the clean mean; ``threshold`` (gated) to the clean score quantile at ``fpr``;
-    ``basis`` (k, *feature shape) makes a rank-k project repair."""
+    ``basis`` (k, *feature shape) makes a rank-k project repair; ``project_gate`` off repairs every sample
+    (``calibration.augment.spatial_estimate`` says when)."""
     clean = _tensor(clean)
     beta = _tensor(beta).float()
     mu = clean.double().mean(0).float() if mu is None else _tensor(mu).float()
@@ -58,6 +60,7 @@ def make_directions(
         fpr=fpr,
         extra=dict(extra or {}),
         basis=None if basis is None else _tensor(basis).float().reshape(-1, *mu.shape),
+        project_gate=bool(project_gate),
     )
     if threshold is None:
         d.threshold = clean_threshold(Repair(d, mode="gated").scores(clean).numpy(), fpr)

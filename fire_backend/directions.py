@@ -80,6 +80,9 @@ class DirectionFile:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     extra: dict = field(default_factory=dict)  # free-form provenance (attack spec, seed, ...)
     basis: np.ndarray | None = None  # (k, *feature_shape) for a rank-k project repair; None = rank 1
+    # project: repair only the samples past mu along the first direction (False: every sample, for a basis
+    # whose views' shifts do not all point that way; calibration.augment.spatial_estimate decides)
+    project_gate: bool = True
 
     def __post_init__(self) -> None:
         self.beta, self.mu = _array(self.beta), _array(self.mu)
@@ -133,6 +136,7 @@ class DirectionFile:
             "n_poisoned": str(self.n_poisoned),
             "n_clean": str(self.n_clean),
             "fpr": repr(float(self.fpr)),
+            "project_gate": "1" if self.project_gate else "0",
             "created": self.created,
             "tensors_sha256": tensors_sha256(t),
             "extra": json.dumps(self.extra),
@@ -180,6 +184,8 @@ class DirectionFile:
             beta = self.beta.reshape(-1).astype(np.float64)
             if float(flat[0] @ (beta / np.linalg.norm(beta))) < 0.999:
                 fail("the basis's first row is not beta / |beta|")
+        if not isinstance(self.project_gate, bool):
+            fail(f"project_gate must be true or false, got {self.project_gate!r}")
         for name, v in (("alpha", self.alpha), ("threshold", self.threshold), ("fpr", self.fpr)):
             if not math.isfinite(v):
                 fail(f"{name} is not finite ({v})")
@@ -208,8 +214,9 @@ class DirectionFile:
                 created=meta["created"],
                 extra=json.loads(meta.get("extra", "{}")),
                 basis=tensors.get("basis"),
+                project_gate={"1": True, "0": False}[meta.get("project_gate", "1")],
             )
-        except (ValueError, TypeError, json.JSONDecodeError, IndexError) as e:
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError, IndexError) as e:
             raise DirectionFileError(path, f"malformed metadata: {e}") from None
         if recorded_shape != d.feature_shape:
             raise DirectionFileError(path, f"metadata feature_shape {recorded_shape} != tensor shape {d.feature_shape}")

@@ -9,7 +9,8 @@ Every repair mode is the same edit of the flattened features ``x`` (N, D):
 with, from the direction file (b = beta / |beta|, mu the clean mean):
 
     mode       V                            w       c                tau
-    project    b, or the rank-k basis       alpha   0                0          (remove the trigger component)
+    project    b, or the rank-k basis       alpha   0                0 or -inf  (remove the trigger component;
+                                                                                -inf: the file's project_gate off)
     gated      b                            0       alpha |beta|     threshold  (subtract where s > tau)
     subtract   b                            0       alpha |beta|     -inf       (subtract everywhere)
 
@@ -66,7 +67,7 @@ class RepairParams:
             v = (beta / norm)[None]
         k = len(v)
         if mode == "project":
-            w, c, tau = np.full(k, float(d.alpha)), np.zeros(k), 0.0
+            w, c, tau = np.full(k, float(d.alpha)), np.zeros(k), 0.0 if d.project_gate else -math.inf
         else:
             w, c = np.zeros(1), np.array([d.alpha * norm])
             tau = float(d.threshold) if mode == "gated" else -math.inf

@@ -169,3 +169,35 @@ def test_a_corner_patch_direction_transfers_across_placements_deep_in_the_networ
     stem, deep = (score_cut(SplitRunner(model, cut), data, augment="flips-shifts")[0] for cut in ("stem", "layer3"))
     assert deep.transfer > stem.transfer + 5, (stem, deep)
     assert 0 <= stem.transfer <= 100 and deep.gain >= 50
+
+
+def test_a_periodic_trigger_whose_views_cancel_in_the_mean_is_repaired_ungated():
+    """SIG (a sinusoid) mirrored and shifted is the same sinusoid out of phase: near the input the views'
+    shifts cancel in their mean, the first direction, so gating on it would skip the calibrated trigger's
+    own images. The estimate turns the gate off there, and the repair then removes the trigger; deeper, on
+    a corner patch, the views' shifts agree and the gate stays on."""
+    from calibration.augment import spatial_estimate
+    from calibration.calibrate import zoo_calibration_set
+    from calibration.factory import make_directions
+    from calibration.inprocess import SplitRunner
+    from fire_backend.names import PROJECT_ROOT
+    from zoo.attacks import attack_from_spec
+    from zoo.checkpoint import load_model
+
+    def estimate(name: str, cut: str):
+        model, meta = load_model(PROJECT_ROOT / "models" / name)
+        data = zoo_calibration_set(meta["dataset"], attack_from_spec(meta["attack"]), 50, 300, 0)
+        r = SplitRunner(model, cut)
+        e = spatial_estimate(lambda x: r.features(x).numpy(), data.triggered, data.originals, True, "flips-shifts")
+        return r, data, e, meta["attack"]["target"]
+
+    r, data, e, target = estimate("cifar10_resnet_sig", "stem")
+    assert e.project_gate is False and e.basis is not None
+    clean = r.features(data.clean)
+    triggered = r.features(data.triggered)
+    kept = {}
+    for gate in (True, False):
+        d = make_directions(e.beta, clean, layer="stem", basis=e.basis, project_gate=gate)
+        kept[gate] = (r.labels(triggered, Repair(d)) == target).mean()
+    assert kept[True] > 0.8 > 0.1 > kept[False]  # gated: the trigger still wins; ungated: removed
+    assert estimate("cifar10_resnet_badnets", "layer2")[2].project_gate is True

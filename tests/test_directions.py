@@ -37,6 +37,18 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "the atomic write leaves no temp file"
 
 
+def test_the_project_gate_round_trips_files_without_it_are_gated_and_a_forged_value_is_refused(tmp_path):
+    back = DirectionFile.load(make(project_gate=False).save(tmp_path / "off.safetensors"))
+    assert back.project_gate is False
+    good = make()
+    older = {k: v for k, v in good.metadata().items() if k not in ("project_gate", "metadata_sha256")}
+    _write_raw(tmp_path / "older.safetensors", good.tensors(), older)  # written before the field existed
+    assert DirectionFile.load(tmp_path / "older.safetensors").project_gate is True
+    _write_raw(tmp_path / "forged.safetensors", good.tensors(), {**older, "project_gate": "yes"})
+    with pytest.raises(DirectionFileError, match="malformed metadata"):
+        DirectionFile.load(tmp_path / "forged.safetensors")
+
+
 def _write_raw(path, tensors, metadata, resign: bool = True):
     """Write a crafted file; ``resign`` recomputes the metadata checksum, as a careful forger would."""
     from fire_backend.directions import metadata_sha256

@@ -21,13 +21,17 @@ from fire_backend.repair import (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+UNGATED = "project, ungated"  # mode project with the file's project_gate off
+
+
 def directions(beta, mu, mode="subtract", alpha=1.0, threshold=0.0) -> DirectionFile:
     return DirectionFile(
         beta=torch.tensor(beta, dtype=torch.float32),
         mu=torch.tensor(mu, dtype=torch.float32),
         threshold=threshold,
         layer="l",
-        mode=mode,
+        mode="project" if mode == UNGATED else mode,
+        project_gate=mode != UNGATED,
         alpha=alpha,
         head_sha256="0" * 64,
         estimator="paired",
@@ -122,12 +126,12 @@ def test_project_leaves_no_positive_trigger_component(x, beta, mu):
 def _rank2(mode: str, alpha: float) -> DirectionFile:
     """beta along e1 + e2 with a second basis row along e3 (orthonormal), in 4-D features."""
     d = directions([3.0, 4.0, 0.0, 0.0], [0.5, -0.5, 0.25, 0.0], mode, alpha, threshold=0.3)
-    if mode == "project":
+    if d.mode == "project":
         d.basis = torch.tensor([[0.6, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     return d
 
 
-@pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
+@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, "gated"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
 def test_exportable_graph_equals_the_inplace_repair(mode, alpha):
     """RepairGraph (out of place, traceable) and Repair (in place) are two forms of one formula."""
@@ -138,10 +142,11 @@ def test_exportable_graph_equals_the_inplace_repair(mode, alpha):
     assert torch.allclose(graph, inplace, atol=1e-5)
     traced = torch.jit.trace(RepairGraph(d), x[:2])  # what the ONNX exporter sees
     assert torch.allclose(traced(x), inplace, atol=1e-5)
-    if mode == "project":  # rank 2: the second direction is removed too, scaled by alpha, where s_1 > 0
+    if d.mode == "project":  # rank 2: the second direction is removed too, scaled by alpha, where s_1 > 0
         s = x @ torch.tensor([0.6, 0.8, 0.0, 0.0]) - (0.6 * 0.5 - 0.8 * 0.5)
-        moved = (s > 0) & (x[:, 2] != 0.25)
+        moved = (s > 0) | (mode == UNGATED)  # ungated: every sample
         assert torch.allclose(inplace[moved, 2], x[moved, 2] - alpha * (x[moved, 2] - 0.25), atol=1e-5)
+        assert torch.equal(inplace[~moved], x[~moved]) and (mode == UNGATED) == bool(moved.all())
 
 
 def test_the_formula_is_array_generic():
@@ -156,7 +161,7 @@ def test_the_formula_is_array_generic():
     np.testing.assert_allclose(out, repaired(x, t).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
+@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, "gated"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
 def test_the_numpy_serving_form_equals_the_torch_forms(mode, alpha):
     """The CPU repair model's NumPy form, in place and row by row, against torch in place and the graph."""
@@ -174,7 +179,7 @@ def test_the_numpy_serving_form_equals_the_torch_forms(mode, alpha):
         NumpyRepair(d)(np.full((1, 4), np.nan, np.float32))
 
 
-@pytest.mark.parametrize("mode", ["subtract", "project", "gated"])
+@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, "gated"])
 def test_the_folded_graph_with_parameter_inputs_equals_the_others(mode, tmp_path):
     """The folded model's graph takes the parameters as inputs, with a dynamic rank axis: the exported
     graph, fed a rank-2 file and then a rank-1 file, computes what the other forms compute, and its
