@@ -81,9 +81,9 @@ class CutScore:
     gain_kind: str
     cost_kind: str
     alpha: float = 1.0
-    transfer: float = 0.0  # the gain of a view-less direction on the held-out images moved (module docstring)
     repaired: np.ndarray | None = field(default=None, repr=False)  # held-out triggered images' labels after it
     unrepaired: np.ndarray | None = field(default=None, repr=False)  # and before any repair
+    transfer: float = 0.0  # the gain of a view-less direction on the held-out images moved (module docstring)
 
 
 def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +130,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
         one = Repair(make_directions(beta_1, clean[fit_c], layer=name, mode="project", alpha=alpha))
         transfer = [gain_of(runner.labels(f, one), b) for f, b in zip(moved, moved_base, strict=True)]
         scores.append(CutScore(name, tuple(clean.shape[1:]), gain_of(after_t, base_t), cost, gain_kind, cost_kind,
-                               alpha, float(np.mean(transfer)), after_t, base_t))  # fmt: skip
+                               alpha, after_t, base_t, float(np.mean(transfer))))  # fmt: skip
     return scores
 
 

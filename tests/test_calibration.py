@@ -146,7 +146,7 @@ def test_gain_ties_go_to_the_cut_whose_direction_transfers_across_placements():
     from calibration.cutsearch import CutScore, preference
 
     def candidate(cut, gain, transfer, cost=0.0, alpha=1.0):
-        return CutScore(cut, (1,), gain, cost, "PA", "CA drop", alpha, transfer)
+        return CutScore(cut, (1,), gain, cost, "PA", "CA drop", alpha, transfer=transfer)
 
     early, deep = candidate("early", 76.0, 16.0, cost=-0.2), candidate("deep", 76.0, 31.0)
     assert max([early, deep], key=preference).cut == "deep"  # a tie on gain: transfer before cost
