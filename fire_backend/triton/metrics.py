@@ -7,8 +7,9 @@ labelled with the repair model's name:
 - with detailed metrics only (parameter ``METRICS`` = ``detailed``; off by default because Triton's
   metrics port has no authentication, and per-sample scores tell a prober how close its trigger
   variant comes to the direction):
-  ``fire_repair_changed_samples_total``    samples the repair moved (project: s > 0; gated: s > tau;
-                                           subtract: every sample)
+  ``fire_repair_changed_samples_total``    samples the repair moved (project: s > 0, every sample when
+                                           the file's project_gate is off; gated: s > tau; subtract: every
+                                           sample)
   ``fire_projection_score_bucket{le=...}``, ``_count``, ``_sum``: the distribution of s(x) / |beta|
   per sample (clean inputs near 0, triggered ones near 1) in Prometheus' histogram layout: cumulative
   bucket counters, so ``histogram_quantile`` works on them
