@@ -41,7 +41,6 @@ from calibration.augment import spatial_estimate
 from calibration.calibrate import zoo_calibration_set
 from calibration.cutsearch import choose_cut
 from calibration.estimators import unpaired_reference
-from calibration.factory import make_directions
 from calibration.inprocess import SplitRunner
 from fire_backend.errors import MissingFileError
 from fire_backend.names import PROJECT_ROOT
@@ -120,7 +119,7 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
         else:
             ref, _ = unpaired_reference(r.labels(clean), r.labels(r.features(c.triggered)))
             e = spatial_estimate(feats, c.triggered, c.clean[ref], False, augment)
-        out[name] = Repair(make_directions(e.beta, clean, layer=layer, basis=e.basis, project_gate=e.project_gate))
+        out[name] = Repair(e.directions(clean, layer=layer))
     return out
 
 
@@ -133,9 +132,15 @@ def chosen_cut(m: _Model, augment: str = "flips-shifts") -> tuple[SplitRunner, R
     best, _ = choose_cut(lambda k: SplitRunner(m.model, k), cuts, c, augment=augment)
     r = SplitRunner(m.model, best.cut)
     e = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment)
-    d = make_directions(e.beta, r.features(c.clean), layer=best.cut, alpha=best.alpha, basis=e.basis,
-                        project_gate=e.project_gate)  # fmt: skip
-    return r, Repair(d)
+    return r, Repair(e.directions(r.features(c.clean), layer=best.cut, alpha=best.alpha))
+
+
+def _at(cache: dict, runner: SplitRunner, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """``images``' features at ``runner``'s cut and the unrepaired labels, computed once per cut."""
+    if runner not in cache:
+        f = runner.features(images)
+        cache[runner] = f, runner.labels(f)
+    return cache[runner]
 
 
 def _ms(runner: SplitRunner, images: np.ndarray, edit: Repair | None = None) -> float:
@@ -165,9 +170,10 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
         repairs = {d: (r, rep) for d, rep in fire_repairs(m, cfg.layer).items()}
         repairs[CHOSEN] = chosen_cut(m)
         ca = {"none": 100 * float((base_clean == m.test.labels).mean())}
+        clean_at = {r: (clean_f, base_clean)}
         for d, (rd, rep) in repairs.items():
-            f = clean_f if rd is r else rd.features(m.test.images)
-            ca[d] = 100 * float((rd.labels_after(f, rd.labels(f), rep) == m.test.labels).mean())
+            f, base = _at(clean_at, rd, m.test.images)
+            ca[d] = 100 * float((rd.labels_after(f, base, rep) == m.test.labels).mean())
         sub = np.random.default_rng(cfg.seed).permutation(len(m.x))[: cfg.baseline_limit]
         baselines = []
         if cfg.baselines:
@@ -195,9 +201,10 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
             served = xt[sub]  # the cost per request, on the baselines' images: head -> (repair) -> tail
             rows.append({**ident, "defense": "none", "CA": ca["none"], "ASR": asr0, "PA": pa0,
                          "ms_per_image": _ms(r, served), "images": len(xt)})  # fmt: skip
+            triggered_at = {r: (ft, base_t)}
             for d, (rd, rep) in repairs.items():
-                f, base = (ft, base_t) if rd is r else (rd.features(xt), None)
-                asr, pa = _metrics(rd.labels_after(f, rd.labels(f) if base is None else base, rep), m.true, m.wanted)
+                f, base = _at(triggered_at, rd, xt)
+                asr, pa = _metrics(rd.labels_after(f, base, rep), m.true, m.wanted)
                 rows.append({**ident, "defense": d, "CA": ca[d], "ASR": asr, "PA": pa, "cut": rd.layer,
                              "ms_per_image": _ms(rd, served, rep), "images": len(xt)})  # fmt: skip
             attacked = base_t[sub] == m.wanted[sub]

@@ -55,6 +55,12 @@ class SpatialEstimate:
     basis: np.ndarray | None  # (k, D) orthonormal span of the views' differences, None for one view
     project_gate: bool  # whether gating on the first direction still repairs every view's triggered images
 
+    def directions(self, clean, **settings):
+        """The direction file (``calibration.factory.make_directions``; ``settings``: its keyword arguments)."""
+        from calibration.factory import make_directions
+
+        return make_directions(self.beta, clean, basis=self.basis, project_gate=self.project_gate, **settings)
+
 
 def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np.ndarray, other: np.ndarray,
                      paired: bool, augment: str) -> SpatialEstimate:  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibration.augment import spatial_estimate
+from calibration.augment import SpatialEstimate, spatial_estimate
 from calibration.estimators import (
     mean_features,
     photometric_views,
@@ -206,10 +206,9 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
     clean_features = batched(features, data.clean)
     reference = {}
     augment = config.augment if config.mode == "project" else "none"  # a basis serves the project mode only
-    basis, gate, feats = None, True, lambda x: batched(features, x)  # noqa: E731
+    feats = lambda x: batched(features, x)  # noqa: E731
     if estimator == "paired":
         est = spatial_estimate(feats, data.triggered, data.originals, True, augment)
-        beta, basis, gate = est.beta, est.basis, est.project_gate
     elif estimator == "unpaired":
         mask = np.ones(len(data.clean), bool)
         if classify is not None:
@@ -218,13 +217,12 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
                                        "of": len(mask)}}  # fmt: skip
         if augment == "none":
             beta = unpaired_beta(features, data.clean[mask], data.triggered, config.views, config.seed)
+            est = SpatialEstimate(beta, None, True)
         else:
             est = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment)
-            beta, basis, gate = est.beta, est.basis, est.project_gate
     else:
         raise InvalidInputError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
-    return make_directions(
-        beta,
+    return est.directions(
         clean_features,
         layer=layer,
         mode=config.mode,
@@ -233,8 +231,6 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         estimator=estimator,
         head_sha256=producer_sha256,
         n_poisoned=len(data.triggered),
-        basis=basis,
-        project_gate=gate,
         extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference}},
     )
 

@@ -33,7 +33,6 @@ from tqdm import tqdm
 from calibration.augment import spatial_estimate, views
 from calibration.calibrate import CalibrationSet
 from calibration.estimators import unpaired_reference
-from calibration.factory import make_directions
 from fire_backend.errors import InvalidInputError
 from fire_backend.names import FEATURES
 from fire_backend.onnx_runtime import onnx_session
@@ -106,7 +105,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
         ref, _ = unpaired_reference(runner.labels(clean[fit_c]), runner.labels(trig[fit_t]))
         other = data.clean[fit_c][ref]
     est = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, augment)
-    beta_1 = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, "none").beta
+    one_view = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, "none")
     moved = [runner.features(view(data.triggered[held_t])) for view in views(TRANSFER_VIEWS)[1:]]
     moved_base = [runner.labels(f) for f in moved]
     base_c, base_t = runner.labels(clean[held_c]), runner.labels(trig[held_t])
@@ -117,9 +116,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
 
     scores = []
     for alpha in alphas:
-        d = make_directions(est.beta, clean[fit_c], layer=name, mode="project", alpha=alpha, basis=est.basis,
-                            project_gate=est.project_gate)  # fmt: skip
-        repair = Repair(d)
+        repair = Repair(est.directions(clean[fit_c], layer=name, mode="project", alpha=alpha))
         after_c, after_t = runner.labels(clean[held_c], repair), runner.labels(trig[held_t], repair)
         if data.clean_labels is not None:
             y = data.clean_labels[held_c]
@@ -127,7 +124,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
         else:
             cost, cost_kind = 100 * float((after_c != base_c).mean()), "clean predictions changed"
         gain_kind = "PA" if labels is not None else "triggered predictions moved"
-        one = Repair(make_directions(beta_1, clean[fit_c], layer=name, mode="project", alpha=alpha))
+        one = Repair(one_view.directions(clean[fit_c], layer=name, mode="project", alpha=alpha))
         transfer = [gain_of(runner.labels(f, one), b) for f, b in zip(moved, moved_base, strict=True)]
         scores.append(CutScore(name, tuple(clean.shape[1:]), gain_of(after_t, base_t), cost, gain_kind, cost_kind,
                                alpha, after_t, base_t, float(np.mean(transfer))))  # fmt: skip

@@ -214,9 +214,9 @@ class DirectionFile:
                 created=meta["created"],
                 extra=json.loads(meta.get("extra", "{}")),
                 basis=tensors.get("basis"),
-                project_gate={"1": True, "0": False}[meta.get("project_gate", "1")],
+                project_gate=_flag(meta.get("project_gate", "1"), "project_gate"),
             )
-        except (ValueError, TypeError, KeyError, json.JSONDecodeError, IndexError) as e:
+        except (ValueError, TypeError, json.JSONDecodeError, IndexError) as e:
             raise DirectionFileError(path, f"malformed metadata: {e}") from None
         if recorded_shape != d.feature_shape:
             raise DirectionFileError(path, f"metadata feature_shape {recorded_shape} != tensor shape {d.feature_shape}")
@@ -252,6 +252,12 @@ REQUIRED_METADATA = (
     "tensors_sha256",
     "metadata_sha256",
 )
+
+
+def _flag(value: str, name: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be '1' or '0', got {value!r}")
+    return value == "1"
 
 
 def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
