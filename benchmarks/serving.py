@@ -79,6 +79,7 @@ class ServingBenchConfig:
     modes: tuple[str, ...] = MODES  # the FIRE ensembles measured (one per repair mode)
     instance_counts: tuple[int, ...] = (1, 2)  # the scaling table: instances per step
     scaling_cells: tuple[tuple[int, int], ...] = ((8, 4), (32, 4))  # ... at these (batch, clients)
+    scaled: tuple[str, ...] = SCALED  # ... of these models
 
     @classmethod
     def quick(cls) -> ServingBenchConfig:
@@ -253,7 +254,7 @@ def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels
 
         url = (server.grpc_url if cfg.protocol == "grpc" else server.http_url).split("://")[-1]
         http = _http(server.http_url)
-        io = FireClient(server.grpc_url).io(served["whole"])  # the served models' input name
+        io = FireClient(server.grpc_url).io(next(iter(served.values())))  # the served models' input name (one for all)
         data = perf_analyzer.input_data(cfg.work_dir / "input_data.json", io.input, inputs)
         bar = tqdm(total=len(cells) * cfg.rounds * len(served), desc=f"serving bench, {settings.instances} instance(s)",
                    unit="run", disable=None)  # fmt: skip
@@ -403,14 +404,14 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], scaled: list[dict],
             "`--instances N` on every step but the repair, which keeps `--repair-instances 1`; "
             "images/s (p50 ms). One server per count.",
             "",
-            "| instances | batch, clients | " + " | ".join(SCALED) + " |",
-            "|---:|---|" + "---:|" * len(SCALED),
+            "| instances | batch, clients | " + " | ".join(cfg.scaled) + " |",
+            "|---:|---|" + "---:|" * len(cfg.scaled),
         ]
         sget = {(r["instances"], r["model"], r["batch"], r["concurrency"]): r for r in scaled}
         for n in cfg.instance_counts:
             for b, c in cfg.scaling_cells:
                 cells = " | ".join(f"{sget[(n, k, b, c)]['images_per_s']:.0f} ({sget[(n, k, b, c)]['p50_ms']:.2f})"
-                                   for k in SCALED)  # fmt: skip
+                                   for k in cfg.scaled)  # fmt: skip
                 lines.append(f"| {n} | {b}, {c} | {cells} |")
     lines += [
         "",
@@ -470,7 +471,7 @@ def scaling(cfg: ServingBenchConfig) -> list[dict]:
     rows = []
     for n in cfg.instance_counts:
         settings = dataclasses.replace(cfg.settings, instances=n, repair_instances=1)
-        rows += run(cfg, settings, labels=list(SCALED), cells=list(cfg.scaling_cells))
+        rows += run(cfg, settings, labels=list(cfg.scaled), cells=list(cfg.scaling_cells))
     return rows
 
 

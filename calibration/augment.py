@@ -80,12 +80,19 @@ def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np
     for view in views(augment):
         t, o = features(view(triggered)).astype(np.float64), features(view(other)).astype(np.float64)
         diffs.append(t - o if paired else (t.mean(0) - o.mean(0))[None])
-        scored.append(t.reshape(len(t), -1))
+        scored.append(t)
         if len(scored) == 1:
-            mu = o.reshape(len(o), -1).mean(0)  # the images as they are: the clean side's mean
+            mu = o.mean(0)  # the images as they are: the clean side's mean
     d = np.concatenate(diffs)
     beta = d.mean(0)
-    b = beta.reshape(-1) / np.linalg.norm(beta)
-    coverage = min(float(((t - mu) @ b > 0).mean()) for t in scored)
     basis = principal_basis(d, len(diffs)) if len(diffs) > 1 else None
-    return SpatialEstimate(beta.astype(np.float32), basis, basis is None or coverage >= GATE_COVERAGE)
+    return SpatialEstimate(beta.astype(np.float32), basis, basis is None or gate_holds(beta, mu, scored))
+
+
+def gate_holds(beta, mu, triggered_views) -> bool:
+    """Whether gating the project repair on ``beta`` (moving only samples past ``mu`` along it) still lets
+    through ``GATE_COVERAGE`` of every view's triggered features (``triggered_views``: (N, ...) each)."""
+    b = np.asarray(beta, np.float64).reshape(-1)
+    b, m = b / np.linalg.norm(b), np.asarray(mu, np.float64).reshape(-1)
+    cover = [float(((np.asarray(t, np.float64).reshape(len(t), -1) - m) @ b > 0).mean()) for t in triggered_views]
+    return min(cover) >= GATE_COVERAGE

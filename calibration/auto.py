@@ -145,7 +145,7 @@ def auto_calibrate(
         fc_v = torch.cat([runner.features(v(pair_clean)) for v in vs])
         fp_v = torch.cat([runner.features(v(pair_poisoned)) for v in vs])
         fold_v = np.tile(fold_of, len(vs))
-        runners[layer] = (runner, FitInputs(fc_v, fp_v, fk[fit_clean]))
+        runners[layer] = (runner, FitInputs(fc_v, fp_v, fk[fit_clean], len(vs)))
         held_k = fk[held_clean]
         base_k = runner.labels(held_k)
         base_acc = 100 * float((base_k == clean_labels[held_clean]).mean())
@@ -154,7 +154,7 @@ def auto_calibrate(
         for k in range(folds):
             held = fold_of == k
             fit_v = torch.from_numpy(fold_v != k)
-            inputs = FitInputs(fc_v[fit_v], fp_v[fit_v], fk[fit_clean])
+            inputs = FitInputs(fc_v[fit_v], fp_v[fit_v], fk[fit_clean], len(vs))
             cache: dict[tuple[str, int], DirectionFile] = {}
             for s in sums:
                 key = (s.mode, s.rank)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from calibration.augment import gate_holds
 from calibration.estimators import clean_threshold, paired_direction, principal_basis
 from fire_backend.directions import DirectionFile
 from fire_backend.repair import Repair
@@ -74,6 +75,7 @@ class FitInputs:
     pair_clean: torch.Tensor
     pair_poisoned: torch.Tensor
     clean: torch.Tensor  # for mu and the gated threshold
+    views: int = 1  # the pairs are this many equal blocks, one per spatial view (calibration.augment)
 
 
 def fit_directions(
@@ -91,11 +93,14 @@ def fit_directions(
     """The paired estimate (unless ``beta`` is given) at one layer, as a direction file."""
     if beta is None:
         beta = paired_direction(inputs.pair_clean, inputs.pair_poisoned)
-    basis = None
+    basis, gate = None, True
     if rank > 1:
         diffs = (_tensor(inputs.pair_poisoned).double() - _tensor(inputs.pair_clean).double()).numpy()
         basis = principal_basis(diffs, rank)
+        per_view = np.split(_tensor(inputs.pair_poisoned).numpy(), inputs.views) if inputs.views > 1 else []
+        gate = not per_view or gate_holds(_tensor(beta).numpy(), _tensor(inputs.clean).double().mean(0).numpy(),
+                                          per_view)  # fmt: skip
     return make_directions(
         beta, inputs.clean, layer=layer, mode=mode, alpha=alpha, fpr=fpr, estimator=estimator,
-        head_sha256=head_sha256, n_poisoned=len(inputs.pair_poisoned), basis=basis, extra=extra,
+        head_sha256=head_sha256, n_poisoned=len(inputs.pair_poisoned), basis=basis, project_gate=gate, extra=extra,
     )  # fmt: skip

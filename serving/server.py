@@ -65,6 +65,9 @@ STUB_SHM_BYTES = 16 << 20  # per-stub shared memory: a batch-64 activation fits 
 STUB_NUMPY_BELOW = 2  # the 2.51 stubs need numpy < 2 (with 2.x, as_numpy of small tensors read wrong values)
 
 
+CRASHED_GRACE_S = 5.0  # the clean-unload wait when stopping a server one of whose stubs died
+
+
 class ServerError(FireError):
     """The server could not be found, started, or made ready; ``details`` holds its log's tail."""
 
@@ -298,7 +301,8 @@ class TritonServer:
             if self.config.watchdog:
                 if self.config.model_control != "explicit":
                     raise ServerError("the stub watchdog reloads models: it needs model_control='explicit'")
-                self.watchdog = StubWatchdog(self.process.pid, self.http_url, self.admin_key).__enter__()
+                models = self.python_models()  # a stub that died before the watchdog's first look is still seen
+                self.watchdog = StubWatchdog(self.process.pid, self.http_url, self.admin_key, models).__enter__()
         except BaseException:
             self.stop()
             raise
@@ -327,6 +331,19 @@ class TritonServer:
             raise ServerError(f"the server on {self.http_url} refused its own admin key (HTTP {status}): is another "
                               "server answering on that port?")  # fmt: skip
         return {m["name"]: m for m in index}
+
+    def python_models(self) -> set[str]:
+        """The loaded models that run on the Python backend (as the server parsed their configs): each has at
+        least one stub process while it is loaded."""
+        names = set()
+        for name, m in self.model_states().items():
+            if m.get("state") != "READY":
+                continue
+            status, body = http_request(self.http_url, f"/v2/models/{name}/config", "GET", self.headers("http"), 5)
+            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                if status == 200 and json.loads(body).get("backend") == "python":
+                    names.add(name)
+        return names
 
     def _check_ports_free(self) -> None:
         c = self.config
@@ -381,9 +398,13 @@ class TritonServer:
         return sorted(p.name for p in shm.iterdir() if p.name.startswith(self.shm_prefix)) if shm.is_dir() else []
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM, wait for a clean unload, then SIGKILL whatever is left of the process group."""
+        """SIGTERM, wait for a clean unload, then SIGKILL whatever is left of the process group. After a stub
+        crash the grace is ``CRASHED_GRACE_S``: an instance whose stub died never finishes unloading (2.51),
+        and the server would wait its whole exit timeout for it."""
         if self.watchdog is not None:  # first: stubs exiting at shutdown are no crash
             self.watchdog.__exit__(None, None, None)
+            if self.watchdog.recoveries:
+                timeout = min(timeout, CRASHED_GRACE_S)
             self.watchdog = None
         proc = self.process
         if proc is None:

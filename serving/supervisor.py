@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.procfs import stubs
-from serving.server import ServerConfig, ServerError, TritonServer
+from serving.server import CRASHED_GRACE_S, ServerConfig, ServerError, TritonServer
 
 
 @dataclass
@@ -31,14 +32,27 @@ class Supervisor:
     restarts: list[float] = field(default_factory=list)
     server: TritonServer | None = None
 
-    def _why_restart(self, server: TritonServer, expected_stubs: int) -> str | None:
+    def expected_stubs(self, server: TritonServer) -> Counter[str]:
+        """Stubs per model the running server must keep: as many as are alive now, and at least one for every
+        loaded Python-backend model (so a stub that dies before this first look is missed all the same)."""
+        expected = Counter(stubs(server.process.pid).values())
+        try:
+            python = server.python_models()
+        except (ServerError, OSError, ValueError):  # the server went meanwhile: the first poll sees it exit
+            python = set()
+        for name in python:
+            expected[name] = max(expected[name], 1)
+        return expected
+
+    def _why_restart(self, server: TritonServer, expected: Counter[str]) -> str | None:
         code = server.process.poll()
         if code is not None:
             return f"tritonserver exited with code {code}"
         if self.config.model_control == "none":
-            alive = len(stubs(server.process.pid))
-            if alive < expected_stubs:
-                return f"{expected_stubs - alive} Python-backend stub(s) died"
+            alive = Counter(stubs(server.process.pid).values())
+            lost = {m: n - alive[m] for m, n in expected.items() if alive[m] < n}
+            if lost:
+                return f"{sum(lost.values())} Python-backend stub(s) died ({', '.join(sorted(lost))})"
         return None
 
     def delay(self) -> float:
@@ -72,7 +86,7 @@ class Supervisor:
             while server is not None:
                 if ready:
                     ready(server)
-                expected = len(stubs(server.process.pid))
+                expected = self.expected_stubs(server) if self.config.model_control == "none" else Counter()
                 why = None
                 while why is None and not stop.wait(self.poll_s):
                     why = self._why_restart(server, expected)
@@ -80,7 +94,7 @@ class Supervisor:
                     return 0
                 self._note_restart()
                 self.report(f"{why}; log: {server.log_path}\n{server.log_tail(15)}")
-                server.close(timeout=5.0)  # a crashed server: no clean unload to wait for (a dead stub stalls it)
+                server.close(timeout=CRASHED_GRACE_S)  # a crashed server: no clean unload to wait for
                 self.server = None
                 wait = self.delay()
                 self.report(f"restarting tritonserver in {wait:.0f} s (restart {len(self.restarts)} within "

@@ -30,6 +30,7 @@ class StubWatchdog:
     server_pid: int
     http_url: str
     admin_key: str
+    models: set[str] = field(default_factory=set)  # models to keep up even if no stub of theirs is seen alive
     interval_s: float = 0.25
     recoveries: list[Recovery] = field(default_factory=list)
 
@@ -38,12 +39,10 @@ class StubWatchdog:
         self._thread = threading.Thread(target=self._run, name="fire-stub-watchdog", daemon=True)
 
     def _run(self) -> None:
-        known = stubs(self.server_pid)
+        known = self.models | set(stubs(self.server_pid).values())
         while not self._stop.wait(self.interval_s):
-            current = stubs(self.server_pid)
-            alive_models = set(current.values())
-            lost = {m for pid, m in known.items() if pid not in current and m not in alive_models}
-            for model in sorted(lost):
+            alive = set(stubs(self.server_pid).values())
+            for model in sorted(known - alive):
                 r = Recovery(model, time.time())
                 self.recoveries.append(r)
                 try:
@@ -51,7 +50,8 @@ class StubWatchdog:
                     r.recovered_at = time.time()
                 except (ControlError, OSError) as e:
                     r.error = str(e)
-            known = stubs(self.server_pid) if lost else current
+                    known.discard(model)  # not retried until a stub of it is seen again
+            known |= set(stubs(self.server_pid).values())
 
     def __enter__(self) -> StubWatchdog:
         self._thread.start()

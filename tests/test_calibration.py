@@ -176,9 +176,9 @@ def test_a_periodic_trigger_whose_views_cancel_in_the_mean_is_repaired_ungated()
     shifts cancel in their mean, the first direction, so gating on it would skip the calibrated trigger's
     own images. The estimate turns the gate off there, and the repair then removes the trigger; deeper, on
     a corner patch, the views' shifts agree and the gate stays on."""
-    from calibration.augment import spatial_estimate
+    from calibration.augment import spatial_estimate, views
     from calibration.calibrate import zoo_calibration_set
-    from calibration.factory import make_directions
+    from calibration.factory import FitInputs, fit_directions, make_directions
     from calibration.inprocess import SplitRunner
     from fire_backend.names import PROJECT_ROOT
     from zoo.attacks import attack_from_spec
@@ -200,4 +200,7 @@ def test_a_periodic_trigger_whose_views_cancel_in_the_mean_is_repaired_ungated()
         d = make_directions(e.beta, clean, layer="stem", basis=e.basis, project_gate=gate)
         kept[gate] = (r.labels(triggered, Repair(d)) == target).mean()
     assert kept[True] > 0.8 > 0.1 > kept[False]  # gated: the trigger still wins; ungated: removed
+    vs = views("flips-shifts")  # fire calibrate --auto fits on the same views and makes the same check
+    stacked = [torch.cat([r.features(v(x)) for v in vs]) for x in (data.originals, data.triggered)]
+    assert fit_directions(FitInputs(*stacked, clean, len(vs)), "stem", rank=len(vs)).project_gate is False
     assert estimate("cifar10_resnet_badnets", "layer2")[2].project_gate is True

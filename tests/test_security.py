@@ -364,6 +364,27 @@ def test_fire_serve_restarts_a_killed_server_and_a_killed_stub(artifacts, tmp_pa
         proc.wait(60)
 
 
+def test_a_stub_that_dies_before_the_supervisor_looks_is_still_seen(artifacts, tmp_path):
+    """The supervisor learns which stubs to keep from the server's parsed configs, not only from the stubs it
+    sees: a repair stub killed right after the server turned ready (before any count) still restarts it."""
+    from serving.supervisor import Supervisor
+
+    a = artifacts["cifar10"]
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    config = ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)
+    with TritonServer(config) as server:
+        victim = next(p for p, m in stubs(server.process.pid).items() if m == "cifar10_fire")
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 10
+        while victim in stubs(server.process.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        supervisor = Supervisor(config)
+        expected = supervisor.expected_stubs(server)
+        assert expected["cifar10_fire"] == 1
+        assert "cifar10_fire" in (supervisor._why_restart(server, expected) or "")
+
+
 def test_fire_serve_refuses_plaintext_on_a_public_address(repository):
     done = subprocess.run([shutil.which("fire"), "serve", "--repo", str(repository), "--host", "0.0.0.0"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
