@@ -46,20 +46,23 @@ def views(name: str) -> list[View]:
     return AUGMENTS[name]
 
 
-GATE_COVERAGE = 0.9  # the least share of every view's triggered images the project gate must let through
-
-
 @dataclass(frozen=True)
 class SpatialEstimate:
     beta: np.ndarray  # the mean difference (the first direction)
     basis: np.ndarray | None  # (k, D) orthonormal span of the views' differences, None for one view
-    project_gate: bool  # whether gating on the first direction still repairs every view's triggered images
+    along: tuple[np.ndarray, ...] = ()  # each view's triggered features projected on basis[0], the gate's direction
 
     def directions(self, clean, **settings):
-        """The direction file (``calibration.factory.make_directions``; ``settings``: its keyword arguments)."""
+        """The direction file (``calibration.factory.make_directions``; ``settings``: its keyword arguments),
+        its ``project_gate`` checked against its own mu (``estimators.gate_holds``)."""
+        from calibration.estimators import covers
         from calibration.factory import make_directions
 
-        return make_directions(self.beta, clean, basis=self.basis, project_gate=self.project_gate, **settings)
+        d = make_directions(self.beta, clean, basis=self.basis, **settings)
+        if self.basis is not None:
+            b = np.asarray(self.basis[0], np.float64).reshape(-1)
+            d.project_gate = covers(self.along, float(np.asarray(d.mu, np.float64).reshape(-1) @ b))
+        return d
 
 
 def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np.ndarray, other: np.ndarray,
@@ -72,27 +75,20 @@ def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np
 
     The project repair moves only samples past the clean mean along the first direction. When the views'
     shifts do not all point that way (a periodic pattern mirrored or shifted is the same pattern out of
-    phase: the shifts cancel in the mean), that gate would skip a view's triggered images; then, if fewer
-    than ``GATE_COVERAGE`` of some view's triggered images pass it, the repair is not gated."""
+    phase: the shifts cancel in the mean), that gate would skip a view's triggered images; so the file
+    ``directions`` writes is not gated when fewer than ``estimators.GATE_COVERAGE`` of some view's
+    triggered images pass it (``estimators.gate_holds``)."""
     from calibration.estimators import principal_basis
 
-    diffs, scored = [], []
+    diffs, triggered_views = [], []
     for view in views(augment):
         t, o = features(view(triggered)).astype(np.float64), features(view(other)).astype(np.float64)
         diffs.append(t - o if paired else (t.mean(0) - o.mean(0))[None])
-        scored.append(t)
-        if len(scored) == 1:
-            mu = o.mean(0)  # the images as they are: the clean side's mean
+        triggered_views.append(t.reshape(len(t), -1))
     d = np.concatenate(diffs)
-    beta = d.mean(0)
-    basis = principal_basis(d, len(diffs)) if len(diffs) > 1 else None
-    return SpatialEstimate(beta.astype(np.float32), basis, basis is None or gate_holds(beta, mu, scored))
-
-
-def gate_holds(beta, mu, triggered_views) -> bool:
-    """Whether gating the project repair on ``beta`` (moving only samples past ``mu`` along it) still lets
-    through ``GATE_COVERAGE`` of every view's triggered features (``triggered_views``: (N, ...) each)."""
-    b = np.asarray(beta, np.float64).reshape(-1)
-    b, m = b / np.linalg.norm(b), np.asarray(mu, np.float64).reshape(-1)
-    cover = [float(((np.asarray(t, np.float64).reshape(len(t), -1) - m) @ b > 0).mean()) for t in triggered_views]
-    return min(cover) >= GATE_COVERAGE
+    beta = d.mean(0).astype(np.float32)
+    if len(diffs) == 1:
+        return SpatialEstimate(beta, None)
+    basis = principal_basis(d, len(diffs))
+    b = np.asarray(basis[0], np.float64).reshape(-1)
+    return SpatialEstimate(beta, basis, tuple(t @ b for t in triggered_views))

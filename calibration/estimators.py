@@ -145,3 +145,20 @@ def principal_basis(differences, rank: int) -> np.ndarray:
         if len(rows) == rank:
             break
     return np.stack(rows).astype(np.float32)
+
+
+GATE_COVERAGE = 0.9  # the least share of every view's (or class's) triggered samples the project gate must pass
+
+
+def covers(along, mu_along: float) -> bool:
+    """Whether at least ``GATE_COVERAGE`` of every view's projections ``along`` lie past ``mu_along``."""
+    return all(len(a) and float((np.asarray(a) > mu_along).mean()) >= GATE_COVERAGE for a in along)
+
+
+def gate_holds(direction, mu, triggered_views) -> bool:
+    """Whether gating a project repair on ``direction`` (it moves only samples past ``mu`` along it: the
+    file's ``basis[0]`` and ``mu``) still lets through ``GATE_COVERAGE`` of every view's (or class's)
+    triggered features (``triggered_views``: (N, ...) arrays)."""
+    b = np.asarray(direction, np.float64).reshape(-1)
+    flat = [np.asarray(t, np.float64).reshape(len(t), -1) for t in triggered_views]
+    return covers([t @ b for t in flat], float(np.asarray(mu, np.float64).reshape(-1) @ b))

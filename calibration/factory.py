@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from calibration.augment import gate_holds
-from calibration.estimators import clean_threshold, paired_direction, principal_basis
+from calibration.estimators import clean_threshold, gate_holds, paired_direction, principal_basis
 from fire_backend.directions import DirectionFile
+from fire_backend.errors import InvalidInputError
 from fire_backend.repair import Repair
 
 
@@ -93,14 +93,18 @@ def fit_directions(
     """The paired estimate (unless ``beta`` is given) at one layer, as a direction file."""
     if beta is None:
         beta = paired_direction(inputs.pair_clean, inputs.pair_poisoned)
-    basis, gate = None, True
+    basis = None
     if rank > 1:
         diffs = (_tensor(inputs.pair_poisoned).double() - _tensor(inputs.pair_clean).double()).numpy()
         basis = principal_basis(diffs, rank)
-        per_view = np.split(_tensor(inputs.pair_poisoned).numpy(), inputs.views) if inputs.views > 1 else []
-        gate = not per_view or gate_holds(_tensor(beta).numpy(), _tensor(inputs.clean).double().mean(0).numpy(),
-                                          per_view)  # fmt: skip
-    return make_directions(
+    d = make_directions(
         beta, inputs.clean, layer=layer, mode=mode, alpha=alpha, fpr=fpr, estimator=estimator,
-        head_sha256=head_sha256, n_poisoned=len(inputs.pair_poisoned), basis=basis, project_gate=gate, extra=extra,
+        head_sha256=head_sha256, n_poisoned=len(inputs.pair_poisoned), basis=basis, extra=extra,
     )  # fmt: skip
+    if basis is not None and inputs.views > 1:
+        n = len(inputs.pair_poisoned)
+        if n % inputs.views:
+            raise InvalidInputError(f"{n} triggered samples do not split into {inputs.views} equal views")
+        per_view = np.split(_tensor(inputs.pair_poisoned).numpy(), inputs.views)
+        d.project_gate = gate_holds(d.basis[0], d.mu, per_view)
+    return d

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from calibration.augment import gate_holds
+from calibration.estimators import gate_holds
 from calibration.factory import make_directions
 from fire_backend.directions import DirectionFile
 from fire_backend.formula import NumpyRepair
@@ -258,15 +258,16 @@ def _combined(passing: list[Proposal], stats, clean_features, clean_predicted, c
     provenance = {"traffic": {"targets": targets, "score": first.score, "samples": stats.total}}
 
     # the repair is gated on the first class's direction: if another class's flagged samples do not lie past
-    # the clean mean along it, it must repair every sample (calibration.augment.gate_holds)
+    # the clean mean along it, it must repair every sample (calibration.estimators.gate_holds)
     flagged = [q.held[q.target][0] for q in passing]
 
     def combine(files: list[DirectionFile]) -> DirectionFile:
         basis = _basis(files).reshape(len(files), *shape)
-        gate = gate_holds(files[0].beta, clean_features.reshape(len(clean_features), -1).mean(0), flagged)
-        return make_directions(files[0].beta, clean_features, layer=layer, mode="project", estimator="traffic",
-                               head_sha256=head_sha256, n_poisoned=sum(d.n_poisoned for d in files), basis=basis,
-                               project_gate=gate, extra=provenance)  # fmt: skip
+        d = make_directions(files[0].beta, clean_features, layer=layer, mode="project", estimator="traffic",
+                            head_sha256=head_sha256, n_poisoned=sum(d.n_poisoned for d in files), basis=basis,
+                            extra=provenance)  # fmt: skip
+        d.project_gate = gate_holds(d.basis[0], d.mu, flagged)
+        return d
 
     p = Proposal(True, first.target, first.score, first.next_score, first.classes, examined=first.examined,
                  flagged_share=first.flagged_share, targets=targets)  # fmt: skip

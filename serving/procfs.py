@@ -39,10 +39,10 @@ def group_pids(pgid: int) -> list[int]:
     return [p.pid for p in processes() if p.pgid == pgid]
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every live process below it."""
+def descendants(pid: int, procs: list[Process] | None = None) -> list[int]:
+    """``pid`` and every live process below it (``procs``: a scan already made)."""
     children: dict[int, list[int]] = {}
-    for p in processes():
+    for p in processes() if procs is None else procs:
         children.setdefault(p.ppid, []).append(p.pid)
     out, todo = [], [pid]
     while todo:
@@ -53,11 +53,14 @@ def descendants(pid: int) -> list[int]:
 
 
 def stubs(server_pid: int) -> dict[int, str]:
-    """Live Python-backend stubs of a server: pid -> model name (from the stub's model path argument)."""
+    """Live Python-backend stubs below a server: pid -> model name (from the stub's model path argument,
+    ``<repository>/<model>/<version>/model.py``)."""
+    procs = processes()
+    below = set(descendants(server_pid, procs)) - {server_pid}
     return {
-        p.pid: Path(p.argv[1].decode()).parent.parent.name
-        for p in processes()
-        if p.ppid == server_pid and p.argv and p.argv[0].endswith(STUB_BINARY) and len(p.argv) > 1
+        p.pid: Path(p.argv[1].decode(errors="replace")).parent.parent.name
+        for p in procs
+        if p.pid in below and p.argv and p.argv[0].endswith(STUB_BINARY) and len(p.argv) > 1
     }
 
 

@@ -24,6 +24,7 @@ Hardening (see the README's "Security model"):
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
 import json
 import os
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,7 +303,7 @@ class TritonServer:
             if self.config.watchdog:
                 if self.config.model_control != "explicit":
                     raise ServerError("the stub watchdog reloads models: it needs model_control='explicit'")
-                models = self.python_models()  # a stub that died before the watchdog's first look is still seen
+                models = set(self.python_stub_counts())  # a stub that died before its first look is seen too
                 self.watchdog = StubWatchdog(self.process.pid, self.http_url, self.admin_key, models).__enter__()
         except BaseException:
             self.stop()
@@ -332,18 +334,30 @@ class TritonServer:
                               "server answering on that port?")  # fmt: skip
         return {m["name"]: m for m in index}
 
-    def python_models(self) -> set[str]:
-        """The loaded models that run on the Python backend (as the server parsed their configs): each has at
-        least one stub process while it is loaded."""
-        names = set()
-        for name, m in self.model_states().items():
-            if m.get("state") != "READY":
-                continue
-            status, body = http_request(self.http_url, f"/v2/models/{name}/config", "GET", self.headers("http"), 5)
-            with contextlib.suppress(json.JSONDecodeError, AttributeError):
-                if status == 200 and json.loads(body).get("backend") == "python":
-                    names.add(name)
-        return names
+    def python_stub_counts(self, deadline_s: float = 10.0) -> dict[str, int]:
+        """Loaded Python-backend model -> the stub processes its instances run, as the server parsed its
+        config (one per instance: ``count``, times the GPUs listed for KIND_GPU). Raises ServerError when
+        the server does not answer within ``deadline_s`` in all."""
+        deadline = time.monotonic() + deadline_s
+        try:
+            states = self.model_states()
+            counts = {}
+            for name, m in states.items():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no answer within {deadline_s:.0f} s")
+                if m.get("state") != "READY":
+                    continue
+                path = f"/v2/models/{urllib.parse.quote(name, safe='')}/config"
+                status, body = http_request(self.http_url, path, "GET", self.headers("http"), min(5.0, left))
+                config = json.loads(body) if status == 200 else {}
+                if isinstance(config, dict) and config.get("backend") == "python":
+                    groups = config.get("instance_group") or [{}]
+                    counts[name] = sum(max(1, int(g.get("count", 1))) * (max(1, len(g.get("gpus") or []))
+                                       if g.get("kind") == "KIND_GPU" else 1) for g in groups)  # fmt: skip
+            return counts
+        except (OSError, ValueError, TypeError, AttributeError, http.client.HTTPException) as e:
+            raise ServerError(f"reading the models' configs from {self.http_url} failed: {e}") from None
 
     def _check_ports_free(self) -> None:
         c = self.config

@@ -31,18 +31,27 @@ class Supervisor:
     report: Callable[[str], None] = print
     restarts: list[float] = field(default_factory=list)
     server: TritonServer | None = None
+    # the models found short of their configured stubs at the last start (``expected_stubs``)
+    _short: set[str] = field(default_factory=set, init=False, repr=False)
 
     def expected_stubs(self, server: TritonServer) -> Counter[str]:
-        """Stubs per model the running server must keep: as many as are alive now, and at least one for every
-        loaded Python-backend model (so a stub that dies before this first look is missed all the same)."""
-        expected = Counter(stubs(server.process.pid).values())
+        """Stubs per model the running server must keep: as many as its parsed configs say (one per instance
+        of a Python-backend model), so one that died before this first look is caught all the same, and at
+        least as many as are alive now. A model found short at two starts in a row is held to what runs
+        (the configs and the processes disagree: a restart would not mend it), and that is reported."""
+        seen = Counter(stubs(server.process.pid).values())
         try:
-            python = server.python_models()
-        except (ServerError, OSError, ValueError):  # the server went meanwhile: the first poll sees it exit
-            python = set()
-        for name in python:
-            expected[name] = max(expected[name], 1)
-        return expected
+            configured = server.python_stub_counts()
+        except ServerError as e:  # the server went meanwhile (the first poll sees it exit), or does not answer
+            self.report(f"watching the {sum(seen.values())} stub(s) seen: {e}")
+            configured = {}
+        short = {m for m, n in configured.items() if seen[m] < n}
+        for m in sorted(short & self._short):
+            self.report(f"{m}: {seen[m]} stub(s) at two starts in a row, its config says {configured[m]}: "
+                        f"keeping {seen[m]}")  # fmt: skip
+            configured[m] = seen[m]
+        self._short = short
+        return Counter({m: max(seen[m], configured.get(m, 0)) for m in set(seen) | set(configured)})
 
     def _why_restart(self, server: TritonServer, expected: Counter[str]) -> str | None:
         code = server.process.poll()

@@ -41,8 +41,8 @@ class StubWatchdog:
     def _run(self) -> None:
         known = self.models | set(stubs(self.server_pid).values())
         while not self._stop.wait(self.interval_s):
-            alive = set(stubs(self.server_pid).values())
-            for model in sorted(known - alive):
+            lost = sorted(known - set(stubs(self.server_pid).values()))
+            for model in lost:
                 r = Recovery(model, time.time())
                 self.recoveries.append(r)
                 try:
@@ -50,8 +50,9 @@ class StubWatchdog:
                     r.recovered_at = time.time()
                 except (ControlError, OSError) as e:
                     r.error = str(e)
-                    known.discard(model)  # not retried until a stub of it is seen again
-            known |= set(stubs(self.server_pid).values())
+            alive = set(stubs(self.server_pid).values())
+            known.difference_update(m for m in lost if m not in alive)  # not retried until a stub of it is seen
+            known |= alive
 
     def __enter__(self) -> StubWatchdog:
         self._thread.start()
