@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="the dry run: CPU profile and gpu_torch on CPU instances")
     p.add_argument("--out", type=Path, default=None, help="where gpu_check.json/.md go (default: results/)")
     a = p.parse_args(argv)
-    cfg = GpuCheckConfig(latency_rounds=50) if a.cpu else GpuCheckConfig()  # the dry run times less
+    cfg = GpuCheckConfig(latency_rounds=20) if a.cpu else GpuCheckConfig()  # the dry run times less
     if a.step == "prepare":
         s = prepare(cfg)
         print(f"prepared {cfg.work}: {s['carried'] / 2**20:.1f} MiB carried + {s['working_tree'] / 2**20:.1f} MiB "

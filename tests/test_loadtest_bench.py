@@ -49,7 +49,7 @@ def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
         batch_sizes=(4,),
         concurrency=(2,),
         window_s=0.3,
-        window_requests=20,  # count windows, as the 224x224 run measures
+        window_requests=10,  # count windows, as the 224x224 run measures
         rounds=1,
         stability=60,
         instance_counts=(2,),  # one more server: 2 instances per step
