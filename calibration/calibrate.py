@@ -217,7 +217,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
                                        "of": len(mask)}}  # fmt: skip
         if augment == "none":
             beta = unpaired_beta(features, data.clean[mask], data.triggered, config.views, config.seed)
-            est = SpatialEstimate(beta, None, True)
+            est = SpatialEstimate(beta, None)
         else:
             est = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment)
     else:

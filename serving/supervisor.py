@@ -57,7 +57,7 @@ class Supervisor:
         code = server.process.poll()
         if code is not None:
             return f"tritonserver exited with code {code}"
-        if self.config.model_control == "none":
+        if expected:  # empty with model control: the watchdog reloads instead
             alive = Counter(stubs(server.process.pid).values())
             lost = {m: n - alive[m] for m, n in expected.items() if alive[m] < n}
             if lost:
