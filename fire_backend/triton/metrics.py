@@ -21,7 +21,9 @@ labelled with the repair model's name:
 
 Every metric call from a Python-backend stub is a round trip to the server (~0.1 ms measured here), so
 nothing is sent per request: counts accumulate in the stub and a background thread flushes them every
-``interval`` seconds (parameter ``METRICS_INTERVAL_S``, default 1), ~17 calls per flush.
+``interval`` seconds (parameter ``METRICS_INTERVAL_S``, default 1), ~17 calls per flush. A flush
+publishes the totals last, so a scrape showing N samples in ``fire_repair_samples_total`` also shows
+their scores and changed counts.
 """
 
 from __future__ import annotations
@@ -127,15 +129,16 @@ class RepairMetrics(PeriodicFlush):
             p, self._pending = self._pending, self._zero()
         if not (p["samples"] or p["rejected"]):
             return
-        counts = [(self.samples, p["samples"]), (self.rejected, p["rejected"])]
-        if self.detailed:
-            counts.append((self.changed, p["changed"]))
-        for metric, value in counts:
-            if value:
-                metric.increment(float(value))
+        # the details first, the totals last: a scrape that sees a flush's samples in
+        # fire_repair_samples_total also sees its scores (each call is its own round trip)
         if p["samples"] and self.detailed:
             for metric, value in zip(self.buckets, np.cumsum(p["hist"]).tolist(), strict=True):
                 if value:
                     metric.increment(float(value))
-            self.count.increment(float(p["samples"]))
             self.sum.increment(p["sum"])
+            self.count.increment(float(p["samples"]))
+            if p["changed"]:
+                self.changed.increment(float(p["changed"]))
+        for metric, value in ((self.rejected, p["rejected"]), (self.samples, p["samples"])):
+            if value:
+                metric.increment(float(value))

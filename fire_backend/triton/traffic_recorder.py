@@ -89,7 +89,7 @@ class TrafficRecorder(PeriodicFlush):
             self.stats.save(self.path)
             pending, self._pending, self._dirty = self._pending, 0, False
             counts = self.stats.counts.copy()
-        if pending:
-            self._metric.increment(float(pending))
         for metric, n in zip(self._per_class, counts, strict=False):
             metric.set(float(n))
+        if pending:  # the total last: a scrape that sees it sees the per-class counts behind it
+            self._metric.increment(float(pending))
