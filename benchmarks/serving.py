@@ -246,6 +246,8 @@ def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels
         grpc_port=0,
         metrics_port=0,
         model_config_name=None if cfg.profile == "cpu" else cfg.profile,
+        model_control="explicit",  # only the measured models (and their steps): a scaling run starts in seconds
+        load_models=list(served.values()),
     )
     perf_analyzer.version()  # installed and starts, before the server does
     rows = []
@@ -275,6 +277,7 @@ def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels
                     bar.update()
             rows += [_row(label, b, c, settings, runs[label], step_stats) for label in served]
         bar.close()
+        http.close()  # an open keep-alive connection holds the server's shutdown for its whole 30 s exit timeout
     return rows
 
 
