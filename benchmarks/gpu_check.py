@@ -152,7 +152,7 @@ def build_bundle(dest: Path, python: str, numpy_version: str) -> Path:
                         ignore=shutil.ignore_patterns("__pycache__", "http"))  # fmt: skip
         shutil.copy2(server_guard.library(), stage / "libfire_server_guard.so")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(dest, "w:xz", preset=3) as tar:  # 6 packs 10 % smaller in twice the time
+        with tarfile.open(dest, "w:xz", preset=2) as tar:  # 161 MiB: 2 packs 37.9 MiB in 29 s, 3 37.2 in 48 s
             tar.add(stage, arcname="bundle")
     return dest
 
