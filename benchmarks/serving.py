@@ -21,6 +21,7 @@ writes results/serving.csv, results/serving.md and results/serving.png.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import shutil
@@ -251,11 +252,13 @@ def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels
     )
     perf_analyzer.version()  # installed and starts, before the server does
     rows = []
-    with TritonServer(server_cfg) as server:
+    with TritonServer(server_cfg) as server, contextlib.ExitStack() as stack:
         from clients import FireClient
 
         url = (server.grpc_url if cfg.protocol == "grpc" else server.http_url).split("://")[-1]
-        http = _http(server.http_url)
+        # closed before the server stops: an open keep-alive connection holds tritonserver's shutdown for its
+        # whole 30 s exit timeout
+        http = stack.enter_context(contextlib.closing(_http(server.http_url)))
         io = FireClient(server.grpc_url).io(next(iter(served.values())))  # the served models' input name (one for all)
         data = perf_analyzer.input_data(cfg.work_dir / "input_data.json", io.input, inputs)
         bar = tqdm(total=len(cells) * cfg.rounds * len(served), desc=f"serving bench, {settings.instances} instance(s)",
@@ -277,7 +280,6 @@ def run(cfg: ServingBenchConfig, settings: ServingSettings | None = None, labels
                     bar.update()
             rows += [_row(label, b, c, settings, runs[label], step_stats) for label in served]
         bar.close()
-        http.close()  # an open keep-alive connection holds the server's shutdown for its whole 30 s exit timeout
     return rows
 
 

@@ -78,17 +78,29 @@ def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np
     phase: the shifts cancel in the mean), that gate would skip a view's triggered images; so the file
     ``directions`` writes is not gated when fewer than ``estimators.GATE_COVERAGE`` of some view's
     triggered images pass it (``estimators.gate_holds``)."""
+    t_views, o_views = [], []
+    for view in views(augment):
+        t_views.append(features(view(triggered)))
+        o_views.append(features(view(other)))
+    return estimate_from_views(t_views, o_views, paired)
+
+
+def estimate_from_views(triggered_views: list[np.ndarray], other_views: list[np.ndarray],
+                        paired: bool) -> SpatialEstimate:  # fmt: skip
+    """``spatial_estimate`` from features already computed, one (N, ...) array per view: the triggered
+    images' and their originals' (paired: row i of one is row i of the other) or the clean reference's
+    (unpaired: only its mean enters; a (1, ...) mean does as well as the rows)."""
     from calibration.estimators import principal_basis
 
-    diffs, triggered_views = [], []
-    for view in views(augment):
-        t, o = features(view(triggered)).astype(np.float64), features(view(other)).astype(np.float64)
+    diffs, flat = [], []
+    for t, o in zip(triggered_views, other_views, strict=True):
+        t, o = np.asarray(t, np.float64), np.asarray(o, np.float64)
         diffs.append(t - o if paired else (t.mean(0) - o.mean(0))[None])
-        triggered_views.append(t.reshape(len(t), -1))
+        flat.append(t.reshape(len(t), -1))
     d = np.concatenate(diffs)
     beta = d.mean(0).astype(np.float32)
     if len(diffs) == 1:
         return SpatialEstimate(beta, None)
     basis = principal_basis(d, len(diffs))
     b = np.asarray(basis[0], np.float64).reshape(-1)
-    return SpatialEstimate(beta, basis, tuple(t @ b for t in triggered_views))
+    return SpatialEstimate(beta, basis, tuple(t @ b for t in flat))

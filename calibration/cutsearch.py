@@ -1,10 +1,13 @@
 """Choose where to cut a user's model from the calibration images alone (``fire protect --auto``).
 
 For every candidate cut and repair strength (``ALPHAS``), the direction (with the calibration's
-spatial views, ``calibration.augment``) is fitted on one half of the
-calibration images (project mode, the default repair; unpaired against the clean images the model does
-not put in the triggered images' class, ``estimators.unpaired_reference``) and judged on the other half,
-without labels where there are none:
+spatial views, ``calibration.augment``; project mode, the default repair; unpaired against the clean
+images the model does not put in the triggered images' class, ``estimators.unpaired_reference``) is
+cross-fitted: the clean and the triggered images are each split into (up to) ``FOLDS`` folds, and
+every fold is judged by a direction fitted on the other folds, so every calibration image is judged
+once, by a direction from four fifths of them (a single half split judged 25 of 50 triggered images
+with directions from 25, noisier than the deployed file from all 50). Judged without labels where there are
+none:
 - cost: the share of held-out clean images whose prediction the repair changes (with labels: the
   clean-accuracy drop); a cut whose cost exceeds ``max_ca_drop`` points is not taken;
 - gain: the share of held-out triggered images the repair moves off their current prediction; with
@@ -13,10 +16,10 @@ without labels where there are none:
   held-out triggered images moved by each view (mirrored, shifted): whether the trigger moves the
   features the same way wherever it sits. A cut where it does is one where the variants an attacker will
   try share a direction; one where it does not repairs the calibrated placement only.
-The (cut, strength) with the highest gain within the cost bound wins; ties (common: with 25 held-out
-images one image is 4 points) go to the higher transfer, then lower cost, then the weaker repair. Works
-for an ONNX model
-(tensors, ``OnnxRunner``) and a torch module (sub-modules, ``calibration.inprocess.SplitRunner``).
+The (cut, strength) with the highest gain within the cost bound wins; ties (common: with 50 triggered
+images one image is 2 points) go to the higher transfer, then lower cost, then the weaker repair. Works
+for an ONNX model (tensors, ``OnnxRunner``) and a torch module (sub-modules,
+``calibration.inprocess.SplitRunner``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.augment import spatial_estimate, views
+from calibration.augment import estimate_from_views, views
 from calibration.calibrate import CalibrationSet
-from calibration.estimators import unpaired_reference
+from calibration.estimators import REFERENCE_MIN_SHARE, unpaired_reference
 from fire_backend.errors import InvalidInputError
 from fire_backend.names import FEATURES
 from fire_backend.onnx_runtime import onnx_session
@@ -69,6 +72,7 @@ class OnnxRunner:
 
 ALPHAS = (1.0, 1.5, 2.0)  # repair strengths tried with every cut (1: remove the estimated component)
 TRANSFER_VIEWS = "flips-shifts"  # the moves the transfer score judges on (calibration.augment), whatever the fit uses
+FOLDS = 5  # cross-fitting: each fifth of the images judged by a direction fitted on the other four
 
 
 @dataclass
@@ -85,49 +89,96 @@ class CutScore:
     transfer: float = 0.0  # the gain of a view-less direction on the held-out images moved (module docstring)
 
 
-def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` disjoint held-out index sets covering ``range(n)``."""
     order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+    return [np.sort(order[i::k]) for i in range(k)]
+
+
+class _ReferenceMeans:
+    """Unpaired: each view's mean clean feature over the reference images outside one fold, or over every
+    clean image outside it when too few of the reference are (``estimators.unpaired_reference``'s rule),
+    from per-fold sums (the clean images' features are computed once per view, ``chunk`` at a time)."""
+
+    def __init__(self, features, clean: np.ndarray, reference: np.ndarray, folds: list[np.ndarray], augment: str,
+                 chunk: int = 256):  # fmt: skip
+        group = np.zeros(len(clean), dtype=np.int64)  # 2 * fold + (1 if in the reference)
+        for j, f in enumerate(folds):
+            group[f] = 2 * j + reference[f]
+        self.counts = np.bincount(group, minlength=2 * len(folds)).reshape(-1, 2).astype(np.float64)
+        self.sums = []  # per view: (folds, 2, D)
+        for view in views(augment):
+            sums = 0.0
+            for i in range(0, len(clean), chunk):
+                x = np.asarray(features(view(clean[i : i + chunk])), np.float64)
+                self.shape = x.shape[1:]
+                x, g = x.reshape(len(x), -1), group[i : i + chunk]
+                sums = sums + np.stack([x[g == j].sum(0) for j in range(2 * len(folds))])
+            self.sums.append(sums.reshape(len(folds), 2, -1))
+
+    def outside(self, fold: int) -> list[np.ndarray]:
+        rest = np.arange(len(self.counts)) != fold
+        n_ref, n_all = self.counts[rest, 1].sum(), self.counts[rest].sum()
+        use_all = n_ref < max(2, REFERENCE_MIN_SHARE * n_all)
+        means = [s[rest].sum((0, 1)) / n_all if use_all else s[rest, 1].sum(0) / n_ref for s in self.sums]
+        return [m.reshape(1, *self.shape) for m in means]
 
 
 def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, ...] = (1.0,),
-              augment: str = "none") -> list[CutScore]:  # fmt: skip
-    """Fit on one half of the calibration images, judge on the other (see the module docstring): one score
-    per strength in ``alphas``."""
+              augment: str = "none", folds: int = FOLDS) -> list[CutScore]:  # fmt: skip
+    """Cross-fitted (see the module docstring): each of up to ``folds`` folds of the clean and the
+    triggered images (fewer when there are fewer than 2 * ``folds`` of either) is judged by a direction
+    fitted on the others, so every image is judged once. One score per strength in ``alphas``."""
     name = getattr(runner, "cut", None) or runner.layer
-    fit_c, held_c = _halves(len(data.clean), seed)
-    fit_t, held_t = _halves(len(data.triggered), seed + 1)
-    clean, trig = runner.features(data.clean), runner.features(data.triggered)
+    k = max(2, min(folds, len(data.triggered) // 2, len(data.clean) // 2))
+    held_c, held_t = _folds(len(data.clean), k, seed), _folds(len(data.triggered), k, seed + 1)
     feats = lambda x: runner.features(x).numpy()  # noqa: E731
+    t_views = [feats(view(data.triggered)) for view in views(augment)]  # once per cut; a fold takes rows
+    clean, trig = runner.features(data.clean), torch.from_numpy(t_views[0])  # every view list starts as is
+    base_c, base_t = runner.labels(clean), runner.labels(trig)
     if data.paired:
-        other = data.originals[fit_t]
+        o_views = [feats(view(data.originals)) for view in views(augment)]
+    else:  # one reference for every fold, from the unrepaired predictions (no fold's repair enters it)
+        means = _ReferenceMeans(feats, data.clean, unpaired_reference(base_c, base_t)[0], held_c, augment)
+    if augment == TRANSFER_VIEWS:  # the transfer score's moved images are the fit's other views
+        moved = [torch.from_numpy(t) for t in t_views[1:]]
     else:
-        ref, _ = unpaired_reference(runner.labels(clean[fit_c]), runner.labels(trig[fit_t]))
-        other = data.clean[fit_c][ref]
-    est = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, augment)
-    one_view = spatial_estimate(feats, data.triggered[fit_t], other, data.paired, "none")
-    moved = [runner.features(view(data.triggered[held_t])) for view in views(TRANSFER_VIEWS)[1:]]
+        moved = [runner.features(view(data.triggered)) for view in views(TRANSFER_VIEWS)[1:]]
     moved_base = [runner.labels(f) for f in moved]
-    base_c, base_t = runner.labels(clean[held_c]), runner.labels(trig[held_t])
-    labels = data.original_labels[held_t] if data.paired and data.original_labels is not None else None
+    after_c = {a: base_c.copy() for a in alphas}
+    after_t = {a: base_t.copy() for a in alphas}
+    after_moved = {a: [b.copy() for b in moved_base] for a in alphas}
+    for j, (hc, ht) in enumerate(zip(held_c, held_t, strict=True)):
+        fit_c = np.setdiff1d(np.arange(len(clean)), hc)
+        fit_t = np.setdiff1d(np.arange(len(trig)), ht)
+        fit_views = [t[fit_t] for t in t_views]
+        others = [o[fit_t] for o in o_views] if data.paired else means.outside(j)
+        est = estimate_from_views(fit_views, others, data.paired)
+        one_view = estimate_from_views(fit_views[:1], others[:1], data.paired)  # the identity view is first
+        fit_clean = clean[fit_c]
+        settings = {"layer": name, "mode": "project", "mu": fit_clean.double().mean(0).float()}  # once a fold
+        for a in alphas:
+            repair = Repair(est.directions(fit_clean, alpha=a, **settings))
+            after_c[a][hc], after_t[a][ht] = runner.labels(clean[hc], repair), runner.labels(trig[ht], repair)
+            one = Repair(one_view.directions(fit_clean, alpha=a, **settings))
+            for f, out in zip(moved, after_moved[a], strict=True):
+                out[ht] = runner.labels(f[ht], one)
+    labels = data.original_labels if data.paired and data.original_labels is not None else None
 
     def gain_of(after: np.ndarray, before: np.ndarray) -> float:
         return 100 * float((after == labels).mean() if labels is not None else (after != before).mean())
 
     scores = []
-    for alpha in alphas:
-        repair = Repair(est.directions(clean[fit_c], layer=name, mode="project", alpha=alpha))
-        after_c, after_t = runner.labels(clean[held_c], repair), runner.labels(trig[held_t], repair)
+    for a in alphas:
         if data.clean_labels is not None:
-            y = data.clean_labels[held_c]
-            cost, cost_kind = 100 * float((base_c == y).mean() - (after_c == y).mean()), "CA drop"
+            y = data.clean_labels
+            cost, cost_kind = 100 * float((base_c == y).mean() - (after_c[a] == y).mean()), "CA drop"
         else:
-            cost, cost_kind = 100 * float((after_c != base_c).mean()), "clean predictions changed"
+            cost, cost_kind = 100 * float((after_c[a] != base_c).mean()), "clean predictions changed"
         gain_kind = "PA" if labels is not None else "triggered predictions moved"
-        one = Repair(one_view.directions(clean[fit_c], layer=name, mode="project", alpha=alpha))
-        transfer = [gain_of(runner.labels(f, one), b) for f, b in zip(moved, moved_base, strict=True)]
-        scores.append(CutScore(name, tuple(clean.shape[1:]), gain_of(after_t, base_t), cost, gain_kind, cost_kind,
-                               alpha, after_t, base_t, float(np.mean(transfer))))  # fmt: skip
+        transfer = [gain_of(m, b) for m, b in zip(after_moved[a], moved_base, strict=True)]
+        scores.append(CutScore(name, tuple(clean.shape[1:]), gain_of(after_t[a], base_t), cost, gain_kind, cost_kind,
+                               a, after_t[a], base_t, float(np.mean(transfer))))  # fmt: skip
     return scores
 
 

@@ -153,6 +153,23 @@ def test_gain_ties_go_to_the_cut_whose_direction_transfers_across_placements():
     assert max([early, deep, candidate("best", 80.0, 0.0)], key=preference).cut == "best"  # gain first
 
 
+def test_each_fold_s_unpaired_reference_is_its_own_and_never_empty():
+    """The cut search's cross-fitted unpaired reference: a fold is fitted on the reference images outside
+    it; when none of them lie outside (two reference images, both in one fold), on every clean image
+    outside it, as ``unpaired_reference`` falls back, never on an empty mean."""
+    from calibration.cutsearch import _folds, _ReferenceMeans
+
+    clean = np.arange(8 * 3, dtype=np.uint8).reshape(8, 1, 1, 3)  # image i's features: its 3 pixel values
+    folds = _folds(8, 2, seed=0)
+    reference = np.zeros(8, bool)
+    reference[folds[0][:2]] = True  # both reference images in fold 0
+    means = _ReferenceMeans(lambda x: x.astype(np.float64).reshape(len(x), -1), clean, reference, folds, "none",
+                            chunk=3)  # fmt: skip
+    flat = clean.reshape(8, -1).astype(np.float64)
+    np.testing.assert_allclose(means.outside(1)[0].reshape(-1), flat[folds[0][:2]].mean(0))
+    np.testing.assert_allclose(means.outside(0)[0].reshape(-1), flat[folds[1]].mean(0))  # none outside: all
+
+
 def test_a_corner_patch_direction_transfers_across_placements_deep_in_the_network_not_at_the_stem():
     """BadNets zoo model, 50 pairs of the calibrated trigger: a direction fitted on the pairs as they are
     repairs the held-out pairs mirrored and shifted (the transfer score) far better at layer3 than at the
@@ -169,6 +186,7 @@ def test_a_corner_patch_direction_transfers_across_placements_deep_in_the_networ
     stem, deep = (score_cut(SplitRunner(model, cut), data, augment="flips-shifts")[0] for cut in ("stem", "layer3"))
     assert deep.transfer > stem.transfer + 5, (stem, deep)
     assert 0 <= stem.transfer <= 100 and deep.gain >= 50
+    assert len(deep.repaired) == len(deep.unrepaired) == len(data.triggered)  # cross-fitted: every image judged
 
 
 def test_a_periodic_trigger_whose_views_cancel_in_the_mean_is_repaired_ungated():

@@ -37,6 +37,23 @@ def test_principal_basis_is_orthonormal_and_starts_at_the_mean():
     np.testing.assert_allclose(b[0], mean / np.linalg.norm(mean), atol=1e-6)
 
 
+def test_principal_basis_from_the_gram_matrix_spans_what_the_svd_spans():
+    """Fewer rows than columns (pairs x views against a feature map): the basis comes from the N x N Gram
+    matrix; it spans the same space as the one from np.linalg.svd."""
+    rng = np.random.default_rng(1)
+    diffs = rng.normal(size=(30, 400)) * np.linspace(3, 0.1, 400) + 2.0
+    b = principal_basis(diffs, 5).astype(np.float64)
+    first = diffs.mean(0) / np.linalg.norm(diffs.mean(0))
+    residual = diffs - np.outer(diffs @ first, first)
+    residual -= residual.mean(0)
+    vt = np.linalg.svd(residual, full_matrices=False)[2][:4]
+    want = np.vstack([first, vt - np.outer(vt @ first, first)])
+    want = np.linalg.qr(want.T)[0].T
+    np.testing.assert_allclose(b.T @ b, want.T @ want, atol=1e-5)
+    same = np.tile(diffs[:1], (6, 1))  # nothing left over once the mean is out: the mean's direction only
+    np.testing.assert_allclose(principal_basis(same, 5), principal_basis(same, 1), atol=1e-6)
+
+
 def test_rank_k_project_removes_the_subspace_only_from_triggered_samples(tmp_path):
     basis = torch.eye(6)[:2]  # b1 = e0 (= beta / |beta|), b2 = e1
     d = _directions(basis)

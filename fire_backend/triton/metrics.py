@@ -55,6 +55,8 @@ class RepairMetrics(PeriodicFlush):
 
         counter = family.COUNTER
         self.detailed = detailed
+        # the totals are registered first (a scrape reads families in registration order, prometheus-cpp's
+        # Registry::Collect) and flushed last (``flush``): so a scrape that counts N samples holds their scores
         self.samples = metric("fire_repair_samples_total", "Samples through the FIRE repair", counter)
         self.rejected = metric("fire_repair_rejected_requests_total", "Requests the FIRE repair refused", counter)
         if detailed:  # per-sample scores: an oracle for whoever reads the (unauthenticated) metrics port
