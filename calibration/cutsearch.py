@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from calibration.augment import estimate_from_views, views
 from calibration.calibrate import CalibrationSet
-from calibration.estimators import REFERENCE_MIN_SHARE, unpaired_reference
+from calibration.estimators import reference_too_small, unpaired_reference
 from fire_backend.errors import InvalidInputError
 from fire_backend.names import FEATURES
 from fire_backend.onnx_runtime import onnx_session
@@ -119,7 +119,7 @@ class _ReferenceMeans:
     def outside(self, fold: int) -> list[np.ndarray]:
         rest = np.arange(len(self.counts)) != fold
         n_ref, n_all = self.counts[rest, 1].sum(), self.counts[rest].sum()
-        use_all = n_ref < max(2, REFERENCE_MIN_SHARE * n_all)
+        use_all = reference_too_small(n_ref, n_all)
         means = [s[rest].sum((0, 1)) / n_all if use_all else s[rest, 1].sum(0) / n_ref for s in self.sums]
         return [m.reshape(1, *self.shape) for m in means]
 

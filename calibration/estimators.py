@@ -84,6 +84,12 @@ def unpaired_direction(clean: RunningMean, poisoned: RunningMean) -> torch.Tenso
 REFERENCE_MIN_SHARE = 0.1  # below this share of the clean images, the reference falls back to all of them
 
 
+def reference_too_small(n_reference: int, n_clean: int) -> bool:
+    """Whether a reference of ``n_reference`` of ``n_clean`` clean images is too small to compare with
+    (``unpaired_reference`` then falls back to every clean image)."""
+    return n_reference < max(2, REFERENCE_MIN_SHARE * n_clean)
+
+
 def unpaired_reference(clean_predicted: np.ndarray, triggered_predicted: np.ndarray) -> tuple[np.ndarray, int | None]:
     """Which clean images the unpaired estimate compares the triggered ones with: those the model does not
     put in the class the triggered images go to (their most common prediction), since a triggered image
@@ -95,7 +101,7 @@ def unpaired_reference(clean_predicted: np.ndarray, triggered_predicted: np.ndar
         return np.ones(len(clean_predicted), bool), None
     target = int(np.bincount(triggered_predicted).argmax())
     mask = clean_predicted != target
-    if mask.sum() < max(2, REFERENCE_MIN_SHARE * len(mask)):
+    if reference_too_small(int(mask.sum()), len(mask)):
         return np.ones(len(clean_predicted), bool), None
     return mask, target
 
