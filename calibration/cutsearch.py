@@ -9,13 +9,16 @@ once, by a direction from four fifths of them (a single half split judged 25 of 
 with directions from 25, noisier than the deployed file from all 50). Judged without labels where there are
 none:
 - cost: the share of held-out clean images whose prediction the repair changes (with labels: the
-  clean-accuracy drop); a cut whose cost exceeds ``max_ca_drop`` points is not taken;
+  clean-accuracy drop), or the drop in their expected accuracy (the mean probability the model gives
+  that label) when it is larger (``accuracy_drop``: on images the model was trained on, an argmax count
+  misses a cost that unseen images pay); a cut whose cost exceeds ``max_ca_drop`` points is not taken;
 - gain: the share of held-out triggered images the repair moves off their current prediction; with
   paired images and labels, the share given back their true label (PA);
-- transfer: the same gain for a direction fitted on the images as they are (no views) and judged on the
-  held-out triggered images moved by each view (mirrored, shifted): whether the trigger moves the
-  features the same way wherever it sits. A cut where it does is one where the variants an attacker will
-  try share a direction; one where it does not repairs the calibrated placement only.
+- transfer: the share of held-out triggered images moved by each view (mirrored, shifted) that a
+  direction fitted on the images as they are (no views) gives back their label (or moves): whether the
+  trigger moves the features the same way wherever it sits. A cut where it does is one where the
+  variants an attacker will try share a direction; one where it does not repairs the calibrated
+  placement only.
 The (cut, strength) with the highest gain within the cost bound wins; ties (common: with 50 triggered
 images one image is 2 points) go to the higher transfer, then lower cost, then the weaker repair. Works
 for an ONNX model (tensors, ``OnnxRunner``) and a torch module (sub-modules,
@@ -45,7 +48,8 @@ from modelio.preprocess import Preprocess
 
 
 class OnnxRunner:
-    """An ONNX model cut at one tensor, run with onnxruntime: ``features(images)``, ``labels(features)``."""
+    """An ONNX model cut at one tensor, run with onnxruntime: ``features(images)``, ``outputs(features)``
+    and ``labels(features)``."""
 
     def __init__(self, graph: OnnxGraph, cut: str, preprocess: Preprocess, batch_size: int = 256):
         self.cut, self.preprocess, self.batch_size = cut, preprocess, batch_size
@@ -61,13 +65,17 @@ class OnnxRunner:
         ]
         return torch.from_numpy(np.concatenate(out))
 
-    def labels(self, features: torch.Tensor, edit=None) -> np.ndarray:
+    def outputs(self, features: torch.Tensor, edit=None) -> np.ndarray:
+        """The model's outputs (N, classes) from features, repaired by ``edit`` first when given."""
         out = []
         for i in range(0, len(features), self.batch_size):
             f = features[i : i + self.batch_size]
             f = (edit(f) if edit else f).numpy()
-            out.append(self.tail.run(None, {FEATURES: f})[0].reshape(len(f), -1).argmax(1))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            out.append(self.tail.run(None, {FEATURES: f})[0].reshape(len(f), -1))
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def labels(self, features: torch.Tensor, edit=None) -> np.ndarray:
+        return self.outputs(features, edit).argmax(1) if len(features) else np.zeros(0, dtype=np.int64)
 
 
 ALPHAS = (1.0, 1.5, 2.0)  # repair strengths tried with every cut (1: remove the estimated component)
@@ -80,7 +88,7 @@ class CutScore:
     cut: str
     feature_shape: tuple
     gain: float  # percent of held-out triggered images moved (or given back their label)
-    cost: float  # percent of held-out clean images changed (or CA drop, points)
+    cost: float  # points: held-out clean images changed, or CA drop (``accuracy_drop``)
     gain_kind: str
     cost_kind: str
     alpha: float = 1.0
@@ -135,7 +143,8 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     feats = lambda x: runner.features(x).numpy()  # noqa: E731
     t_views = [feats(view(data.triggered)) for view in views(augment)]  # once per cut; a fold takes rows
     clean, trig = runner.features(data.clean), torch.from_numpy(t_views[0])  # every view list starts as is
-    base_c, base_t = runner.labels(clean), runner.labels(trig)
+    p_c, p_t = probabilities(runner.outputs(clean)), probabilities(runner.outputs(trig))
+    base_c, base_t = p_c.argmax(1), p_t.argmax(1)
     if data.paired:
         o_views = [feats(view(data.originals)) for view in views(augment)]
     else:  # one reference for every fold, from the unrepaired predictions (no fold's repair enters it)
@@ -145,8 +154,8 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     else:
         moved = [runner.features(view(data.triggered)) for view in views(TRANSFER_VIEWS)[1:]]
     moved_base = [runner.labels(f) for f in moved]
-    after_c = {a: base_c.copy() for a in alphas}
-    after_t = {a: base_t.copy() for a in alphas}
+    after_c = {a: p_c.copy() for a in alphas}  # class probabilities after each strength's repair
+    after_t = {a: p_t.copy() for a in alphas}
     after_moved = {a: [b.copy() for b in moved_base] for a in alphas}
     for j, (hc, ht) in enumerate(zip(held_c, held_t, strict=True)):
         fit_c = np.setdiff1d(np.arange(len(clean)), hc)
@@ -159,27 +168,52 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
         settings = {"layer": name, "mode": "project", "mu": fit_clean.double().mean(0).float()}  # once a fold
         for a in alphas:
             repair = Repair(est.directions(fit_clean, alpha=a, **settings))
-            after_c[a][hc], after_t[a][ht] = runner.labels(clean[hc], repair), runner.labels(trig[ht], repair)
+            after_c[a][hc] = probabilities(runner.outputs(clean[hc], repair))
+            after_t[a][ht] = probabilities(runner.outputs(trig[ht], repair))
             one = Repair(one_view.directions(fit_clean, alpha=a, **settings))
             for f, out in zip(moved, after_moved[a], strict=True):
                 out[ht] = runner.labels(f[ht], one)
     labels = data.original_labels if data.paired and data.original_labels is not None else None
+    reference = data.clean_labels if data.clean_labels is not None else base_c  # what clean images should stay
 
-    def gain_of(after: np.ndarray, before: np.ndarray) -> float:
+    def moved_off(after: np.ndarray, before: np.ndarray) -> float:
         return 100 * float((after == labels).mean() if labels is not None else (after != before).mean())
 
     scores = []
     for a in alphas:
-        if data.clean_labels is not None:
-            y = data.clean_labels
-            cost, cost_kind = 100 * float((base_c == y).mean() - (after_c[a] == y).mean()), "CA drop"
-        else:
-            cost, cost_kind = 100 * float((after_c[a] != base_c).mean()), "clean predictions changed"
-        gain_kind = "PA" if labels is not None else "triggered predictions moved"
-        transfer = [gain_of(m, b) for m, b in zip(after_moved[a], moved_base, strict=True)]
-        scores.append(CutScore(name, tuple(clean.shape[1:]), gain_of(after_t[a], base_t), cost, gain_kind, cost_kind,
-                               a, after_t[a], base_t, float(np.mean(transfer))))  # fmt: skip
+        gain = moved_off(after_t[a].argmax(1), base_t)
+        transfer = [moved_off(m, b) for m, b in zip(after_moved[a], moved_base, strict=True)]
+        scores.append(CutScore(name, tuple(clean.shape[1:]), gain, accuracy_drop(p_c, after_c[a], reference),
+                               "PA" if labels is not None else "triggered predictions moved",
+                               "CA drop" if data.clean_labels is not None else "clean predictions changed",
+                               a, after_t[a].argmax(1), base_t, float(np.mean(transfer))))  # fmt: skip
     return scores
+
+
+def probabilities(outputs: np.ndarray) -> np.ndarray:
+    """A model's outputs (N, classes) as class probabilities: as they are when they already are (no
+    negative value, rows summing to 1), else their softmax (logits, or log-probabilities)."""
+    out = np.asarray(outputs, np.float64).reshape(len(outputs), -1)
+    if (out >= 0).all() and np.allclose(out.sum(1), 1.0, atol=1e-3):
+        return out
+    e = np.exp(out - out.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def expected_accuracy(p: np.ndarray, labels: np.ndarray) -> float:
+    """Percent: the mean probability the model gives ``labels``, the accuracy its softmax would have if it
+    drew its answer from it. Smooth where the count of argmax hits moves in whole images."""
+    return 100 * float(p[np.arange(len(labels)), labels].mean())
+
+
+def accuracy_drop(before: np.ndarray, after: np.ndarray, labels: np.ndarray) -> float:
+    """Points of accuracy on ``labels`` a repair costs (class probabilities ``before`` and ``after`` it):
+    the larger of the drop in argmax accuracy and in ``expected_accuracy``. On images the model was
+    trained on it is sure of nearly every answer, and a repair that costs unseen images their label
+    first costs these their confidence: the argmax count alone can read 0 there and still cost the test
+    split a point."""
+    hard = 100 * float((before.argmax(1) == labels).mean() - (after.argmax(1) == labels).mean())
+    return max(hard, expected_accuracy(before, labels) - expected_accuracy(after, labels))
 
 
 def choose_cut(

@@ -37,13 +37,17 @@ class SplitRunner:
         return torch.cat(chunks) if chunks else torch.zeros(0)
 
     @torch.inference_mode()
-    def labels(self, features: torch.Tensor, edit: Editor | None = None) -> np.ndarray:
-        """Predicted labels from features, repaired by ``edit`` first when given."""
+    def outputs(self, features: torch.Tensor, edit: Editor | None = None) -> np.ndarray:
+        """The model's outputs (N, classes) from features, repaired by ``edit`` first when given."""
         out = []
         for i in range(0, len(features), self.batch_size):
             f = features[i : i + self.batch_size]
-            out.append(self.split.tail(edit(f) if edit else f).argmax(1).numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            out.append(self.split.tail(edit(f) if edit else f).reshape(len(f), -1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def labels(self, features: torch.Tensor, edit: Editor | None = None) -> np.ndarray:
+        """Predicted labels from features, repaired by ``edit`` first when given."""
+        return self.outputs(features, edit).argmax(1) if len(features) else np.zeros(0, dtype=np.int64)
 
     @torch.inference_mode()
     def labels_after(self, features: torch.Tensor, base: np.ndarray, edit: Editor) -> np.ndarray:

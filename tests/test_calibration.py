@@ -142,6 +142,32 @@ def test_spatial_views_cover_the_trigger_mirrored_which_rank_1_misses(artifacts,
     assert cost <= 0.02
 
 
+def test_the_cut_search_reads_any_output_kind_as_class_probabilities():
+    from calibration.cutsearch import probabilities
+
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.5]])
+    p = probabilities(logits)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    assert (p.argmax(1) == logits.argmax(1)).all()
+    np.testing.assert_allclose(probabilities(p), p)  # probabilities (a model ending in a softmax): as they are
+    np.testing.assert_allclose(probabilities(np.log(p)), p)  # log-probabilities: their softmax
+
+
+def test_a_repair_that_costs_sure_images_their_confidence_but_no_label_is_not_free():
+    """On images the model was trained on it is sure of its answers: a repair that shakes them without
+    flipping one costs nothing by the argmax count, and is charged the expected-accuracy drop; a repair
+    that flips labels it was unsure of is charged the flips."""
+    from calibration.cutsearch import accuracy_drop
+
+    labels = np.zeros(100, int)
+    sure, shaken = np.tile([0.99, 0.01], (100, 1)), np.tile([0.6, 0.4], (100, 1))
+    assert accuracy_drop(sure, sure, labels) == 0.0
+    assert accuracy_drop(sure, shaken, labels) == pytest.approx(39.0)  # no label changed
+    unsure, flipped = np.tile([0.51, 0.49], (100, 1)), np.tile([0.51, 0.49], (100, 1))
+    flipped[:10] = [0.49, 0.51]
+    assert accuracy_drop(unsure, flipped, labels) == pytest.approx(10.0)  # 10 labels lost, 0.2 expected points
+
+
 def test_gain_ties_go_to_the_cut_whose_direction_transfers_across_placements():
     from calibration.cutsearch import CutScore, preference
 
@@ -168,6 +194,38 @@ def test_each_fold_s_unpaired_reference_is_its_own_and_never_empty():
     flat = clean.reshape(8, -1).astype(np.float64)
     np.testing.assert_allclose(means.outside(1)[0].reshape(-1), flat[folds[0][:2]].mean(0))
     np.testing.assert_allclose(means.outside(0)[0].reshape(-1), flat[folds[1]].mean(0))  # none outside: all
+
+
+def test_on_training_images_the_search_charges_the_cost_the_test_split_pays():
+    """GTSRB 12x12 zoo model, 50 pairs and 1,000 clean training images, cut at layer3.0, strength 1.5:
+    the model is sure of its training images and the repair flips almost none of them (within the
+    0.5-point bound), yet it costs the test split more than that. The search's cost, the larger of the
+    label and the expected-accuracy drop, is over the bound, so the search does not take it."""
+    from calibration.augment import spatial_estimate
+    from calibration.calibrate import zoo_calibration_set
+    from calibration.cutsearch import accuracy_drop, probabilities, score_cut
+    from calibration.inprocess import SplitRunner
+    from fire_backend.names import PROJECT_ROOT
+    from zoo.attacks import attack_from_spec
+    from zoo.checkpoint import load_model
+    from zoo.data import load_dataset
+
+    model, meta = load_model(PROJECT_ROOT / "models" / "gtsrb_resnet_badnets12")
+    data = zoo_calibration_set(meta["dataset"], attack_from_spec(meta["attack"]), 50, 1000, 0)
+    r = SplitRunner(model, "layer3.0")
+    (searched,) = score_cut(r, data, alphas=(1.5,), augment="flips-shifts")
+    e = spatial_estimate(lambda x: r.features(x).numpy(), data.triggered, data.originals, True, "flips-shifts")
+    clean = r.features(data.clean)
+    repair = Repair(e.directions(clean, layer="layer3.0", alpha=1.5))
+    before, after = probabilities(r.outputs(clean)), probabilities(r.outputs(clean, repair))
+    y = data.clean_labels
+    labels_lost = 100 * float((before.argmax(1) == y).mean() - (after.argmax(1) == y).mean())
+    test = load_dataset(meta["dataset"], "test")
+    f = r.features(test.images)
+    base = r.labels(f)
+    test_drop = 100 * float((base == test.labels).mean() - (r.labels_after(f, base, repair) == test.labels).mean())
+    assert labels_lost <= 0.5 < test_drop, (labels_lost, test_drop)  # the argmax count on training images misses it
+    assert accuracy_drop(before, after, y) > 0.5 and searched.cost > 0.5, searched
 
 
 def test_a_corner_patch_direction_transfers_across_placements_deep_in_the_network_not_at_the_stem():
