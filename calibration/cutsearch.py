@@ -143,8 +143,13 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     feats = lambda x: runner.features(x).numpy()  # noqa: E731
     t_views = [feats(view(data.triggered)) for view in views(augment)]  # once per cut; a fold takes rows
     clean, trig = runner.features(data.clean), torch.from_numpy(t_views[0])  # every view list starts as is
-    p_c, p_t = probabilities(runner.outputs(clean)), probabilities(runner.outputs(trig))
-    base_c, base_t = p_c.argmax(1), p_t.argmax(1)
+    outputs = runner.outputs(clean)
+    kind = output_kind(outputs)  # once, so every fold's outputs are read the same way
+    p_c = probabilities(outputs, kind)
+    base_c, base_t = p_c.argmax(1), runner.labels(trig)
+    reference = _class_indices(data.clean_labels, p_c.shape[1]) if data.clean_labels is not None else base_c
+    labels = _class_indices(data.original_labels, p_c.shape[1]) if data.paired and data.original_labels is not None \
+        else None  # fmt: skip
     if data.paired:
         o_views = [feats(view(data.originals)) for view in views(augment)]
     else:  # one reference for every fold, from the unrepaired predictions (no fold's repair enters it)
@@ -154,8 +159,9 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     else:
         moved = [runner.features(view(data.triggered)) for view in views(TRANSFER_VIEWS)[1:]]
     moved_base = [runner.labels(f) for f in moved]
-    after_c = {a: p_c.copy() for a in alphas}  # class probabilities after each strength's repair
-    after_t = {a: p_t.copy() for a in alphas}
+    before_c = judged(p_c, reference)
+    after_c = {a: tuple(x.copy() for x in before_c) for a in alphas}  # what the cost needs, per strength
+    after_t = {a: base_t.copy() for a in alphas}
     after_moved = {a: [b.copy() for b in moved_base] for a in alphas}
     for j, (hc, ht) in enumerate(zip(held_c, held_t, strict=True)):
         fit_c = np.setdiff1d(np.arange(len(clean)), hc)
@@ -168,52 +174,80 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
         settings = {"layer": name, "mode": "project", "mu": fit_clean.double().mean(0).float()}  # once a fold
         for a in alphas:
             repair = Repair(est.directions(fit_clean, alpha=a, **settings))
-            after_c[a][hc] = probabilities(runner.outputs(clean[hc], repair))
-            after_t[a][ht] = probabilities(runner.outputs(trig[ht], repair))
+            for into, part in zip(after_c[a], judged(probabilities(runner.outputs(clean[hc], repair), kind),
+                                                     reference[hc]), strict=True):  # fmt: skip
+                into[hc] = part
+            after_t[a][ht] = runner.labels(trig[ht], repair)
             one = Repair(one_view.directions(fit_clean, alpha=a, **settings))
             for f, out in zip(moved, after_moved[a], strict=True):
                 out[ht] = runner.labels(f[ht], one)
-    labels = data.original_labels if data.paired and data.original_labels is not None else None
-    reference = data.clean_labels if data.clean_labels is not None else base_c  # what clean images should stay
 
     def moved_off(after: np.ndarray, before: np.ndarray) -> float:
         return 100 * float((after == labels).mean() if labels is not None else (after != before).mean())
 
     scores = []
     for a in alphas:
-        gain = moved_off(after_t[a].argmax(1), base_t)
         transfer = [moved_off(m, b) for m, b in zip(after_moved[a], moved_base, strict=True)]
-        scores.append(CutScore(name, tuple(clean.shape[1:]), gain, accuracy_drop(p_c, after_c[a], reference),
+        scores.append(CutScore(name, tuple(clean.shape[1:]), moved_off(after_t[a], base_t),
+                               accuracy_drop(before_c, after_c[a], reference),
                                "PA" if labels is not None else "triggered predictions moved",
-                               "CA drop" if data.clean_labels is not None else "clean predictions changed",
-                               a, after_t[a].argmax(1), base_t, float(np.mean(transfer))))  # fmt: skip
+                               "CA drop, argmax or expected" if data.clean_labels is not None
+                               else "clean predictions changed, or confidence lost",
+                               a, after_t[a], base_t, float(np.mean(transfer))))  # fmt: skip
     return scores
 
 
-def probabilities(outputs: np.ndarray) -> np.ndarray:
-    """A model's outputs (N, classes) as class probabilities: as they are when they already are (no
-    negative value, rows summing to 1), else their softmax (logits, or log-probabilities)."""
-    out = np.asarray(outputs, np.float64).reshape(len(outputs), -1)
-    if (out >= 0).all() and np.allclose(out.sum(1), 1.0, atol=1e-3):
-        return out
-    e = np.exp(out - out.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+def output_kind(outputs: np.ndarray) -> str:
+    """``"probabilities"`` when every row of a model's outputs (N, classes) is non-negative (to 1e-6) and
+    sums to 1 (to 1e-3): a model that ends in a softmax; else "logits" (logits or log-probabilities,
+    whose softmax is the probabilities). Decided once per model, on its unrepaired outputs."""
+    out = _rows(outputs)
+    return "probabilities" if (out >= -1e-6).all() and np.allclose(out.sum(1), 1.0, atol=1e-3) else "logits"
 
 
-def expected_accuracy(p: np.ndarray, labels: np.ndarray) -> float:
-    """Percent: the mean probability the model gives ``labels``, the accuracy its softmax would have if it
-    drew its answer from it. Smooth where the count of argmax hits moves in whole images."""
-    return 100 * float(p[np.arange(len(labels)), labels].mean())
+def probabilities(outputs: np.ndarray, kind: str) -> np.ndarray:
+    """A model's outputs (N, classes) as class probabilities, read as ``output_kind`` said."""
+    out = _rows(outputs)
+    if kind == "probabilities":
+        out = np.clip(out, 0.0, None)
+        return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
+    e = np.exp(out - out.max(1, keepdims=True)) if out.size else out
+    return e / e.sum(1, keepdims=True) if out.size else out
 
 
-def accuracy_drop(before: np.ndarray, after: np.ndarray, labels: np.ndarray) -> float:
-    """Points of accuracy on ``labels`` a repair costs (class probabilities ``before`` and ``after`` it):
-    the larger of the drop in argmax accuracy and in ``expected_accuracy``. On images the model was
-    trained on it is sure of nearly every answer, and a repair that costs unseen images their label
+def _rows(outputs: np.ndarray) -> np.ndarray:
+    out = np.asarray(outputs, np.float64)
+    out = out.reshape(out.shape[0], int(np.prod(out.shape[1:])))
+    if not np.isfinite(out).all():
+        raise InvalidInputError("the model's outputs contain NaN or Inf: the cut search cannot judge a repair")
+    return out
+
+
+def _class_indices(labels: np.ndarray, classes: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise InvalidInputError(f"labels must be class indices 0..{classes - 1} (the model has {classes} outputs); "
+                                f"got {labels.min()}..{labels.max()}")  # fmt: skip
+    return labels.astype(np.int64)
+
+
+def judged(p: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, probability of ``labels``) per image: all ``accuracy_drop`` needs of (N,
+    classes) probabilities."""
+    return p.argmax(1), p[np.arange(len(labels)), labels]
+
+
+def accuracy_drop(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
+                  labels: np.ndarray) -> float:  # fmt: skip
+    """Points of accuracy on ``labels`` a repair costs (``judged`` pairs ``before`` and ``after`` it): the
+    larger of the drop in argmax accuracy and in expected accuracy (the mean probability the model gives
+    ``labels``: the accuracy its softmax would have if it drew its answer from it). On images the model
+    was trained on it is sure of nearly every answer, and a repair that costs unseen images their label
     first costs these their confidence: the argmax count alone can read 0 there and still cost the test
     split a point."""
-    hard = 100 * float((before.argmax(1) == labels).mean() - (after.argmax(1) == labels).mean())
-    return max(hard, expected_accuracy(before, labels) - expected_accuracy(after, labels))
+    (pred0, p0), (pred1, p1) = before, after
+    hard = 100 * float((pred0 == labels).mean() - (pred1 == labels).mean())
+    return max(hard, 100 * float(p0.mean() - p1.mean()))
 
 
 def choose_cut(

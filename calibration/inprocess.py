@@ -42,7 +42,7 @@ class SplitRunner:
         out = []
         for i in range(0, len(features), self.batch_size):
             f = features[i : i + self.batch_size]
-            out.append(self.split.tail(edit(f) if edit else f).reshape(len(f), -1).numpy())
+            out.append(self.split.tail(edit(f) if edit else f).reshape(len(f), -1).float().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
     def labels(self, features: torch.Tensor, edit: Editor | None = None) -> np.ndarray:
