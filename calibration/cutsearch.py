@@ -148,8 +148,9 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     p_c = probabilities(outputs, kind)
     base_c, base_t = p_c.argmax(1), runner.labels(trig)
     reference = _class_indices(data.clean_labels, p_c.shape[1]) if data.clean_labels is not None else base_c
-    labels = _class_indices(data.original_labels, p_c.shape[1]) if data.paired and data.original_labels is not None \
-        else None  # fmt: skip
+    labels = None  # the triggered images' true labels, when paired with them
+    if data.paired and data.original_labels is not None:
+        labels = _class_indices(data.original_labels, p_c.shape[1])
     if data.paired:
         o_views = [feats(view(data.originals)) for view in views(augment)]
     else:  # one reference for every fold, from the unrepaired predictions (no fold's repair enters it)
@@ -174,9 +175,8 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
         settings = {"layer": name, "mode": "project", "mu": fit_clean.double().mean(0).float()}  # once a fold
         for a in alphas:
             repair = Repair(est.directions(fit_clean, alpha=a, **settings))
-            for into, part in zip(after_c[a], judged(probabilities(runner.outputs(clean[hc], repair), kind),
-                                                     reference[hc]), strict=True):  # fmt: skip
-                into[hc] = part
+            pred, p_ref = judged(probabilities(runner.outputs(clean[hc], repair), kind), reference[hc])
+            after_c[a][0][hc], after_c[a][1][hc] = pred, p_ref
             after_t[a][ht] = runner.labels(trig[ht], repair)
             one = Repair(one_view.directions(fit_clean, alpha=a, **settings))
             for f, out in zip(moved, after_moved[a], strict=True):
@@ -208,11 +208,13 @@ def output_kind(outputs: np.ndarray) -> str:
 def probabilities(outputs: np.ndarray, kind: str) -> np.ndarray:
     """A model's outputs (N, classes) as class probabilities, read as ``output_kind`` said."""
     out = _rows(outputs)
+    if not out.size:
+        return out
     if kind == "probabilities":
         out = np.clip(out, 0.0, None)
         return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
-    e = np.exp(out - out.max(1, keepdims=True)) if out.size else out
-    return e / e.sum(1, keepdims=True) if out.size else out
+    e = np.exp(out - out.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def _rows(outputs: np.ndarray) -> np.ndarray:
