@@ -252,6 +252,26 @@ def test_on_training_images_the_search_charges_the_cost_the_test_split_pays():
     assert accuracy_drop(before, after, y) > 0.5 and searched.cost > 0.5, searched
 
 
+def test_the_transfer_score_is_the_cuts_so_equal_gains_go_to_the_weaker_repair():
+    """GTSRB 12x12 zoo model at ``layer2.0``, 50 pairs: every strength gives back every held-out pair's
+    label at the same cost. The transfer score (a view-less direction on the pairs mirrored and shifted)
+    is measured once for the cut, so it cannot favour the strongest repair, whose overshoot along one
+    direction reaches moved images the deployed repair covers with its views anyway: the weakest wins."""
+    from calibration.calibrate import zoo_calibration_set
+    from calibration.cutsearch import choose_cut
+    from calibration.inprocess import SplitRunner
+    from fire_backend.names import PROJECT_ROOT
+    from zoo.attacks import attack_from_spec
+    from zoo.checkpoint import load_model
+
+    model, meta = load_model(PROJECT_ROOT / "models" / "gtsrb_resnet_badnets12")
+    data = zoo_calibration_set(meta["dataset"], attack_from_spec(meta["attack"]), 50, 1000, 0)
+    best, scores = choose_cut(lambda k: SplitRunner(model, k), ["layer2.0"], data, alphas=(1.0, 1.5, 2.0),
+                              augment="flips-shifts")  # fmt: skip
+    assert len({s.transfer for s in scores}) == 1 and len({s.gain for s in scores}) == 1, scores
+    assert len({round(s.cost, 9) for s in scores}) == 1 and best.alpha == 1.0, scores
+
+
 def test_a_corner_patch_direction_transfers_across_placements_deep_in_the_network_not_at_the_stem():
     """BadNets zoo model, 50 pairs of the calibrated trigger: a direction fitted on the pairs as they are
     repairs the held-out pairs mirrored and shifted (the transfer score) far better at layer3 than at the
