@@ -21,6 +21,10 @@ it: what a model that never learned the backdoor gets right on those images as t
 the network cannot give back what the trigger covers; one where the trigger is still a pixel pattern can
 undo the pattern and do better). Targets on every counted row: FIRE ASR <=
 floor + 3, PA >= CA - 5, CA drop <= 0.5. Writes results/adaptive.{md,csv,png}.
+
+With ``every_cut`` (``--every-cut``), FIRE paired is also measured on the test split at every (cut,
+strength) the cut search weighed, beside the search's own scores (results/adaptive_cuts.{md,csv}): whether
+the search's choice is the best one, and whether any single cut meets a model's targets at all.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from benchmarks.defenses import Context, Februus, FinePruning, ScaleUp, Strip, d
 from benchmarks.variants import LEARNED, variants
 from calibration.augment import spatial_estimate
 from calibration.calibrate import zoo_calibration_set
-from calibration.cutsearch import choose_cut
+from calibration.cutsearch import CutScore, choose_cut
 from calibration.estimators import unpaired_reference
 from calibration.inprocess import SplitRunner
 from fire_backend.errors import MissingFileError
@@ -50,8 +54,8 @@ from zoo.attacks import attack_from_spec
 from zoo.checkpoint import load_model
 from zoo.data import load_dataset
 
-FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "ceiling", "learned", "cut", "TPR", "AUROC",
-          "ms_per_image", "images")  # fmt: skip
+FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "ceiling", "learned", "cut", "strength",
+          "TPR", "AUROC", "ms_per_image", "images")  # fmt: skip
 CLEAN_TWINS = {"cifar10": "cifar10_resnet_clean"}
 CHOSEN = "FIRE paired, cut chosen"  # fire protect's cut search (module docstring)
 
@@ -75,6 +79,7 @@ class AdaptiveConfig:
     test_limit: int = 0  # 0: the whole test split (FIRE)
     baseline_limit: int = 1000  # test images per row for the baselines
     baselines: bool = True
+    every_cut: bool = False  # FIRE paired at every cut and strength the search weighed (module docstring)
     seed: int = 0
     out_dir: Path = PROJECT_ROOT / "results"
 
@@ -123,16 +128,20 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
     return out
 
 
-def chosen_cut(m: _Model, augment: str = "flips-shifts") -> tuple[SplitRunner, Repair]:
+def chosen_cut(m: _Model, augment: str = "flips-shifts") -> tuple[CutScore, list[CutScore]]:
     """What ``fire protect`` deploys from the 50 pairs when no cut is named: its cut search over every
-    module cut, then the direction at that cut and strength from all the pairs."""
-    c = m.calib
+    module cut (the winner and every score)."""
     example = torch.zeros((2, *m.test.images.shape[3:], *m.test.images.shape[1:3]))
     cuts = [x.name for x in module_cuts(m.model, example)]
-    best, _ = choose_cut(lambda k: SplitRunner(m.model, k), cuts, c, augment=augment)
-    r = SplitRunner(m.model, best.cut)
+    return choose_cut(lambda k: SplitRunner(m.model, k), cuts, m.calib, augment=augment)
+
+
+def paired_repairs(m: _Model, cut: str, alphas, augment: str = "flips-shifts") -> tuple[SplitRunner, list[Repair]]:
+    """FIRE paired at ``cut``, one repair per strength, the direction from all the pairs."""
+    c, r = m.calib, SplitRunner(m.model, cut)
     e = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment)
-    return r, Repair(e.directions(r.features(c.clean), layer=best.cut, alpha=best.alpha))
+    clean = r.features(c.clean)
+    return r, [Repair(e.directions(clean, layer=cut, alpha=a)) for a in alphas]
 
 
 def _at(cache: dict, runner: SplitRunner, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -159,6 +168,7 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
     cfg = cfg or AdaptiveConfig()
     t0 = time.time()
     rows: list[dict] = []
+    cut_rows: list[dict] = []
     for name in tqdm(cfg.models, desc="adaptive", unit="model", disable=None):
         m = _Model(name, cfg)
         name = m.name
@@ -168,7 +178,10 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
         clean_f = r.features(m.test.images)
         base_clean = r.labels(clean_f)
         repairs = {d: (r, rep) for d, rep in fire_repairs(m, cfg.layer).items()}
-        repairs[CHOSEN] = chosen_cut(m)
+        strength = dict.fromkeys(repairs, 1.0)  # the fixed-layer estimates remove the component once
+        best, scores = chosen_cut(m)
+        runner, (rep,) = paired_repairs(m, best.cut, [best.alpha])
+        repairs[CHOSEN], strength[CHOSEN] = (runner, rep), best.alpha
         ca = {"none": 100 * float((base_clean == m.test.labels).mean())}
         clean_at = {r: (clean_f, base_clean)}
         for d, (rd, rep) in repairs.items():
@@ -187,8 +200,9 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
                 b.fit(ctx)
                 outcome = b(clean_sub)
                 baseline_clean[b.name] = (100 * float((outcome.labels == clean_sub_labels).mean()), outcome)
+        drawn = {}  # each variant's images, drawn once (noise-blended is random): --every-cut reuses them
         for variant, apply in variants(m.attack).items():
-            xt = apply(m.x)
+            xt = drawn[variant] = apply(m.x)
             ft = r.features(xt)
             base_t = r.labels(ft)
             asr0, pa0 = _metrics(base_t, m.true, m.wanted)
@@ -206,7 +220,8 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
                 f, base = _at(triggered_at, rd, xt)
                 asr, pa = _metrics(rd.labels_after(f, base, rep), m.true, m.wanted)
                 rows.append({**ident, "defense": d, "CA": ca[d], "ASR": asr, "PA": pa, "cut": rd.layer,
-                             "ms_per_image": _ms(rd, served, rep), "images": len(xt)})  # fmt: skip
+                             "strength": strength[d], "ms_per_image": _ms(rd, served, rep),
+                             "images": len(xt)})  # fmt: skip
             attacked = base_t[sub] == m.wanted[sub]
             for b in baselines:
                 outcome, ms = timed(b, xt[sub])
@@ -217,7 +232,76 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
                     tpr, area = detection(baseline_clean[b.name][1], clean_ok, outcome, attacked)
                     row["TPR"], row["AUROC"] = round(tpr, 2), round(area, 3)
                 rows.append(row)
+        if cfg.every_cut:
+            counted = {r["variant"]: r for r in rows if r["model"] == name and r["defense"] == "none" and r["learned"]}
+            cut_rows += every_cut(m, scores, best, {v: (r, drawn[v]) for v, r in counted.items()})
+    if cfg.every_cut:
+        write_cuts(cut_rows, cfg)
     return write(rows, cfg, time.time() - t0)
+
+
+def meets(asr: float, pa: float, ca: float, none_ca: float, floor) -> bool:
+    """The targets on a counted row: ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5."""
+    return asr <= (floor if floor != "" else 0.0) + 3 and pa >= ca - 5 and none_ca - ca <= 0.5
+
+
+def every_cut(m: _Model, scores: list[CutScore], best: CutScore, counted: dict[str, tuple]) -> list[dict]:
+    """FIRE paired at every (cut, strength) in ``scores`` on the test split: the search's gain, cost and
+    transfer beside the test CA and, per counted variant (``counted``: its undefended row and the images
+    the other columns were measured on), ASR / PA."""
+    out = []
+    by_cut = {s.cut: [x for x in scores if x.cut == s.cut] for s in scores}
+    for cut, group in tqdm(by_cut.items(), desc="every cut", unit="cut", disable=None):
+        r, reps = paired_repairs(m, cut, [s.alpha for s in group])
+        f = r.features(m.test.images)
+        base = r.labels(f)
+        ca = [100 * float((r.labels_after(f, base, rep) == m.test.labels).mean()) for rep in reps]
+        del f
+        results = [[] for _ in group]
+        for variant, (none, images) in counted.items():
+            ft = r.features(images)
+            bt = r.labels(ft)
+            for res, rep in zip(results, reps, strict=True):
+                res.append((variant, none, *_metrics(r.labels_after(ft, bt, rep), m.true, m.wanted)))
+        for s, c, res in zip(group, ca, results, strict=True):
+            ident = {"model": m.name, "cut": cut, "strength": s.alpha, "gain": s.gain, "cost": s.cost,
+                     "transfer": s.transfer, "chosen": (s.cut, s.alpha) == (best.cut, best.alpha), "CA": c,
+                     "CA_undefended": next(iter(counted.values()))[0]["CA"] if counted else float("nan")}  # fmt: skip
+            out += [{**ident, "variant": v, "ASR": asr, "PA": pa, "met": meets(asr, pa, c, none["CA"], none["floor"])}
+                    for v, none, asr, pa in res]  # fmt: skip
+    return out
+
+
+def write_cuts(rows: list[dict], cfg: AdaptiveConfig) -> None:
+    """results/adaptive_cuts.{csv,md}: one line per model, cut and strength, the chosen one in bold."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "adaptive_cuts.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
+        w.writeheader()
+        w.writerows({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    lines = ["# FIRE paired at every cut and strength the cut search weighed", "",
+             f"`fire bench adaptive --every-cut`: the search's scores on the defender's {cfg.n_poisoned} pairs "
+             "(gain: held-out PA %; cost: CA drop in points, argmax or expected; transfer: %, see "
+             "`calibration/cutsearch.py`) beside the test split: CA, and over the counted variants the mean ASR / "
+             "PA and the rows meeting the targets (ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5). The search "
+             f"takes the highest gain with cost <= 0.5; its choice is in bold.", "",
+             "| model | cut | strength | gain | cost | transfer | CA (drop) | mean ASR | mean PA | met |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    groups = {(r["model"], r["cut"], r["strength"]): [] for r in rows}
+    for r in rows:
+        groups[(r["model"], r["cut"], r["strength"])].append(r)
+    for (model, cut, a), g in groups.items():
+        first = g[0]
+        cells = [model, cut, f"{a:g}", f"{first['gain']:.1f}", f"{first['cost']:.2f}", f"{first['transfer']:.1f}",
+                 f"{first['CA']:.2f} ({first['CA_undefended'] - first['CA']:+.2f})",
+                 f"{np.mean([x['ASR'] for x in g]):.1f}", f"{np.mean([x['PA'] for x in g]):.1f}",
+                 f"{sum(x['met'] for x in g)} of {len(g)}"]  # fmt: skip
+        if first["chosen"]:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Command: `fire bench adaptive --every-cut` (CSV: `results/adaptive_cuts.csv`)", ""]
+    (out / "adaptive_cuts.md").write_text("\n".join(lines))
 
 
 def targets(rows: list[dict], defense: str = "FIRE paired") -> list[dict]:
@@ -228,9 +312,7 @@ def targets(rows: list[dict], defense: str = "FIRE paired") -> list[dict]:
         if r["defense"] != defense or not r["learned"]:
             continue
         none = by[(r["model"], r["variant"], "none")]
-        floor = r["floor"] if r["floor"] != "" else 0.0
-        ok = r["ASR"] <= floor + 3 and r["PA"] >= r["CA"] - 5 and none["CA"] - r["CA"] <= 0.5
-        out.append({**r, "met": ok})
+        out.append({**r, "met": meets(r["ASR"], r["PA"], r["CA"], none["CA"], r["floor"])})
     return out
 
 
@@ -245,7 +327,7 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
                         for k, v in r.items() if k in FIELDS})  # fmt: skip
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     t, t_chosen = targets(rows), targets(rows, CHOSEN)
-    cuts = {r["model"]: r["cut"] for r in rows if r["defense"] == CHOSEN}
+    cuts = {r["model"]: f"{r['cut']} x{r['strength']:g}" for r in rows if r["defense"] == CHOSEN}
     unreachable = [x for x in t if x["ceiling"] != "" and x["ceiling"] < x["CA"] - 5]
     lines = [
         "# Adaptive attacker: trigger variants the model learned",

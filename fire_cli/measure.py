@@ -143,7 +143,7 @@ def _bench_adaptive(a: argparse.Namespace) -> None:
     cfg = AdaptiveConfig.quick() if a.quick else AdaptiveConfig()
     if a.model_dirs:
         cfg.models = tuple(a.model_dirs)
-    cfg.layer, cfg.out_dir = a.cut, _out_dir(a)
+    cfg.layer, cfg.out_dir, cfg.every_cut = a.cut, _out_dir(a), a.every_cut
     print(run_adaptive(cfg).read_text())
 
 
@@ -225,6 +225,7 @@ def _register_benchmarks(sub) -> None:
                    "fine-pruning", _bench_adaptive)  # fmt: skip
     add(ad, "--model-dirs", detail="default: every backdoored zoo model")
     add(ad, "--cut", default="layer2")
+    add(ad, "--every-cut")
     benchmark("multimodel", "one server, three protected models: unload, load and update under load",
               _bench_multimodel, quick=False)  # fmt: skip
     benchmark("own-model", "a torchvision model with a backdoor, and a 224x224 one", _bench_own_model)

@@ -224,6 +224,11 @@ VOCABULARY = _options(
         {"type": int, "choices": [32, 224]},
     ),  # fmt: skip
     Option("--no-ablations", "headline defenses only", {"action": "store_true"}),
+    Option(
+        "--every-cut",
+        "also measure FIRE at every cut and strength the cut search weighed (slow)",
+        {"action": "store_true"},
+    ),
     # training
     Option("--arch", "the architecture to train"),
     Option("--widths", "channel widths of the three stages", {"type": int, "nargs": 3}),

@@ -8,6 +8,7 @@ import numpy as np
 
 from benchmarks.adaptive import AdaptiveConfig, run_adaptive
 from benchmarks.variants import variants
+from calibration.cutsearch import ALPHAS
 from zoo.attacks import make_attack
 
 
@@ -27,7 +28,7 @@ def test_variants_move_resize_and_dim_the_trigger_not_the_image():
 
 def test_the_adaptive_benchmark_writes_every_defense_and_spatial_views_beat_rank_1(tmp_path):
     cfg = AdaptiveConfig(models=("cifar10_resnet_badnets",), test_limit=300, baseline_limit=40, n_clean=400,
-                         out_dir=tmp_path)  # fmt: skip
+                         every_cut=True, out_dir=tmp_path)  # fmt: skip
     report = run_adaptive(cfg).read_text()
     with open(tmp_path / "adaptive.csv") as f:
         rows = list(csv.DictReader(f))
@@ -42,5 +43,25 @@ def test_the_adaptive_benchmark_writes_every_defense_and_spatial_views_beat_rank
     ceilings = {float(r["ceiling"]) for r in rows if r["defense"] == "none" and r["variant"] == "calibrated"}
     (ceiling,) = ceilings  # the clean twin's PA on the calibrated trigger: a patch leaves most images legible
     assert float(by[("calibrated", "none")]["PA"]) < 20 < 60 < ceiling <= 100
-    chosen = {r["cut"] for r in rows if r["defense"] == "FIRE paired, cut chosen"}
-    assert len(chosen) == 1 and chosen != {""} and "cut chosen" in report
+    chosen = {(r["cut"], r["strength"]) for r in rows if r["defense"] == "FIRE paired, cut chosen"}
+    assert len(chosen) == 1 and "cut chosen" in report
+    ((cut, strength),) = chosen
+    assert cut and float(strength) in ALPHAS and f"{cut} x{float(strength):g}" in report
+    # --every-cut: the search's every candidate on the same test images; its chosen line and its layer2 x1
+    # line are the same repairs as the chosen and the FIRE paired columns, so they give the same numbers
+    with open(tmp_path / "adaptive_cuts.csv") as f:
+        cut_rows = list(csv.DictReader(f))
+    counted = {r["variant"] for r in rows if r["defense"] == "none" and r["learned"] == "True"}
+    lines = {(r["cut"], float(r["strength"])) for r in cut_rows}
+    assert ("layer2", 1.0) in lines and len(lines) % len(ALPHAS) == 0 and len(cut_rows) == len(lines) * len(counted)
+    for (c, a), defense in (((cut, float(strength)), "FIRE paired, cut chosen"), (("layer2", 1.0), "FIRE paired")):
+        got = {r["variant"]: r for r in cut_rows if (r["cut"], float(r["strength"])) == (c, a)}
+        assert set(got) == counted
+        assert defense == "FIRE paired" or all(r["chosen"] == "True" for r in got.values())
+        diff = {
+            v: (r["ASR"], r["PA"], by[(v, defense)]["ASR"], by[(v, defense)]["PA"])
+            for v, r in got.items()
+            if (float(r["ASR"]), float(r["PA"])) != (float(by[(v, defense)]["ASR"]), float(by[(v, defense)]["PA"]))
+        }
+        assert not diff, (c, a, defense, diff)
+    assert "**" in (tmp_path / "adaptive_cuts.md").read_text()
