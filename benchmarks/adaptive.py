@@ -249,7 +249,9 @@ def every_cut(m: _Model, scores: list[CutScore], best: CutScore, counted: dict[s
     """FIRE paired at every (cut, strength) in ``scores`` on the test split: the search's gain, cost and
     transfer beside the test CA and, per counted variant (``counted``: its undefended row and the images
     the other columns were measured on), ASR / PA."""
-    out = []
+    if not counted:
+        return []
+    out, none_ca = [], next(iter(counted.values()))[0]["CA"]  # the undefended CA, the same on every row
     by_cut = {s.cut: [x for x in scores if x.cut == s.cut] for s in scores}
     for cut, group in tqdm(by_cut.items(), desc="every cut", unit="cut", disable=None):
         r, reps = paired_repairs(m, cut, [s.alpha for s in group])
@@ -266,8 +268,8 @@ def every_cut(m: _Model, scores: list[CutScore], best: CutScore, counted: dict[s
         for s, c, res in zip(group, ca, results, strict=True):
             ident = {"model": m.name, "cut": cut, "strength": s.alpha, "gain": s.gain, "cost": s.cost,
                      "transfer": s.transfer, "chosen": (s.cut, s.alpha) == (best.cut, best.alpha), "CA": c,
-                     "CA_undefended": next(iter(counted.values()))[0]["CA"] if counted else float("nan")}  # fmt: skip
-            out += [{**ident, "variant": v, "ASR": asr, "PA": pa, "met": meets(asr, pa, c, none["CA"], none["floor"])}
+                     "CA_undefended": none_ca}  # fmt: skip
+            out += [{**ident, "variant": v, "ASR": asr, "PA": pa, "met": meets(asr, pa, c, none_ca, none["floor"])}
                     for v, none, asr, pa in res]  # fmt: skip
     return out
 
