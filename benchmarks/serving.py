@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,7 @@ from zoo.data import load_dataset, to_tensor_batch
 MODES = ("project", "subtract", "gated")
 SCALED = ("whole", "plain", "fire_project", "folded")  # the models of the scaling table
 ZERO_HOP = ("whole", "fused", "folded")  # the one-graph models, also timed in process
+PRODUCTS = "whole + the two products"  # in process: whole's time plus the repair's k x D products alone
 SHM_BYTES = STUB_SHM_BYTES  # the server default: a batch of 64 activations fits without growing
 
 
@@ -193,6 +195,11 @@ def _inputs(cfg: ServingBenchConfig, export_dir: Path, n: int) -> np.ndarray:
     return pre.apply(np.random.default_rng(1).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
 
 
+def _products(flat: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The repair's two k x D products alone (NumPy's BLAS, no graph around them)."""
+    return (flat @ v.T) @ v
+
+
 def graph_timings(cfg: ServingBenchConfig, inputs: np.ndarray, repeats: int = 5) -> dict[str, float]:
     """In-process time of one onnxruntime call (1 thread) of the whole, fused and folded graphs the
     repository serves, per batch size, in us: what the zero-hop models cost without Triton (the folded
@@ -201,22 +208,27 @@ def graph_timings(cfg: ServingBenchConfig, inputs: np.ndarray, repeats: int = 5)
     feed = folded_inputs(NumpyRepair(DirectionFile.load(cfg.work_dir / "export" / DIRECTIONS_FILE)).params)
     sessions = {label: onnx_session(repo / getattr(names, label) / MODEL_VERSION / WHOLE_ONNX, 1)
                 for label in ZERO_HOP}  # fmt: skip
-    out = {"rank": float(len(feed[FOLDED_INPUTS[0]]))}
+    v = feed[FOLDED_INPUTS[0]]  # the served directions (k, D)
+    out = {"rank": float(len(v))}
     for b in cfg.batch_sizes:
-        feeds = {
-            k: {s.get_inputs()[0].name: inputs[:b], **(feed if k == "folded" else {})} for k, s in sessions.items()
+        images = {s.get_inputs()[0].name: inputs[:b] for s in sessions.values()}
+        runs = {
+            k: functools.partial(s.run, None, {**images, **(feed if k == "folded" else {})})
+            for k, s in sessions.items()
         }
+        runs[PRODUCTS] = functools.partial(_products, np.ones((b, v.shape[1]), np.float32), v)
         t0 = time.perf_counter()
-        sessions["whole"].run(None, feeds["whole"])
+        runs["whole"]()
         calls = max(1, int(0.2 / (time.perf_counter() - t0)))  # ~0.2 s per timing
-        best = dict.fromkeys(sessions, float("inf"))
+        best = dict.fromkeys(runs, float("inf"))
         for _ in range(repeats):
-            for k, s in sessions.items():
+            for k, run_once in runs.items():
                 t0 = time.perf_counter()
                 for _ in range(calls):
-                    s.run(None, feeds[k])
+                    run_once()
                 best[k] = min(best[k], (time.perf_counter() - t0) / calls * 1e6)
-        out.update({f"{k}/b{b}": v for k, v in best.items()})
+        best[PRODUCTS] += best["whole"]  # the model plus the repair's arithmetic, nothing else
+        out.update({f"{k}/b{b}": t for k, t in best.items()})
     return out
 
 
@@ -437,13 +449,15 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], scaled: list[dict],
         "",
         "The same ONNX files the server runs, without Triton: what `folded` and `fused` add to `whole` is the "
         f"repair's own graph ops (the two k x D products of the served file's rank-{core['rank']:.0f} repair, "
-        "D the feature size), the floor under the served ratios above.",
+        "D the feature size), the floor under the served ratios above. The last row adds to `whole` only "
+        "those two products, timed with NumPy's BLAS outside any graph: what the repair's arithmetic alone "
+        "costs at this rank and cut, with no graph op, copy or dispatch around it.",
         "",
         "| graph | " + " | ".join(f"batch {b}" for b in cfg.batch_sizes) + " | "
         + " | ".join(f"/ whole, batch {b}" for b in cfg.batch_sizes) + " |",
         "|---|" + "---:|" * (2 * len(cfg.batch_sizes)),
     ]  # fmt: skip
-    for k in ZERO_HOP:
+    for k in (*ZERO_HOP, PRODUCTS):
         cells = [f"{core[f'{k}/b{b}']:.0f}" for b in cfg.batch_sizes]
         cells += [f"{core[f'whole/b{b}'] / core[f'{k}/b{b}']:.3f}" for b in cfg.batch_sizes]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")

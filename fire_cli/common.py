@@ -11,7 +11,18 @@ from fire_backend.errors import FireError
 from fire_backend.names import GRPC_PORT, HTTP_PORT, PROJECT_ROOT, REPOSITORY_DIR, address
 from fire_cli.options import add
 
-Formatter = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every --help shows the defaults, except where there is none to show (None, off) or the flag's text
+    already says it ("(default ...")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "models" / "cifar10_resnet_badnets"  # the demo's bundled backdoored model
 
 

@@ -100,13 +100,18 @@ def _stitch(chain: list, head: onnx.ModelProto, out_path: Path, name: str, share
         parts.append(_prefixed(graph, f"s{i}/", {**keep, **{s: s for s in shared}}))
     inputs = list(parts[0].input) + [i for p in parts[1:] for i in p.input if i.name in shared]
     outputs = list(parts[-1].output) + [o for p in parts[:-1] for o in p.output if o.name in shared]
+    # Each joint keeps the type its consumer declares (e.g. ["batch", 32, 16, 16]): onnxruntime cannot tell
+    # that the repair's reshape(-1, ...) has the batch of the tensor it came from, and without that it does
+    # not fuse the tail's residual Add and ReLU into its convolution (tests/test_fuse.py counts the nodes).
+    joints = {f"t{i}" for i in range(len(parts) - 1)}
+    declared = [i for p in parts[1:] for i in p.input if i.name in joints]
     graph = onnx.helper.make_graph(
         nodes=[n for p in parts for n in p.node],
         name=name,
         inputs=inputs,
         outputs=outputs,
         initializer=[t for p in parts for t in p.initializer],
-        value_info=[v for p in parts for v in p.value_info],
+        value_info=[v for p in parts for v in p.value_info if v.name not in joints] + declared,
     )
     model = onnx.helper.make_model(graph, opset_imports=head.opset_import, producer_name="fire")
     model.ir_version = head.ir_version

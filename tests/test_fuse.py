@@ -18,7 +18,7 @@ from fire_backend.directions import DirectionFile
 from fire_backend.names import FEATURES, INPUT, LOGITS
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
-from modelio.fuse import build_fused_onnx
+from modelio.fuse import _repair_graph, build_fused_onnx
 from serving.repository import ProtectedModel, Variant, build_repository
 from serving.server import ServerConfig, TritonServer
 from zoo.data import to_tensor_batch
@@ -72,6 +72,31 @@ def test_fused_graph_equals_head_repair_tail(artifacts, settings_files, tmp_path
     if setting[1] != 1.0 or setting[2] != 1:  # the setting changes the answer: a dropped alpha or basis shows
         unit = _local(a, x, settings_files[(setting[0], 1.0, 1)])
         assert np.abs(unit - expected).max() > 1e-2
+
+
+def _optimized_nodes(model: onnx.ModelProto, tmp_path) -> int:
+    """How many nodes onnxruntime runs for ``model`` after its graph optimizations (layout, fusions)."""
+    import onnxruntime as ort
+
+    src, dst = tmp_path / "src.onnx", tmp_path / "optimized.onnx"
+    onnx.save(model, str(src))
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(dst)
+    opts.log_severity_level = 3  # the layout warning about saving an NCHWc-optimized graph
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    return len(onnx.load(str(dst)).graph.node)
+
+
+def test_the_fused_graph_keeps_the_halves_optimizations(artifacts, settings_files, tmp_path):
+    """Stitched, the tail loses none of the fusions onnxruntime applies to it on its own (its residual Add
+    and ReLU folded into a convolution need the batch axis the repair's output shares with its input)."""
+    a = artifacts["cifar10"]
+    d = DirectionFile.load(settings_files[("project", 1.0, 2)])
+    fused = onnx.load(str(build_fused_onnx(a.export_dir, settings_files[("project", 1.0, 2)], tmp_path / "f.onnx")))
+    parts = [onnx.load(str(a.export_dir / "head.onnx")), onnx.load(str(a.export_dir / "tail.onnx"))]
+    repair = onnx.helper.make_model(_repair_graph(d, None, tmp_path / "r.onnx"), opset_imports=fused.opset_import)
+    separate = sum(_optimized_nodes(m, tmp_path) for m in [*parts, repair])
+    assert _optimized_nodes(fused, tmp_path) <= separate
 
 
 def test_fused_ensemble_and_local_agree_on_a_server(artifacts, settings_files, tmp_path):

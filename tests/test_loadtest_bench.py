@@ -73,6 +73,9 @@ def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
     text = md.read_text()
     assert "perf_analyzer 2.41.0" in text and "FIRE/plain" in text and "## Targets" in text and "Repair core" in text
     assert "## The zero-hop graphs, in process" in text and "| folded | " in text
+    zero_hop = {line.split(" | ")[0][2:]: float(line.split(" | ")[1]) for line in text.splitlines()
+                if line.startswith(("| whole", "| fused", "| folded"))}  # fmt: skip
+    assert zero_hop["whole + the two products"] > zero_hop["whole"]  # the repair's arithmetic is timed
     assert (tmp_path / "out" / "quick.png").stat().st_size > 10_000
 
 
