@@ -16,15 +16,20 @@ Defenses, each fitted once per model on the same images:
 - STRIP, SCALE-UP (reject), Februus-style (restore), fine-pruning (``benchmarks.defenses``).
 FIRE is measured on the whole test split; the baselines, which cost 2 to 11 forward passes per input,
 on a fixed subset of it (``baseline_limit`` images, the same for every variant). The floor is the clean
-twin's ASR on the same variant (CIFAR-10; GTSRB has no clean twin); the ceiling is the clean twin's PA on
-it: what a model that never learned the backdoor gets right on those images as they are (a repair deep in
-the network cannot give back what the trigger covers; one where the trigger is still a pixel pattern can
-undo the pattern and do better). Targets on every counted row: FIRE ASR <=
-floor + 3, PA >= CA - 5, CA drop <= 0.5. Writes results/adaptive.{md,csv,png}.
+twin's ASR on the same variant (``twin_of``: the zoo model of the same dataset trained without a
+backdoor, of the same architecture where there is one); the ceiling is the clean twin's PA on it: what
+a model that never learned the backdoor gets right on those images as they are (a repair deep in the
+network cannot give back what the trigger covers; one where the trigger is still a pixel pattern can
+undo the pattern and do better). Targets on every counted row: FIRE ASR <= floor + 3, PA >= CA - 5,
+CA drop <= 0.5. Writes results/adaptive.{md,csv,png}.
 
 With ``every_cut`` (``--every-cut``), FIRE paired is also measured on the test split at every (cut,
 strength) the cut search weighed, beside the search's own scores (results/adaptive_cuts.{md,csv}): whether
 the search's choice is the best one, and whether any single cut meets a model's targets at all.
+
+With ``keep_others`` (``--keep-others``), only ``models`` are measured; every other model's rows are read
+back from the ``adaptive.csv`` already in the output directory, so one model is added or re-measured
+without re-running the rest (the header names the models measured in this run).
 """
 
 from __future__ import annotations
@@ -51,12 +56,11 @@ from fire_backend.names import PROJECT_ROOT
 from fire_backend.repair import Repair
 from modelio.split import module_cuts
 from zoo.attacks import attack_from_spec
-from zoo.checkpoint import load_model
+from zoo.checkpoint import clean_twins, load_model
 from zoo.data import load_dataset
 
 FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "ceiling", "learned", "cut", "strength",
           "TPR", "AUROC", "ms_per_image", "images")  # fmt: skip
-CLEAN_TWINS = {"cifar10": "cifar10_resnet_clean"}
 CHOSEN = "FIRE paired, cut chosen"  # fire protect's cut search (module docstring)
 
 
@@ -80,6 +84,7 @@ class AdaptiveConfig:
     baseline_limit: int = 1000  # test images per row for the baselines
     baselines: bool = True
     every_cut: bool = False  # FIRE paired at every cut and strength the search weighed (module docstring)
+    keep_others: bool = False  # keep the other models' rows from out_dir/adaptive.csv (module docstring)
     seed: int = 0
     out_dir: Path = PROJECT_ROOT / "results"
 
@@ -98,7 +103,7 @@ class _Model:
         self.name = path.name
         self.model, meta = load_model(path)
         self.attack = attack or attack_from_spec(meta["attack"])  # a clean twin: the backdoored model's trigger
-        self.dataset = meta["dataset"]
+        self.dataset, self.arch = meta["dataset"], meta["model"]["arch"]
         test = load_dataset(self.dataset, "test")
         if cfg.test_limit:
             test = test.subset(cfg.test_limit, seed=cfg.seed)
@@ -172,7 +177,7 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
     for name in tqdm(cfg.models, desc="adaptive", unit="model", disable=None):
         m = _Model(name, cfg)
         name = m.name
-        twin_name = CLEAN_TWINS.get(m.dataset)
+        twin_name = twin_of(m.dataset, m.arch)
         twin = _Model(twin_name, cfg, attack=m.attack) if twin_name else None
         r = m.runner
         clean_f = r.features(m.test.images)
@@ -237,7 +242,41 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
             cut_rows += every_cut(m, scores, best, {v: (r, drawn[v]) for v, r in counted.items()})
     if cfg.every_cut:
         write_cuts(cut_rows, cfg)
-    return write(rows, cfg, time.time() - t0)
+    measured = list(dict.fromkeys(r["model"] for r in rows))
+    if cfg.keep_others:
+        rows = kept_rows(Path(cfg.out_dir) / "adaptive.csv", measured, rows)
+    return write(rows, cfg, time.time() - t0, measured)
+
+
+def twin_of(dataset: str, arch: str) -> str | None:
+    """The zoo model a ``dataset`` / ``arch`` model's floor and ceiling come from: the one trained on the
+    same dataset without a backdoor, of the same architecture where there is one; None without any."""
+    twins = clean_twins(PROJECT_ROOT / "models")
+    return twins.get((dataset, arch)) or next((n for (d, _), n in twins.items() if d == dataset), None)
+
+
+_NUMBERS = ("CA", "ASR", "PA", "floor", "ceiling", "strength", "TPR", "AUROC", "ms_per_image")
+
+
+def kept_rows(path: Path, measured: list[str], rows: list[dict]) -> list[dict]:
+    """``rows`` with every row of ``path`` (an earlier run's adaptive.csv) whose model is not in
+    ``measured``, in model-name order; a blank cell is a value the run did not have (a blank floor or
+    ceiling stays blank: a model without a clean twin)."""
+    if not path.is_file():
+        raise MissingFileError(f"--keep-others: no earlier {path} to keep the other models' rows from")
+    kept = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if r["model"] in measured:
+                continue
+            row = {k: v for k, v in r.items() if v != "" or k in ("floor", "ceiling")}
+            for k in _NUMBERS:
+                if row.get(k, "") != "":
+                    row[k] = float(row[k])
+            row["learned"], row["images"] = row["learned"] == "True", int(row["images"])
+            kept.append(row)
+    order = sorted({r["model"] for r in kept + rows})
+    return sorted(kept + rows, key=lambda r: order.index(r["model"]))  # stable: each model's rows keep their order
 
 
 def meets(asr: float, pa: float, ca: float, none_ca: float, floor) -> bool:
@@ -318,7 +357,7 @@ def targets(rows: list[dict], defense: str = "FIRE paired") -> list[dict]:
     return out
 
 
-def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
+def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[str]) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "adaptive.csv", "w", newline="") as f:
@@ -329,12 +368,17 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float) -> Path:
                         for k, v in r.items() if k in FIELDS})  # fmt: skip
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     t, t_chosen = targets(rows), targets(rows, CHOSEN)
-    cuts = {r["model"]: f"{r['cut']} x{r['strength']:g}" for r in rows if r["defense"] == CHOSEN}
+    cuts = {r["model"]: r["cut"] + (f" x{r['strength']:g}" if "strength" in r else "") for r in rows
+            if r["defense"] == CHOSEN}  # fmt: skip
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    run = f"{seconds:.0f} s, 2 cores"
+    if len(measured) < len(models):
+        run += f", measuring {', '.join(measured)}; the other models' rows from the run before, `--keep-others`"
     unreachable = [x for x in t if x["ceiling"] != "" and x["ceiling"] < x["CA"] - 5]
     lines = [
         "# Adaptive attacker: trigger variants the model learned",
         "",
-        f"`fire bench adaptive` ({seconds:.0f} s, 2 cores): {len(cfg.models)} models, layer `{cfg.layer}`, the "
+        f"`fire bench adaptive` ({run}): {len(models)} models, layer `{cfg.layer}`, the "
         f"defender's {cfg.n_poisoned} samples of the calibrated trigger and {cfg.n_clean} clean training images. "
         f"FIRE on {'the whole test split' if not cfg.test_limit else f'{cfg.test_limit} test images'}; the baselines "
         f"on {cfg.baseline_limit} of them per row. A row counts (`*`) when the undefended ASR is >= {LEARNED:.0f} %. "

@@ -143,7 +143,11 @@ def _bench_adaptive(a: argparse.Namespace) -> None:
     cfg = AdaptiveConfig.quick() if a.quick else AdaptiveConfig()
     if a.model_dirs:
         cfg.models = tuple(a.model_dirs)
-    cfg.layer, cfg.out_dir, cfg.every_cut = a.cut, _out_dir(a), a.every_cut
+    cfg.layer, cfg.out_dir, cfg.every_cut, cfg.keep_others = a.cut, _out_dir(a), a.every_cut, a.keep_others
+    if cfg.keep_others and not a.model_dirs:
+        raise UsageError(
+            "--keep-others keeps the rows of the models not named: name the ones to measure with --model-dirs"
+        )
     print(run_adaptive(cfg).read_text())
 
 
@@ -226,6 +230,7 @@ def _register_benchmarks(sub) -> None:
     add(ad, "--model-dirs", detail="default: every backdoored zoo model")
     add(ad, "--cut", default="layer2")
     add(ad, "--every-cut")
+    add(ad, "--keep-others")
     benchmark("multimodel", "one server, three protected models: unload, load and update under load",
               _bench_multimodel, quick=False)  # fmt: skip
     benchmark("own-model", "a torchvision model with a backdoor, and a 224x224 one", _bench_own_model)

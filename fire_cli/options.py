@@ -229,6 +229,11 @@ VOCABULARY = _options(
         "also measure FIRE at every cut and strength the cut search weighed (slow)",
         {"action": "store_true"},
     ),
+    Option(
+        "--keep-others",
+        "measure only the models named; keep every other model's rows from the adaptive.csv already there",
+        {"action": "store_true"},
+    ),
     # training
     Option("--arch", "the architecture to train"),
     Option("--widths", "channel widths of the three stages", {"type": int, "nargs": 3}),

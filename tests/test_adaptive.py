@@ -6,9 +6,10 @@ import csv
 
 import numpy as np
 
-from benchmarks.adaptive import AdaptiveConfig, run_adaptive
+from benchmarks.adaptive import AdaptiveConfig, kept_rows, run_adaptive, twin_of, write
 from benchmarks.variants import variants
 from calibration.cutsearch import ALPHAS
+from fire_backend.names import PROJECT_ROOT
 from zoo.attacks import make_attack
 
 
@@ -65,3 +66,27 @@ def test_the_adaptive_benchmark_writes_every_defense_and_spatial_views_beat_rank
         }
         assert not diff, (c, a, defense, diff)
     assert "**" in (tmp_path / "adaptive_cuts.md").read_text()
+
+
+def test_every_dataset_has_a_clean_twin_and_keep_others_rejoins_an_earlier_run(tmp_path):
+    assert twin_of("gtsrb", "resnet_small") == "gtsrb_resnet_clean"
+    assert twin_of("cifar10", "vgg_small") == "cifar10_resnet_clean"  # no clean VGG: the dataset's twin
+    assert twin_of("no-such-dataset", "resnet_small") is None
+    earlier = PROJECT_ROOT / "results" / "adaptive.csv"  # a real run's rows stand in for the one before
+    with open(earlier, newline="") as f:
+        models = list(dict.fromkeys(r["model"] for r in csv.DictReader(f)))
+    measured = models[-1]
+    new = [r for r in kept_rows(earlier, [], []) if r["model"] == measured]  # "re-measured": read back as rows
+    for r in new:
+        r["ASR"] = 0.0
+    merged = kept_rows(earlier, [measured], new)
+    assert list(dict.fromkeys(r["model"] for r in merged)) == sorted(models)
+    assert len(merged) == len(kept_rows(earlier, [], [])) and {r["ASR"] for r in merged if r["model"] == measured} == {
+        0.0
+    }
+    one = next(r for r in merged if r["model"] != measured and r["defense"] == "STRIP")
+    assert isinstance(one["CA"], float) and isinstance(one["learned"], bool) and isinstance(one["images"], int)
+    assert "strength" not in one or isinstance(one["strength"], float)
+    report = write(merged, AdaptiveConfig(out_dir=tmp_path), 1.0, [measured]).read_text()
+    assert f"measuring {measured}; the other models' rows from the run before" in report
+    assert f"{len(models)} models" in report

@@ -53,3 +53,15 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_model(ModelConfig(**{**cfg, "widths": tuple(cfg["widths"])}))
     model.load_state_dict(load_file(Path(directory) / WEIGHTS))
     return model.eval(), meta
+
+
+def clean_twins(models_dir: str | Path) -> dict[tuple[str, str], str]:
+    """(dataset, arch) -> the model directory's name, for the models in ``models_dir`` trained without a
+    backdoor (poison rate 0): what a backdoored model of that dataset (and architecture) is measured
+    against."""
+    out = {}
+    for meta_path in sorted(Path(models_dir).glob(f"*/{META}")):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("attack", {}).get("poison_rate", 1) == 0:
+            out.setdefault((meta["dataset"], meta["model"]["arch"]), meta_path.parent.name)
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,17 +10,14 @@ from benchmarks.efficacy.config import EfficacyConfig
 from benchmarks.efficacy.plots import plot_summary
 from benchmarks.efficacy.rows import CSV_FIELDS, headline
 from benchmarks.input_transforms import BASELINES
-from zoo.checkpoint import load_meta
+from zoo.checkpoint import clean_twins, load_meta
 
 
 def _clean_twins(models_dir: Path) -> dict[tuple[str, str], tuple[str, float]]:
     """(dataset, arch) -> (model dir, CA) of clean models (poison rate 0) trained with the same recipe."""
-    out = {}
-    for meta_path in sorted(models_dir.glob("*/model.json")):
-        meta = json.loads(meta_path.read_text())
-        if meta.get("attack", {}).get("poison_rate", 1) == 0:
-            out[(meta["dataset"], meta["model"]["arch"])] = (meta_path.parent.name, 100 * meta["metrics"]["CA"])
-    return out
+    return {
+        k: (name, 100 * load_meta(models_dir / name)["metrics"]["CA"]) for k, name in clean_twins(models_dir).items()
+    }
 
 
 def _fmt(v) -> str:
