@@ -279,9 +279,14 @@ def kept_rows(path: Path, measured: list[str], rows: list[dict]) -> list[dict]:
     return sorted(kept + rows, key=lambda r: order.index(r["model"]))  # stable: each model's rows keep their order
 
 
-def meets(asr: float, pa: float, ca: float, none_ca: float, floor) -> bool:
-    """The targets on a counted row: ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5."""
-    return asr <= (floor if floor != "" else 0.0) + 3 and pa >= ca - 5 and none_ca - ca <= 0.5
+VARIANT_MARGINS = (3.0, 5.0)  # every counted row: ASR <= floor + 3, PA >= CA - 5
+CALIBRATED_MARGINS = (1.0, 2.0)  # an all-to-one attack's calibrated trigger: ASR <= floor + 1, PA >= CA - 2
+
+
+def meets(asr: float, pa: float, ca: float, none_ca: float, floor, margins=VARIANT_MARGINS) -> bool:
+    """The targets on a counted row: ASR <= floor + margins[0], PA >= CA - margins[1], CA drop <= 0.5
+    (a model without a clean twin: floor 0)."""
+    return asr <= (floor if floor != "" else 0.0) + margins[0] and pa >= ca - margins[1] and none_ca - ca <= 0.5
 
 
 def every_cut(m: _Model, scores: list[CutScore], best: CutScore, counted: dict[str, tuple]) -> list[dict]:
@@ -345,16 +350,27 @@ def write_cuts(rows: list[dict], cfg: AdaptiveConfig) -> None:
     (out / "adaptive_cuts.md").write_text("\n".join(lines))
 
 
-def targets(rows: list[dict], defense: str = "FIRE paired") -> list[dict]:
-    """``defense`` (default: FIRE paired with spatial views) on every counted row against the targets."""
+def targets(rows: list[dict], defense: str = "FIRE paired", calibrated: bool = False) -> list[dict]:
+    """``defense`` (default: FIRE paired with spatial views) on every counted row against the targets;
+    ``calibrated``: on the calibrated trigger's counted rows, against the all-to-one targets (an all-to-all
+    attack's rows are not counted: its ASR stays under ``LEARNED``)."""
     by = {(r["model"], r["variant"], r["defense"]): r for r in rows}
+    margins = CALIBRATED_MARGINS if calibrated else VARIANT_MARGINS
     out = []
     for r in rows:
-        if r["defense"] != defense or not r["learned"]:
+        if r["defense"] != defense or not r["learned"] or (calibrated and r["variant"] != "calibrated"):
             continue
         none = by[(r["model"], r["variant"], "none")]
-        out.append({**r, "met": meets(r["ASR"], r["PA"], r["CA"], none["CA"], r["floor"])})
+        out.append({**r, "met": meets(r["ASR"], r["PA"], r["CA"], none["CA"], r["floor"], margins)})
     return out
+
+
+def _missed(t: list[dict], digits: int = 1) -> str:
+    """ "; missed: model / variant (ASR / PA), ..." for the rows of ``targets`` not met; "" when all are."""
+    missed = [
+        f"{x['model']} / {x['variant']} ({x['ASR']:.{digits}f} / {x['PA']:.{digits}f})" for x in t if not x["met"]
+    ]
+    return "; missed: " + ", ".join(missed) if missed else ""
 
 
 def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[str]) -> Path:
@@ -368,6 +384,7 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[
                         for k, v in r.items() if k in FIELDS})  # fmt: skip
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     t, t_chosen = targets(rows), targets(rows, CHOSEN)
+    calibrated = {d: targets(rows, d, calibrated=True) for d in ("FIRE paired", CHOSEN)}
     cuts = {r["model"]: r["cut"] + (f" x{r['strength']:g}" if "strength" in r else "") for r in rows
             if r["defense"] == CHOSEN}  # fmt: skip
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -387,9 +404,7 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[
         "images).",
         "",
         f"Targets (FIRE paired, every counted row: ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5): "
-        f"**{sum(x['met'] for x in t)} of {len(t)} met**"
-        + ("; missed: " + ", ".join(f"{x['model']} / {x['variant']} ({x['ASR']:.1f} / {x['PA']:.1f})"
-                                     for x in t if not x["met"]) if any(not x["met"] for x in t) else "") + ".",
+        f"**{sum(x['met'] for x in t)} of {len(t)} met**{_missed(t)}.",
         "",
         f"On {len(unreachable)} of the counted rows the PA target (CA - 5) is above the ceiling: a model that never "
         "learned the backdoor gets fewer of those images right than the target asks of the repair (a repair at a "
@@ -401,6 +416,10 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[
         f"{CHOSEN} (the cut and strength `fire protect` picks from the same pairs; cuts: "
         + ", ".join(f"{k} {v}" for k, v in cuts.items()) + f"): **{sum(x['met'] for x in t_chosen)} of "
         f"{len(t_chosen)} met**.",
+        "",
+        "All-to-one attacks, the calibrated trigger (ASR <= floor + 1, PA >= CA - 2, CA drop <= 0.5): "
+        + "; ".join(f"{d} **{sum(x['met'] for x in c)} of {len(c)} met**{_missed(c, 2)}" for d, c in calibrated.items())
+        + ".",
         "",
         "| model | variant | floor | ceiling | " + " | ".join(defenses) + " |",
         "|---|---|---:|---:|" + "---:|" * len(defenses),

@@ -90,3 +90,17 @@ def test_every_dataset_has_a_clean_twin_and_keep_others_rejoins_an_earlier_run(t
     report = write(merged, AdaptiveConfig(out_dir=tmp_path), 1.0, [measured]).read_text()
     assert f"measuring {measured}; the other models' rows from the run before" in report
     assert f"{len(models)} models" in report
+    # the all-to-one targets on the calibrated trigger: a row 0.01 past floor + 1 is missed, one at it met
+    calibrated = [r for r in merged if r["variant"] == "calibrated" and r["defense"] == "FIRE paired" and r["learned"]]
+    floor = lambda r: r["floor"] if r["floor"] != "" else 0.0  # noqa: E731
+    none_ca = {r["model"]: r["CA"] for r in merged if r["defense"] == "none"}
+    for r in calibrated:
+        r["CA"] = none_ca[r["model"]]  # no CA cost: the row is judged on ASR and PA alone
+        r["ASR"], r["PA"] = floor(r) + 1.0, r["CA"] - 2.0
+    calibrated[0]["ASR"] += 0.01
+    report = write(merged, AdaptiveConfig(out_dir=tmp_path), 1.0, [measured]).read_text()
+    line = next(x for x in report.splitlines() if x.startswith("All-to-one attacks, the calibrated trigger"))
+    met = (
+        f"FIRE paired **{len(calibrated) - 1} of {len(calibrated)} met**; missed: {calibrated[0]['model']} / calibrated"
+    )
+    assert met in line, line
