@@ -29,7 +29,9 @@ the search's choice is the best one, and whether any single cut meets a model's 
 
 With ``keep_others`` (``--keep-others``), only ``models`` are measured; every other model's rows are read
 back from the ``adaptive.csv`` already in the output directory, so one model is added or re-measured
-without re-running the rest (the header names the models measured in this run).
+without re-running the rest (the header names the models measured in this run). The settings a run
+measured with are written beside it (``adaptive.json``); rows are kept only from a run with the same
+settings and the same columns, and the check is made before anything is measured.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from calibration.calibrate import zoo_calibration_set
 from calibration.cutsearch import CutScore, choose_cut
 from calibration.estimators import unpaired_reference
 from calibration.inprocess import SplitRunner
-from fire_backend.errors import MissingFileError
+from fire_backend.errors import InvalidInputError, MissingFileError
 from fire_backend.names import PROJECT_ROOT
 from fire_backend.repair import Repair
 from modelio.split import module_cuts
@@ -59,13 +61,15 @@ from zoo.attacks import attack_from_spec
 from zoo.checkpoint import clean_twins, load_model
 from zoo.data import load_dataset
 
-FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "ceiling", "learned", "cut", "strength",
+FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "ceiling", "learned", "all_to_one", "cut",
+          "strength",
           "TPR", "AUROC", "ms_per_image", "images")  # fmt: skip
 CHOSEN = "FIRE paired, cut chosen"  # fire protect's cut search (module docstring)
 
 
 def zoo_models() -> tuple[str, ...]:
-    """Every bundled zoo model with a backdoor (the clean twins and the torchvision model left out)."""
+    """Every bundled zoo model trained by ``fire train`` (the torchvision model left out): those with a
+    backdoor and their clean twins, whose rows show what each defense costs a model without one."""
     out = []
     for d in sorted((PROJECT_ROOT / "models").iterdir()):
         meta = d / "model.json"
@@ -171,12 +175,17 @@ def _metrics(labels: np.ndarray, true: np.ndarray, wanted: np.ndarray) -> tuple[
 
 def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
     cfg = cfg or AdaptiveConfig()
+    if cfg.keep_others:
+        if cfg.every_cut:
+            raise InvalidInputError("--keep-others keeps adaptive.csv's rows only: run --every-cut on its own")
+        kept_rows(cfg.out_dir, [], [], settings(cfg))  # refuse before measuring, not after
     t0 = time.time()
     rows: list[dict] = []
     cut_rows: list[dict] = []
     for name in tqdm(cfg.models, desc="adaptive", unit="model", disable=None):
         m = _Model(name, cfg)
         name = m.name
+        all_to_one = len(np.unique(m.attack.target_labels(np.arange(m.num_classes), m.num_classes))) == 1
         twin_name = twin_of(m.dataset, m.arch)
         twin = _Model(twin_name, cfg, attack=m.attack) if twin_name else None
         r = m.runner
@@ -216,7 +225,8 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
             if twin is not None:
                 twin_t = twin.runner.labels(twin.runner.features(apply(twin.x)))
                 floor, ceiling = (round(v, 2) for v in _metrics(twin_t, twin.true, twin.wanted))
-            ident = {"model": name, "variant": variant, "floor": floor, "ceiling": ceiling, "learned": learned}
+            ident = {"model": name, "variant": variant, "floor": floor, "ceiling": ceiling, "learned": learned,
+                     "all_to_one": all_to_one}  # fmt: skip
             served = xt[sub]  # the cost per request, on the baselines' images: head -> (repair) -> tail
             rows.append({**ident, "defense": "none", "CA": ca["none"], "ASR": asr0, "PA": pa0,
                          "ms_per_image": _ms(r, served), "images": len(xt)})  # fmt: skip
@@ -244,7 +254,7 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
         write_cuts(cut_rows, cfg)
     measured = list(dict.fromkeys(r["model"] for r in rows))
     if cfg.keep_others:
-        rows = kept_rows(Path(cfg.out_dir) / "adaptive.csv", measured, rows)
+        rows = kept_rows(cfg.out_dir, measured, rows, settings(cfg))
     return write(rows, cfg, time.time() - t0, measured)
 
 
@@ -256,24 +266,42 @@ def twin_of(dataset: str, arch: str) -> str | None:
 
 
 _NUMBERS = ("CA", "ASR", "PA", "floor", "ceiling", "strength", "TPR", "AUROC", "ms_per_image")
+_FLAGS = ("learned", "all_to_one")
 
 
-def kept_rows(path: Path, measured: list[str], rows: list[dict]) -> list[dict]:
-    """``rows`` with every row of ``path`` (an earlier run's adaptive.csv) whose model is not in
-    ``measured``, in model-name order; a blank cell is a value the run did not have (a blank floor or
-    ceiling stays blank: a model without a clean twin)."""
-    if not path.is_file():
-        raise MissingFileError(f"--keep-others: no earlier {path} to keep the other models' rows from")
+def settings(cfg: AdaptiveConfig) -> dict:
+    """What a run's rows depend on besides the model (written beside them as adaptive.json)."""
+    keys = ("layer", "n_poisoned", "n_clean", "test_limit", "baseline_limit", "baselines", "seed")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def kept_rows(out_dir: Path, measured: list[str], rows: list[dict], expected: dict) -> list[dict]:
+    """``rows`` with every row of ``out_dir``'s adaptive.csv (an earlier run's) whose model is not in
+    ``measured``, in model-name order; refused unless that run's adaptive.json holds the ``expected``
+    settings and its columns are ``FIELDS``. A blank cell is a value the run did not have (a blank floor
+    or ceiling stays blank: a model without a clean twin)."""
+    path, meta = Path(out_dir) / "adaptive.csv", Path(out_dir) / "adaptive.json"
+    if not path.is_file() or not meta.is_file():
+        raise MissingFileError(f"--keep-others: no earlier run in {out_dir} (adaptive.csv and adaptive.json) "
+                               "to keep the other models' rows from")  # fmt: skip
+    earlier = json.loads(meta.read_text())
+    if earlier != expected:
+        raise InvalidInputError(f"--keep-others: the run in {out_dir} measured with {earlier}, this one with "
+                                f"{expected}: its rows cannot stand beside these")  # fmt: skip
     kept = []
     with path.open(newline="") as f:
-        for r in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != FIELDS:
+            raise InvalidInputError(f"--keep-others: {path} has the columns {reader.fieldnames}, this version "
+                                    f"writes {list(FIELDS)}: re-run every model")  # fmt: skip
+        for r in reader:
             if r["model"] in measured:
                 continue
             row = {k: v for k, v in r.items() if v != "" or k in ("floor", "ceiling")}
             for k in _NUMBERS:
                 if row.get(k, "") != "":
                     row[k] = float(row[k])
-            row["learned"], row["images"] = row["learned"] == "True", int(row["images"])
+            row.update({k: row[k] == "True" for k in _FLAGS}, images=int(row["images"]))
             kept.append(row)
     order = sorted({r["model"] for r in kept + rows})
     return sorted(kept + rows, key=lambda r: order.index(r["model"]))  # stable: each model's rows keep their order
@@ -352,24 +380,31 @@ def write_cuts(rows: list[dict], cfg: AdaptiveConfig) -> None:
 
 def targets(rows: list[dict], defense: str = "FIRE paired", calibrated: bool = False) -> list[dict]:
     """``defense`` (default: FIRE paired with spatial views) on every counted row against the targets;
-    ``calibrated``: on the calibrated trigger's counted rows, against the all-to-one targets (an all-to-all
-    attack's rows are not counted: its ASR stays under ``LEARNED``)."""
+    ``calibrated``: on the calibrated trigger's counted rows of the all-to-one attacks (every triggered image
+    to one class), against their targets."""
     by = {(r["model"], r["variant"], r["defense"]): r for r in rows}
     margins = CALIBRATED_MARGINS if calibrated else VARIANT_MARGINS
     out = []
     for r in rows:
-        if r["defense"] != defense or not r["learned"] or (calibrated and r["variant"] != "calibrated"):
+        if r["defense"] != defense or not r["learned"]:
+            continue
+        if calibrated and (r["variant"] != "calibrated" or not r["all_to_one"]):
             continue
         none = by[(r["model"], r["variant"], "none")]
-        out.append({**r, "met": meets(r["ASR"], r["PA"], r["CA"], none["CA"], r["floor"], margins)})
+        met = meets(r["ASR"], r["PA"], r["CA"], none["CA"], r["floor"], margins)
+        out.append({**r, "met": met, "CA_drop": none["CA"] - r["CA"]})
     return out
 
 
 def _missed(t: list[dict], digits: int = 1) -> str:
-    """ "; missed: model / variant (ASR / PA), ..." for the rows of ``targets`` not met; "" when all are."""
-    missed = [
-        f"{x['model']} / {x['variant']} ({x['ASR']:.{digits}f} / {x['PA']:.{digits}f})" for x in t if not x["met"]
-    ]
+    """``; missed: model / variant (ASR / PA[, CA drop]), ...`` for the rows of ``targets`` not met; "" when
+    all are."""
+
+    def cell(x: dict) -> str:
+        drop = f", CA drop {x['CA_drop']:.2f}" if x["CA_drop"] > 0.5 else ""
+        return f"{x['model']} / {x['variant']} ({x['ASR']:.{digits}f} / {x['PA']:.{digits}f}{drop})"
+
+    missed = [cell(x) for x in t if not x["met"]]
     return "; missed: " + ", ".join(missed) if missed else ""
 
 
@@ -382,6 +417,7 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[
         for r in rows:
             w.writerow({k: (round(v, 4 if k == "ms_per_image" else 2) if isinstance(v, float) else v)
                         for k, v in r.items() if k in FIELDS})  # fmt: skip
+    (out / "adaptive.json").write_text(json.dumps(settings(cfg), indent=2) + "\n")  # what --keep-others checks
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     t, t_chosen = targets(rows), targets(rows, CHOSEN)
     calibrated = {d: targets(rows, d, calibrated=True) for d in ("FIRE paired", CHOSEN)}
@@ -390,7 +426,8 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[
     models = list(dict.fromkeys(r["model"] for r in rows))
     run = f"{seconds:.0f} s, 2 cores"
     if len(measured) < len(models):
-        run += f", measuring {', '.join(measured)}; the other models' rows from the run before, `--keep-others`"
+        run += (f", measuring {', '.join(measured)}; the other models' rows kept from the adaptive.csv there, "
+                "`--keep-others`")  # fmt: skip
     unreachable = [x for x in t if x["ceiling"] != "" and x["ceiling"] < x["CA"] - 5]
     lines = [
         "# Adaptive attacker: trigger variants the model learned",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import numpy as np
+import pytest
 
-from benchmarks.adaptive import AdaptiveConfig, kept_rows, run_adaptive, twin_of, write
+from benchmarks.adaptive import AdaptiveConfig, kept_rows, run_adaptive, settings, twin_of, write
 from benchmarks.variants import variants
 from calibration.cutsearch import ALPHAS
+from fire_backend.errors import InvalidInputError, MissingFileError
 from fire_backend.names import PROJECT_ROOT
 from zoo.attacks import make_attack
 
@@ -72,25 +75,41 @@ def test_every_dataset_has_a_clean_twin_and_keep_others_rejoins_an_earlier_run(t
     assert twin_of("gtsrb", "resnet_small") == "gtsrb_resnet_clean"
     assert twin_of("cifar10", "vgg_small") == "cifar10_resnet_clean"  # no clean VGG: the dataset's twin
     assert twin_of("no-such-dataset", "resnet_small") is None
-    earlier = PROJECT_ROOT / "results" / "adaptive.csv"  # a real run's rows stand in for the one before
-    with open(earlier, newline="") as f:
-        models = list(dict.fromkeys(r["model"] for r in csv.DictReader(f)))
-    measured = models[-1]
-    new = [r for r in kept_rows(earlier, [], []) if r["model"] == measured]  # "re-measured": read back as rows
-    for r in new:
-        r["ASR"] = 0.0
-    merged = kept_rows(earlier, [measured], new)
-    assert list(dict.fromkeys(r["model"] for r in merged)) == sorted(models)
-    assert len(merged) == len(kept_rows(earlier, [], [])) and {r["ASR"] for r in merged if r["model"] == measured} == {
-        0.0
-    }
-    one = next(r for r in merged if r["model"] != measured and r["defense"] == "STRIP")
+    earlier, cfg = tmp_path / "earlier", AdaptiveConfig(out_dir=tmp_path / "merged")
+    earlier.mkdir()
+    for name in ("adaptive.csv", "adaptive.json"):  # a real run's rows stand in for the one before
+        shutil.copy(PROJECT_ROOT / "results" / name, earlier / name)
+    every = kept_rows(earlier, [], [], settings(cfg))
+    models = list(dict.fromkeys(r["model"] for r in every))
+    assert models == sorted(models) and len(models) > 2
+    measured = [models[1], "a_model_new_to_the_table"]  # one re-measured, one the earlier run did not have
+    new = [{**r, "ASR": 0.0} for r in every if r["model"] == models[1]]
+    new += [{**r, "model": measured[1]} for r in every if r["model"] == models[1]]
+    merged = kept_rows(earlier, measured, new, settings(cfg))
+    assert list(dict.fromkeys(r["model"] for r in merged)) == sorted([*models, measured[1]])
+    assert len(merged) == len(every) + len(new) // 2 and {r["ASR"] for r in merged if r["model"] == models[1]} == {0.0}
+    one = next(r for r in merged if r["model"] == models[0] and r["defense"] == "FIRE paired, cut chosen")
     assert isinstance(one["CA"], float) and isinstance(one["learned"], bool) and isinstance(one["images"], int)
-    assert "strength" not in one or isinstance(one["strength"], float)
-    report = write(merged, AdaptiveConfig(out_dir=tmp_path), 1.0, [measured]).read_text()
-    assert f"measuring {measured}; the other models' rows from the run before" in report
-    assert f"{len(models)} models" in report
-    # the all-to-one targets on the calibrated trigger: a row 0.01 past floor + 1 is missed, one at it met
+    assert isinstance(one["all_to_one"], bool) and "TPR" not in one  # a blank cell is no value, as in a fresh row
+    report = write(merged, cfg, 1.0, measured).read_text()
+    assert f"measuring {', '.join(measured)}; the other models' rows kept from the adaptive.csv there" in report
+    assert f"{len(models) + 1} models" in report
+    same = lambda rows: [str(sorted(r.items())) for r in rows]  # noqa: E731 - NaN (a TPR without attacks) as text
+    assert same(kept_rows(cfg.out_dir, [], [], settings(cfg))) == same(merged)  # write() then read: the same rows
+    with pytest.raises(InvalidInputError, match="measured with"):  # rows of other settings are not kept
+        kept_rows(earlier, [], [], settings(AdaptiveConfig(test_limit=600)))
+    (earlier / "adaptive.csv").write_text("model,variant\n")
+    with pytest.raises(InvalidInputError, match="columns"):
+        kept_rows(earlier, [], [], settings(cfg))
+    (earlier / "adaptive.json").unlink()
+    with pytest.raises(MissingFileError, match="no earlier run"):
+        kept_rows(earlier, [], [], settings(cfg))
+    with pytest.raises(InvalidInputError, match="every-cut"):
+        run_adaptive(AdaptiveConfig(keep_others=True, every_cut=True, out_dir=earlier))
+    with pytest.raises(MissingFileError):  # refused before anything is measured
+        run_adaptive(AdaptiveConfig(keep_others=True, out_dir=earlier))
+    # the all-to-one targets on the calibrated trigger: a row 0.01 past floor + 1 is missed, one at it met;
+    # an all-to-all attack is not judged by them
     calibrated = [r for r in merged if r["variant"] == "calibrated" and r["defense"] == "FIRE paired" and r["learned"]]
     floor = lambda r: r["floor"] if r["floor"] != "" else 0.0  # noqa: E731
     none_ca = {r["model"]: r["CA"] for r in merged if r["defense"] == "none"}
@@ -98,9 +117,9 @@ def test_every_dataset_has_a_clean_twin_and_keep_others_rejoins_an_earlier_run(t
         r["CA"] = none_ca[r["model"]]  # no CA cost: the row is judged on ASR and PA alone
         r["ASR"], r["PA"] = floor(r) + 1.0, r["CA"] - 2.0
     calibrated[0]["ASR"] += 0.01
-    report = write(merged, AdaptiveConfig(out_dir=tmp_path), 1.0, [measured]).read_text()
-    line = next(x for x in report.splitlines() if x.startswith("All-to-one attacks, the calibrated trigger"))
-    met = (
-        f"FIRE paired **{len(calibrated) - 1} of {len(calibrated)} met**; missed: {calibrated[0]['model']} / calibrated"
-    )
-    assert met in line, line
+    all_to_all = calibrated[-1]["model"]
+    for r in merged:
+        r["all_to_one"] = r["model"] != all_to_all
+    line = next(x for x in write(merged, cfg, 1.0, measured).read_text().splitlines() if x.startswith("All-to-one"))
+    n = len(calibrated) - 1
+    assert f"FIRE paired **{n - 1} of {n} met**; missed: {calibrated[0]['model']} / calibrated" in line, line
