@@ -78,7 +78,7 @@ def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
     assert zero_hop["whole + the two products"] > zero_hop["whole"]  # the repair's arithmetic is timed
     cold = {line.split(" | ")[0][2:]: float(line.split(" | ")[-2]) for line in text.splitlines()
             if line.startswith(("| whole", "| fused", "| folded"))}  # fmt: skip
-    assert cold["whole"] > zero_hop["whole"]  # a call with the caches flushed before it takes longer
+    assert cold["whole"] > zero_hop["whole"]  # the cold column is there, a median at least the warm best
     assert (tmp_path / "out" / "quick.png").stat().st_size > 10_000
 
 
