@@ -284,7 +284,10 @@ def kept_rows(out_dir: Path, measured: list[str], rows: list[dict], expected: di
     if not path.is_file() or not meta.is_file():
         raise MissingFileError(f"--keep-others: no earlier run in {out_dir} (adaptive.csv and adaptive.json) "
                                "to keep the other models' rows from")  # fmt: skip
-    earlier = json.loads(meta.read_text())
+    try:
+        earlier = json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"--keep-others: {meta} is not valid JSON ({e}): re-run every model") from None
     if earlier != expected:
         raise InvalidInputError(f"--keep-others: the run in {out_dir} measured with {earlier}, this one with "
                                 f"{expected}: its rows cannot stand beside these")  # fmt: skip

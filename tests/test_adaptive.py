@@ -101,6 +101,9 @@ def test_every_dataset_has_a_clean_twin_and_keep_others_rejoins_an_earlier_run(t
     (earlier / "adaptive.csv").write_text("model,variant\n")
     with pytest.raises(InvalidInputError, match="columns"):
         kept_rows(earlier, [], [], settings(cfg))
+    (earlier / "adaptive.json").write_text("{not json")
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        kept_rows(earlier, [], [], settings(cfg))
     (earlier / "adaptive.json").unlink()
     with pytest.raises(MissingFileError, match="no earlier run"):
         kept_rows(earlier, [], [], settings(cfg))
