@@ -234,7 +234,10 @@ def graph_timings(cfg: ServingBenchConfig, inputs: np.ndarray, repeats: int = 5)
     return out
 
 
-def _cold(runs: dict, calls: int = 200, flush_mib: int = 64) -> dict[str, float]:
+FLUSH_MIB = 64  # read before every cold call: more than a core's L1 and L2 hold
+
+
+def _cold(runs: dict, calls: int = 200, flush_mib: int = FLUSH_MIB) -> dict[str, float]:
     """Each of ``runs`` timed with ``flush_mib`` MiB read (one float per cache line) before every call:
     more than a core's own caches (L1, L2) hold, so each call starts with the weights and the repair's
     basis out of them, as in a server whose other processes run on the same cores between two requests
@@ -483,7 +486,7 @@ def write_results(cfg: ServingBenchConfig, rows: list[dict], scaled: list[dict],
         "D the feature size), the floor under the served ratios above. The last row adds to `whole` only "
         "those two products, timed with NumPy's BLAS outside any graph: what the repair's arithmetic alone "
         "costs at this rank and cut, with no graph op, copy or dispatch around it. Cold: batch "
-        f"{min(cfg.batch_sizes)} with 64 MiB read before every call (median): more than a core's own caches "
+        f"{min(cfg.batch_sizes)} with {FLUSH_MIB} MiB read before every call (median): more than a core's own caches "
         "(L1, L2) hold, so each call starts with the weights and the repair's basis out of them, as in a server "
         "whose other processes run on the same cores between two requests.",
         "",
