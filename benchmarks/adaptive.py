@@ -54,7 +54,7 @@ from calibration.cutsearch import CutScore, choose_cut
 from calibration.estimators import unpaired_reference
 from calibration.inprocess import SplitRunner
 from fire_backend.errors import InvalidInputError, MissingFileError
-from fire_backend.names import PROJECT_ROOT
+from fire_backend.names import DEFAULT_AUGMENT, PROJECT_ROOT
 from fire_backend.repair import Repair
 from modelio.split import module_cuts
 from zoo.attacks import attack_from_spec
@@ -126,8 +126,8 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
     feats = lambda x: r.features(x).numpy()  # noqa: E731
     clean = r.features(c.clean)
     out = {}
-    for name, paired, augment in (("FIRE rank 1, paired", True, "none"), ("FIRE paired", True, "flips-shifts"),
-                                  ("FIRE unpaired", False, "flips-shifts")):  # fmt: skip
+    for name, paired, augment in (("FIRE rank 1, paired", True, "none"), ("FIRE paired", True, DEFAULT_AUGMENT),
+                                  ("FIRE unpaired", False, DEFAULT_AUGMENT)):  # fmt: skip
         if paired:
             e = spatial_estimate(feats, c.triggered, c.originals, True, augment)
         else:
@@ -137,7 +137,7 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
     return out
 
 
-def chosen_cut(m: _Model, augment: str = "flips-shifts") -> tuple[CutScore, list[CutScore]]:
+def chosen_cut(m: _Model, augment: str = DEFAULT_AUGMENT) -> tuple[CutScore, list[CutScore]]:
     """What ``fire protect`` deploys from the 50 pairs when no cut is named: its cut search over every
     module cut (the winner and every score)."""
     example = torch.zeros((2, *m.test.images.shape[3:], *m.test.images.shape[1:3]))
@@ -145,7 +145,7 @@ def chosen_cut(m: _Model, augment: str = "flips-shifts") -> tuple[CutScore, list
     return choose_cut(lambda k: SplitRunner(m.model, k), cuts, m.calib, augment=augment)
 
 
-def paired_repairs(m: _Model, cut: str, alphas, augment: str = "flips-shifts") -> tuple[SplitRunner, list[Repair]]:
+def paired_repairs(m: _Model, cut: str, alphas, augment: str = DEFAULT_AUGMENT) -> tuple[SplitRunner, list[Repair]]:
     """FIRE paired at ``cut``, one repair per strength, the direction from all the pairs."""
     c, r = m.calib, SplitRunner(m.model, cut)
     e = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment)

@@ -2,25 +2,31 @@
 
 A model trained with flips and crops learns its trigger at more than one place: the same patch
 mirrored or moved a few pixels also fires it, and an attacker who knows the backdoor will use that.
-The defender never sees those variants, but can move the triggered images it has (and their clean
-reference, alike) the way training moved images: each view gives its own shift in feature space, and
-the repair removes the span of them (a rank-k ``project`` repair whose first direction is the mean
-shift). Views change only where the pixels are, never their values (photometric views are the
-unpaired estimate's other tool, ``estimators.photometric_views``).
+Nor does a model see its trigger at one size only: a patch drawn larger still fires it where the
+features it builds from the patch do not depend on its exact size. The defender never sees those
+variants, but can move the triggered images it has (and their clean reference, alike) the way an
+attacker would move the trigger: each view gives its own shift in feature space, and the repair removes
+the span of them (a rank-k ``project`` repair whose first direction is the mean shift). Views change
+only where the pixels are, never their values (photometric views are the unpaired estimate's other
+tool, ``estimators.photometric_views``).
 
 - ``none``: the images as they are (rank 1);
 - ``flips-shifts``: as they are, mirrored left-right, top-bottom and both, and moved by 2 and 4 px
-  along both diagonals (10 views).
+  along both diagonals (10 views);
+- ``flips-shifts-zooms`` (the default): those, and the images zoomed ``ZOOMS`` times about the trigger's
+  centre (``trigger_centre``: where the triggered images differ from their reference), so that a trigger
+  drawn larger keeps its place (12 views).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fire_backend.errors import InvalidInputError
+from fire_backend.names import AUGMENTS
 
 View = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC -> uint8 NHWC
 
@@ -33,17 +39,57 @@ def _shift(dy: int, dx: int) -> View:
     return lambda x: np.roll(x, (dy, dx), (1, 2))
 
 
-AUGMENTS: dict[str, list[View]] = {
-    "none": [lambda x: x],
-    "flips-shifts": [lambda x: x, _flip((2,)), _flip((1,)), _flip((1, 2))]
-    + [_shift(dy, dx) for dy, dx in ((2, 2), (-2, -2), (2, -2), (-2, 2), (4, 4), (-4, -4))],
-}
+def _zoom(factor: float, centre: tuple[float, float] | None) -> View:
+    """The image magnified ``factor`` times about ``centre`` (row, column; None: the image's centre),
+    nearest pixel, the same size (what leaves the frame is cut off)."""
+
+    def zoom(x: np.ndarray) -> np.ndarray:
+        h, w = x.shape[1:3]
+        cy, cx = ((h - 1) / 2, (w - 1) / 2) if centre is None else centre
+        rows = np.clip(np.rint(cy + (np.arange(h) - cy) / factor), 0, h - 1).astype(int)
+        cols = np.clip(np.rint(cx + (np.arange(w) - cx) / factor), 0, w - 1).astype(int)
+        return np.ascontiguousarray(x[:, rows][:, :, cols])
+
+    return zoom
 
 
-def views(name: str) -> list[View]:
+ZOOMS = (1.25, 2.0)  # the zoom views' factors
+_FLIPS_SHIFTS: list[View] = [lambda x: x, _flip((2,)), _flip((1,)), _flip((1, 2))] + [
+    _shift(dy, dx) for dy, dx in ((2, 2), (-2, -2), (2, -2), (-2, 2), (4, 4), (-4, -4))
+]
+
+
+def views(name: str, centre: tuple[float, float] | None = None) -> list[View]:
+    """The views of ``name``, the identity first; zoom views magnify about ``centre`` (``trigger_centre``)."""
     if name not in AUGMENTS:
-        raise InvalidInputError(f"augment must be one of {sorted(AUGMENTS)}, got {name!r}")
-    return AUGMENTS[name]
+        raise InvalidInputError(f"augment must be one of {list(AUGMENTS)}, got {name!r}")
+    if name == "none":
+        return [lambda x: x]
+    zooms = [_zoom(f, centre) for f in ZOOMS] if name == "flips-shifts-zooms" else []
+    return _FLIPS_SHIFTS + zooms
+
+
+SIGNIFICANT = 3.0  # unpaired: a pixel is part of the trigger's footprint past this many standard errors
+
+
+def trigger_centre(triggered: np.ndarray, other: np.ndarray, paired: bool) -> tuple[float, float]:
+    """Where the trigger sits (row, column), from pixels alone: the centroid of how much the triggered
+    images differ from ``other``. Paired: each from its original (the mean absolute difference: exactly
+    the trigger's footprint). Unpaired: the two sets' mean images, where they differ by more than
+    ``SIGNIFICANT`` standard errors of that difference (how far the two sets' contents alone move it),
+    weighted by the excess. A patch's centre is the patch's; a full-image trigger's, near the image's
+    (the image's centre when no pixel stands out)."""
+    t, o = np.asarray(triggered, np.float64), np.asarray(other, np.float64)
+    if paired:
+        weight = np.abs(t - o).mean(axis=(0, 3))
+    else:
+        error = np.sqrt(t.var(0) / len(t) + o.var(0) / len(o)) + 1e-6
+        weight = np.clip(np.abs(t.mean(0) - o.mean(0)) / error - SIGNIFICANT, 0, None).sum(axis=-1)
+    h, w = weight.shape
+    if not weight.sum() > 0:
+        return (h - 1) / 2, (w - 1) / 2
+    cy, cx = (np.indices((h, w)) * weight).reshape(2, -1).sum(1) / weight.sum()
+    return float(cy), float(cx)
 
 
 @dataclass(frozen=True)
@@ -51,6 +97,7 @@ class SpatialEstimate:
     beta: np.ndarray  # the mean difference (the first direction)
     basis: np.ndarray | None  # (k, D) orthonormal span of the views' differences, None for one view
     along: tuple[np.ndarray, ...] = ()  # each view's triggered features projected on basis[0], the gate's direction
+    centre: tuple[float, float] | None = None  # where the zoom views magnified about (``trigger_centre``)
 
     def directions(self, clean, **settings):
         """The direction file (``calibration.factory.make_directions``; ``settings``: its keyword arguments),
@@ -67,22 +114,26 @@ class SpatialEstimate:
 
 def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np.ndarray, other: np.ndarray,
                      paired: bool, augment: str) -> SpatialEstimate:  # fmt: skip
-    """The estimate over the views of ``augment``: ``other`` is the originals of ``triggered`` (paired:
-    per-pair differences, each view applied to both) or the clean reference (unpaired: one mean
-    difference per view). beta is the mean difference; with more than one view, basis is the orthonormal
-    (k, D) span of the differences, the mean's direction first (``estimators.principal_basis``), k the
-    number of views. ``features``: uint8 NHWC images -> (N, ...) features.
+    """The estimate over the views of ``augment`` (zooms about ``trigger_centre``): ``other`` is the
+    originals of ``triggered`` (paired: per-pair differences, each view applied to both) or the clean
+    reference (unpaired: one mean difference per view). beta is the mean difference; with more than one
+    view, basis is the orthonormal (k, D) span of the differences, the mean's direction first
+    (``estimators.principal_basis``), k the number of views. ``features``: uint8 NHWC images -> (N, ...)
+    features.
 
     The project repair moves only samples past the clean mean along the first direction. When the views'
     shifts do not all point that way (a periodic pattern mirrored or shifted is the same pattern out of
-    phase: the shifts cancel in the mean), that gate would skip a view's triggered images; so the file
-    ``directions`` writes is not gated when fewer than ``estimators.GATE_COVERAGE`` of some view's
-    triggered images pass it (``estimators.gate_holds``)."""
+    phase: the shifts cancel in the mean), or when a trigger at half its strength would slide under it
+    (a shift small beside the spread of clean features: a dimmed trigger evades the gate), that gate
+    would skip triggered images; so the file ``directions`` writes is not gated unless it passes
+    ``estimators.GATE_COVERAGE`` of every view's triggered images at full and at half their shift
+    (``estimators.covers``)."""
+    centre = trigger_centre(triggered, other, paired)
     t_views, o_views = [], []
-    for view in views(augment):
+    for view in views(augment, centre):
         t_views.append(features(view(triggered)))
         o_views.append(features(view(other)))
-    return estimate_from_views(t_views, o_views, paired)
+    return replace(estimate_from_views(t_views, o_views, paired), centre=centre)
 
 
 def estimate_from_views(triggered_views: list[np.ndarray], other_views: list[np.ndarray],

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calibration.augment import views
+from calibration.augment import trigger_centre, views
 from calibration.calibrate import zoo_calibration_set
 from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
-from fire_backend.names import DIRECTIONS_FILE
+from fire_backend.names import DEFAULT_AUGMENT, DIRECTIONS_FILE
 from fire_backend.repair import Repair
 from modelio.export import export_split
 from modelio.split import SplitError, candidate_layers, split_at
@@ -43,7 +43,7 @@ class AutoConfig:
     modes: tuple[str, ...] = ("subtract", "project", "gated")
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     ranks: tuple[int, ...] = (1, 2)  # tried with mode project (with spatial views: one per view)
-    augment: str = "flips-shifts"  # spatial views of the pairs the directions are fitted on (calibration.augment)
+    augment: str = DEFAULT_AUGMENT  # spatial views of the pairs the directions are fitted on (calibration.augment)
     folds: int = 5
     max_ca_drop: float = 0.5  # percentage points, on the held-out clean half
     fpr: float = 0.01
@@ -136,12 +136,13 @@ def auto_calibrate(
     half = rng.permutation(len(clean))
     fit_clean, held_clean = half[: len(clean) // 2], half[len(clean) // 2 :]
     layers = list(config.layers) or usable_layers(model)
+    centre = trigger_centre(pair_poisoned, pair_clean, True)
     scores: list[Scored] = []
     runners: dict[str, tuple[SplitRunner, FitInputs]] = {}
     for layer in tqdm(layers, desc="auto-calibrate", unit="layer", disable=None):
         runner = SplitRunner(model, layer)
         fc, fp, fk = runner.features(pair_clean), runner.features(pair_poisoned), runner.features(clean)
-        vs = views(config.augment)  # fitted on every view of the pairs, judged on the held-out pairs as they are
+        vs = views(config.augment, centre)  # fitted on every view of the pairs, judged on the pairs as they are
         fc_v = torch.cat([runner.features(v(pair_clean)) for v in vs])
         fp_v = torch.cat([runner.features(v(pair_poisoned)) for v in vs])
         fold_v = np.tile(fold_of, len(vs))

@@ -25,7 +25,7 @@ from calibration.estimators import (
 from calibration.factory import make_directions
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
-from fire_backend.names import FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX, TAIL_ONNX
+from fire_backend.names import DEFAULT_AUGMENT, FEATURES, FEATURES2, HEAD_ONNX, MID_ONNX, TAIL_ONNX
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
 from modelio.export import ExportInfo
@@ -42,7 +42,7 @@ class CalibrationConfig:
     n_clean: int = 1000  # clean samples for mu and the gated threshold
     fpr: float = 0.01  # gated: share of clean samples allowed above the threshold
     views: int = 4  # unpaired without spatial views: photometric views per image
-    augment: str = "flips-shifts"  # spatial views of the images (calibration.augment): rank-k project repair
+    augment: str = DEFAULT_AUGMENT  # spatial views of the images (calibration.augment): rank-k project repair
     seed: int = 0
     attack: dict[str, Any] = field(default_factory=dict)  # empty: the attack recorded in split.json
 

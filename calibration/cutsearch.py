@@ -14,7 +14,7 @@ none:
   misses a cost that unseen images pay); a cut whose cost exceeds ``max_ca_drop`` points is not taken;
 - gain: the share of held-out triggered images the repair moves off their current prediction; with
   paired images and labels, the share given back their true label (PA);
-- transfer: the share of held-out triggered images moved by each view (mirrored, shifted) that a
+- transfer: the share of held-out triggered images moved by each view (mirrored, shifted, zoomed) that a
   direction fitted on the images as they are (no views, strength 1) gives back their label (or moves):
   whether the trigger moves the features the same way wherever it sits. A cut where it does is one
   where the variants an attacker will try share a direction; one where it does not repairs the
@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.augment import estimate_from_views, views
+from calibration.augment import estimate_from_views, trigger_centre, views
 from calibration.calibrate import CalibrationSet
 from calibration.estimators import reference_too_small, unpaired_reference
 from fire_backend.errors import InvalidInputError
-from fire_backend.names import FEATURES
+from fire_backend.names import DEFAULT_AUGMENT, FEATURES
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
 from modelio.onnx_graph import OnnxGraph
@@ -82,7 +82,7 @@ class OnnxRunner:
 
 
 ALPHAS = (1.0, 1.5, 2.0)  # repair strengths tried with every cut (1: remove the estimated component)
-TRANSFER_VIEWS = "flips-shifts"  # the moves the transfer score judges on (calibration.augment), whatever the fit uses
+TRANSFER_VIEWS = DEFAULT_AUGMENT  # the moves the transfer score judges on (calibration.augment), whatever the fit uses
 FOLDS = 5  # cross-fitting: each fifth of the images judged by a direction fitted on the other four
 
 
@@ -111,14 +111,14 @@ class _ReferenceMeans:
     clean image outside it when too few of the reference are (``estimators.unpaired_reference``'s rule),
     from per-fold sums (the clean images' features are computed once per view, ``chunk`` at a time)."""
 
-    def __init__(self, features, clean: np.ndarray, reference: np.ndarray, folds: list[np.ndarray], augment: str,
+    def __init__(self, features, clean: np.ndarray, reference: np.ndarray, folds: list[np.ndarray], view_list: list,
                  chunk: int = 256):  # fmt: skip
         group = np.zeros(len(clean), dtype=np.int64)  # 2 * fold + (1 if in the reference)
         for j, f in enumerate(folds):
             group[f] = 2 * j + reference[f]
         self.counts = np.bincount(group, minlength=2 * len(folds)).reshape(-1, 2).astype(np.float64)
         self.sums = []  # per view: (folds, 2, D)
-        for view in views(augment):
+        for view in view_list:
             sums = 0.0
             for i in range(0, len(clean), chunk):
                 x = np.asarray(features(view(clean[i : i + chunk])), np.float64)
@@ -144,7 +144,8 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     k = max(2, min(folds, len(data.triggered) // 2, len(data.clean) // 2))
     held_c, held_t = _folds(len(data.clean), k, seed), _folds(len(data.triggered), k, seed + 1)
     feats = lambda x: runner.features(x).numpy()  # noqa: E731
-    t_views = [feats(view(data.triggered)) for view in views(augment)]  # once per cut; a fold takes rows
+    centre = trigger_centre(data.triggered, data.originals if data.paired else data.clean, data.paired)
+    t_views = [feats(view(data.triggered)) for view in views(augment, centre)]  # once per cut; a fold takes rows
     clean, trig = runner.features(data.clean), torch.from_numpy(t_views[0])  # every view list starts as is
     outputs = runner.outputs(clean)
     kind = output_kind(outputs)  # once, so every fold's outputs are read the same way
@@ -155,13 +156,15 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     if data.paired and data.original_labels is not None:
         labels = _class_indices(data.original_labels, p_c.shape[1])
     if data.paired:
-        o_views = [feats(view(data.originals)) for view in views(augment)]
+        o_views = [feats(view(data.originals)) for view in views(augment, centre)]
     else:  # one reference for every fold, from the unrepaired predictions (no fold's repair enters it)
-        means = _ReferenceMeans(feats, data.clean, unpaired_reference(base_c, base_t)[0], held_c, augment)
+        means = _ReferenceMeans(
+            feats, data.clean, unpaired_reference(base_c, base_t)[0], held_c, views(augment, centre)
+        )
     if augment == TRANSFER_VIEWS:  # the transfer score's moved images are the fit's other views
         moved = [torch.from_numpy(t) for t in t_views[1:]]
     else:
-        moved = [runner.features(view(data.triggered)) for view in views(TRANSFER_VIEWS)[1:]]
+        moved = [runner.features(view(data.triggered)) for view in views(TRANSFER_VIEWS, centre)[1:]]
     moved_base = [runner.labels(f) for f in moved]
     before_c = judged(p_c, reference)
     after_c = {a: tuple(x.copy() for x in before_c) for a in alphas}  # what the cost needs, per strength

@@ -51,6 +51,10 @@ INFERENCE_KEY_ENV, INFERENCE_KEY_FILE = "FIRE_INFERENCE_KEY", "inference_key"  #
 PARENT_ENV = "FIRE_PARENT_PID"  # tritonserver stops when the process that launched it goes
 TRITONSERVER_ENV, BACKEND_DIR_ENV = "FIRE_TRITONSERVER", "FIRE_BACKEND_DIR"  # another server (the GPU profile's)
 
+# Calibration: the spatial views an estimate covers (calibration.augment), by name
+AUGMENTS = ("none", "flips-shifts", "flips-shifts-zooms")
+DEFAULT_AUGMENT = "flips-shifts-zooms"
+
 # Where things are
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (bundled models, results/, build/)
 REPOSITORY_DIR = "model_repository"  # the default FIRE model repository, relative to the working directory

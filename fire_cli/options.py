@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fire_backend.names import METRICS_LEVELS, PROFILES
+from fire_backend.names import AUGMENTS, METRICS_LEVELS, PROFILES
 
 MODES = ["subtract", "project", "gated"]
 
@@ -146,9 +146,9 @@ VOCABULARY = _options(
     Option("--views", "unpaired estimator without spatial views: photometric views per image", {"type": int}),
     Option(
         "--augment",
-        "spatial views of the calibration images the estimate covers (flips, shifts: a rank-k "
-        "repair), or none (rank 1)",
-        {"choices": ["flips-shifts", "none"]},
+        "spatial views of the calibration images the estimate covers (flips, shifts, zooms about the "
+        "trigger: a rank-k repair), or none (rank 1)",
+        {"choices": list(AUGMENTS)},
     ),  # fmt: skip
     Option(
         "--auto",

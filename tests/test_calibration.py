@@ -120,6 +120,62 @@ def test_without_labels_the_candidate_whose_moves_the_others_agree_on_wins():
     assert scores[0].gain < 30 < 80 < min(s.gain for s in scores[1:])
 
 
+def test_the_trigger_centre_is_found_from_pixels_paired_and_unpaired():
+    """A corner patch's centre from pairs and from two unrelated sets (flagged and clean); a full-image
+    blend's, the image's centre; and a zoom view magnifies about it (the patch stays where it was)."""
+    from calibration.augment import trigger_centre, views
+    from calibration.calibrate import zoo_calibration_set
+    from zoo.attacks import make_attack
+
+    badnets, blend = make_attack("badnets"), make_attack("blended")
+    data = zoo_calibration_set("cifar10", badnets, 50, 300, 0)
+    size = badnets.patch_size
+    patch = 31 - (size - 1) / 2  # the patch is the bottom-right size x size pixels
+    for centre in (trigger_centre(data.triggered, data.originals, True),
+                   trigger_centre(data.triggered, data.clean, False)):  # fmt: skip
+        assert np.allclose(centre, (patch, patch), atol=0.5)
+    blended = zoo_calibration_set("cifar10", blend, 50, 1000, 0)
+    assert np.allclose(trigger_centre(blended.triggered, blended.originals, True), (15.5, 15.5), atol=0.5)
+    assert np.allclose(trigger_centre(blended.triggered, blended.clean, False), (15.5, 15.5), atol=4)
+    centre = trigger_centre(data.triggered, data.originals, True)
+    zoomed = views("flips-shifts-zooms", centre)[-1](data.triggered)  # 2x about the patch: still in the corner
+    assert len(views("flips-shifts-zooms", centre)) == 12 and len(views("flips-shifts")) == 10
+    assert (zoomed[:, -1, -1] == badnets.value).all() and (zoomed[:, -2 * size, -2 * size] != badnets.value).any()
+
+
+def test_zoom_views_cover_the_trigger_drawn_larger_at_a_size_they_never_saw():
+    """The trojan model fires on its patch drawn 1.5x larger (``benchmarks.variants``), a size none of the
+    views has (they zoom 1.25x and 2x). From the same 50 pairs of the calibrated trigger, the estimate
+    with zoom views leaves fewer of those images at the attacker's class than the one without, at no
+    clean-accuracy cost."""
+    from benchmarks.variants import _scaled
+    from calibration.augment import spatial_estimate
+    from calibration.calibrate import zoo_calibration_set
+    from calibration.inprocess import SplitRunner
+    from fire_backend.names import PROJECT_ROOT
+    from zoo.attacks import attack_from_spec
+    from zoo.checkpoint import load_model
+    from zoo.data import load_dataset
+
+    model, meta = load_model(PROJECT_ROOT / "models" / "cifar10_resnet_trojan")
+    attack = attack_from_spec(meta["attack"])
+    data = zoo_calibration_set("cifar10", attack, 50, 500, 0)
+    test = load_dataset("cifar10", "test").subset(2500, seed=0)
+    x = test.images[attack.counts_for_asr(test.labels)]
+    r = SplitRunner(model, "layer2.0")
+    larger = r.features(_scaled(attack, 1.5)(x))
+    clean, clean_test = r.features(data.clean), r.features(test.images)
+    assert (r.labels(larger) == attack.target).mean() > 0.75  # the model did learn it
+    left, accuracy = {}, {}
+    for augment in ("flips-shifts", "flips-shifts-zooms"):
+        e = spatial_estimate(lambda x: r.features(x).numpy(), data.triggered, data.originals, True, augment)
+        repair = Repair(e.directions(clean, layer="layer2.0"))
+        left[augment] = 100 * (r.labels(larger, repair) == attack.target).mean()
+        accuracy[augment] = 100 * (r.labels(clean_test, repair) == test.labels).mean()
+    assert left["flips-shifts-zooms"] <= left["flips-shifts"] - 1.5
+    assert accuracy["flips-shifts-zooms"] >= accuracy["flips-shifts"] - 0.3
+
+
 def test_spatial_views_cover_the_trigger_mirrored_which_rank_1_misses(artifacts, tmp_path):
     """The BadNets model learned its corner patch mirrored too (trained with flips). From the same 100
     pairs of the calibrated trigger, the rank-1 estimate leaves the mirrored patch working; the estimate
@@ -206,14 +262,15 @@ def test_each_fold_s_unpaired_reference_is_its_own_and_never_empty():
     """The cut search's cross-fitted unpaired reference: a fold is fitted on the reference images outside
     it; when none of them lie outside (two reference images, both in one fold), on every clean image
     outside it, as ``unpaired_reference`` falls back, never on an empty mean."""
+    from calibration.augment import views
     from calibration.cutsearch import _folds, _ReferenceMeans
 
     clean = np.arange(8 * 3, dtype=np.uint8).reshape(8, 1, 1, 3)  # image i's features: its 3 pixel values
     folds = _folds(8, 2, seed=0)
     reference = np.zeros(8, bool)
     reference[folds[0][:2]] = True  # both reference images in fold 0
-    means = _ReferenceMeans(lambda x: x.astype(np.float64).reshape(len(x), -1), clean, reference, folds, "none",
-                            chunk=3)  # fmt: skip
+    means = _ReferenceMeans(lambda x: x.astype(np.float64).reshape(len(x), -1), clean, reference, folds,
+                            views("none"), chunk=3)  # fmt: skip
     flat = clean.reshape(8, -1).astype(np.float64)
     np.testing.assert_allclose(means.outside(1)[0].reshape(-1), flat[folds[0][:2]].mean(0))
     np.testing.assert_allclose(means.outside(0)[0].reshape(-1), flat[folds[1]].mean(0))  # none outside: all
@@ -291,11 +348,13 @@ def test_a_corner_patch_direction_transfers_across_placements_deep_in_the_networ
     assert len(deep.repaired) == len(deep.unrepaired) == len(data.triggered)  # cross-fitted: every image judged
 
 
-def test_a_periodic_trigger_whose_views_cancel_in_the_mean_is_repaired_ungated():
+def test_the_project_gate_is_off_where_a_trigger_s_views_or_a_dimmed_trigger_would_pass_under_it():
     """SIG (a sinusoid) mirrored and shifted is the same sinusoid out of phase: near the input the views'
     shifts cancel in their mean, the first direction, so gating on it would skip the calibrated trigger's
-    own images. The estimate turns the gate off there, and the repair then removes the trigger; deeper, on
-    a corner patch, the views' shifts agree and the gate stays on."""
+    own images. The estimate turns the gate off there, and the repair then removes the trigger. A blend
+    near the input shifts the features little beside their spread: at 60 % of its strength (an attacker
+    dims it) it slides under the gate, so the estimate, which checks the gate at half the shift, turns it
+    off there too. Deeper, on a corner patch, the views' shifts agree, even dimmed, and the gate stays on."""
     from calibration.augment import spatial_estimate, views
     from calibration.calibrate import zoo_calibration_set
     from calibration.factory import FitInputs, fit_directions, make_directions
@@ -311,17 +370,28 @@ def test_a_periodic_trigger_whose_views_cancel_in_the_mean_is_repaired_ungated()
         e = spatial_estimate(lambda x: r.features(x).numpy(), data.triggered, data.originals, True, "flips-shifts")
         return r, data, e, meta["attack"]["target"]
 
+    def kept(r, data, e, target, cut: str, strength: float = 1.0) -> dict[bool, float]:
+        """The share of the calibration images, their trigger at ``strength``, the repair leaves at the
+        attacker's class, gated and not."""
+        o, t = data.originals.astype(np.float32), data.triggered.astype(np.float32)
+        f = r.features(np.clip(np.rint(o + strength * (t - o)), 0, 255).astype(np.uint8))
+        clean = r.features(data.clean)
+        return {gate: float((r.labels(f, Repair(make_directions(e.beta, clean, layer=cut, basis=e.basis,
+                                                                 project_gate=gate))) == target).mean())
+                for gate in (True, False)}  # fmt: skip
+
     r, data, e, target = estimate("cifar10_resnet_sig", "stem")
     clean = r.features(data.clean)
     assert e.basis is not None and e.directions(clean, layer="stem").project_gate is False
-    triggered = r.features(data.triggered)
-    kept = {}
-    for gate in (True, False):
-        d = make_directions(e.beta, clean, layer="stem", basis=e.basis, project_gate=gate)
-        kept[gate] = (r.labels(triggered, Repair(d)) == target).mean()
-    assert kept[True] > 0.8 > 0.1 > kept[False]  # gated: the trigger still wins; ungated: removed
+    k = kept(r, data, e, target, "stem")
+    assert k[True] > 0.8 > 0.1 > k[False]  # gated: the trigger still wins; ungated: removed
     vs = views("flips-shifts")  # fire calibrate --auto fits on the same views and makes the same check
     stacked = [torch.cat([r.features(v(x)) for v in vs]) for x in (data.originals, data.triggered)]
     assert fit_directions(FitInputs(*stacked, clean, len(vs)), "stem", rank=len(vs)).project_gate is False
-    r, data, e, _ = estimate("cifar10_resnet_badnets", "layer2")
-    assert e.directions(r.features(data.clean), layer="layer2").project_gate is True
+    r, data, e, target = estimate("cifar10_resnet_blended", "stem.1")
+    assert e.directions(r.features(data.clean), layer="stem.1").project_gate is False
+    full, dimmed = kept(r, data, e, target, "stem.1"), kept(r, data, e, target, "stem.1", 0.6)
+    assert max(full.values()) <= 0.05 and dimmed[True] > 0.1 > 0.05 >= dimmed[False]
+    r, data, e, target = estimate("cifar10_resnet_trojan", "layer2.0")
+    assert e.directions(r.features(data.clean), layer="layer2.0").project_gate is True
+    assert kept(r, data, e, target, "layer2.0", 0.6)[True] <= 0.1
