@@ -222,6 +222,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
             est = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment)
     else:
         raise InvalidInputError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
+    centre = {} if est.centre is None else {"trigger_centre": [round(c, 2) for c in est.centre]}  # the zooms' centre
     return est.directions(
         clean_features,
         layer=layer,
@@ -231,7 +232,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         estimator=estimator,
         head_sha256=producer_sha256,
         n_poisoned=len(data.triggered),
-        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference}},
+        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference, **centre}},
     )
 
 
