@@ -120,6 +120,21 @@ def test_without_labels_the_candidate_whose_moves_the_others_agree_on_wins():
     assert scores[0].gain < 30 < 80 < min(s.gain for s in scores[1:])
 
 
+def test_the_gate_must_pass_every_view_at_full_and_at_half_its_shift():
+    """``covers``: 90 % of every view's triggered projections past the clean mean, as they are and with
+    half their view's mean shift taken off (a dimmed trigger); one view that fails either fails it."""
+    from calibration.estimators import covers
+
+    rng = np.random.default_rng(0)
+    clean_spread = rng.normal(0.0, 1.0, 1000)  # along the gate's direction, mu at 0
+    far, near = 10.0 + clean_spread, 2.0 + clean_spread  # shifts of 10 and of 2 clean standard deviations
+    assert (near > 0).mean() > 0.9 and (near - 1.0 > 0).mean() < 0.9  # near passes at full shift, not at half
+    assert covers([far, far + 1], 0.0)
+    assert not covers([far, near], 0.0)
+    assert not covers([far, -far], 0.0)  # a view whose shift points the other way (SIG's views)
+    assert not covers([far, far[:0]], 0.0)  # a view with no samples
+
+
 def test_the_trigger_centre_is_found_from_pixels_paired_and_unpaired():
     """A corner patch's centre from pairs and from two unrelated sets (flagged and clean); a full-image
     blend's, the image's centre; and a zoom view magnifies about it (the patch stays where it was)."""
