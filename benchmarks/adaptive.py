@@ -8,7 +8,7 @@ least half of the variant's triggered images to the attacker's class (it learned
 
 Defenses, each fitted once per model on the same images:
 - FIRE, rank 1 (no spatial views), paired: the estimate before ``calibration.augment``;
-- FIRE paired and FIRE unpaired with the default spatial views (flips, shifts: rank 10), at the
+- FIRE paired and FIRE unpaired with the default spatial views (flips, shifts, zooms: rank 12), at the
   export's layer (``layer2``), through the computation the server runs (head -> repair -> tail in
   process: equal to the served ensemble within 1e-4, tested);
 - FIRE paired at the cut and strength ``fire protect`` chooses from the same 50 pairs
@@ -48,10 +48,10 @@ from tqdm import tqdm
 
 from benchmarks.defenses import Context, Februus, FinePruning, ScaleUp, Strip, detection, timed
 from benchmarks.variants import LEARNED, variants
-from calibration.augment import spatial_estimate
+from calibration.augment import ZOOMS, spatial_estimate
 from calibration.calibrate import zoo_calibration_set
 from calibration.cutsearch import CutScore, choose_cut
-from calibration.estimators import unpaired_reference
+from calibration.estimators import GATE_STRENGTH, unpaired_reference
 from calibration.inprocess import SplitRunner
 from fire_backend.errors import InvalidInputError, MissingFileError
 from fire_backend.names import DEFAULT_AUGMENT, PROJECT_ROOT
@@ -270,9 +270,12 @@ _FLAGS = ("learned", "all_to_one")
 
 
 def settings(cfg: AdaptiveConfig) -> dict:
-    """What a run's rows depend on besides the model (written beside them as adaptive.json)."""
+    """What a run's rows depend on besides the model (written beside them as adaptive.json): the run's
+    own settings and FIRE's estimate (its views and the gate's check), so that rows of an earlier estimate
+    are not kept beside a new one's."""
     keys = ("layer", "n_poisoned", "n_clean", "test_limit", "baseline_limit", "baselines", "seed")
-    return {k: getattr(cfg, k) for k in keys}
+    estimate = {"augment": DEFAULT_AUGMENT, "zooms": list(ZOOMS), "gate_strength": GATE_STRENGTH}
+    return {**{k: getattr(cfg, k) for k in keys}, **estimate}
 
 
 def kept_rows(out_dir: Path, measured: list[str], rows: list[dict], expected: dict) -> list[dict]:

@@ -59,37 +59,75 @@ _FLIPS_SHIFTS: list[View] = [lambda x: x, _flip((2,)), _flip((1,)), _flip((1, 2)
 ]
 
 
-def views(name: str, centre: tuple[float, float] | None = None) -> list[View]:
-    """The views of ``name``, the identity first; zoom views magnify about ``centre`` (``trigger_centre``)."""
+def zooms(name: str) -> bool:
+    """Whether the views of ``name`` zoom (and so need the trigger's centre)."""
     if name not in AUGMENTS:
         raise InvalidInputError(f"augment must be one of {list(AUGMENTS)}, got {name!r}")
+    return name == "flips-shifts-zooms"
+
+
+def views(name: str, centre: tuple[float, float] | None = None) -> list[View]:
+    """The views of ``name``, the identity first; zoom views magnify about ``centre`` (``trigger_centre``)."""
+    zoom = zooms(name)  # an unknown name is refused here
     if name == "none":
         return [lambda x: x]
-    zooms = [_zoom(f, centre) for f in ZOOMS] if name == "flips-shifts-zooms" else []
-    return _FLIPS_SHIFTS + zooms
+    return _FLIPS_SHIFTS + ([_zoom(f, centre) for f in ZOOMS] if zoom else [])
 
 
 SIGNIFICANT = 3.0  # unpaired: a pixel is part of the trigger's footprint past this many standard errors
+PIXEL_FLOOR = 1.0  # ... of a difference no smaller than one intensity level (a constant border is no trigger)
+FOOTPRINT_TAIL = 0.05  # the centre: the middle of the footprint, less this share of its weight at each end
+
+
+def _moments(images: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and variance (H, W, C) of uint8 NHWC ``images``, a chunk at a time in float64 (no
+    float copy of the whole set: 1,000 images at 224 x 224 would be 1.2 GB)."""
+    total = total_sq = 0.0
+    for i in range(0, len(images), chunk):
+        x = np.asarray(images[i : i + chunk], np.float64)
+        total, total_sq = total + x.sum(0), total_sq + (x**2).sum(0)
+    mean = total / len(images)
+    return mean, np.maximum(total_sq / len(images) - mean**2, 0.0)
+
+
+def _mean_abs_difference(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """mean_i |a_i - b_i| per pixel, channels averaged (H, W), a chunk at a time."""
+    total = 0.0
+    for i in range(0, len(a), chunk):
+        total = total + np.abs(np.asarray(a[i : i + chunk], np.float64) - b[i : i + chunk]).mean(-1).sum(0)
+    return total / len(a)
 
 
 def trigger_centre(triggered: np.ndarray, other: np.ndarray, paired: bool) -> tuple[float, float]:
-    """Where the trigger sits (row, column), from pixels alone: the centroid of how much the triggered
-    images differ from ``other``. Paired: each from its original (the mean absolute difference: exactly
-    the trigger's footprint). Unpaired: the two sets' mean images, where they differ by more than
-    ``SIGNIFICANT`` standard errors of that difference (how far the two sets' contents alone move it),
-    weighted by the excess. A patch's centre is the patch's; a full-image trigger's, near the image's
-    (the image's centre when no pixel stands out)."""
-    t, o = np.asarray(triggered, np.float64), np.asarray(other, np.float64)
+    """Where the trigger sits (row, column), from pixels alone: the middle of its footprint, how much the
+    triggered images differ from ``other`` (along each axis, halfway between where the first and the last
+    ``FOOTPRINT_TAIL`` of that weight lie: a few stray pixels do not move it). Paired: each image from its
+    original (the mean absolute difference: exactly the trigger's footprint). Unpaired: the two sets' mean
+    images, where they differ by more than ``SIGNIFICANT`` standard errors of what the clean images' own
+    spread would make of two sets of these sizes (the clean set's variance: a flagged set of a few, or of
+    alike images, has none to speak of), weighted by the excess. A patch's centre is the patch's; a
+    full-image trigger's, near the image's; the image's centre when no pixel stands out or fewer than two
+    images were flagged. A flagged set shaped to mislead (a decoy region) misplaces only the zoom views,
+    never the others."""
+    h, w = triggered.shape[1:3]
+    middle = ((h - 1) / 2, (w - 1) / 2)
+    if len(triggered) == 0 or len(other) == 0 or (not paired and len(triggered) < 2):
+        return middle
     if paired:
-        weight = np.abs(t - o).mean(axis=(0, 3))
+        weight = _mean_abs_difference(triggered, other)
     else:
-        error = np.sqrt(t.var(0) / len(t) + o.var(0) / len(o)) + 1e-6
-        weight = np.clip(np.abs(t.mean(0) - o.mean(0)) / error - SIGNIFICANT, 0, None).sum(axis=-1)
-    h, w = weight.shape
+        (t_mean, _), (o_mean, o_var) = _moments(triggered), _moments(other)
+        error = np.sqrt(o_var * (1 / len(triggered) + 1 / len(other)))
+        excess = np.abs(t_mean - o_mean) / np.maximum(error, PIXEL_FLOOR) - SIGNIFICANT
+        weight = np.clip(excess, 0, None).sum(axis=-1)
     if not weight.sum() > 0:
-        return (h - 1) / 2, (w - 1) / 2
-    cy, cx = (np.indices((h, w)) * weight).reshape(2, -1).sum(1) / weight.sum()
-    return float(cy), float(cx)
+        return middle
+    centre = []
+    for rest in (1, 0):  # rows (summed over columns), then columns
+        share = np.cumsum(weight.sum(rest)) / weight.sum()
+        first, last = np.searchsorted(share, FOOTPRINT_TAIL), np.searchsorted(share, 1 - FOOTPRINT_TAIL)
+        centre.append(float(first + last) / 2)
+    return centre[0], centre[1]
 
 
 @dataclass(frozen=True)
@@ -97,18 +135,21 @@ class SpatialEstimate:
     beta: np.ndarray  # the mean difference (the first direction)
     basis: np.ndarray | None  # (k, D) orthonormal span of the views' differences, None for one view
     along: tuple[np.ndarray, ...] = ()  # each view's triggered features projected on basis[0], the gate's direction
+    along_originals: tuple[np.ndarray, ...] | None = None  # paired: their originals', row for row
     centre: tuple[float, float] | None = None  # where the zoom views magnified about (``trigger_centre``)
 
     def directions(self, clean, **settings):
         """The direction file (``calibration.factory.make_directions``; ``settings``: its keyword arguments),
-        its ``project_gate`` checked against its own mu (``estimators.gate_holds``)."""
+        its ``project_gate`` checked against its own mu (``estimators.covers``)."""
         from calibration.estimators import covers
         from calibration.factory import make_directions
 
         d = make_directions(self.beta, clean, basis=self.basis, **settings)
         if self.basis is not None:
             b = np.asarray(self.basis[0], np.float64).reshape(-1)
-            d.project_gate = covers(self.along, float(np.asarray(d.mu, np.float64).reshape(-1) @ b))
+            d.project_gate = covers(
+                self.along, float(np.asarray(d.mu, np.float64).reshape(-1) @ b), self.along_originals
+            )
         return d
 
 
@@ -128,7 +169,7 @@ def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np
     would skip triggered images; so the file ``directions`` writes is not gated unless it passes
     ``estimators.GATE_COVERAGE`` of every view's triggered images at full and at half their shift
     (``estimators.covers``)."""
-    centre = trigger_centre(triggered, other, paired)
+    centre = trigger_centre(triggered, other, paired) if zooms(augment) else None
     t_views, o_views = [], []
     for view in views(augment, centre):
         t_views.append(features(view(triggered)))
@@ -143,15 +184,16 @@ def estimate_from_views(triggered_views: list[np.ndarray], other_views: list[np.
     (unpaired: only its mean enters; a (1, ...) mean does as well as the rows)."""
     from calibration.estimators import principal_basis
 
-    diffs, flat = [], []
+    diffs, flat, flat_o = [], [], []
     for t, o in zip(triggered_views, other_views, strict=True):
         t, o = np.asarray(t, np.float64), np.asarray(o, np.float64)
         diffs.append(t - o if paired else (t.mean(0) - o.mean(0))[None])
         flat.append(t.reshape(len(t), -1))
+        flat_o.append(o.reshape(len(o), -1))
     d = np.concatenate(diffs)
     beta = d.mean(0).astype(np.float32)
     if len(diffs) == 1:
         return SpatialEstimate(beta, None)
     basis = principal_basis(d, len(diffs))
     b = np.asarray(basis[0], np.float64).reshape(-1)
-    return SpatialEstimate(beta, basis, tuple(t @ b for t in flat))
+    return SpatialEstimate(beta, basis, tuple(t @ b for t in flat), tuple(o @ b for o in flat_o) if paired else None)

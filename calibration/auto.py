@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calibration.augment import trigger_centre, views
+from calibration.augment import trigger_centre, views, zooms
 from calibration.calibrate import zoo_calibration_set
 from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import SplitRunner
@@ -136,7 +136,7 @@ def auto_calibrate(
     half = rng.permutation(len(clean))
     fit_clean, held_clean = half[: len(clean) // 2], half[len(clean) // 2 :]
     layers = list(config.layers) or usable_layers(model)
-    centre = trigger_centre(pair_poisoned, pair_clean, True)
+    centre = trigger_centre(pair_poisoned, pair_clean, True) if zooms(config.augment) else None
     scores: list[Scored] = []
     runners: dict[str, tuple[SplitRunner, FitInputs]] = {}
     for layer in tqdm(layers, desc="auto-calibrate", unit="layer", disable=None):

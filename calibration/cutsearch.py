@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.augment import estimate_from_views, trigger_centre, views
+from calibration.augment import estimate_from_views, trigger_centre, views, zooms
 from calibration.calibrate import CalibrationSet
 from calibration.estimators import reference_too_small, unpaired_reference
 from fire_backend.errors import InvalidInputError
@@ -144,9 +144,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     k = max(2, min(folds, len(data.triggered) // 2, len(data.clean) // 2))
     held_c, held_t = _folds(len(data.clean), k, seed), _folds(len(data.triggered), k, seed + 1)
     feats = lambda x: runner.features(x).numpy()  # noqa: E731
-    centre = trigger_centre(data.triggered, data.originals if data.paired else data.clean, data.paired)
-    t_views = [feats(view(data.triggered)) for view in views(augment, centre)]  # once per cut; a fold takes rows
-    clean, trig = runner.features(data.clean), torch.from_numpy(t_views[0])  # every view list starts as is
+    clean, trig = runner.features(data.clean), runner.features(data.triggered)
     outputs = runner.outputs(clean)
     kind = output_kind(outputs)  # once, so every fold's outputs are read the same way
     p_c = probabilities(outputs, kind)
@@ -155,15 +153,20 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     labels = None  # the triggered images' true labels, when paired with them
     if data.paired and data.original_labels is not None:
         labels = _class_indices(data.original_labels, p_c.shape[1])
+    # unpaired: one reference for every fold, from the unrepaired predictions (no fold's repair enters it);
+    # the zooms' centre from it, as the deployed file's (``calibrate``)
+    mask = None if data.paired else unpaired_reference(base_c, base_t)[0]
+    other = data.originals if data.paired else data.clean[mask]
+    fit = views(augment, trigger_centre(data.triggered, other, data.paired) if zooms(augment) else None)
+    t_views = [trig.numpy()] + [feats(view(data.triggered)) for view in fit[1:]]  # once per cut; folds take rows
     if data.paired:
-        o_views = [feats(view(data.originals)) for view in views(augment, centre)]
-    else:  # one reference for every fold, from the unrepaired predictions (no fold's repair enters it)
-        means = _ReferenceMeans(
-            feats, data.clean, unpaired_reference(base_c, base_t)[0], held_c, views(augment, centre)
-        )
+        o_views = [feats(view(data.originals)) for view in fit]
+    else:
+        means = _ReferenceMeans(feats, data.clean, mask, held_c, fit)
     if augment == TRANSFER_VIEWS:  # the transfer score's moved images are the fit's other views
         moved = [torch.from_numpy(t) for t in t_views[1:]]
     else:
+        centre = trigger_centre(data.triggered, other, data.paired)
         moved = [runner.features(view(data.triggered)) for view in views(TRANSFER_VIEWS, centre)[1:]]
     moved_base = [runner.labels(f) for f in moved]
     before_c = judged(p_c, reference)

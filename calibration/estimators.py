@@ -169,28 +169,41 @@ def _right_singular_vectors(x: np.ndarray, floor: float) -> np.ndarray:
 
 
 GATE_COVERAGE = 0.9  # the least share of every view's (or class's) triggered samples the project gate must pass
-GATE_STRENGTH = 0.5  # ... also with only this share of their shift from the clean mean (a dimmed trigger)
+GATE_STRENGTH = 0.5  # ... also at this share of their strength, as the calibration samples carry it (dimmed)
 
 
-def covers(along, mu_along: float) -> bool:
-    """Whether at least ``GATE_COVERAGE`` of every view's projections ``along`` lie past ``mu_along``, also
-    with each moved back by ``1 - GATE_STRENGTH`` of its view's mean shift (``mean(along) - mu_along``): a
-    trigger at ``GATE_STRENGTH`` of its strength shifts the features about that much less (exactly so at
-    a linear cut), so a gate that fails this lets a dimmed trigger through unrepaired."""
+def covers(along, mu_along: float, originals=None) -> bool:
+    """Whether at least ``GATE_COVERAGE`` of every view's triggered projections ``along`` lie past
+    ``mu_along``, as they are and with their trigger at ``GATE_STRENGTH`` of its strength: paired (the
+    ``originals``' projections, view by view), each sample at that share of the way from its original
+    (where it lies with the trigger dimmed, exactly so where the features are linear in the pixels);
+    unpaired, each moved back by the rest of its view's median shift past ``mu_along`` (the median, so
+    that a few samples far past the gate cannot raise the bar for the others). A gate that fails this
+    lets a dimmed trigger through unrepaired. The strength is relative to the calibration samples': a
+    gate checked on samples stronger than the attacker's trigger is checked against a weaker dimming."""
 
-    def passes(a: np.ndarray) -> bool:
+    def passes(a: np.ndarray, o: np.ndarray | None) -> bool:
         if not len(a):
             return False
-        weaker = a - (1 - GATE_STRENGTH) * max(float(a.mean()) - mu_along, 0.0)
+        if o is not None:
+            weaker = o + GATE_STRENGTH * (a - o)
+        else:
+            weaker = a - (1 - GATE_STRENGTH) * max(float(np.median(a)) - mu_along, 0.0)
         return all(float((x > mu_along).mean()) >= GATE_COVERAGE for x in (a, weaker))
 
-    return all(passes(np.asarray(a, np.float64)) for a in along)
+    pairs = zip(along, originals, strict=True) if originals is not None else ((a, None) for a in along)
+    return all(passes(np.asarray(a, np.float64), None if o is None else np.asarray(o, np.float64)) for a, o in pairs)
 
 
-def gate_holds(direction, mu, triggered_views) -> bool:
+def gate_holds(direction, mu, triggered_views, original_views=None) -> bool:
     """Whether gating a project repair on ``direction`` (it moves only samples past ``mu`` along it: the
     file's ``basis[0]`` and ``mu``) still lets through ``GATE_COVERAGE`` of every view's (or class's)
-    triggered features (``triggered_views``: (N, ...) arrays)."""
+    triggered features (``triggered_views``: (N, ...) arrays), also dimmed (``covers``; paired: the
+    ``original_views`` of the same rows)."""
     b = np.asarray(direction, np.float64).reshape(-1)
-    flat = [np.asarray(t, np.float64).reshape(len(t), -1) for t in triggered_views]
-    return covers([t @ b for t in flat], float(np.asarray(mu, np.float64).reshape(-1) @ b))
+
+    def along(views) -> list[np.ndarray]:
+        return [np.asarray(t, np.float64).reshape(len(t), -1) @ b for t in views]
+
+    originals = None if original_views is None else along(original_views)
+    return covers(along(triggered_views), float(np.asarray(mu, np.float64).reshape(-1) @ b), originals)

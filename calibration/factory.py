@@ -106,5 +106,6 @@ def fit_directions(
         if n % inputs.views:
             raise InvalidInputError(f"{n} triggered samples do not split into {inputs.views} equal views")
         per_view = np.split(_tensor(inputs.pair_poisoned).numpy(), inputs.views)
-        d.project_gate = gate_holds(d.basis[0], d.mu, per_view)
+        originals = np.split(_tensor(inputs.pair_clean).numpy(), inputs.views)
+        d.project_gate = gate_holds(d.basis[0], d.mu, per_view, originals)
     return d

@@ -121,8 +121,9 @@ def test_without_labels_the_candidate_whose_moves_the_others_agree_on_wins():
 
 
 def test_the_gate_must_pass_every_view_at_full_and_at_half_its_shift():
-    """``covers``: 90 % of every view's triggered projections past the clean mean, as they are and with
-    half their view's mean shift taken off (a dimmed trigger); one view that fails either fails it."""
+    """``covers``: 90 % of every view's triggered projections past the clean mean, as they are and with the
+    trigger at half its strength (paired: halfway from each original; unpaired: moved back by half the
+    view's median shift); one view that fails either fails it; a few samples far past the gate do not."""
     from calibration.estimators import covers
 
     rng = np.random.default_rng(0)
@@ -133,11 +134,20 @@ def test_the_gate_must_pass_every_view_at_full_and_at_half_its_shift():
     assert not covers([far, near], 0.0)
     assert not covers([far, -far], 0.0)  # a view whose shift points the other way (SIG's views)
     assert not covers([far, far[:0]], 0.0)  # a view with no samples
+    outliers = np.concatenate([5.0 + clean_spread[:90], np.full(3, 100.0)])  # 3 % far past the gate
+    assert covers([outliers], 0.0)  # the median shift: they raise no bar (the mean's would have: 8 > 2 x 2.5)
+    # paired: each sample halfway from its own original; a trigger that moves half the images far and the
+    # others little (a blend on dark and on bright images) passes as it is and fails dimmed
+    originals = clean_spread[:400]
+    uneven = originals + np.where(np.arange(400) % 2 == 0, 1.6, 10.0)
+    assert (uneven > 0).mean() >= 0.9 and not covers([uneven], 0.0, [originals])
+    assert covers([originals + 10.0], 0.0, [originals])
 
 
 def test_the_trigger_centre_is_found_from_pixels_paired_and_unpaired():
     """A corner patch's centre from pairs and from two unrelated sets (flagged and clean); a full-image
-    blend's, the image's centre; and a zoom view magnifies about it (the patch stays where it was)."""
+    blend's, near the image's centre; the image's centre from one flagged image or a constant border; and
+    a zoom view magnifies about it (the patch stays where it was)."""
     from calibration.augment import trigger_centre, views
     from calibration.calibrate import zoo_calibration_set
     from zoo.attacks import make_attack
@@ -152,6 +162,12 @@ def test_the_trigger_centre_is_found_from_pixels_paired_and_unpaired():
     blended = zoo_calibration_set("cifar10", blend, 50, 1000, 0)
     assert np.allclose(trigger_centre(blended.triggered, blended.originals, True), (15.5, 15.5), atol=0.5)
     assert np.allclose(trigger_centre(blended.triggered, blended.clean, False), (15.5, 15.5), atol=4)
+    assert trigger_centre(data.triggered[:1], data.clean, False) == (15.5, 15.5)  # one image: no spread to judge
+    border = np.full((40, 16, 16, 3), 100, np.uint8)
+    border[:, 4:12, 4:12] = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3))  # content in the middle
+    shifted = border.copy()
+    shifted[:, 0] += 1  # one intensity level off along the top row, which never varies: no trigger
+    assert trigger_centre(shifted, border, False) == (7.5, 7.5)
     centre = trigger_centre(data.triggered, data.originals, True)
     zoomed = views("flips-shifts-zooms", centre)[-1](data.triggered)  # 2x about the patch: still in the corner
     assert len(views("flips-shifts-zooms", centre)) == 12 and len(views("flips-shifts")) == 10
