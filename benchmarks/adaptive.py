@@ -62,7 +62,7 @@ from zoo.checkpoint import clean_twins, load_model
 from zoo.data import load_dataset
 
 FIELDS = ("model", "variant", "defense", "CA", "ASR", "PA", "floor", "ceiling", "learned", "all_to_one", "cut",
-          "strength",
+          "strength", "views",
           "TPR", "AUROC", "ms_per_image", "images")  # fmt: skip
 CHOSEN = "FIRE paired, cut chosen"  # fire protect's cut search (module docstring)
 
@@ -193,9 +193,10 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
         base_clean = r.labels(clean_f)
         repairs = {d: (r, rep) for d, rep in fire_repairs(m, cfg.layer).items()}
         strength = dict.fromkeys(repairs, 1.0)  # the fixed-layer estimates remove the component once
+        fitted_on = {d: "none" if d == "FIRE rank 1, paired" else DEFAULT_AUGMENT for d in repairs}
         best, scores = chosen_cut(m)
-        runner, (rep,) = paired_repairs(m, best.cut, [best.alpha])
-        repairs[CHOSEN], strength[CHOSEN] = (runner, rep), best.alpha
+        runner, (rep,) = paired_repairs(m, best.cut, [best.alpha], best.augment)
+        repairs[CHOSEN], strength[CHOSEN], fitted_on[CHOSEN] = (runner, rep), best.alpha, best.augment
         ca = {"none": 100 * float((base_clean == m.test.labels).mean())}
         clean_at = {r: (clean_f, base_clean)}
         for d, (rd, rep) in repairs.items():
@@ -235,7 +236,7 @@ def run_adaptive(cfg: AdaptiveConfig | None = None) -> Path:
                 f, base = _at(triggered_at, rd, xt)
                 asr, pa = _metrics(rd.labels_after(f, base, rep), m.true, m.wanted)
                 rows.append({**ident, "defense": d, "CA": ca[d], "ASR": asr, "PA": pa, "cut": rd.layer,
-                             "strength": strength[d], "ms_per_image": _ms(rd, served, rep),
+                             "strength": strength[d], "views": fitted_on[d], "ms_per_image": _ms(rd, served, rep),
                              "images": len(xt)})  # fmt: skip
             attacked = base_t[sub] == m.wanted[sub]
             for b in baselines:
@@ -330,9 +331,9 @@ def every_cut(m: _Model, scores: list[CutScore], best: CutScore, counted: dict[s
     if not counted:
         return []
     out, none_ca = [], next(iter(counted.values()))[0]["CA"]  # the undefended CA, the same on every row
-    by_cut = {s.cut: [x for x in scores if x.cut == s.cut] for s in scores}
-    for cut, group in tqdm(by_cut.items(), desc="every cut", unit="cut", disable=None):
-        r, reps = paired_repairs(m, cut, [s.alpha for s in group])
+    by_cut = {(s.cut, s.augment): [x for x in scores if (x.cut, x.augment) == (s.cut, s.augment)] for s in scores}
+    for (cut, augment), group in tqdm(by_cut.items(), desc="every cut", unit="cut", disable=None):
+        r, reps = paired_repairs(m, cut, [s.alpha for s in group], augment)
         f = r.features(m.test.images)
         base = r.labels(f)
         ca = [100 * float((r.labels_after(f, base, rep) == m.test.labels).mean()) for rep in reps]
@@ -344,8 +345,9 @@ def every_cut(m: _Model, scores: list[CutScore], best: CutScore, counted: dict[s
             for res, rep in zip(results, reps, strict=True):
                 res.append((variant, none, *_metrics(r.labels_after(ft, bt, rep), m.true, m.wanted)))
         for s, c, res in zip(group, ca, results, strict=True):
-            ident = {"model": m.name, "cut": cut, "strength": s.alpha, "gain": s.gain, "cost": s.cost,
-                     "transfer": s.transfer, "chosen": (s.cut, s.alpha) == (best.cut, best.alpha), "CA": c,
+            chosen = (s.cut, s.alpha, s.augment) == (best.cut, best.alpha, best.augment)
+            ident = {"model": m.name, "cut": cut, "strength": s.alpha, "views": augment, "gain": s.gain,
+                     "cost": s.cost, "transfer": s.transfer, "chosen": chosen, "CA": c,
                      "CA_undefended": none_ca}  # fmt: skip
             out += [{**ident, "variant": v, "ASR": asr, "PA": pa, "met": meets(asr, pa, c, none_ca, none["floor"])}
                     for v, none, asr, pa in res]  # fmt: skip
@@ -427,8 +429,9 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     t, t_chosen = targets(rows), targets(rows, CHOSEN)
     calibrated = {d: targets(rows, d, calibrated=True) for d in ("FIRE paired", CHOSEN)}
-    cuts = {r["model"]: r["cut"] + (f" x{r['strength']:g}" if "strength" in r else "") for r in rows
-            if r["defense"] == CHOSEN}  # fmt: skip
+    cuts = {r["model"]: r["cut"] + (f" x{r['strength']:g}" if "strength" in r else "")
+            + (f" ({r['views']})" if r.get("views") not in (None, "", DEFAULT_AUGMENT) else "")
+            for r in rows if r["defense"] == CHOSEN}  # fmt: skip
     models = list(dict.fromkeys(r["model"] for r in rows))
     run = f"{seconds:.0f} s, 2 cores"
     if len(measured) < len(models):

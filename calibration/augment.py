@@ -66,6 +66,11 @@ def zooms(name: str) -> bool:
     return name == "flips-shifts-zooms"
 
 
+def without_zooms(name: str) -> str | None:
+    """The views of ``name`` less its zooms (a prefix of its list), or None when it has none."""
+    return "flips-shifts" if zooms(name) else None
+
+
 def views(name: str, centre: tuple[float, float] | None = None) -> list[View]:
     """The views of ``name``, the identity first; zoom views magnify about ``centre`` (``trigger_centre``)."""
     zoom = zooms(name)  # an unknown name is refused here

@@ -67,7 +67,7 @@ def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfi
     alphas = ALPHAS if cfg.choose_alpha else (cfg.calibration.alpha,)
     best, scores = choose_cut(runner_for, cuts, data, cfg.max_ca_drop, cfg.calibration.seed, alphas,
                               cfg.calibration.augment)  # fmt: skip
-    cfg.calibration = replace(cfg.calibration, alpha=best.alpha)
+    cfg.calibration = replace(cfg.calibration, alpha=best.alpha, augment=best.augment)
     return best.cut, scores
 
 

@@ -62,6 +62,7 @@ def test_the_adaptive_benchmark_writes_every_defense_and_spatial_views_beat_rank
         got = {r["variant"]: r for r in cut_rows if (r["cut"], float(r["strength"])) == (c, a)}
         assert set(got) == counted
         assert defense == "FIRE paired" or all(r["chosen"] == "True" for r in got.values())
+        assert {r["views"] for r in got.values()} == {by[(v, defense)]["views"] for v in got}  # the same estimate
         diff = {
             v: (r["ASR"], r["PA"], by[(v, defense)]["ASR"], by[(v, defense)]["PA"])
             for v, r in got.items()

@@ -144,6 +144,26 @@ def test_the_gate_must_pass_every_view_at_full_and_at_half_its_shift():
     assert covers([originals + 10.0], 0.0, [originals])
 
 
+def test_the_cut_search_keeps_the_widest_views_its_cost_bound_allows():
+    """Per (cut, strength): the zoom views where their cost is within the bound, whatever their gain; the
+    views without zooms where only those are; the cheapest where neither is."""
+    from calibration.cutsearch import CutScore, widest_affordable
+
+    def score(cut, augment, cost, gain=50.0, alpha=1.0):
+        return CutScore(cut, (1,), gain, cost, "PA", "CA drop", alpha, augment=augment)
+
+    kept = widest_affordable([
+        score("stem.2", "flips-shifts-zooms", 0.72, 70.0), score("stem.2", "flips-shifts", 0.48, 74.0),
+        score("layer2.0", "flips-shifts-zooms", 0.2, 48.0), score("layer2.0", "flips-shifts", 0.1, 50.0),
+        score("layer3", "flips-shifts-zooms", 0.9), score("layer3", "flips-shifts", 0.7),
+        score("layer3", "flips-shifts-zooms", 0.3, alpha=1.5), score("layer3", "flips-shifts", 0.2, alpha=1.5),
+    ], 0.5)  # fmt: skip
+    assert [(s.cut, s.alpha, s.augment) for s in kept] == [
+        ("stem.2", 1.0, "flips-shifts"), ("layer2.0", 1.0, "flips-shifts-zooms"),
+        ("layer3", 1.0, "flips-shifts"), ("layer3", 1.5, "flips-shifts-zooms"),
+    ]  # fmt: skip
+
+
 def test_the_trigger_centre_is_found_from_pixels_paired_and_unpaired():
     """A corner patch's centre from pairs and from two unrelated sets (flagged and clean); a full-image
     blend's, near the image's centre; the image's centre from one flagged image or a constant border; and
