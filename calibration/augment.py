@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fire_backend.errors import InvalidInputError
-from fire_backend.names import AUGMENTS
+from fire_backend.names import AUGMENTS, FLIPS_SHIFTS, FLIPS_SHIFTS_ZOOMS
 
 View = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC -> uint8 NHWC
 
@@ -63,12 +63,12 @@ def zooms(name: str) -> bool:
     """Whether the views of ``name`` zoom (and so need the trigger's centre)."""
     if name not in AUGMENTS:
         raise InvalidInputError(f"augment must be one of {list(AUGMENTS)}, got {name!r}")
-    return name == "flips-shifts-zooms"
+    return name == FLIPS_SHIFTS_ZOOMS
 
 
 def without_zooms(name: str) -> str | None:
     """The views of ``name`` less its zooms (a prefix of its list), or None when it has none."""
-    return "flips-shifts" if zooms(name) else None
+    return FLIPS_SHIFTS if zooms(name) else None
 
 
 def views(name: str, centre: tuple[float, float] | None = None) -> list[View]:

@@ -52,8 +52,9 @@ PARENT_ENV = "FIRE_PARENT_PID"  # tritonserver stops when the process that launc
 TRITONSERVER_ENV, BACKEND_DIR_ENV = "FIRE_TRITONSERVER", "FIRE_BACKEND_DIR"  # another server (the GPU profile's)
 
 # Calibration: the spatial views an estimate covers (calibration.augment), by name
-AUGMENTS = ("none", "flips-shifts", "flips-shifts-zooms")
-DEFAULT_AUGMENT = "flips-shifts-zooms"
+FLIPS_SHIFTS, FLIPS_SHIFTS_ZOOMS = "flips-shifts", "flips-shifts-zooms"
+AUGMENTS = ("none", FLIPS_SHIFTS, FLIPS_SHIFTS_ZOOMS)
+DEFAULT_AUGMENT = FLIPS_SHIFTS_ZOOMS
 
 # Where things are
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (bundled models, results/, build/)

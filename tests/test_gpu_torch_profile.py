@@ -79,7 +79,7 @@ def test_torch_halves_and_the_torch_repair_serve_what_the_cpu_profile_computes(t
 
         metrics = poll(flushed)
         log = server.log_path.read_text()
-    assert value(metrics, "fire_repair_changed_samples_total", n.repair) == int((scores > 0).sum())
+    assert value(metrics, "fire_repair_changed_samples_total", n.repair) == repair.changed(scores)
     assert value(metrics, "fire_projection_score_count", n.repair) == len(x)
     assert "first request's features in host memory (is_cpu=True), repaired on cpu, in place: True" in log
 

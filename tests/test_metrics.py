@@ -12,6 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients import FireClient
+from fire_backend.directions import DirectionFile
 from zoo.data import to_tensor_batch
 
 from .conftest import triggered_subset
@@ -83,9 +84,13 @@ def test_repair_metrics_count_samples_scores_and_rejections(server, artifacts):
     after = poll(flushed)
 
     assert delta("fire_repair_samples_total") == 50
-    # project mode moves triggered samples (score > 0) and some clean ones a little
+    # project mode moves triggered samples (score > 0) and some clean ones a little; every sample when
+    # calibration turned the file's gate off (a trigger's views or a dimmed trigger would pass under it)
     changed = delta("fire_repair_changed_samples_total")
-    assert 20 <= changed < 50
+    if DirectionFile.load(a.directions).project_gate:
+        assert 20 <= changed < 50
+    else:
+        assert changed == 50
     assert delta("fire_projection_score_count") == 50
     assert delta("fire_projection_score_bucket", 'le="+Inf"') == 50
     # triggered samples score near |beta| (ratio ~1), clean ones near 0: >= 18 of 20 above 0.5
