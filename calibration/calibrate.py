@@ -201,14 +201,15 @@ def unpaired_beta(features, clean: np.ndarray, poisoned: np.ndarray, views: int,
 def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, config: CalibrationConfig,
               classify=None):  # fmt: skip
     """The direction at ``layer``; ``classify`` (features -> predicted class) picks the unpaired estimate's
-    clean reference (``estimators.unpaired_reference``)."""
+    clean reference (``estimators.unpaired_reference``) and the views the model learned
+    (``augment.learned``)."""
     estimator = config.estimator if data.paired else "unpaired"
     clean_features = batched(features, data.clean)
     reference = {}
     augment = config.augment if config.mode == "project" else "none"  # a basis serves the project mode only
     feats = lambda x: batched(features, x)  # noqa: E731
     if estimator == "paired":
-        est = spatial_estimate(feats, data.triggered, data.originals, True, augment)
+        est = spatial_estimate(feats, data.triggered, data.originals, True, augment, classify)
     elif estimator == "unpaired":
         mask = np.ones(len(data.clean), bool)
         if classify is not None:
@@ -219,10 +220,12 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
             beta = unpaired_beta(features, data.clean[mask], data.triggered, config.views, config.seed)
             est = SpatialEstimate(beta, None)
         else:
-            est = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment)
+            est = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment, classify)
     else:
         raise InvalidInputError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
-    centre = {} if est.centre is None else {"trigger_centre": [round(c, 2) for c in est.centre]}  # the zooms' centre
+    spatial = {} if est.centre is None else {"trigger_centre": [round(c, 2) for c in est.centre]}  # the zooms' centre
+    if est.learned_views:  # the views the model learned, fitted on (calibration.augment.learned)
+        spatial["learned_views"] = list(est.learned_views)
     return est.directions(
         clean_features,
         layer=layer,
@@ -232,7 +235,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         estimator=estimator,
         head_sha256=producer_sha256,
         n_poisoned=len(data.triggered),
-        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference, **centre}},
+        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference, **spatial}},
     )
 
 
