@@ -84,6 +84,7 @@ class OnnxRunner:
 ALPHAS = (1.0, 1.5, 2.0)  # repair strengths tried with every cut (1: remove the estimated component)
 TRANSFER_VIEWS = DEFAULT_AUGMENT  # the moves the transfer score judges on (calibration.augment), whatever the fit uses
 FOLDS = 5  # cross-fitting: each fifth of the images judged by a direction fitted on the other four
+WEAK_GAIN = 90.0  # percent: a chosen repair that gains less is reported as such (``shortfall``)
 
 
 @dataclass
@@ -298,6 +299,22 @@ def choose_cut(
     return max(within, key=preference), scores
 
 
+def shortfall(best: CutScore, scores: list[CutScore], max_ca_drop: float) -> str | None:
+    """A one-line warning when the candidate ``choose_cut`` took repairs fewer than ``WEAK_GAIN`` percent
+    of the held-out triggered images and a stronger one exists past the cost bound (the most gain, then
+    the least cost): the bound, not the estimate, is what holds the repair back, and the user decides
+    whether the clean accuracy is worth it. None otherwise."""
+    if best.gain >= WEAK_GAIN:
+        return None
+    stronger = [s for s in scores if s.cost > max_ca_drop + 1e-9 and s.gain > best.gain]
+    if not stronger:
+        return None
+    s = max(stronger, key=lambda s: (s.gain, -s.cost))
+    return (f"the repair chosen within --max-ca-drop {max_ca_drop:g} moves only {best.gain:.0f} % of the held-out "
+            f"triggered images ({best.gain_kind}); {s.cut} at alpha {s.alpha:g} moves {s.gain:.0f} % for "
+            f"{s.cost:.2f} points: pass --max-ca-drop {s.cost:.2f} (or more) to deploy it")  # fmt: skip
+
+
 def widest_affordable(scores: list[CutScore], max_ca_drop: float) -> list[CutScore]:
     """One score per (cut, strength): the widest view set (the first ``score_cut`` lists) whose cost is
     within ``max_ca_drop``, else the cheapest. Each view covers a variant an attacker may try, and the
@@ -321,13 +338,17 @@ def _agreement(scores: list[CutScore], within: list[CutScore]) -> list[CutScore]
     """Without the triggered images' true labels, "moved off the prediction" cannot tell a restored label
     from a wrong one, and most candidates move nearly all of them. Restored labels agree across repairs,
     wrong ones scatter: each held-out triggered image's consensus is the most common label the admissible
-    candidates move it to; a candidate's gain is the share of images it moves to their consensus."""
-    moved, before = np.stack([s.repaired for s in within]), scores[0].unrepaired
-    consensus = np.full(moved.shape[1], -1)
-    for i in range(moved.shape[1]):
-        votes = moved[:, i][moved[:, i] != before[i]]
-        if len(votes):
-            consensus[i] = int(np.bincount(votes).argmax())
+    candidates move it to (where none moves it, the label every candidate moves it to most: it changes no
+    admissible candidate's gain, and gives those past the cost bound one ``shortfall`` can report); a
+    candidate's gain is the share of images it moves to their consensus."""
+    before = scores[0].unrepaired
+    consensus = np.full(len(before), -1)
+    for voters in (within, scores):
+        moved = np.stack([s.repaired for s in voters])
+        for i in np.flatnonzero(consensus < 0):
+            votes = moved[:, i][moved[:, i] != before[i]]
+            if len(votes):
+                consensus[i] = int(np.bincount(votes).argmax())
     kind = "triggered moved to the candidates' consensus"
     return [replace(s, gain=100 * float((s.repaired == consensus).mean()), gain_kind=kind) for s in scores]
 

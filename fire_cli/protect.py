@@ -112,6 +112,7 @@ PROTECT_FIELDS = {"cut": "--cut", "max_ca_drop": "--max-ca-drop", "plain": "--pl
 
 def protect(a: argparse.Namespace) -> None:
     from calibration.calibrate import CalibrationConfig
+    from calibration.cutsearch import shortfall
     from serving.configs import ServingSettings
     from serving.protect import ProtectConfig, protect_entry, protect_onnx, protect_torch
 
@@ -139,6 +140,10 @@ def protect(a: argparse.Namespace) -> None:
             mark = "  <- chosen" if s.cut == r.export.layer and s.alpha == r.directions.alpha else ""
             scores = f"{s.gain:.1f} / {s.transfer:.1f} / {s.cost:.2f}"
             print(f"  {s.cut}\t{s.feature_shape}\talpha {s.alpha:g}\t{scores}{mark}")
+        chosen = [s for s in r.cut_scores if s.cut == r.export.layer and s.alpha == r.directions.alpha]
+        warning = shortfall(chosen[0], r.cut_scores, cfg.max_ca_drop) if chosen else None
+        if warning:
+            print(f"warning: {warning}")
     if r.skipped_cuts:
         t, why = next(iter(r.skipped_cuts.items()))
         print(f"{len(r.skipped_cuts)} valid cut(s) left out, no static shape at the served size (first: {t}, {why})")

@@ -120,6 +120,28 @@ def test_without_labels_the_candidate_whose_moves_the_others_agree_on_wins():
     assert scores[0].gain < 30 < 80 < min(s.gain for s in scores[1:])
 
 
+def test_a_weak_repair_the_cost_bound_held_back_is_reported_with_the_stronger_ones_cost():
+    """The foreign blend case: within the bound only strength 1 (64 % moved), strength 1.5 moves 96 % for
+    1.2 points. Without labels, an image no admissible candidate moves gets its consensus from all of them,
+    so the stronger candidate's gain is what it moves, while every admissible candidate's gain is as it was;
+    ``shortfall`` names it and the bound that would let it through. A repair at 90 % or more, or no
+    stronger candidate, is not reported."""
+    from calibration.cutsearch import CutScore, _agreement, shortfall
+
+    before = np.ones(50, int)  # the attacker's class
+
+    def candidate(alpha, moved, cost):
+        return CutScore("c", (1,), 0.0, cost, "moved", "changed", alpha, np.where(np.arange(50) < moved, 0, 1), before)
+
+    weak, strong = candidate(1.0, 32, 0.45), candidate(1.5, 48, 1.2)
+    scores = _agreement([weak, strong], [weak])
+    assert [s.gain for s in scores] == [64.0, 96.0]
+    line = shortfall(scores[0], scores, 0.5)
+    assert "64 %" in line and "alpha 1.5 moves 96 % for 1.20 points" in line and "--max-ca-drop 1.20" in line
+    assert shortfall(scores[1], scores, 1.5) is None  # 96 % is no shortfall
+    assert shortfall(scores[0], scores[:1], 0.5) is None  # nothing stronger to take
+
+
 def test_the_gate_must_pass_every_view_at_full_and_at_half_its_shift():
     """``covers``: 90 % of every view's triggered projections past the clean mean, as they are and with the
     trigger at half its strength (paired: halfway from each original; unpaired: moved back by half the
