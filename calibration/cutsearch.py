@@ -30,6 +30,7 @@ for an ONNX model (tensors, ``OnnxRunner``) and a torch module (sub-modules,
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -84,7 +85,8 @@ class OnnxRunner:
 ALPHAS = (1.0, 1.5, 2.0)  # repair strengths tried with every cut (1: remove the estimated component)
 TRANSFER_VIEWS = DEFAULT_AUGMENT  # the moves the transfer score judges on (calibration.augment), whatever the fit uses
 FOLDS = 5  # cross-fitting: each fifth of the images judged by a direction fitted on the other four
-WEAK_GAIN = 90.0  # percent: a chosen repair that gains less is reported as such (``shortfall``)
+WEAK_GAIN = 90.0  # percent: a chosen repair that gains less is reported (``shortfall``) ...
+STRONGER_BY = 10.0  # ... when one past the cost bound gains at least this many points more (5 of 50 images)
 
 
 @dataclass
@@ -301,18 +303,20 @@ def choose_cut(
 
 def shortfall(best: CutScore, scores: list[CutScore], max_ca_drop: float) -> str | None:
     """A one-line warning when the candidate ``choose_cut`` took repairs fewer than ``WEAK_GAIN`` percent
-    of the held-out triggered images and a stronger one exists past the cost bound (the most gain, then
-    the least cost): the bound, not the estimate, is what holds the repair back, and the user decides
-    whether the clean accuracy is worth it. None otherwise."""
+    of the held-out triggered images and one past the cost bound repairs ``STRONGER_BY`` points more (the
+    most gain, then the least cost): the bound, not the estimate, is what holds the repair back, and the
+    user decides whether the clean accuracy is worth it. The bound it names is that candidate's cost
+    rounded up, so that passing it admits the candidate. None otherwise."""
     if best.gain >= WEAK_GAIN:
         return None
-    stronger = [s for s in scores if s.cost > max_ca_drop + 1e-9 and s.gain > best.gain]
+    stronger = [s for s in scores if s.cost > max_ca_drop + 1e-9 and s.gain >= best.gain + STRONGER_BY]
     if not stronger:
         return None
     s = max(stronger, key=lambda s: (s.gain, -s.cost))
+    bound = math.ceil(s.cost * 100) / 100
     return (f"the repair chosen within --max-ca-drop {max_ca_drop:g} moves only {best.gain:.0f} % of the held-out "
             f"triggered images ({best.gain_kind}); {s.cut} at alpha {s.alpha:g} moves {s.gain:.0f} % for "
-            f"{s.cost:.2f} points: pass --max-ca-drop {s.cost:.2f} (or more) to deploy it")  # fmt: skip
+            f"{s.cost:.2f} points: --max-ca-drop {bound:.2f} (or more) admits it")  # fmt: skip
 
 
 def widest_affordable(scores: list[CutScore], max_ca_drop: float) -> list[CutScore]:

@@ -140,6 +140,10 @@ def test_a_weak_repair_the_cost_bound_held_back_is_reported_with_the_stronger_on
     assert "64 %" in line and "alpha 1.5 moves 96 % for 1.20 points" in line and "--max-ca-drop 1.20" in line
     assert shortfall(scores[1], scores, 1.5) is None  # 96 % is no shortfall
     assert shortfall(scores[0], scores[:1], 0.5) is None  # nothing stronger to take
+    slightly = _agreement([weak, candidate(1.5, 36, 0.7349)], [weak])  # 4 images more: within the noise of 50
+    assert shortfall(slightly[0], slightly, 0.5) is None
+    odd = _agreement([weak, candidate(1.5, 48, 0.7349)], [weak])  # the bound named admits it: rounded up
+    assert "--max-ca-drop 0.74" in shortfall(odd[0], odd, 0.5)
 
 
 def test_the_gate_must_pass_every_view_at_full_and_at_half_its_shift():
