@@ -124,16 +124,16 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
     """FIRE's three estimates from the 50 calibration samples of the trigger the model learned."""
     c, r = m.calib, m.runner
     feats = lambda x: r.features(x).numpy()  # noqa: E731
-    classify = lambda f: r.labels(torch.from_numpy(f))  # noqa: E731  (the views the model learned)
+    predict = lambda x: r.labels(r.features(x))  # noqa: E731  (the views the model learned)
     clean = r.features(c.clean)
     out = {}
     for name, paired, augment in (("FIRE rank 1, paired", True, "none"), ("FIRE paired", True, DEFAULT_AUGMENT),
                                   ("FIRE unpaired", False, DEFAULT_AUGMENT)):  # fmt: skip
         if paired:
-            e = spatial_estimate(feats, c.triggered, c.originals, True, augment, classify)
+            e = spatial_estimate(feats, c.triggered, c.originals, True, augment, predict)
         else:
             ref, _ = unpaired_reference(r.labels(clean), r.labels(r.features(c.triggered)))
-            e = spatial_estimate(feats, c.triggered, c.clean[ref], False, augment, classify)
+            e = spatial_estimate(feats, c.triggered, c.clean[ref], False, augment, predict)
         out[name] = Repair(e.directions(clean, layer=layer))
     return out
 
@@ -150,7 +150,7 @@ def paired_repairs(m: _Model, cut: str, alphas, augment: str = DEFAULT_AUGMENT) 
     """FIRE paired at ``cut``, one repair per strength, the direction from all the pairs."""
     c, r = m.calib, SplitRunner(m.model, cut)
     e = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment,
-                         lambda f: r.labels(torch.from_numpy(f)))  # fmt: skip
+                         lambda x: r.labels(r.features(x)))  # fmt: skip
     clean = r.features(c.clean)
     return r, [Repair(e.directions(clean, layer=cut, alpha=a)) for a in alphas]
 

@@ -189,10 +189,11 @@ class SpatialEstimate:
 
 
 def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np.ndarray, other: np.ndarray,
-                     paired: bool, augment: str, classify: Callable[[np.ndarray], np.ndarray] | None = None,
+                     paired: bool, augment: str, predict: Callable[[np.ndarray], np.ndarray] | None = None,
                      ) -> SpatialEstimate:  # fmt: skip
     """The estimate over the views of ``augment`` (zooms about ``trigger_centre``) the model learned
-    (``learned``, when ``classify``: features -> predicted class, is given; every view when not):
+    (``learned``, when ``predict``: uint8 NHWC images -> the unrepaired model's predicted class, is given;
+    every view when not):
     ``other`` is the originals of ``triggered`` (paired: per-pair differences, each view applied to both)
     or the clean reference (unpaired: one mean difference per view). beta is the mean difference; with
     more than one view, basis is the orthonormal (k, D) span of the differences, the mean's direction
@@ -208,11 +209,11 @@ def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np
     (``estimators.covers``)."""
     centre = trigger_centre(triggered, other, paired) if zooms(augment) else None
     fit = views(augment, centre)
-    t_views = [features(view(triggered)) for view in fit]
-    keep = learned([classify(t) for t in t_views]) if classify is not None else list(range(len(fit)))
+    keep = list(range(len(fit))) if predict is None else learned([predict(view(triggered)) for view in fit])
+    t_views = [features(fit[i](triggered)) for i in keep]
     o_views = [features(fit[i](other)) for i in keep]
-    est = estimate_from_views([t_views[i] for i in keep], o_views, paired)
-    return replace(est, centre=centre, learned_views=tuple(view_names(augment)[i] for i in keep))
+    est = replace(estimate_from_views(t_views, o_views, paired), centre=centre)
+    return est if predict is None else replace(est, learned_views=tuple(view_names(augment)[i] for i in keep))
 
 
 def estimate_from_views(triggered_views: list[np.ndarray], other_views: list[np.ndarray],
