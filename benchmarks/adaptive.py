@@ -124,16 +124,15 @@ def fire_repairs(m: _Model, layer: str) -> dict[str, Repair]:
     """FIRE's three estimates from the 50 calibration samples of the trigger the model learned."""
     c, r = m.calib, m.runner
     feats = lambda x: r.features(x).numpy()  # noqa: E731
-    predict = lambda x: r.labels(r.features(x))  # noqa: E731  (the views the model learned)
     clean = r.features(c.clean)
     out = {}
     for name, paired, augment in (("FIRE rank 1, paired", True, "none"), ("FIRE paired", True, DEFAULT_AUGMENT),
                                   ("FIRE unpaired", False, DEFAULT_AUGMENT)):  # fmt: skip
         if paired:
-            e = spatial_estimate(feats, c.triggered, c.originals, True, augment, predict)
+            e = spatial_estimate(feats, c.triggered, c.originals, True, augment)
         else:
             ref, _ = unpaired_reference(r.labels(clean), r.labels(r.features(c.triggered)))
-            e = spatial_estimate(feats, c.triggered, c.clean[ref], False, augment, predict)
+            e = spatial_estimate(feats, c.triggered, c.clean[ref], False, augment)
         out[name] = Repair(e.directions(clean, layer=layer))
     return out
 
@@ -149,8 +148,7 @@ def chosen_cut(m: _Model, augment: str = DEFAULT_AUGMENT) -> tuple[CutScore, lis
 def paired_repairs(m: _Model, cut: str, alphas, augment: str = DEFAULT_AUGMENT) -> tuple[SplitRunner, list[Repair]]:
     """FIRE paired at ``cut``, one repair per strength, the direction from all the pairs."""
     c, r = m.calib, SplitRunner(m.model, cut)
-    e = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment,
-                         lambda x: r.labels(r.features(x)))  # fmt: skip
+    e = spatial_estimate(lambda x: r.features(x).numpy(), c.triggered, c.originals, True, augment)
     clean = r.features(c.clean)
     return r, [Repair(e.directions(clean, layer=cut, alpha=a)) for a in alphas]
 

@@ -10,12 +10,6 @@ the span of them (a rank-k ``project`` repair whose first direction is the mean 
 only where the pixels are, never their values (photometric views are the unpaired estimate's other
 tool, ``estimators.photometric_views``).
 
-Only the views the model learned enter the estimate (``learned``): a view whose triggered images the
-model no longer puts where it puts them as they are (a noise blend mirrored, a corner patch flipped
-upside down on a model trained with left-right flips only) is a variant that does not fire the
-backdoor, and its shift is no trigger direction: in the span it costs clean accuracy and dilutes the
-gate's direction, and the repair then needs more strength than the cost bound allows.
-
 - ``none``: the images as they are (rank 1);
 - ``flips-shifts``: as they are, mirrored left-right, top-bottom and both, and moved by 2 and 4 px
   along both diagonals (10 views);
@@ -60,12 +54,9 @@ def _zoom(factor: float, centre: tuple[float, float] | None) -> View:
 
 
 ZOOMS = (1.25, 2.0)  # the zoom views' factors
-SHIFTS = ((2, 2), (-2, -2), (2, -2), (-2, 2), (4, 4), (-4, -4))  # (rows, columns) the shift views move by
-_FLIPS_SHIFTS: list[View] = [lambda x: x, _flip((2,)), _flip((1,)), _flip((1, 2))] + [_shift(*s) for s in SHIFTS]
-_FLIPS_SHIFTS_NAMES = ("as is", "mirrored left-right", "mirrored top-bottom", "mirrored both") + tuple(
-    f"shifted {dy:+d},{dx:+d}" for dy, dx in SHIFTS
-)
-LEARNED_SHARE = 0.5  # a view is learned when at least this share of its triggered images keep their prediction
+_FLIPS_SHIFTS: list[View] = [lambda x: x, _flip((2,)), _flip((1,)), _flip((1, 2))] + [
+    _shift(dy, dx) for dy, dx in ((2, 2), (-2, -2), (2, -2), (-2, 2), (4, 4), (-4, -4))
+]
 
 
 def zooms(name: str) -> bool:
@@ -86,26 +77,6 @@ def views(name: str, centre: tuple[float, float] | None = None) -> list[View]:
     if name == "none":
         return [lambda x: x]
     return _FLIPS_SHIFTS + ([_zoom(f, centre) for f in ZOOMS] if zoom else [])
-
-
-def view_names(name: str) -> tuple[str, ...]:
-    """The names of ``views(name)``, in the same order (what a direction file records of the views kept)."""
-    if name == "none":
-        return ("as is",)
-    return _FLIPS_SHIFTS_NAMES + (tuple(f"zoomed {f:g}x" for f in ZOOMS) if zooms(name) else ())
-
-
-def learned(labels: list[np.ndarray]) -> list[int]:
-    """Which views the model learned the trigger under: the indices of the views (``labels``: the
-    predicted class of each view's triggered images, row for row, the images as they are first) under
-    which at least ``LEARNED_SHARE`` of the triggered images keep the prediction they have as they are
-    (the attacker's class, whatever it is per image: all-to-one and all-to-all alike). The images as
-    they are always count. A model trained with flips keeps a mirrored corner patch's class and loses a
-    mirrored noise blend's (the half share is the benchmarks' own line for a variant the model learned:
-    an attack success rate of 50 %). Images whose trigger did not fire keep their class under a view
-    either way, so a weak backdoor keeps every view, as without this check."""
-    base = np.asarray(labels[0])
-    return [0] + [i for i, v in enumerate(labels[1:], 1) if float((np.asarray(v) == base).mean()) >= LEARNED_SHARE]
 
 
 SIGNIFICANT = 3.0  # unpaired: a pixel is part of the trigger's footprint past this many standard errors
@@ -171,7 +142,6 @@ class SpatialEstimate:
     along: tuple[np.ndarray, ...] = ()  # each view's triggered features projected on basis[0], the gate's direction
     along_originals: tuple[np.ndarray, ...] | None = None  # paired: their originals', row for row
     centre: tuple[float, float] | None = None  # where the zoom views magnified about (``trigger_centre``)
-    learned_views: tuple[str, ...] = ()  # the views fitted on (``learned``; ``view_names``), when known
 
     def directions(self, clean, **settings):
         """The direction file (``calibration.factory.make_directions``; ``settings``: its keyword arguments),
@@ -189,16 +159,13 @@ class SpatialEstimate:
 
 
 def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np.ndarray, other: np.ndarray,
-                     paired: bool, augment: str, predict: Callable[[np.ndarray], np.ndarray] | None = None,
-                     ) -> SpatialEstimate:  # fmt: skip
-    """The estimate over the views of ``augment`` (zooms about ``trigger_centre``) the model learned
-    (``learned``, when ``predict``: uint8 NHWC images -> the unrepaired model's predicted class, is given;
-    every view when not):
-    ``other`` is the originals of ``triggered`` (paired: per-pair differences, each view applied to both)
-    or the clean reference (unpaired: one mean difference per view). beta is the mean difference; with
-    more than one view, basis is the orthonormal (k, D) span of the differences, the mean's direction
-    first (``estimators.principal_basis``), k the number of views. ``features``: uint8 NHWC images ->
-    (N, ...) features.
+                     paired: bool, augment: str) -> SpatialEstimate:  # fmt: skip
+    """The estimate over the views of ``augment`` (zooms about ``trigger_centre``): ``other`` is the
+    originals of ``triggered`` (paired: per-pair differences, each view applied to both) or the clean
+    reference (unpaired: one mean difference per view). beta is the mean difference; with more than one
+    view, basis is the orthonormal (k, D) span of the differences, the mean's direction first
+    (``estimators.principal_basis``), k the number of views. ``features``: uint8 NHWC images -> (N, ...)
+    features.
 
     The project repair moves only samples past the clean mean along the first direction. When the views'
     shifts do not all point that way (a periodic pattern mirrored or shifted is the same pattern out of
@@ -208,12 +175,11 @@ def spatial_estimate(features: Callable[[np.ndarray], np.ndarray], triggered: np
     ``estimators.GATE_COVERAGE`` of every view's triggered images at full and at half their shift
     (``estimators.covers``)."""
     centre = trigger_centre(triggered, other, paired) if zooms(augment) else None
-    fit = views(augment, centre)
-    keep = list(range(len(fit))) if predict is None else learned([predict(view(triggered)) for view in fit])
-    t_views = [features(fit[i](triggered)) for i in keep]
-    o_views = [features(fit[i](other)) for i in keep]
-    est = replace(estimate_from_views(t_views, o_views, paired), centre=centre)
-    return est if predict is None else replace(est, learned_views=tuple(view_names(augment)[i] for i in keep))
+    t_views, o_views = [], []
+    for view in views(augment, centre):
+        t_views.append(features(view(triggered)))
+        o_views.append(features(view(other)))
+    return replace(estimate_from_views(t_views, o_views, paired), centre=centre)
 
 
 def estimate_from_views(triggered_views: list[np.ndarray], other_views: list[np.ndarray],

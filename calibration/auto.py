@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calibration.augment import learned, trigger_centre, view_names, views, zooms
+from calibration.augment import trigger_centre, views, zooms
 from calibration.calibrate import zoo_calibration_set
 from calibration.factory import FitInputs, fit_directions
 from calibration.inprocess import SplitRunner
@@ -95,10 +95,9 @@ def usable_layers(model: nn.Module) -> list[str]:
     return out
 
 
-def settings_for(layer: str, config: AutoConfig, n_views: int = 1) -> list[Setting]:
-    """The settings tried at ``layer``; with spatial views, the project rank is their number ``n_views``."""
+def settings_for(layer: str, config: AutoConfig) -> list[Setting]:
     out = []
-    ranks = config.ranks if config.augment == "none" else (n_views,)
+    ranks = config.ranks if config.augment == "none" else (len(views(config.augment)),)
     for mode in config.modes:
         for alpha in config.alphas:
             for rank in ranks if mode == "project" else (1,):
@@ -138,15 +137,12 @@ def auto_calibrate(
     fit_clean, held_clean = half[: len(clean) // 2], half[len(clean) // 2 :]
     layers = list(config.layers) or usable_layers(model)
     centre = trigger_centre(pair_poisoned, pair_clean, True) if zooms(config.augment) else None
-    vs = views(config.augment, centre)  # fitted on the views of the pairs the model learned, judged as they are
-    whole = SplitRunner(model, layers[0])  # any cut: its labels are the model's predictions
-    keep = learned([whole.labels(whole.features(v(pair_poisoned))) for v in vs])
-    vs, kept = [vs[i] for i in keep], [view_names(config.augment)[i] for i in keep]
     scores: list[Scored] = []
     runners: dict[str, tuple[SplitRunner, FitInputs]] = {}
     for layer in tqdm(layers, desc="auto-calibrate", unit="layer", disable=None):
         runner = SplitRunner(model, layer)
         fc, fp, fk = runner.features(pair_clean), runner.features(pair_poisoned), runner.features(clean)
+        vs = views(config.augment, centre)  # fitted on every view of the pairs, judged on the pairs as they are
         fc_v = torch.cat([runner.features(v(pair_clean)) for v in vs])
         fp_v = torch.cat([runner.features(v(pair_poisoned)) for v in vs])
         fold_v = np.tile(fold_of, len(vs))
@@ -155,7 +151,7 @@ def auto_calibrate(
         base_k = runner.labels(held_k)
         base_acc = 100 * float((base_k == clean_labels[held_clean]).mean())
         base_p, original = runner.labels(fp), runner.labels(fc)
-        sums = {s: np.zeros(4) for s in settings_for(layer, config, len(vs))}
+        sums = {s: np.zeros(4) for s in settings_for(layer, config)}
         for k in range(folds):
             held = fold_of == k
             fit_v = torch.from_numpy(fold_v != k)
@@ -183,8 +179,7 @@ def auto_calibrate(
     s = best.setting
     directions = fit_directions(inputs, s.layer, s.mode, s.alpha, s.rank, config.fpr)
     directions.n_clean = len(fit_clean)
-    directions.extra = {"auto": {"config": asdict(config), "best": best.row(), "feasible": feasible,
-                                 "learned_views": kept}}  # fmt: skip
+    directions.extra = {"auto": {"config": asdict(config), "best": best.row(), "feasible": feasible}}
     return AutoResult(best, scores, feasible, directions)
 
 

@@ -129,8 +129,7 @@ def calibrate(
     config = config or CalibrationConfig()
     info = ExportInfo.read(export_dir)
     data = data or _zoo_set(info, config)
-    head, classify = HeadFeatures(export_dir), _classifier(export_dir, info)
-    d = _estimate(head, data, info.layer, info.head_sha256, config, classify, lambda x: classify(batched(head, x)))
+    d = _estimate(HeadFeatures(export_dir), data, info.layer, info.head_sha256, config, _classifier(export_dir, info))
     d.save(out_path)
     return d
 
@@ -169,9 +168,8 @@ def calibrate_second(
         repaired = repair(torch.from_numpy(head(images))).numpy()
         return mid.run([FEATURES2], {FEATURES: repaired})[0]
 
-    whole = _classifier(export_dir, info)  # the unrepaired model: which views it learned (augment.learned)
     d = _estimate(features, data or _zoo_set(info, config), info.layer2, info.mid_sha256, config,
-                  _classifier(export_dir, info, second=True), lambda x: whole(batched(head, x)))  # fmt: skip
+                  _classifier(export_dir, info, second=True))  # fmt: skip
     d.extra["first_layer_directions_sha256"] = first.metadata()["tensors_sha256"]
     d.save(out_path)
     return d
@@ -201,17 +199,16 @@ def unpaired_beta(features, clean: np.ndarray, poisoned: np.ndarray, views: int,
 
 
 def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, config: CalibrationConfig,
-              classify=None, predict=None):  # fmt: skip
+              classify=None):  # fmt: skip
     """The direction at ``layer``; ``classify`` (features -> predicted class) picks the unpaired estimate's
-    clean reference (``estimators.unpaired_reference``), ``predict`` (images -> the unrepaired model's
-    predicted class) the views the model learned (``augment.learned``)."""
+    clean reference (``estimators.unpaired_reference``)."""
     estimator = config.estimator if data.paired else "unpaired"
     clean_features = batched(features, data.clean)
     reference = {}
     augment = config.augment if config.mode == "project" else "none"  # a basis serves the project mode only
     feats = lambda x: batched(features, x)  # noqa: E731
     if estimator == "paired":
-        est = spatial_estimate(feats, data.triggered, data.originals, True, augment, predict)
+        est = spatial_estimate(feats, data.triggered, data.originals, True, augment)
     elif estimator == "unpaired":
         mask = np.ones(len(data.clean), bool)
         if classify is not None:
@@ -222,12 +219,10 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
             beta = unpaired_beta(features, data.clean[mask], data.triggered, config.views, config.seed)
             est = SpatialEstimate(beta, None)
         else:
-            est = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment, predict)
+            est = spatial_estimate(feats, data.triggered, data.clean[mask], False, augment)
     else:
         raise InvalidInputError(f"unknown estimator {config.estimator!r}; choose 'paired' or 'unpaired'")
-    spatial = {} if est.centre is None else {"trigger_centre": [round(c, 2) for c in est.centre]}  # the zooms' centre
-    if est.learned_views:  # the views the model learned, fitted on (calibration.augment.learned)
-        spatial["learned_views"] = list(est.learned_views)
+    centre = {} if est.centre is None else {"trigger_centre": [round(c, 2) for c in est.centre]}  # the zooms' centre
     return est.directions(
         clean_features,
         layer=layer,
@@ -237,7 +232,7 @@ def _estimate(features, data: CalibrationSet, layer: str, producer_sha256: str, 
         estimator=estimator,
         head_sha256=producer_sha256,
         n_poisoned=len(data.triggered),
-        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference, **spatial}},
+        extra={**data.provenance, "calibration": {**asdict(config), "estimator": estimator, **reference, **centre}},
     )
 
 

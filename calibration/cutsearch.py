@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.augment import estimate_from_views, learned, trigger_centre, views, without_zooms, zooms
+from calibration.augment import estimate_from_views, trigger_centre, views, without_zooms, zooms
 from calibration.calibrate import CalibrationSet
 from calibration.estimators import reference_too_small, unpaired_reference
 from fire_backend.errors import InvalidInputError
@@ -163,24 +163,18 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     # the zooms' centre from it, as the deployed file's (``calibrate``)
     mask = None if data.paired else unpaired_reference(base_c, base_t)[0]
     other = data.originals if data.paired else data.clean[mask]
-    centre = trigger_centre(data.triggered, other, data.paired)  # the zoom views' (and the transfer's)
-    fit = views(augment, centre)
-    all_t = [trig.numpy()] + [feats(view(data.triggered)) for view in fit[1:]]  # once per cut; folds take rows
-    all_labels = [base_t] + [runner.labels(torch.from_numpy(t)) for t in all_t[1:]]
-    keep = learned(all_labels)  # the views the model learned (the same at every cut: the model's predictions)
-    t_views, fit = [all_t[i] for i in keep], [fit[i] for i in keep]
-    width = {v: sum(i < len(views(v)) for i in keep) for v in (augment, without_zooms(augment)) if v}  # fmt: skip
+    fit = views(augment, trigger_centre(data.triggered, other, data.paired) if zooms(augment) else None)
+    t_views = [trig.numpy()] + [feats(view(data.triggered)) for view in fit[1:]]  # once per cut; folds take rows
     if data.paired:
         o_views = [feats(view(data.originals)) for view in fit]
     else:
         means = _ReferenceMeans(feats, data.clean, mask, held_c, fit)
     if augment == TRANSFER_VIEWS:  # the transfer score's moved images are the fit's other views
-        moved, moved_base = [torch.from_numpy(t) for t in all_t[1:]], all_labels[1:]
+        moved = [torch.from_numpy(t) for t in t_views[1:]]
     else:
+        centre = trigger_centre(data.triggered, other, data.paired)
         moved = [runner.features(view(data.triggered)) for view in views(TRANSFER_VIEWS, centre)[1:]]
-        moved_base = [runner.labels(f) for f in moved]
-    moved_learned = [i - 1 for i in learned([base_t, *moved_base])[1:]]  # an unlearned view moves no trigger
-    moved, moved_base = [moved[i] for i in moved_learned], [moved_base[i] for i in moved_learned]
+    moved_base = [runner.labels(f) for f in moved]
     before_c = judged(p_c, reference)
     view_sets = [augment] + ([without_zooms(augment)] if zooms(augment) else [])  # the widest first
     tried = [(v, a) for v in view_sets for a in alphas]
@@ -192,7 +186,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
         fit_t = np.setdiff1d(np.arange(len(trig)), ht)
         fit_views = [t[fit_t] for t in t_views]
         others = [o[fit_t] for o in o_views] if data.paired else means.outside(j)
-        fits = {v: estimate_from_views(fit_views[: width[v]], others[: width[v]], data.paired)
+        fits = {v: estimate_from_views(fit_views[: len(views(v))], others[: len(views(v))], data.paired)
                 for v in view_sets}  # a narrower set's views are a prefix of the wider's  # fmt: skip
         one_view = estimate_from_views(fit_views[:1], others[:1], data.paired)  # the identity view is first
         fit_clean = clean[fit_c]
@@ -209,7 +203,7 @@ def score_cut(runner, data: CalibrationSet, seed: int = 0, alphas: tuple[float, 
     def moved_off(after: np.ndarray, before: np.ndarray) -> float:
         return 100 * float((after == labels).mean() if labels is not None else (after != before).mean())
 
-    transfer = float(np.mean([moved_off(m, b) for m, b in zip(after_moved, moved_base, strict=True)] or [0.0]))
+    transfer = float(np.mean([moved_off(m, b) for m, b in zip(after_moved, moved_base, strict=True)]))
     scores = []
     for v, a in tried:
         scores.append(CutScore(name, tuple(clean.shape[1:]), moved_off(after_t[v, a], base_t),

@@ -155,9 +155,6 @@ def protect(a: argparse.Namespace) -> None:
               "the tail records traffic for `fire update --from-traffic`")  # fmt: skip
         print(f"wrote {cfg.out}: {', '.join(r.built.models)}")
         return
-    learned_views = d.extra.get("calibration", {}).get("learned_views")
-    if learned_views:
-        print(f"views the model learned, fitted on ({len(learned_views)}, rank {d.rank}): {', '.join(learned_views)}")
     print(
         f"protected {cfg.name}: cut at {r.export.layer} (features {tuple(r.export.feature_shape)}), head -> tail "
         f"error {r.export.split_max_abs_err:.2g}; {d.estimator} direction from {d.n_poisoned} triggered and "

@@ -109,12 +109,9 @@ def test_auto_calibration_writes_a_deployable_export(tmp_path, artifacts):
     a = artifacts["cifar10"]
     cfg = AutoConfig(layers=("layer1", "layer2"), alphas=(1.0,), ranks=(1, 2), folds=4)
     result, path = auto_calibrate_model(MODELS["cifar10"], tmp_path / "auto", n_poisoned=24, n_clean=200, config=cfg)
-    # per layer: subtract, gated and one project (spatial views fix its rank at the number of views the
-    # model learned: left-right flips, not top-bottom)
+    # per layer: subtract, gated and one project (spatial views fix its rank at the number of views)
     assert len(result.scores) == 2 * 3 and result.feasible and result.best.ca_drop <= 0.5
-    kept = result.directions.extra["auto"]["learned_views"]
-    assert "mirrored left-right" in kept and "mirrored top-bottom" not in kept and len(kept) < len(views(cfg.augment))
-    assert {s.setting.rank for s in result.scores if s.setting.mode == "project"} == {len(kept)}
+    assert {s.setting.rank for s in result.scores if s.setting.mode == "project"} == {len(views(cfg.augment))}
     info = ExportInfo.read(tmp_path / "auto")
     d = DirectionFile.load(path, feature_shape=tuple(info.feature_shape), head_sha256=info.head_sha256)
     assert d.layer == info.layer == result.best.setting.layer and d.mode == result.best.setting.mode
