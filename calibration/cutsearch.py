@@ -298,16 +298,18 @@ def choose_cut(
 def shortfall(best: CutScore, scores: list[CutScore], max_ca_drop: float) -> str | None:
     """A one-line warning when the candidate ``choose_cut`` took repairs fewer than ``WEAK_GAIN`` percent
     of the held-out triggered images and one past the cost bound repairs ``STRONGER_BY`` points more (the
-    most gain, then the least cost): the bound, not the estimate, is what holds the repair back, and the
-    user decides whether the clean accuracy is worth it. The bound it names is that candidate's cost
-    rounded up, so that passing it admits the candidate. None otherwise."""
+    cheapest of those that reach ``WEAK_GAIN``, else the one with the most gain): the bound, not the
+    estimate, is what holds the repair back, and the user decides whether the clean accuracy is worth it.
+    The bound it names is that candidate's cost rounded up, so that passing it admits the candidate.
+    None otherwise."""
     if best.gain >= WEAK_GAIN:
         return None
     stronger = [s for s in scores if s.cost > max_ca_drop + 1e-9 and s.gain >= best.gain + STRONGER_BY]
     if not stronger:
         return None
-    s = max(stronger, key=lambda s: (s.gain, -s.cost))
-    bound = math.ceil(s.cost * 100) / 100
+    reaching = [s for s in stronger if s.gain >= WEAK_GAIN]
+    s = min(reaching, key=lambda s: (s.cost, -s.gain)) if reaching else max(stronger, key=lambda s: (s.gain, -s.cost))
+    bound = math.ceil(round(s.cost * 100, 6)) / 100  # rounded up (round first: 1.2 * 100 may be 120.000...01)
     return (f"the repair chosen within --max-ca-drop {max_ca_drop:g} moves only {best.gain:.0f} % of the held-out "
             f"triggered images ({best.gain_kind}); {s.cut} at alpha {s.alpha:g} moves {s.gain:.0f} % for "
             f"{s.cost:.2f} points: --max-ca-drop {bound:.2f} (or more) admits it")  # fmt: skip

@@ -134,8 +134,8 @@ def test_a_weak_repair_the_cost_bound_held_back_is_reported_with_the_stronger_on
         return CutScore("c", (1,), 0.0, cost, "moved", "changed", alpha, np.where(np.arange(50) < moved, 0, 1), before)
 
     weak, strong = candidate(1.0, 32, 0.45), candidate(1.5, 48, 1.2)
-    scores = _agreement([weak, strong], [weak])
-    assert [s.gain for s in scores] == [64.0, 96.0]
+    scores = _agreement([weak, strong, candidate(2.0, 50, 2.27)], [weak])
+    assert [s.gain for s in scores] == [64.0, 96.0, 100.0]  # the cheapest past 90 % is named, not the most
     line = shortfall(scores[0], scores, 0.5)
     assert "64 %" in line and "alpha 1.5 moves 96 % for 1.20 points" in line and "--max-ca-drop 1.20" in line
     assert shortfall(scores[1], scores, 1.5) is None  # 96 % is no shortfall
