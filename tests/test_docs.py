@@ -73,12 +73,12 @@ def test_protect_your_own_model_runs_as_written(tmp_path):
     from zoo.attacks import make_attack
     from zoo.data import load_dataset
 
-    train = load_dataset("cifar10", "train").subset(260, seed=2)
-    for i, img in enumerate(train.images[:200]):
+    train = load_dataset("cifar10", "train").subset(160, seed=2)
+    for i, img in enumerate(train.images[:120]):
         (tmp_path / "imgs" / str(train.labels[i])).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(tmp_path / "imgs" / str(train.labels[i]) / f"{i}.png")
     (tmp_path / "flagged").mkdir()
-    for i, img in enumerate(make_attack("badnets").apply(train.images[200:])):
+    for i, img in enumerate(make_attack("badnets").apply(train.images[120:])):
         Image.fromarray(img).save(tmp_path / "flagged" / f"{i}.png")
     (tmp_path / "models").symlink_to(ROOT / "models")
     block = re.search(r"```bash\n(.*?)```", _section(README.read_text(), "Protect your own model"), flags=re.S)
