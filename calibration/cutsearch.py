@@ -295,24 +295,37 @@ def choose_cut(
     return max(within, key=preference), scores
 
 
-def shortfall(best: CutScore, scores: list[CutScore], max_ca_drop: float) -> str | None:
-    """A one-line warning when the candidate ``choose_cut`` took repairs fewer than ``WEAK_GAIN`` percent
-    of the held-out triggered images and one past the cost bound repairs ``STRONGER_BY`` points more (the
-    cheapest of those that reach ``WEAK_GAIN``, else the one with the most gain): the bound, not the
-    estimate, is what holds the repair back, and the user decides whether the clean accuracy is worth it.
-    The bound it names is that candidate's cost rounded up, so that passing it admits the candidate.
-    None otherwise."""
+def held_back(best: CutScore, scores: list[CutScore], max_ca_drop: float) -> CutScore | None:
+    """The candidate the cost bound held back, when the one ``choose_cut`` took repairs fewer than
+    ``WEAK_GAIN`` percent of the held-out triggered images and one past the bound repairs ``STRONGER_BY``
+    points more: the cheapest of those that reach ``WEAK_GAIN``, else the one with the most gain. The
+    bound, not the estimate, is then what holds the repair back, and whether the clean accuracy is worth
+    it is the user's call (``shortfall`` says so). None otherwise."""
     if best.gain >= WEAK_GAIN:
         return None
     stronger = [s for s in scores if s.cost > max_ca_drop + 1e-9 and s.gain >= best.gain + STRONGER_BY]
     if not stronger:
         return None
     reaching = [s for s in stronger if s.gain >= WEAK_GAIN]
-    s = min(reaching, key=lambda s: (s.cost, -s.gain)) if reaching else max(stronger, key=lambda s: (s.gain, -s.cost))
-    bound = math.ceil(round(s.cost * 100, 6)) / 100  # rounded up (round first: 1.2 * 100 may be 120.000...01)
+    if reaching:
+        return min(reaching, key=lambda s: (s.cost, -s.gain))
+    return max(stronger, key=lambda s: (s.gain, -s.cost))
+
+
+def admitting_bound(s: CutScore) -> float:
+    """The least ``--max-ca-drop`` (in hundredths, rounded up) that admits ``s`` (round first: 1.2 * 100
+    may be 120.000...01)."""
+    return math.ceil(round(s.cost * 100, 6)) / 100
+
+
+def shortfall(best: CutScore, scores: list[CutScore], max_ca_drop: float) -> str | None:
+    """``held_back``'s candidate as a one-line warning naming the bound that admits it; None without one."""
+    s = held_back(best, scores, max_ca_drop)
+    if s is None:
+        return None
     return (f"the repair chosen within --max-ca-drop {max_ca_drop:g} moves only {best.gain:.0f} % of the held-out "
             f"triggered images ({best.gain_kind}); {s.cut} at alpha {s.alpha:g} moves {s.gain:.0f} % for "
-            f"{s.cost:.2f} points: --max-ca-drop {bound:.2f} (or more) admits it")  # fmt: skip
+            f"{s.cost:.2f} points: --max-ca-drop {admitting_bound(s):.2f} (or more) admits it")  # fmt: skip
 
 
 def widest_affordable(scores: list[CutScore], max_ca_drop: float) -> list[CutScore]:

@@ -137,11 +137,10 @@ def protect(a: argparse.Namespace) -> None:
         kinds = r.cut_scores[0]
         print(f"cuts tried ({kinds.gain_kind} / transfer / {kinds.cost_kind}, held-out calibration images, %):")
         for s in r.cut_scores:
-            mark = "  <- chosen" if s.cut == r.export.layer and s.alpha == r.directions.alpha else ""
+            mark = "  <- chosen" if s is r.chosen else ""
             scores = f"{s.gain:.1f} / {s.transfer:.1f} / {s.cost:.2f}"
             print(f"  {s.cut}\t{s.feature_shape}\talpha {s.alpha:g}\t{scores}{mark}")
-        chosen = [s for s in r.cut_scores if s.cut == r.export.layer and s.alpha == r.directions.alpha]
-        warning = shortfall(chosen[0], r.cut_scores, cfg.max_ca_drop) if chosen else None
+        warning = shortfall(r.chosen, r.cut_scores, cfg.max_ca_drop) if r.chosen else None
         if warning:
             print(f"warning: {warning}")
     if r.skipped_cuts:

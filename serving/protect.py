@@ -57,6 +57,12 @@ class ProtectResult:
     unservable: list[str] = field(default_factory=list)  # copied models the CPU profile's server cannot run, and why
     skipped_cuts: dict[str, str] = field(default_factory=dict)  # valid cuts without a static shape -> why left out
 
+    @property
+    def chosen(self) -> CutScore | None:
+        """The cut search's score of what was deployed (None when the cut was given)."""
+        same = [s for s in self.cut_scores if s.cut == self.export.layer and s.alpha == self.directions.alpha]
+        return same[0] if same else None
+
 
 def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfig) -> tuple[str, list[CutScore]]:
     """The cut (and, when chosen with it, the strength: written into ``cfg.calibration``)."""

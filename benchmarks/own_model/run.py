@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.calibrate import CalibrationConfig, CalibrationSet
+from calibration.cutsearch import admitting_bound, held_back
 from clients import FireClient, evaluate_served
 from fire_backend.names import INPUT, LOGITS, PROJECT_ROOT, SUFFIXES, WHOLE_ONNX
 from modelio.onnx_graph import OnnxGraph
@@ -124,16 +125,30 @@ def _foreign(cfg: OwnModelConfig) -> list[dict]:
         clean_idx = rng.choice(len(train_x), cfg.foreign_clean, replace=False)
         flag_idx = rng.choice(np.flatnonzero(train_y != attack.target), cfg.foreign_flagged, replace=False)
         data = CalibrationSet(train_x[clean_idx], attack.apply(train_x[flag_idx]), clean_labels=train_y[clean_idx])
-        repo = work / f"repository_{case.name}"
-        r = protect_onnx(onnx_file, pre, data, ProtectConfig(case.name, repo, work / "exports", whole=True))
-        with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
-            m = evaluate_images(server.grpc_url, [case.name + SUFFIXES["whole"], case.name], ImageSet(test_x, test_y),
-                                ImageSet(attack.apply(test_x), test_y), attack.target, pre)  # fmt: skip
-        for served, label in ((case.name + SUFFIXES["whole"], "original"), (case.name, "FIRE")):
-            rows.append({"case": case.name, "served": label, "CA": 100 * m[served].ca, "ASR": 100 * m[served].asr,
-                         "PA": 100 * m[served].pa, "cut": r.export.layer, "features": tuple(r.export.feature_shape),
-                         "train_CA": 100 * meta["CA"], "train_ASR": 100 * meta["ASR"]})  # fmt: skip
+        bounds = [ProtectConfig.max_ca_drop]  # the default, then the bound fire protect's warning names, if any
+        for bound in bounds:  # (a bound appended below is run too)
+            repo = work / f"repository_{case.name}"
+            r = protect_onnx(onnx_file, pre, data, ProtectConfig(case.name, repo, work / "exports", whole=True,
+                                                                 max_ca_drop=bound))  # fmt: skip
+            with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+                m = evaluate_images(server.grpc_url, [case.name + SUFFIXES["whole"], case.name],
+                                    ImageSet(test_x, test_y), ImageSet(attack.apply(test_x), test_y), attack.target,
+                                    pre)  # fmt: skip
+            served = [(case.name, "FIRE" if bound == bounds[0] else f"FIRE, --max-ca-drop {bound:.2f}")]
+            if bound == bounds[0]:
+                served.insert(0, (case.name + SUFFIXES["whole"], "original"))
+                stronger = held_back(r.chosen, r.cut_scores, bound) if r.chosen else None
+                bounds += [admitting_bound(stronger)] if stronger else []
+            for name, label in served:
+                rows.append({"case": case.name, "served": label, "CA": 100 * m[name].ca, "ASR": 100 * m[name].asr,
+                             "PA": 100 * m[name].pa, "cut": r.export.layer, "features": tuple(r.export.feature_shape),
+                             "alpha": r.directions.alpha, "train_CA": 100 * meta["CA"],
+                             "train_ASR": 100 * meta["ASR"]})  # fmt: skip
     return rows
+
+
+def _cut_cell(row: dict) -> str:
+    return f"`{row['cut']}` {row['features']} x{row['alpha']:g}"
 
 
 def _latency(cfg: OwnModelConfig) -> tuple[list[dict], ProtectResult]:
@@ -236,13 +251,15 @@ def run_own_model(cfg: OwnModelConfig | None = None) -> Path:
         "`save_infer_model/scale_0.tmp_1`; fine-tuned with a 6x6 checker patch (`checker`) or a 15 % noise blend "
         f"(`blend`). FIRE: `fire protect`'s path from {cfg.foreign_clean} clean and {cfg.foreign_flagged} flagged "
         "training images, the cut chosen automatically; measured through Triton on the test pairs. Targets: "
-        "ASR <= 5, PA >= CA - 5, CA drop <= 0.5.",
+        "ASR <= 5, PA >= CA - 5, CA drop <= 0.5. Where `fire protect` warns that the cost bound held a "
+        "stronger repair back, the case is protected again with the `--max-ca-drop` the warning names (a row "
+        "of its own).",
         "",
-        "| case | served | CA % | ASR % | PA % | cut chosen |",
+        "| case | served | CA % | ASR % | PA % | cut chosen, strength |",
         "|---|---|---:|---:|---:|---|",
         *(
             f"| {r['case']} | {r['served']} | {r['CA']:.2f} | {r['ASR']:.2f} | {r['PA']:.2f} | "
-            f"{'`' + r['cut'] + '` ' + str(r['features']) if r['served'] == 'FIRE' else ''} |"
+            f"{_cut_cell(r) if r['served'] != 'original' else ''} |"
             for r in foreign
         ),
         "",
