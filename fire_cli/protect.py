@@ -134,13 +134,13 @@ def protect(a: argparse.Namespace) -> None:
     else:
         r = protect_onnx(src.onnx, src.preprocess, data, cfg)
     if r.cut_scores:
-        kinds = r.cut_scores[0]
+        kinds, chosen = r.cut_scores[0], r.chosen
         print(f"cuts tried ({kinds.gain_kind} / transfer / {kinds.cost_kind}, held-out calibration images, %):")
         for s in r.cut_scores:
-            mark = "  <- chosen" if s is r.chosen else ""
+            mark = "  <- chosen" if s is chosen else ""
             scores = f"{s.gain:.1f} / {s.transfer:.1f} / {s.cost:.2f}"
             print(f"  {s.cut}\t{s.feature_shape}\talpha {s.alpha:g}\t{scores}{mark}")
-        warning = shortfall(r.chosen, r.cut_scores, cfg.max_ca_drop) if r.chosen else None
+        warning = shortfall(chosen, r.cut_scores, cfg.max_ca_drop) if chosen else None
         if warning:
             print(f"warning: {warning}")
     if r.skipped_cuts:

@@ -106,8 +106,6 @@ def _foreign(cfg: OwnModelConfig) -> list[dict]:
     """Each foreign case (built if missing), protected from 400 clean and 50 flagged images with the cut
     chosen automatically, then measured through the server beside the original."""
     from benchmarks.own_model.foreign import MEAN, STD, build_case, cases, pairs
-    from calibration.imagesets import ImageSet
-    from clients import evaluate_images
 
     work = cfg.work_dir / "foreign"
     pre = Preprocess(32, 64, channels="BGR", mean=MEAN, std=STD)
@@ -115,6 +113,7 @@ def _foreign(cfg: OwnModelConfig) -> list[dict]:
     test_x, test_y = pairs("test", cfg.seed)
     if cfg.test_limit:
         test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
+    test = (test_x, test_y)
     rng = np.random.default_rng(cfg.seed + 7)
     rows = []
     for case in cases(work):
@@ -125,26 +124,37 @@ def _foreign(cfg: OwnModelConfig) -> list[dict]:
         clean_idx = rng.choice(len(train_x), cfg.foreign_clean, replace=False)
         flag_idx = rng.choice(np.flatnonzero(train_y != attack.target), cfg.foreign_flagged, replace=False)
         data = CalibrationSet(train_x[clean_idx], attack.apply(train_x[flag_idx]), clean_labels=train_y[clean_idx])
-        bounds = [ProtectConfig.max_ca_drop]  # the default, then the bound fire protect's warning names, if any
-        for bound in bounds:  # (a bound appended below is run too)
-            repo = work / f"repository_{case.name}"
-            r = protect_onnx(onnx_file, pre, data, ProtectConfig(case.name, repo, work / "exports", whole=True,
-                                                                 max_ca_drop=bound))  # fmt: skip
-            with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
-                m = evaluate_images(server.grpc_url, [case.name + SUFFIXES["whole"], case.name],
-                                    ImageSet(test_x, test_y), ImageSet(attack.apply(test_x), test_y), attack.target,
-                                    pre)  # fmt: skip
-            served = [(case.name, "FIRE" if bound == bounds[0] else f"FIRE, --max-ca-drop {bound:.2f}")]
-            if bound == bounds[0]:
-                served.insert(0, (case.name + SUFFIXES["whole"], "original"))
-                stronger = held_back(r.chosen, r.cut_scores, bound) if r.chosen else None
-                bounds += [admitting_bound(stronger)] if stronger else []
-            for name, label in served:
-                rows.append({"case": case.name, "served": label, "CA": 100 * m[name].ca, "ASR": 100 * m[name].asr,
-                             "PA": 100 * m[name].pa, "cut": r.export.layer, "features": tuple(r.export.feature_shape),
-                             "alpha": r.directions.alpha, "train_CA": 100 * meta["CA"],
-                             "train_ASR": 100 * meta["ASR"]})  # fmt: skip
+        default = ProtectConfig.max_ca_drop
+        r, m = _protect_foreign(case.name, onnx_file, pre, data, work, default, test, attack, whole=True)
+        served = [("original", m[case.name + SUFFIXES["whole"]], r), ("FIRE", m[case.name], r)]
+        stronger = held_back(r.chosen, r.cut_scores, default) if r.chosen else None
+        if stronger:  # what a user does on fire protect's warning: the bound it names
+            bound = admitting_bound(stronger)
+            r2, m2 = _protect_foreign(case.name, onnx_file, pre, data, work, bound, test, attack, whole=False)
+            served.append((f"FIRE, --max-ca-drop {bound:.2f}", m2[case.name], r2))
+        for label, metrics, result in served:
+            rows.append({"case": case.name, "served": label, "CA": 100 * metrics.ca, "ASR": 100 * metrics.asr,
+                         "PA": 100 * metrics.pa, "cut": result.export.layer,
+                         "features": tuple(result.export.feature_shape), "alpha": result.directions.alpha,
+                         "train_CA": 100 * meta["CA"], "train_ASR": 100 * meta["ASR"]})  # fmt: skip
     return rows
+
+
+def _protect_foreign(name: str, onnx_file: Path, pre: Preprocess, data: CalibrationSet, work: Path,
+                     max_ca_drop: float, test: tuple[np.ndarray, np.ndarray], attack, whole: bool):  # fmt: skip
+    """``fire protect``'s path for one foreign case at ``max_ca_drop``, measured through the server on the
+    test pairs (and the original beside it when ``whole``): (the protect result, metrics per served model)."""
+    from calibration.imagesets import ImageSet
+    from clients import evaluate_images
+
+    repo = work / f"repository_{name}"
+    r = protect_onnx(onnx_file, pre, data, ProtectConfig(name, repo, work / "exports", whole=whole,
+                                                         max_ca_drop=max_ca_drop))  # fmt: skip
+    x, y = test
+    with TritonServer(ServerConfig(repo, http_port=0, grpc_port=0, metrics_port=0)) as server:
+        models = [name + SUFFIXES["whole"], name] if whole else [name]
+        m = evaluate_images(server.grpc_url, models, ImageSet(x, y), ImageSet(attack.apply(x), y), attack.target, pre)
+    return r, m
 
 
 def _cut_cell(row: dict) -> str:
