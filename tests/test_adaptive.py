@@ -31,7 +31,7 @@ def test_variants_move_resize_and_dim_the_trigger_not_the_image():
 
 
 def test_the_adaptive_benchmark_writes_every_defense_and_spatial_views_beat_rank_1(tmp_path):
-    cfg = AdaptiveConfig(models=("cifar10_resnet_badnets",), test_limit=200, baseline_limit=40, n_clean=300,
+    cfg = AdaptiveConfig(models=("cifar10_resnet_badnets",), test_limit=200, baseline_limit=40, n_clean=160,
                          every_cut=True, out_dir=tmp_path)  # fmt: skip
     report = run_adaptive(cfg).read_text()
     with open(tmp_path / "adaptive.csv") as f:
