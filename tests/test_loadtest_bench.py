@@ -72,7 +72,7 @@ def test_serving_benchmark_quick_run_writes_its_tables(tmp_path):
     assert {r["instances"] for r in rows if r["model"] == "folded"} == {"1", "2"} and len(main_rows) == len(models)
     text = md.read_text()
     assert "perf_analyzer 2.41.0" in text and "FIRE/plain" in text and "## Targets" in text and "Repair core" in text
-    assert "## The zero-hop graphs, in process" in text and "| folded | " in text
+    assert "## The zero-hop graphs, in process" in text and "| folded | " in text and "| folded, rank 1 | " in text
     zero_hop = {line.split(" | ")[0][2:]: float(line.split(" | ")[1]) for line in text.splitlines()
                 if line.startswith(("| whole", "| fused", "| folded"))}  # fmt: skip
     assert zero_hop["whole + the two products"] > zero_hop["whole"]  # the repair's arithmetic is timed
