@@ -503,10 +503,52 @@ def write(rows: list[dict], cfg: AdaptiveConfig, seconds: float, measured: list[
     base_ms = summary["none"][3]
     lines += [f"| {d} | {s[0]:.1f} | {s[1]:.1f} | {s[2]} | {s[3]:.3f} | {s[3] / base_ms:.2f} |"
               for d, s in summary.items()]  # fmt: skip
+    baselines = [d for d in defenses if d != "none" and not d.startswith("FIRE")]
+    if baselines:
+        lines += ["", "FIRE against each baseline, row by row over the counted rows (the baselines' CA is on their "
+                  f"{cfg.baseline_limit} test images, FIRE's on its test images):", ""]  # fmt: skip
+        lines += [f"- {line}" for d in ("FIRE paired", CHOSEN) for line in versus(rows, d, baselines)]
     lines += ["", "Command: `fire bench adaptive` (CSV: `results/adaptive.csv`)", ""]
     (out / "adaptive.md").write_text("\n".join(lines))
     _plot(summary, out / "adaptive.png")
     return out / "adaptive.md"
+
+
+def versus(rows: list[dict], fire: str, baselines: list[str]) -> list[str]:
+    """``fire`` against each of ``baselines`` on every counted row, one line each: how many rows it is ahead
+    on (PA and CA both at least the baseline's), those where it gives back more PA for more CA (per model:
+    rows, the PA it gains and the CA it costs beside the baseline), and each row where the baseline has
+    more PA (at more CA: a trade; at no more: behind)."""
+    by = {(r["model"], r["variant"], r["defense"]): r for r in rows}
+    keys = [(r["model"], r["variant"]) for r in rows if r["defense"] == "none" and r["learned"]]
+    out = []
+    for b in baselines:
+        ahead, costlier, less = 0, {}, []
+        for k in keys:
+            f, x = by[(*k, fire)], by[(*k, b)]
+            pa, ca = f["PA"] - x["PA"], f["CA"] - x["CA"]
+            if pa >= 0 and ca >= 0:
+                ahead += 1
+            elif pa >= 0:
+                costlier.setdefault(k[0], []).append((pa, -ca))
+            else:
+                kind = "a trade" if ca > 0 else "behind"
+                less.append(
+                    f"{kind} on {k[0]} / {k[1]} (PA {f['PA']:.1f} vs {x['PA']:.1f}, CA {f['CA']:.2f} vs {x['CA']:.2f})"
+                )
+        parts = [f"{fire} vs {b}: ahead on {ahead} of {len(keys)}"]
+        if costlier:
+            groups = ", ".join(f"{m}: {len(v)} rows, PA +{_span([p for p, _ in v], 1)} for "
+                               f"{_span([c for _, c in v], 2)} points of CA" for m, v in costlier.items())  # fmt: skip
+            parts.append(f"more PA for more CA on {sum(map(len, costlier.values()))} ({groups})")
+        out.append("; ".join(parts + less))
+    return out
+
+
+def _span(values: list[float], digits: int) -> str:
+    """``a`` or ``a to b``: the range of ``values``."""
+    lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return lo if lo == hi else f"{lo} to {hi}"
 
 
 def _summary(rows: list[dict], defenses: list[str]) -> dict[str, tuple[float, float, int, float]]:

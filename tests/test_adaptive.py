@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from benchmarks.adaptive import AdaptiveConfig, kept_rows, run_adaptive, settings, twin_of, write
+from benchmarks.adaptive import AdaptiveConfig, kept_rows, run_adaptive, settings, twin_of, versus, write
 from benchmarks.variants import variants
 from calibration.cutsearch import ALPHAS
 from fire_backend.errors import InvalidInputError, MissingFileError
@@ -70,6 +70,23 @@ def test_the_adaptive_benchmark_writes_every_defense_and_spatial_views_beat_rank
         }
         assert not diff, (c, a, defense, diff)
     assert "**" in (tmp_path / "adaptive_cuts.md").read_text()
+    assert "FIRE against each baseline" in report and "FIRE paired, cut chosen vs STRIP: ahead on " in report
+
+
+def test_fire_against_a_baseline_is_ahead_only_where_neither_its_pa_nor_its_ca_is_lower():
+    def row(variant, defense, ca, pa, learned=True):
+        return {"model": "m", "variant": variant, "defense": defense, "CA": ca, "PA": pa, "learned": learned}
+
+    rows = [row(v, "none", 80.0, 5.0, learned=v != "unlearned") for v in ("a", "b", "c", "d", "unlearned")]
+    rows += [row("a", "FIRE", 79.0, 70.0), row("a", "B", 78.0, 60.0)]  # ahead on both
+    rows += [row("b", "FIRE", 79.0, 70.0), row("b", "B", 79.5, 10.0)]  # more PA, more CA
+    rows += [row("c", "FIRE", 79.0, 20.0), row("c", "B", 75.0, 30.0)]  # less PA, less CA: a trade
+    rows += [row("d", "FIRE", 79.0, 20.0), row("d", "B", 79.0, 30.0)]  # less PA, same CA: behind
+    rows += [row("unlearned", "FIRE", 10.0, 0.0), row("unlearned", "B", 80.0, 90.0)]  # not counted
+    (line,) = versus(rows, "FIRE", ["B"])
+    assert line.startswith("FIRE vs B: ahead on 1 of 4; more PA for more CA on 1 (m: 1 rows, PA +60.0 for 0.50 ")
+    assert "a trade on m / c (PA 20.0 vs 30.0" in line and "behind on m / d (PA 20.0 vs 30.0" in line
+    assert "unlearned" not in line
 
 
 def test_every_dataset_has_a_clean_twin_and_keep_others_rejoins_an_earlier_run(tmp_path):
