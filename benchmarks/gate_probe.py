@@ -80,8 +80,8 @@ def main(models: tuple[str, ...] = MODELS, out: Path = PROJECT_ROOT / "results" 
         "# Probe: a project repair gated on the span's energy (not served)",
         "",
         f"`python -m benchmarks.gate_probe` ({time.time() - t0:.0f} s, 2 cores): FIRE paired at `{cfg.layer}` "
-        f"(rank 12, {cfg.n_poisoned} pairs, {cfg.n_clean} clean training images), in process, each model's whole "
-        "test split: CA drop, and ASR / PA on the non-target test images with each variant.",
+        f"(the default views, {cfg.n_poisoned} pairs, {cfg.n_clean} clean training images), in process, each "
+        "model's whole test split: CA drop, and ASR / PA on the non-target test images with each variant.",
         "",
         "| model | gate | CA drop | " + " | ".join(VARIANTS) + " |",
         "|---|---|---:|" + "---:|" * len(VARIANTS),
