@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from benchmarks.adaptive import AdaptiveConfig, _metrics, _Model, fire_repairs
 from benchmarks.variants import variants
+from fire_backend.formula import scores
 from fire_backend.names import PROJECT_ROOT
 
 MODELS = ("cifar10_resnet_badnets", "cifar10_resnet_blended", "cifar10_resnet_sig", "cifar10_resnet_wanet")
@@ -36,7 +37,7 @@ def energy_gated(params, tau: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def edit(f: torch.Tensor) -> torch.Tensor:
         flat = f.reshape(len(f), -1)
-        s = flat @ params.directions.T - params.offsets
+        s = scores(flat, params)
         moved = (s * s).sum(1, keepdim=True) > tau
         return (flat - (moved * s * params.weights) @ params.directions).reshape(f.shape)
 
@@ -48,7 +49,7 @@ def probe(name: str, cfg: AdaptiveConfig) -> list[str]:
     r = m.runner
     repair = fire_repairs(m, cfg.layer)["FIRE paired"]
     p = repair.params
-    energy = lambda f: ((f.reshape(len(f), -1) @ p.directions.T - p.offsets) ** 2).sum(1).numpy()  # noqa: E731
+    energy = lambda f: (scores(f.reshape(len(f), -1), p) ** 2).sum(1).numpy()  # noqa: E731
     clean_energy = energy(r.features(m.calib.clean))
     triggered_energy = energy(r.features(m.calib.triggered))
     gates = {"served (first score" + (", off)" if p.tau == -np.inf else ")"): repair}
