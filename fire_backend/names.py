@@ -48,6 +48,7 @@ CACHE_ENV = "FIRE_CACHE_DIR"  # keys, logs, the server guard library, decoded da
 DATA_ENV = "FIRE_DATA_DIR"  # where the dataset archives are (default: ../shared/datasets)
 ADMIN_KEY_ENV, ADMIN_KEY_FILE = "FIRE_ADMIN_KEY", "admin_key"  # the admin key: variable, else this file in the cache
 INFERENCE_KEY_ENV, INFERENCE_KEY_FILE = "FIRE_INFERENCE_KEY", "inference_key"  # the inference key, likewise
+TRACEBACK_ENV = "FIRE_TRACEBACK"  # set: an unexpected error (a bug) in `fire` prints its traceback
 PARENT_ENV = "FIRE_PARENT_PID"  # tritonserver stops when the process that launched it goes
 TRITONSERVER_ENV, BACKEND_DIR_ENV = "FIRE_TRITONSERVER", "FIRE_BACKEND_DIR"  # another server (the GPU profile's)
 

@@ -101,7 +101,8 @@ class ExportInfo:
         (Path(export_dir) / SPLIT_JSON).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:
+def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str,
+                opset: int = ONNX_OPSET) -> None:  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but exact and dependency-free
         torch.onnx.export(
@@ -109,7 +110,7 @@ def onnx_export(module: nn.Module, example: torch.Tensor, path: Path, in_name: s
             (example,),
             str(path),
             dynamo=False,
-            opset_version=ONNX_OPSET,
+            opset_version=opset,
             input_names=[in_name],
             output_names=[out_name],
             dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},

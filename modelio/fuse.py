@@ -56,8 +56,24 @@ def _prefixed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]) -> onnx
     return g
 
 
-def _repair_graph(d: DirectionFile, mode: str | None, tmp: Path) -> onnx.GraphProto:
-    onnx_export(RepairGraph(d, mode), torch.zeros(2, *d.feature_shape), tmp, FEATURES, REPAIRED)
+REPAIR_MIN_OPSET = 9  # the oldest opset the repair graph is exported at (the TorchScript exporter's base)
+
+
+def repair_opset(head: onnx.ModelProto) -> int:
+    """The opset the repair graph is exported at to join ``head``'s model: the model's own, so that the
+    stitched graph declares the model's opset and every node of its halves means what it meant (a repair
+    from a newer opset would not validate beside them: Reshape's ``allowzero`` is opset 14's), capped at
+    ``ONNX_OPSET`` (the repair's ops have not changed since). A model older than ``REPAIR_MIN_OPSET`` is
+    refused: its nodes under a newer opset could change meaning."""
+    opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < REPAIR_MIN_OPSET:
+        raise InvalidInputError(f"the model is ONNX opset {opset}: a fused or folded model needs opset >= "
+                                f"{REPAIR_MIN_OPSET} (re-export it, or serve the ensemble)")  # fmt: skip
+    return min(opset, ONNX_OPSET)
+
+
+def _repair_graph(d: DirectionFile, mode: str | None, tmp: Path, opset: int = ONNX_OPSET) -> onnx.GraphProto:
+    onnx_export(RepairGraph(d, mode), torch.zeros(2, *d.feature_shape), tmp, FEATURES, REPAIRED, opset)
     try:
         return onnx.load(str(tmp)).graph
     finally:
@@ -79,13 +95,14 @@ def build_fused_onnx(
             f"{export_dir} is cut {len(cuts)} time(s): give as many direction files, not {len(files)}"
         )
     head = onnx.load(str(export_dir / HEAD_ONNX))
+    opset = repair_opset(head)
     # (graph, its input, its output), in the order the ensemble runs them
     chain = [(head.graph, info.input_name, FEATURES)]
     halves = [onnx.load(str(export_dir / MID_ONNX)).graph] if info.multilayer else []
     halves.append(onnx.load(str(export_dir / TAIL_ONNX)).graph)
     for i, (path, (shape, producer_sha)) in enumerate(zip(files, cuts, strict=True)):
         d = DirectionFile.load(path, feature_shape=tuple(shape), head_sha256=producer_sha)
-        chain.append((_repair_graph(d, mode, out_path.with_suffix(f".repair{i}.onnx")), FEATURES, REPAIRED))
+        chain.append((_repair_graph(d, mode, out_path.with_suffix(f".repair{i}.onnx"), opset), FEATURES, REPAIRED))
         last = i == len(cuts) - 1
         chain.append((halves[i], FEATURES if i == 0 else FEATURES2, info.output_name if last else FEATURES2))
     return _stitch(chain, head, out_path, "fire_fused")
@@ -127,19 +144,19 @@ def build_folded_onnx(export_dir: str | Path, out_path: str | Path) -> Path:
     info = ExportInfo.read(export_dir)
     if info.multilayer:
         raise InvalidInputError(f"{export_dir}: a folded model serves single-layer exports only")
+    head = onnx.load(str(export_dir / HEAD_ONNX))
     tmp = out_path.with_suffix(".repair.onnx")
-    export_repair_inputs_graph(tuple(info.feature_shape), tmp)
+    export_repair_inputs_graph(tuple(info.feature_shape), tmp, repair_opset(head))
     try:
         repair = onnx.load(str(tmp)).graph
     finally:
         tmp.unlink()
-    head = onnx.load(str(export_dir / HEAD_ONNX))
     chain = [(head.graph, info.input_name, FEATURES), (repair, FEATURES, REPAIRED),
              (onnx.load(str(export_dir / TAIL_ONNX)).graph, FEATURES, info.output_name)]  # fmt: skip
     return _stitch(chain, head, out_path, "fire_folded", shared=(*FOLDED_INPUTS, FOLDED_SCORE))
 
 
-def export_repair_inputs_graph(feature_shape: tuple[int, ...], path: Path) -> None:
+def export_repair_inputs_graph(feature_shape: tuple[int, ...], path: Path, opset: int = ONNX_OPSET) -> None:
     """Write the folded model's repair step, ``RepairInputsGraph``, to ``path``: the features and the
     parameters in (dynamic batch and rank axes), the repaired features and the first score out."""
     d = int(np.prod(feature_shape))
@@ -150,5 +167,5 @@ def export_repair_inputs_graph(feature_shape: tuple[int, ...], path: Path) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but exact and dependency-free
         torch.onnx.export(RepairInputsGraph(feature_shape), example, str(path), dynamo=False,
-                          opset_version=ONNX_OPSET, input_names=[FEATURES, *FOLDED_INPUTS],
+                          opset_version=opset, input_names=[FEATURES, *FOLDED_INPUTS],
                           output_names=[REPAIRED, FOLDED_SCORE], dynamic_axes=axes)  # fmt: skip

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -411,18 +412,29 @@ def build_repository(
 ) -> list[BuiltModel]:
     """Write the repository for ``models`` into ``out_dir`` (their old directories are replaced).
 
-    With ``tensorrt=True`` also build the GPU profile's engines (GPU machine with TensorRT only)."""
+    Every directory is written beside ``out_dir`` first and moved in only once all of them are: a build
+    that fails leaves the repository as it was (a served model is never half replaced), and a server
+    polling it never sees a half-written model. With ``tensorrt=True`` also build the GPU profile's
+    engines (GPU machine with TensorRT only)."""
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise InvalidInputError(f"protected model names must be unique, got {names}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    w = _Writer(out, settings or ServingSettings())
-    built = [_build_one(w, m) for m in models]
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))  # same file system: moves
+    try:
+        w = _Writer(staging, settings or ServingSettings())
+        built = [_build_one(w, m) for m in models]
+        for name in w.written:
+            restrict(staging / name)
+            shutil.rmtree(out / name, ignore_errors=True)
+            (staging / name).rename(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if tensorrt:
         build_engines(out)
-    for name in w.written:
-        restrict(out / name)
+        for name in w.written:
+            restrict(out / name)
     return built
 
 

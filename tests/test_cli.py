@@ -204,3 +204,26 @@ def test_a_trigger_named_relative_to_its_file_is_found_from_anywhere(tmp_path, m
     args = argparse.Namespace(attack=None, attack_config="cfg/attack.json", attack_param=[])
     attack = attack_from_spec(attack_spec(args))
     assert attack.apply(np.zeros((1, 32, 32, 3), np.uint8)).max() == 255
+
+
+def test_an_unexpected_error_is_one_line_unless_its_traceback_is_asked_for(monkeypatch, capsys):
+    """A bug (an exception no FIRE code expects) ends as one line naming it, status 2, no traceback;
+    ``FIRE_TRACEBACK`` set, the exception propagates with its traceback."""
+    from fire_backend.names import TRACEBACK_ENV
+    from fire_cli import protect
+    from fire_cli.main import main
+
+    def broken(args):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(protect, "layers", broken)
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["layers", "model.onnx"])
+    err = capsys.readouterr().err
+    assert e.value.code == EXIT_FAILED and err.count("\n") == 1, err
+    assert err.startswith("fire layers: unexpected error") and "ZeroDivisionError: division by zero" in err
+    assert TRACEBACK_ENV in err and "second line" not in err
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["layers", "model.onnx"])

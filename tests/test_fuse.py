@@ -15,7 +15,7 @@ from calibration.calibrate import zoo_calibration_set
 from calibration.factory import FitInputs, fit_directions
 from clients import FireClient
 from fire_backend.directions import DirectionFile
-from fire_backend.names import FEATURES, INPUT, LOGITS
+from fire_backend.names import FEATURES, HEAD_ONNX, INPUT, LOGITS, TAIL_ONNX
 from fire_backend.onnx_runtime import onnx_session
 from fire_backend.repair import Repair
 from modelio.fuse import _repair_graph, build_fused_onnx
@@ -113,3 +113,73 @@ def test_fused_ensemble_and_local_agree_on_a_server(artifacts, settings_files, t
             expected = _local(a, x, settings_files[setting])
             np.testing.assert_allclose(c.infer(f"f_{_suffix(*setting)}", x), expected, atol=1e-4, err_msg=str(setting))
             np.testing.assert_allclose(c.infer(f"f_{_suffix(*setting)}_fused", x), expected, atol=1e-4)
+
+
+class _OldOpsetNet(torch.nn.Module):
+    """A user's model exported at an older opset, with the ops whose versions moved since (Reshape,
+    BatchNormalization)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.avg_pool2d(self.conv(x), 2).reshape(-1, 8 * 8 * 8))
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_fused_and_folded_keep_an_older_models_opset(tmp_path, opset):
+    """A model exported at an older opset than FIRE's own: the fused and the folded graph declare the
+    model's opset, validate, and compute head -> repair -> tail (a repair exported at FIRE's opset would
+    not validate beside the model's nodes: Reshape's allowzero is opset 14's)."""
+    from calibration.factory import make_directions
+    from fire_backend.formula import RepairParams, folded_inputs
+    from modelio.export import export_onnx_model
+    from modelio.fuse import build_folded_onnx
+    from modelio.preprocess import Preprocess
+
+    export = tmp_path / "export"
+    head_onnx, tail_onnx = export / HEAD_ONNX, export / TAIL_ONNX
+    torch.manual_seed(0)
+    net = _OldOpsetNet().eval()
+    axes = {"img": {0: "n"}, "out": {0: "n"}}
+    torch.onnx.export(net, (torch.zeros(2, 3, 16, 16),), str(tmp_path / "m.onnx"), dynamo=False, opset_version=opset,
+                      input_names=["img"], output_names=["out"], dynamic_axes=axes)  # fmt: skip
+    export.mkdir()
+    cut = next(n.output[0] for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Relu")
+    info = export_onnx_model(tmp_path / "m.onnx", cut, export, Preprocess(16, 16))
+    x = np.random.default_rng(0).random((6, 3, 16, 16), dtype=np.float32)
+    feats = onnx_session(head_onnx).run([FEATURES], {"img": x})[0]
+    rng = np.random.default_rng(1)
+    basis = np.linalg.qr(rng.standard_normal((feats[0].size, 2)))[0].T.reshape(2, *feats.shape[1:])
+    d = make_directions(basis[0] * 3, torch.from_numpy(feats), layer=cut, basis=basis.astype(np.float32),
+                        head_sha256=info.head_sha256)  # fmt: skip
+    d.save(tmp_path / "d.safetensors")
+    repaired = Repair(d)(torch.from_numpy(feats.copy()), inplace=True).numpy()
+    expected = onnx_session(tail_onnx).run(["out"], {FEATURES: repaired})[0]
+    assert np.abs(expected - onnx_session(tmp_path / "m.onnx").run(["out"], {"img": x})[0]).max() > 1e-3
+    fused = build_fused_onnx(export, tmp_path / "d.safetensors", tmp_path / "fused.onnx")
+    folded = build_folded_onnx(export, tmp_path / "folded.onnx")
+    for path in (fused, folded):
+        model = onnx.load(str(path))
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+        onnx.checker.check_model(model)
+    np.testing.assert_allclose(onnx_session(fused).run(["out"], {"img": x})[0], expected, atol=1e-4)
+    inputs = {"img": x, **folded_inputs(RepairParams.from_directions(d))}
+    np.testing.assert_allclose(onnx_session(folded).run(["out"], inputs)[0], expected, atol=1e-4)
+
+
+def test_a_model_older_than_the_repairs_opset_is_refused_with_a_reason():
+    from fire_backend.errors import InvalidInputError
+    from modelio.export import ONNX_OPSET
+    from modelio.fuse import REPAIR_MIN_OPSET, repair_opset
+
+    old = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []),
+                                 opset_imports=[onnx.helper.make_opsetid("", REPAIR_MIN_OPSET - 1)])  # fmt: skip
+    with pytest.raises(InvalidInputError, match=f"opset {REPAIR_MIN_OPSET - 1}: a fused or folded model needs"):
+        repair_opset(old)
+    newer = onnx.helper.make_model(
+        onnx.helper.make_graph([], "g", [], []), opset_imports=[onnx.helper.make_opsetid("", 21)]
+    )
+    assert repair_opset(newer) == ONNX_OPSET

@@ -167,3 +167,24 @@ def test_reloading_the_file_in_place_keeps_the_previous_one_for_the_undo(reposit
     assert live.read_bytes() == new_path.read_bytes()
     put_back_previous(repo, "cifar10_fire")
     assert live.read_bytes() == old
+
+
+def test_a_build_that_fails_leaves_the_repository_as_it_was(artifacts, tmp_path, monkeypatch):
+    """A rebuild that fails part way (here: the folded graph's builder, after the halves and the repair
+    model are written) replaces none of the served model's directories and leaves no staging behind."""
+    import serving.repository as repository
+
+    a = artifacts["cifar10"]
+    repo = tmp_path / "repo"
+    build_repository([ProtectedModel("cifar10", a.export_dir, a.directions)], repo)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(repository, "build_folded_onnx", broken)
+    with pytest.raises(OSError, match="disk full"):
+        build_repository([ProtectedModel("cifar10", a.export_dir, a.directions, folded=True)], repo)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
