@@ -116,7 +116,10 @@ class FireClient:
         return result.as_numpy(output_name)
 
     def classify(self, model: str, images_uint8: np.ndarray) -> np.ndarray:
-        """Predicted labels for uint8 NHWC images."""
+        """Predicted labels for uint8 NHWC images, sent in the bundled (zoo) models' input form (float32
+        NCHW, their normalisation: ``to_tensor_batch``). A model of your own takes its own form: send it
+        with ``infer`` after its ``Preprocess.apply`` (``serving.repository.protected_of`` reads the one the
+        repository records)."""
         return self.infer(model, to_tensor_batch(images_uint8)).argmax(axis=1)
 
     def predictor(self, model: str, input_name: str | None = None, output_name: str | None = None):
