@@ -5,7 +5,8 @@ the decoded datasets. A directory another account created (or can write to) woul
 plant code or read the keys, so every use goes through ``cache_dir()``, which creates the directory
 0700 or refuses one that is not owned by this user or that others can write to (or whose parents let
 others swap it), and ``trusted_file()``, which refuses a file to load from there that another user
-owns or can write to, or that is a symbolic link.
+owns or can write to, or that is a symbolic link. ``trusted_code()`` checks a user's code (a module
+``fire protect --torch`` imports, a TorchScript file) the same way before it runs.
 """
 
 from __future__ import annotations
@@ -89,6 +90,23 @@ def trusted_file(path: str | Path) -> Path:
         raise UnsafePathError(f"{path}: owned by uid {st.st_uid}, not by this user; refusing to load it")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafePathError(f"{path}: writable by others (mode {stat.S_IMODE(st.st_mode):04o}); refusing it")
+    return path
+
+
+def trusted_code(path: str | Path) -> Path:
+    """``path`` (a Python module or a TorchScript file) may be run: a regular file, after any symbolic
+    link, owned by this user or root, that group and others cannot write to, in a directory that they
+    cannot write to either (unless sticky, like /tmp): no other account can have planted or swapped it."""
+    path = Path(path).resolve()
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(f"{path}: not a regular file; refusing to run it")
+    for p, s in ((path, st), (path.parent, path.parent.stat())):
+        writable = s.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (p != path and s.st_mode & stat.S_ISVTX)
+        why = f"owned by uid {s.st_uid}" if not _owner_ok(s) else "writable by others" if writable else None
+        if why:
+            raise UnsafePathError(f"{p}: {why} (mode {stat.S_IMODE(s.st_mode):04o}): another account could have "
+                                  f"changed the code in {path.name}; refusing to run it")  # fmt: skip
     return path
 
 

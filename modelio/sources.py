@@ -5,17 +5,22 @@
 - ``torchvision:NAME`` / ``timm:NAME``: an architecture by name (built without downloading anything) plus
   weights, with ``num_classes`` passed to the constructor.
 Weights: ``.safetensors``, or a state dict in a ``.pt``/``.pth`` file read with ``torch.load(weights_only=True)``.
+Code runs only from files no other account can have changed (``fire_backend.cache.trusted_code``: the
+module and its packages' ``__init__`` files, a TorchScript file).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fire_backend.cache import trusted_code
 from fire_backend.errors import FireError
 from fire_backend.names import INPUT, LOGITS
 
@@ -71,9 +76,26 @@ def _factory(spec: str):
         except ImportError as e:
             raise ModelSourceError(f"{spec}: {module_name} is not installed ({e})") from None
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        return getattr(_checked_import(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ModelSourceError(f"{spec}: cannot import {attr!r} from {module_name!r} ({e})") from None
+
+
+def _checked_import(module_name: str):
+    """``module_name`` imported once each of its files is checked (``cache.trusted_code``) before it runs:
+    the package's ``__init__`` files one level at a time (finding ``a.b`` runs ``a``, checked the step
+    before), then the module's own. A module already imported is not run again, and so not checked."""
+    parts = module_name.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name in sys.modules:
+            continue
+        found = importlib.util.find_spec(name)
+        if found is None:
+            raise ImportError(f"no module named {name!r}")
+        if found.has_location and found.origin:
+            trusted_code(found.origin)
+    return importlib.import_module(module_name)
 
 
 def load_torch_model(spec: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:
@@ -81,7 +103,7 @@ def load_torch_model(spec: str, weights: str | Path | None = None, num_classes: 
     if is_torchscript(spec):
         if weights:
             raise ModelSourceError(f"{spec} is TorchScript: it carries its weights, drop --weights")
-        return torch.jit.load(spec, map_location="cpu").eval()
+        return torch.jit.load(trusted_code(spec), map_location="cpu").eval()
     if ":" not in spec:
         raise ModelSourceError(
             f"{spec!r}: expected a TorchScript file, package.module:factory, torchvision:NAME or timm:NAME"

@@ -509,3 +509,58 @@ def test_per_sample_scores_are_not_on_the_metrics_port_by_default(hardened):
         time.sleep(0.3)
     assert 'fire_repair_samples_total{model="cifar10_fire"}' in text  # the counts are there
     assert "fire_projection_score" not in text and "fire_repair_changed_samples_total" not in text
+
+
+def test_a_users_model_code_runs_only_from_files_no_other_account_can_change(tmp_path, monkeypatch):
+    """``fire protect --torch package.module:factory`` (and a TorchScript file) runs the user's code: a
+    module, a package ``__init__`` on the way to it, or a TorchScript file that another account owns or
+    can write to, or that sits in a directory others can write to, is refused before any of it runs."""
+    import pwd
+    import sys
+
+    import torch
+
+    from fire_backend.cache import UnsafePathError
+    from modelio.sources import load_torch_model
+
+    tmp_path.chmod(0o755)
+    ran = tmp_path / "ran"
+    pkg = tmp_path / "pkg_fire_test"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"open({str(ran)!r}, 'a').write('init ')\n")
+    (pkg / "net.py").write_text(
+        f"open({str(ran)!r}, 'a').write('net ')\nimport torch\n\ndef make():\n    return torch.nn.Linear(2, 2)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def fresh():
+        for name in ("pkg_fire_test", "pkg_fire_test.net"):
+            sys.modules.pop(name, None)
+
+    for path, mode, match in ((pkg / "net.py", 0o666, "writable by others"), (pkg / "__init__.py", 0o664, "writable"),
+                              (pkg, 0o777, "writable by others")):  # fmt: skip
+        old = path.stat().st_mode & 0o777
+        path.chmod(mode)
+        fresh()
+        with pytest.raises(UnsafePathError, match=match):
+            load_torch_model("pkg_fire_test.net:make")
+        path.chmod(old)
+        assert not ran.exists() or "net" not in ran.read_text()  # refused before the module ran
+    nobody = pwd.getpwnam("nobody")
+    os.chown(pkg / "net.py", nobody.pw_uid, nobody.pw_gid)
+    fresh()
+    with pytest.raises(UnsafePathError, match="owned by uid"):
+        load_torch_model("pkg_fire_test.net:make")
+    os.chown(pkg / "net.py", os.geteuid(), os.getegid())
+    fresh()
+    ran.unlink(missing_ok=True)
+    assert isinstance(load_torch_model("pkg_fire_test.net:make"), torch.nn.Linear)
+    assert ran.read_text().split() == ["init", "net"]
+
+    scripted = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    scripted.chmod(0o646)
+    with pytest.raises(UnsafePathError, match="writable by others"):
+        load_torch_model(str(scripted))
+    scripted.chmod(0o644)
+    assert load_torch_model(str(scripted)) is not None
