@@ -106,6 +106,27 @@ def unpaired_reference(clean_predicted: np.ndarray, triggered_predicted: np.ndar
     return mask, target
 
 
+TRIGGER_EVIDENCE = 0.2  # the least excess share of its most common class that shows a set is triggered
+
+
+def not_triggered(clean_predicted: np.ndarray, triggered_predicted: np.ndarray) -> str | None:
+    """Why the triggered (or flagged) images may carry no trigger the model responds to, or None: the
+    model sends them to their most common class no more often (by ``TRIGGER_EVIDENCE``) than it sends
+    clean images there. A direction from such images is noise, and the cut search's scores say little.
+    An all-to-all backdoor (each class to another) spreads its images too: the message says so."""
+    clean_predicted, triggered_predicted = np.asarray(clean_predicted), np.asarray(triggered_predicted)
+    if not len(clean_predicted) or not len(triggered_predicted):
+        return None
+    target = int(np.bincount(triggered_predicted).argmax())
+    share_t, share_c = float((triggered_predicted == target).mean()), float((clean_predicted == target).mean())
+    if share_t - share_c >= TRIGGER_EVIDENCE:
+        return None
+    return (f"the model sends {100 * share_t:.0f} % of the triggered images to their most common class ({target}), "
+            f"and {100 * share_c:.0f} % of the clean ones: they may carry no trigger it responds to, and the "
+            "direction found from them would be noise (unless the backdoor sends each class to a different "
+            "one); check the images you flagged, or the trigger you named")  # fmt: skip
+
+
 def photometric_views(images: np.ndarray, views: int, seed: int = 0) -> np.ndarray:
     """``views`` jittered copies of each uint8 NHWC image (brightness, contrast, pixel noise).
 

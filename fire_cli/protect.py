@@ -143,6 +143,8 @@ def protect(a: argparse.Namespace) -> None:
         warning = shortfall(chosen, r.cut_scores, cfg.max_ca_drop) if chosen else None
         if warning:
             print(f"warning: {warning}")
+    for warning in r.warnings:
+        print(f"warning: {warning}")
     if r.skipped_cuts:
         t, why = next(iter(r.skipped_cuts.items()))
         print(f"{len(r.skipped_cuts)} valid cut(s) left out, no static shape at the served size (first: {t}, {why})")

@@ -18,6 +18,7 @@ from torch import nn
 
 from calibration.calibrate import CalibrationConfig, CalibrationSet, calibrate, observe_directions
 from calibration.cutsearch import ALPHAS, CutScore, choose_cut, onnx_runner_for
+from calibration.estimators import not_triggered
 from calibration.inprocess import SplitRunner
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
@@ -55,6 +56,7 @@ class ProtectResult:
     built: BuiltModel
     cut_scores: list[CutScore]  # empty when the cut was given
     unservable: list[str] = field(default_factory=list)  # copied models the CPU profile's server cannot run, and why
+    warnings: list[str] = field(default_factory=list)  # what the user should look at (``estimators.not_triggered``)
     skipped_cuts: dict[str, str] = field(default_factory=dict)  # valid cuts without a static shape -> why left out
 
     @property
@@ -77,6 +79,15 @@ def _choose(runner_for, cuts: list[str], data: CalibrationSet, cfg: ProtectConfi
     return best.cut, scores
 
 
+def _evidence(runner, data: CalibrationSet, cfg: ProtectConfig) -> list[str]:
+    """``estimators.not_triggered`` on the model's own predictions (any cut's runner: head -> tail is the
+    model), as a warning; none in observe mode (nothing triggered yet)."""
+    if cfg.observe or not len(data.triggered):
+        return []
+    why = not_triggered(runner.labels(runner.features(data.clean)), runner.labels(runner.features(data.triggered)))
+    return [why] if why else []
+
+
 def _finish(export_dir: Path, data: CalibrationSet, cfg: ProtectConfig, scores, io=None) -> ProtectResult:
     if cfg.observe:
         d = observe_directions(export_dir, export_dir / DIRECTIONS_FILE, data.clean)
@@ -97,6 +108,7 @@ def protect_onnx(onnx_path: str | Path, preprocess: Preprocess, data: Calibratio
     export_onnx_model(onnx_path, cut, export_dir, preprocess, check_images=data.clean[:64])
     result = _finish(export_dir, data, cfg, scores, io)
     result.skipped_cuts = skipped if not cfg.cut else {}
+    result.warnings = _evidence(runner_for(cut), data, cfg)
     return result
 
 
@@ -109,7 +121,9 @@ def protect_torch(model: nn.Module, preprocess: Preprocess, data: CalibrationSet
     cut, scores = _choose(lambda c: SplitRunner(model, c, preprocess=preprocess), cuts, data, cfg)
     export_dir = Path(cfg.work_dir) / cfg.name
     export_torch_model(model, cut, export_dir, preprocess, check_images=data.clean[:64], source=source)
-    return _finish(export_dir, data, cfg, scores)
+    result = _finish(export_dir, data, cfg, scores)
+    result.warnings = _evidence(SplitRunner(model, cut, preprocess=preprocess), data, cfg)
+    return result
 
 
 def protect_entry(entry: Entry, preprocess: Preprocess, data: CalibrationSet, cfg: ProtectConfig) -> ProtectResult:

@@ -164,15 +164,20 @@ def test_protect_cli_refuses_wrong_size_images_naming_the_file(user, tmp_path, c
     assert re.search(r"a\.png: 64x64 pixels, the model takes 32x32.*--resize", err), err
 
 
-def test_torch_factory_with_safetensors_weights(user, tmp_path):
-    """`package.module:factory` + weights: cut with torch.fx at a sub-module, halves exported to ONNX."""
-    main(["protect", "--torch", "zoo.models:ResNetSmall", "--num-classes", "10",
-          "--weights", str(MODELS["cifar10"] / "model.safetensors"), "--input-size", "32x32", "--cut", "layer2",
-          "--clean", str(user["clean"]), "--poisoned", str(user["flagged"]), "--model", "tm",
-          "--out", str(tmp_path / "repo"), "--work-dir", str(tmp_path / "w")])  # fmt: skip
+def test_torch_factory_with_safetensors_weights(user, tmp_path, capsys):
+    """`package.module:factory` + weights: cut with torch.fx at a sub-module, halves exported to ONNX. Clean
+    images given as the flagged ones draw a warning that they may carry no trigger; triggered ones none."""
+    for flagged, model in ((user["flagged"], "tm"), (user["clean"], "tm_clean")):
+        main(["protect", "--torch", "zoo.models:ResNetSmall", "--num-classes", "10",
+              "--weights", str(MODELS["cifar10"] / "model.safetensors"), "--input-size", "32x32", "--cut", "layer2",
+              "--clean", str(user["clean"]), "--poisoned", str(flagged), "--model", model,
+              "--out", str(tmp_path / "repo"), "--work-dir", str(tmp_path / "w")])  # fmt: skip
+        out = capsys.readouterr().out
+        assert ("warning: the model sends" in out and "may carry no trigger" in out) == (model == "tm_clean"), out
     d = DirectionFile.load(tmp_path / "w" / "tm" / "directions.safetensors")
     assert d.layer == "layer2" and d.estimator == "unpaired" and d.feature_shape == (32, 16, 16)
-    assert {p.name for p in (tmp_path / "repo").iterdir()} == {"tm", "tm_head", "tm_fire", "tm_tail", "tm_guard"}
+    names = {p.name for p in (tmp_path / "repo").iterdir()}
+    assert {"tm", "tm_head", "tm_fire", "tm_tail", "tm_guard"} <= names
 
 
 def _raw_clients(server, model: str, names, x: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
