@@ -87,6 +87,7 @@ TRANSFER_VIEWS = DEFAULT_AUGMENT  # the moves the transfer score judges on (cali
 FOLDS = 5  # cross-fitting: each fifth of the images judged by a direction fitted on the other four
 WEAK_GAIN = 90.0  # percent: a chosen repair that gains less is reported (``shortfall``) ...
 STRONGER_BY = 10.0  # ... when one past the cost bound gains at least this many points more (5 of 50 images)
+HELD_BACK_MAX_COST = 10.0  # points: ... and costs at most this (a bound past it is no repair worth offering)
 
 
 @dataclass
@@ -298,12 +299,15 @@ def choose_cut(
 def held_back(best: CutScore, scores: list[CutScore], max_ca_drop: float) -> CutScore | None:
     """The candidate the cost bound held back, when the one ``choose_cut`` took repairs fewer than
     ``WEAK_GAIN`` percent of the held-out triggered images and one past the bound repairs ``STRONGER_BY``
-    points more: the cheapest of those that reach ``WEAK_GAIN``, else the one with the most gain. The
-    bound, not the estimate, is then what holds the repair back, and whether the clean accuracy is worth
-    it is the user's call (``shortfall`` says so). None otherwise."""
+    points more, at no more than ``HELD_BACK_MAX_COST`` points: the cheapest of those that reach
+    ``WEAK_GAIN``, else the one with the most gain. The bound, not the estimate, is then what holds the
+    repair back, and whether the clean accuracy is worth it is the user's call (``shortfall`` says so).
+    None otherwise (a repair that only costs tens of points moves the images is no repair: images that
+    carry no trigger the model responds to look like that, ``estimators.not_triggered``)."""
     if best.gain >= WEAK_GAIN:
         return None
-    stronger = [s for s in scores if s.cost > max_ca_drop + 1e-9 and s.gain >= best.gain + STRONGER_BY]
+    stronger = [s for s in scores if max_ca_drop + 1e-9 < s.cost <= HELD_BACK_MAX_COST
+                and s.gain >= best.gain + STRONGER_BY]  # fmt: skip
     if not stronger:
         return None
     reaching = [s for s in stronger if s.gain >= WEAK_GAIN]

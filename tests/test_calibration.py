@@ -126,7 +126,7 @@ def test_a_weak_repair_the_cost_bound_held_back_is_reported_with_the_stronger_on
     so the stronger candidate's gain is what it moves, while every admissible candidate's gain is as it was;
     ``shortfall`` names it and the bound that would let it through. A repair at 90 % or more, or no
     stronger candidate, is not reported."""
-    from calibration.cutsearch import CutScore, _agreement, shortfall
+    from calibration.cutsearch import HELD_BACK_MAX_COST, CutScore, _agreement, shortfall
 
     before = np.ones(50, int)  # the attacker's class
 
@@ -144,6 +144,8 @@ def test_a_weak_repair_the_cost_bound_held_back_is_reported_with_the_stronger_on
     assert shortfall(slightly[0], slightly, 0.5) is None
     odd = _agreement([weak, candidate(1.5, 48, 0.7349)], [weak])  # the bound named admits it: rounded up
     assert "--max-ca-drop 0.74" in shortfall(odd[0], odd, 0.5)
+    ruinous = _agreement([weak, candidate(1.5, 48, HELD_BACK_MAX_COST + 0.01)], [weak])  # tens of points: not offered
+    assert shortfall(ruinous[0], ruinous, 0.5) is None
 
 
 def test_the_gate_must_pass_every_view_at_full_and_at_half_its_shift():
