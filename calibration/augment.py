@@ -139,22 +139,20 @@ def trigger_centre(triggered: np.ndarray, other: np.ndarray, paired: bool) -> tu
 class SpatialEstimate:
     beta: np.ndarray  # the mean difference (the first direction)
     basis: np.ndarray | None  # (k, D) orthonormal span of the views' differences, None for one view
-    along: tuple[np.ndarray, ...] = ()  # each view's triggered features projected on basis[0], the gate's direction
-    along_originals: tuple[np.ndarray, ...] | None = None  # paired: their originals', row for row
+    triggered_views: tuple[np.ndarray, ...] = ()  # each view's triggered features (the gate's check reads them)
+    original_views: tuple[np.ndarray, ...] | None = None  # paired: their originals', row for row
     centre: tuple[float, float] | None = None  # where the zoom views magnified about (``trigger_centre``)
 
     def directions(self, clean, **settings):
         """The direction file (``calibration.factory.make_directions``; ``settings``: its keyword arguments),
-        its ``project_gate`` checked against its own mu (``estimators.covers``)."""
-        from calibration.estimators import covers
+        its ``project_gate`` checked against its own mu and gate row (``estimators.gate_holds``: the row
+        depends on the clean features, through the readout)."""
+        from calibration.estimators import gate_holds
         from calibration.factory import make_directions
 
         d = make_directions(self.beta, clean, basis=self.basis, **settings)
         if self.basis is not None:
-            b = np.asarray(self.basis[0], np.float64).reshape(-1)
-            d.project_gate = covers(
-                self.along, float(np.asarray(d.mu, np.float64).reshape(-1) @ b), self.along_originals
-            )
+            d.project_gate = gate_holds(d.gate_row(), d.mu, self.triggered_views, self.original_views)
         return d
 
 
@@ -189,16 +187,13 @@ def estimate_from_views(triggered_views: list[np.ndarray], other_views: list[np.
     (unpaired: only its mean enters; a (1, ...) mean does as well as the rows)."""
     from calibration.estimators import principal_basis
 
-    diffs, flat, flat_o = [], [], []
+    diffs = []
     for t, o in zip(triggered_views, other_views, strict=True):
         t, o = np.asarray(t, np.float64), np.asarray(o, np.float64)
         diffs.append(t - o if paired else (t.mean(0) - o.mean(0))[None])
-        flat.append(t.reshape(len(t), -1))
-        flat_o.append(o.reshape(len(o), -1))
     d = np.concatenate(diffs)
     beta = d.mean(0).astype(np.float32)
     if len(diffs) == 1:
         return SpatialEstimate(beta, None)
     basis = principal_basis(d, len(diffs))
-    b = np.asarray(basis[0], np.float64).reshape(-1)
-    return SpatialEstimate(beta, basis, tuple(t @ b for t in flat), tuple(o @ b for o in flat_o) if paired else None)
+    return SpatialEstimate(beta, basis, tuple(triggered_views), tuple(other_views) if paired else None)

@@ -7,6 +7,7 @@ Means are accumulated in float64 (``RunningMean`` for streams, nothing kept but 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -149,6 +150,92 @@ def clean_threshold(scores, fpr: float) -> float:
     return float(np.quantile(np.asarray(scores), 1.0 - fpr))
 
 
+class CleanSpread:
+    """The clean features' covariance, shrunk toward a multiple of the identity by Ledoit and Wolf's rule
+    (O. Ledoit, M. Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", J.
+    Multivariate Anal. 88(2), 2004: the intensity that minimises the expected squared error, estimated
+    from the samples themselves), kept as the eigen-decomposition of the N x N Gram matrix: with far fewer
+    images than features, everything ``oblique_readout`` needs costs N x D per direction, not D x D.
+
+    Sigma = (1 - lam) S + lam m I, S = Xc^T Xc / N (Xc the centred features), m = tr(S) / D."""
+
+    def __init__(self, clean):
+        x = _tensor(clean).float().reshape(len(clean), -1)
+        self.n, self.dim = x.shape
+        self.centred = x - x.double().mean(0).float()
+        gram = (self.centred @ self.centred.T).double()  # float32 product, float64 from here on
+        n, dim = self.n, self.dim
+        trace = float(torch.trace(gram)) / n
+        self.m = trace / dim
+        s_f2 = float((gram**2).sum()) / n**2  # ||S||_F^2
+        d2 = s_f2 - dim * self.m**2  # ||S - m I||_F^2
+        norms2 = torch.diagonal(gram)
+        b2 = float((norms2**2).sum() - 2 * (gram**2).sum() / n + n * s_f2) / n**2  # mean ||x x^T - S||_F^2 / n
+        self.lam = 1.0 if d2 <= 0 else min(max(b2, 0.0), d2) / d2
+        g, u = torch.linalg.eigh(gram)
+        keep = g > 1e-9 * max(float(g.max()), 1e-300)
+        self.g, self.u = g[keep], u[:, keep]  # Gram eigenpairs: S = P diag(g / n) P^T, P = Xc^T U g^-1/2
+
+    def inverse_times(self, v: torch.Tensor) -> torch.Tensor | None:
+        """Sigma^-1 V^T (D, k) for rows ``v`` (k, D), up to one positive factor (None: Sigma is no matrix
+        to invert, all the clean features alike)."""
+        a = self.lam * self.m
+        if not a > 0:
+            return None
+        v = v.double()
+        e = (1 - self.lam) * self.g / self.n  # S's eigenvalues, shrunk
+        coords = (self.u / self.g.sqrt()).T @ (self.centred.double() @ v.T)  # P^T V^T (r, k)
+        back = self.centred.double().T @ ((self.u / self.g.sqrt()) @ ((e / (e + a))[:, None] * coords))
+        return v.T - back  # a * Sigma^-1 V^T
+
+
+_SPREADS: dict[int, tuple] = {}  # id of a clean features array -> (a weak reference to it, its version, CleanSpread)
+
+
+def _version(x) -> int | None:
+    """A torch tensor's in-place edit counter; None for a NumPy array or an inference tensor (which has none)."""
+    try:
+        return x._version
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def spread_of(clean) -> CleanSpread:
+    """``CleanSpread`` of clean features (a torch tensor or a NumPy array), computed once while that array
+    lives unchanged (the cut search fits a repair per view set and strength on the same clean fold, the
+    traffic search one per class: one N x N Gram each). A torch tensor's edits in place are seen (its
+    version counter); a NumPy array is taken as never edited."""
+    key, version = id(clean), _version(clean)
+    cached = _SPREADS.get(key)
+    if cached is not None and cached[0]() is clean and cached[1] == version:
+        return cached[2]
+    spread = CleanSpread(clean)
+    _SPREADS[key] = (weakref.ref(clean, lambda _, key=key: _SPREADS.pop(key, None)), version, spread)
+    return spread
+
+
+def oblique_readout(directions, spread: CleanSpread):
+    """The rows R (k, D) a project repair reads its k scores along, for its unit directions V (k, D): of
+    all R with R V^T = I (a shift along the directions reads back exactly, so the repair removes it
+    whole), the one whose scores vary least over clean features, R = (V Sigma^-1 V^T)^-1 V Sigma^-1
+    (``CleanSpread``'s Sigma). Reading along V itself (R = V) moves every clean sample by its own spread
+    along V; this reads across the clean spread instead, so the same trigger shift is removed while clean
+    samples move far less (a minimum-variance unbiased read-out, the Gauss-Markov estimate of the shift's
+    coordinates). float32 rows; None when there is nothing to invert (``CleanSpread.inverse_times``)."""
+    v = _tensor(directions).double().reshape(len(directions), -1)
+    y = spread.inverse_times(v)
+    if y is None:
+        return None
+    readout = torch.linalg.solve(v @ y, y.T)  # (V Y)^-1 Y^T; V Y is symmetric
+    if not bool(torch.isfinite(readout).all()):
+        return None
+    return readout.float()
+
+
+def _tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
 def principal_basis(differences, rank: int) -> np.ndarray:
     """An orthonormal (rank, D) basis for paired feature differences (N, D): the first row is the mean
     difference's direction, the others the top principal directions of what the mean leaves over (fewer
@@ -218,7 +305,7 @@ def covers(along, mu_along: float, originals=None) -> bool:
 
 def gate_holds(direction, mu, triggered_views, original_views=None) -> bool:
     """Whether gating a project repair on ``direction`` (it moves only samples past ``mu`` along it: the
-    file's ``basis[0]`` and ``mu``) still lets through ``GATE_COVERAGE`` of every view's (or class's)
+    file's ``gate_row()`` and ``mu``) still lets through ``GATE_COVERAGE`` of every view's (or class's)
     triggered features (``triggered_views``: (N, ...) arrays), also dimmed (``covers``; paired: the
     ``original_views`` of the same rows)."""
     b = np.asarray(direction, np.float64).reshape(-1)

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from calibration.estimators import clean_threshold, gate_holds, paired_direction, principal_basis
+from calibration.estimators import (
+    clean_threshold,
+    gate_holds,
+    oblique_readout,
+    paired_direction,
+    principal_basis,
+    spread_of,
+)
 from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
 from fire_backend.repair import Repair
@@ -43,8 +50,10 @@ def make_directions(
 
     ``mu`` defaults to the clean mean; ``threshold`` (gated) to the clean score quantile at ``fpr``;
     ``basis`` (k, *feature shape) makes a rank-k project repair; ``project_gate`` off repairs every sample
-    (``calibration.augment.spatial_estimate`` says when)."""
-    clean = _tensor(clean)
+    (``calibration.augment.spatial_estimate`` says when). A project repair reads its scores along the
+    clean features' ``oblique_readout`` of its directions (none from fewer than 2 clean samples: it
+    reads along the directions)."""
+    given, clean = clean, _tensor(clean)
     beta = _tensor(beta).float()
     mu = clean.double().mean(0).float() if mu is None else _tensor(mu).float()
     d = DirectionFile(
@@ -65,6 +74,9 @@ def make_directions(
     )
     if threshold is None:
         d.threshold = clean_threshold(Repair(d, mode="gated").scores(clean).numpy(), fpr)
+    if mode == "project" and len(clean) >= 2:
+        readout = oblique_readout(d.unit_directions(), spread_of(given))
+        d.readout = None if readout is None else readout.numpy().reshape(d.rank, *d.feature_shape)
     return d
 
 
@@ -107,5 +119,5 @@ def fit_directions(
             raise InvalidInputError(f"{n} triggered samples do not split into {inputs.views} equal views")
         per_view = np.split(_tensor(inputs.pair_poisoned).numpy(), inputs.views)
         originals = np.split(_tensor(inputs.pair_clean).numpy(), inputs.views)
-        d.project_gate = gate_holds(d.basis[0], d.mu, per_view, originals)
+        d.project_gate = gate_holds(d.gate_row(), d.mu, per_view, originals)
     return d

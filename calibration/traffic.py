@@ -266,7 +266,7 @@ def _combined(passing: list[Proposal], stats, clean_features, clean_predicted, c
         d = make_directions(files[0].beta, clean_features, layer=layer, mode="project", estimator="traffic",
                             head_sha256=head_sha256, n_poisoned=sum(d.n_poisoned for d in files), basis=basis,
                             extra=provenance)  # fmt: skip
-        d.project_gate = gate_holds(d.basis[0], d.mu, flagged)
+        d.project_gate = gate_holds(d.gate_row(), d.mu, flagged)
         return d
 
     p = Proposal(True, first.target, first.score, first.next_score, first.classes, examined=first.examined,

@@ -2,7 +2,9 @@
 
 A safetensors file with tensors ``beta`` (the trigger direction, feature shape), ``mu`` (clean feature
 mean, feature shape), ``threshold`` (scalar, for ``gated``) and, for a rank-k ``project`` repair, an
-optional ``basis`` (k, *feature shape: orthonormal rows, the first being beta / |beta|), plus string
+optional ``basis`` (k, *feature shape: orthonormal rows, the first being beta / |beta|); for ``project``,
+an optional ``readout`` (rank, *feature shape: the rows its scores are read along, with readout x
+directions^T = I; without one, the directions themselves), plus string
 metadata: format version,
 layer, feature shape, dtype, mode, alpha, sample counts, estimator, the sha256 of the head ONNX the
 directions belong to, creation time, a sha256 over the tensors and one over the rest of the metadata.
@@ -27,11 +29,12 @@ from safetensors.numpy import load_file, save_file
 from fire_backend.errors import FireError
 from fire_backend.files import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this FIRE reads up to; a file is written as the oldest version that holds it
+READOUT_VERSION = 2  # the first version with a readout (a FIRE reading version 1 only refuses such a file)
 MODES = ("subtract", "project", "gated")
 ESTIMATORS = ("paired", "unpaired", "streaming", "traffic", "observe")
 TENSORS = ("beta", "mu", "threshold")  # always present
-OPTIONAL_TENSORS = ("basis",)
+OPTIONAL_TENSORS = ("basis", "readout")
 
 
 class DirectionFileError(FireError, ValueError):
@@ -83,11 +86,30 @@ class DirectionFile:
     # project: repair only the samples past mu along the first direction (False: every sample, for a basis
     # whose views' shifts do not all point that way; calibration.augment.spatial_estimate decides)
     project_gate: bool = True
+    # project: the rows (rank, *feature_shape) its scores are read along (calibration.estimators.oblique_readout);
+    # None: the directions themselves (the basis, or beta / |beta|)
+    readout: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.beta, self.mu = _array(self.beta), _array(self.mu)
         if self.basis is not None:
             self.basis = _array(self.basis)
+        if self.readout is not None:
+            self.readout = _array(self.readout)
+
+    def unit_directions(self) -> np.ndarray:
+        """The repair's directions, flattened (rank, D) float64: the basis, or beta / |beta|."""
+        if self.basis is not None:
+            return self.basis.reshape(len(self.basis), -1).astype(np.float64)
+        beta = self.beta.reshape(1, -1).astype(np.float64)
+        return beta / np.linalg.norm(beta)
+
+    def gate_row(self) -> np.ndarray:
+        """The row the project repair's gate reads (flattened, float64): the readout's first, else the
+        first direction. A sample moves when its score along it is past mu's."""
+        if self.readout is not None:
+            return self.readout.reshape(len(self.readout), -1)[0].astype(np.float64)
+        return self.unit_directions()[0]
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -120,12 +142,14 @@ class DirectionFile:
         }
         if self.basis is not None:
             t["basis"] = np.ascontiguousarray(self.basis, dtype=np.float32)
+        if self.readout is not None:
+            t["readout"] = np.ascontiguousarray(self.readout, dtype=np.float32)
         return t
 
     def metadata(self) -> dict[str, str]:
         t = self.tensors()
         meta = {
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(READOUT_VERSION if self.readout is not None else 1),
             "layer": self.layer,
             "feature_shape": json.dumps(list(self.feature_shape)),
             "dtype": "float32",
@@ -184,6 +208,21 @@ class DirectionFile:
             beta = self.beta.reshape(-1).astype(np.float64)
             if float(flat[0] @ (beta / np.linalg.norm(beta))) < 0.999:
                 fail("the basis's first row is not beta / |beta|")
+        if self.readout is not None:
+            r = self.readout
+            if r.dtype != np.float32 or tuple(r.shape) != (self.rank, *self.feature_shape):
+                shape = ", ".join(map(str, self.feature_shape))
+                fail(f"readout must be float32 ({self.rank}, {shape}) (a row per direction), got {r.dtype} "
+                     f"{tuple(r.shape)}")  # fmt: skip
+            if self.mode != "project":
+                fail(f"a readout is only used by mode 'project', not {self.mode!r}")
+            flat = r.reshape(len(r), -1).astype(np.float64)
+            if not bool(np.isfinite(flat).all()):
+                fail("readout contains NaN or Inf values")
+            if float(np.abs(flat @ self.unit_directions().T - np.eye(self.rank)).max()) > 1e-3:
+                fail(
+                    "readout x directions^T is not the identity: a shift along the directions would not read back whole"
+                )
         if not isinstance(self.project_gate, bool):
             fail(f"project_gate must be true or false, got {self.project_gate!r}")
         for name, v in (("alpha", self.alpha), ("threshold", self.threshold), ("fpr", self.fpr)):
@@ -214,6 +253,7 @@ class DirectionFile:
                 created=meta["created"],
                 extra=json.loads(meta.get("extra", "{}")),
                 basis=tensors.get("basis"),
+                readout=tensors.get("readout"),
                 project_gate=_flag(meta.get("project_gate", "1"), "project_gate"),
             )
         except (ValueError, TypeError, json.JSONDecodeError, IndexError) as e:
@@ -275,11 +315,16 @@ def _read_checked(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     except (SafetensorError, OSError, ValueError) as e:
         raise fail(f"not a readable safetensors file (truncated or corrupted?): {e}") from None
     version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise fail(f"unknown format version {version!r} (this FIRE reads version {FORMAT_VERSION})")
+    if version not in [str(v) for v in range(1, FORMAT_VERSION + 1)]:
+        raise fail(f"unknown format version {version!r} (this FIRE reads versions 1 to {FORMAT_VERSION})")
     missing = [k for k in TENSORS if k not in tensors]
     if missing:
         raise fail(f"missing tensors {missing}")
+    unknown = sorted(set(tensors) - set(TENSORS + OPTIONAL_TENSORS))
+    if unknown:
+        raise fail(f"unknown tensors {unknown} (written by a newer FIRE?)")
+    if "readout" in tensors and int(version) < READOUT_VERSION:
+        raise fail(f"a readout in a version {version} file (readouts came with version {READOUT_VERSION})")
     absent = [k for k in REQUIRED_METADATA if k not in meta]
     if absent:
         raise fail(f"missing metadata {absent}")

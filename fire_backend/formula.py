@@ -2,17 +2,22 @@
 
 Every repair mode is the same edit of the flattened features ``x`` (N, D):
 
-    s(x) = x V^T - m                        scores along k unit directions V (k, D), m = V mu
+    s(x) = x R^T - m                        k scores, read along the rows R (k, D), m = R mu
     C(s) = [s_1 > tau] * (s * w + c)        coefficients (N, k): a gate on the first score
-    x'   = x - C(s(x)) V
+    x'   = x - C(s(x)) V                    moved along k unit directions V (k, D)
 
 with, from the direction file (b = beta / |beta|, mu the clean mean):
 
-    mode       V                            w       c                tau
-    project    b, or the rank-k basis       alpha   0                0 or -inf  (remove the trigger component;
-                                                                                -inf: the file's project_gate off)
-    gated      b                            0       alpha |beta|     threshold  (subtract where s > tau)
-    subtract   b                            0       alpha |beta|     -inf       (subtract everywhere)
+    mode       V                            R                    w       c              tau
+    project    b, or the rank-k basis       the file's readout,  alpha   0              0 or -inf  (remove the
+                                            else V                                      trigger component; -inf:
+                                                                                        project_gate off)
+    gated      b                            V                    0       alpha |beta|   threshold  (subtract where
+                                                                                        s > tau)
+    subtract   b                            V                    0       alpha |beta|   -inf       (everywhere)
+
+A readout has R V^T = I (``calibration.estimators.oblique_readout``): a shift along the directions
+reads back whole, and clean samples, read across their own spread, move little.
 
 ``scores``, ``gate`` and ``coefficients`` use array operators only, so they compute the same on NumPy
 arrays and torch tensors. The forms FIRE serves are derived from them, and tested against each other:
@@ -44,15 +49,16 @@ class RepairParams:
 
     mode: str
     directions: np.ndarray  # V (k, D), orthonormal rows, the first b
-    offsets: np.ndarray  # m = V mu (k,)
+    offsets: np.ndarray  # m = R mu (k,)
     weights: np.ndarray  # w (k,)
     shifts: np.ndarray  # c (k,)
     threshold: np.ndarray  # tau (1,)
+    readout: np.ndarray  # R (k, D): the file's readout (project), else V
     feature_shape: tuple[int, ...]
     beta_norm: float
     tau: float  # the threshold as a number (the same on every device: the metrics compare NumPy scores with it)
 
-    ARRAYS = ("directions", "offsets", "weights", "shifts", "threshold")
+    ARRAYS = ("directions", "offsets", "weights", "shifts", "threshold", "readout")
 
     @classmethod
     def from_directions(cls, d: DirectionFile, mode: str | None = None) -> RepairParams:
@@ -75,19 +81,27 @@ class RepairParams:
         def f32(a) -> np.ndarray:
             return np.ascontiguousarray(a, dtype=np.float32)
 
+        r = np.asarray(d.readout, np.float64).reshape(k, -1) if mode == "project" and d.readout is not None else v
         mu = np.asarray(d.mu, np.float64).reshape(-1)
-        return cls(mode, f32(v), f32(v @ mu), f32(w), f32(c), f32([tau]), tuple(d.feature_shape), norm, float(tau))
+        v32 = f32(v)
+        r32 = v32 if r is v else f32(r)  # one array when R is V
+        return cls(mode, v32, f32(r @ mu), f32(w), f32(c), f32([tau]), r32, tuple(d.feature_shape), norm,
+                   float(tau))  # fmt: skip
 
     def to(self, convert: Callable[[np.ndarray], object]) -> RepairParams:
         """The same parameters as another library's arrays, e.g. ``lambda a: torch.from_numpy(a).cuda()``."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return RepairParams(**{**values, **{name: convert(values[name]) for name in self.ARRAYS}})
+        converted = {name: convert(values[name]) for name in self.ARRAYS if name != "readout"}
+        same = self.readout is self.directions  # one array when R is V, on every device
+        converted["readout"] = converted["directions"] if same else convert(self.readout)
+        return RepairParams(**{**values, **converted})
 
 
 # The formula. ``p`` is anything with the parameter attributes (RepairParams, RepairGraph's buffers).
 def scores(flat, p):
-    """s = x V^T - m: (N, k), the first column is the projection score <x - mu, b>."""
-    return flat @ p.directions.T - p.offsets
+    """s = x R^T - m: (N, k); the first column is the gate's score, <x - mu, R_1> (<x - mu, b> without a
+    readout)."""
+    return flat @ p.readout.T - p.offsets
 
 
 def gate(s, p):

@@ -18,7 +18,7 @@ FEATURES2 = "FEATURES2"  # multi-layer: the activation at the second repair laye
 REPAIRED = "REPAIRED"  # the repair model's output
 GUARDED = "GUARDED"  # the GPU profile's input check: the pixels it let through
 # the folded model's graph: the repair's parameters as inputs (formula.RepairParams.ARRAYS, in order), and s_1
-FOLDED_INPUTS = ("FIRE_DIRECTIONS", "FIRE_OFFSETS", "FIRE_WEIGHTS", "FIRE_SHIFTS", "FIRE_THRESHOLD")
+FOLDED_INPUTS = ("FIRE_DIRECTIONS", "FIRE_OFFSETS", "FIRE_WEIGHTS", "FIRE_SHIFTS", "FIRE_THRESHOLD", "FIRE_READOUT")
 FOLDED_SCORE = "FIRE_SCORE"
 
 # Files

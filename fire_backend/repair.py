@@ -40,7 +40,7 @@ class Repair:
         return self.params.directions[0]
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Projection score s(x) = <x - mu, b> per sample."""
+        """The gate's score per sample, <x - mu, R_1> (``formula.scores``'s first column)."""
         return scores(x.reshape(len(x), -1), self.params)[:, 0]
 
     def check(self, x: torch.Tensor) -> None:
@@ -90,7 +90,8 @@ class RepairGraph(nn.Module):
         p = RepairParams.from_directions(directions, mode).to(torch.from_numpy)
         self.mode, self.feature_shape = p.mode, p.feature_shape
         for name in RepairParams.ARRAYS:
-            self.register_buffer(name, getattr(p, name))
+            t = getattr(p, name)
+            self.register_buffer(name, t.clone() if name == "readout" and t is p.directions else t)  # no sharing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A constant target shape keeps (C, H, W) static for the tail: with reshape(x.shape) onnxruntime
@@ -107,7 +108,7 @@ class RepairInputsGraph(nn.Module):
         super().__init__()
         self.feature_shape = tuple(feature_shape)
 
-    def forward(self, x, directions, offsets, weights, shifts, threshold):
-        p = RepairParams("", directions, offsets, weights, shifts, threshold, self.feature_shape, 0.0, 0.0)
+    def forward(self, x, directions, offsets, weights, shifts, threshold, readout):
+        p = RepairParams("", directions, offsets, weights, shifts, threshold, readout, self.feature_shape, 0.0, 0.0)
         flat = x.flatten(1)
         return repaired(flat, p).reshape(-1, *self.feature_shape), scores(flat, p)[:, 0]

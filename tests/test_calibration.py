@@ -357,13 +357,14 @@ def test_each_fold_s_unpaired_reference_is_its_own_and_never_empty():
 
 @pytest.mark.integration
 def test_on_training_images_the_search_charges_the_cost_the_test_split_pays():
-    """GTSRB 12x12 zoo model, 50 pairs and 1,000 clean training images, cut at layer3.0, strength 1.5:
-    the model is sure of its training images and the repair costs them almost no label (within the
-    0.5-point bound), yet it costs the test split more than that. The search's cost, the larger of the
-    label and the expected-accuracy drop, is over the bound."""
+    """GTSRB 12x12 zoo model, 50 pairs and 1,000 clean training images, cut at layer3.0, strength 1.5, the
+    scores read along the directions (no readout: a repair that costs clean images, the case the cost is
+    for): the model is sure of its training images and the repair costs them almost no label (within
+    the 0.5-point bound), yet it costs the test split more than that. The search's cost, the larger of
+    the label and the expected-accuracy drop (``accuracy_drop``), is over the bound."""
     from calibration.augment import spatial_estimate
     from calibration.calibrate import zoo_calibration_set
-    from calibration.cutsearch import accuracy_drop, judged, probabilities, score_cut
+    from calibration.cutsearch import accuracy_drop, judged, probabilities
     from calibration.inprocess import SplitRunner
     from fire_backend.names import PROJECT_ROOT
     from zoo.attacks import attack_from_spec
@@ -373,10 +374,11 @@ def test_on_training_images_the_search_charges_the_cost_the_test_split_pays():
     model, meta = load_model(PROJECT_ROOT / "models" / "gtsrb_resnet_badnets12")
     data = zoo_calibration_set(meta["dataset"], attack_from_spec(meta["attack"]), 50, 1000, 0)
     r = SplitRunner(model, "layer3.0")
-    (searched,) = score_cut(r, data, alphas=(1.5,), augment="flips-shifts")
     e = spatial_estimate(lambda x: r.features(x).numpy(), data.triggered, data.originals, True, "flips-shifts")
     clean = r.features(data.clean)
-    repair = Repair(e.directions(clean, layer="layer3.0", alpha=1.5))
+    d = e.directions(clean, layer="layer3.0", alpha=1.5)
+    d.readout = None
+    repair = Repair(d)
     y = data.clean_labels
     before, after = (judged(probabilities(r.outputs(clean, e), "logits"), y) for e in (None, repair))
     labels_lost = 100 * float((before[0] == y).mean() - (after[0] == y).mean())
@@ -385,7 +387,7 @@ def test_on_training_images_the_search_charges_the_cost_the_test_split_pays():
     base = r.labels(f)
     test_drop = 100 * float((base == test.labels).mean() - (r.labels_after(f, base, repair) == test.labels).mean())
     assert labels_lost <= 0.5 < test_drop, (labels_lost, test_drop)  # the argmax count on training images misses it
-    assert accuracy_drop(before, after, y) > 0.5 and searched.cost > 0.5, searched
+    assert accuracy_drop(before, after, y) > 0.5
 
 
 def test_the_transfer_score_is_the_cuts_so_equal_gains_go_to_the_weaker_repair():
@@ -431,9 +433,10 @@ def test_the_project_gate_is_off_where_a_trigger_s_views_or_a_dimmed_trigger_wou
     """SIG (a sinusoid) mirrored and shifted is the same sinusoid out of phase: near the input the views'
     shifts cancel in their mean, the first direction, so gating on it would skip the calibrated trigger's
     own images. The estimate turns the gate off there, and the repair then removes the trigger. A blend
-    near the input shifts the features little beside their spread: at 60 % of its strength (an attacker
-    dims it) it slides under the gate, so the estimate, which checks the gate at half the shift, turns it
-    off there too. Deeper, on a corner patch, the views' shifts agree, even dimmed, and the gate stays on."""
+    near the input shifts the features little beside their spread along its direction, but the gate
+    reads across that spread (the readout): at 60 % of its strength (an attacker dims it) it stays past
+    the gate, which the estimate checks at half the shift, so the gate stays on and the dimmed blend is
+    repaired with it. Deeper, on a corner patch, the views' shifts agree, even dimmed, and the gate stays on."""
     from calibration.augment import spatial_estimate, views
     from calibration.calibrate import zoo_calibration_set
     from calibration.factory import FitInputs, fit_directions, make_directions
@@ -468,9 +471,41 @@ def test_the_project_gate_is_off_where_a_trigger_s_views_or_a_dimmed_trigger_wou
     stacked = [torch.cat([r.features(v(x)) for v in vs]) for x in (data.originals, data.triggered)]
     assert fit_directions(FitInputs(*stacked, clean, len(vs)), "stem", rank=len(vs)).project_gate is False
     r, data, e, target = estimate("cifar10_resnet_blended", "stem.1")
-    assert e.directions(r.features(data.clean), layer="stem.1").project_gate is False
+    assert e.directions(r.features(data.clean), layer="stem.1").project_gate is True
     full, dimmed = kept(r, data, e, target, "stem.1"), kept(r, data, e, target, "stem.1", 0.6)
-    assert max(full.values()) <= 0.05 and dimmed[True] > 0.1 > 0.05 >= dimmed[False]
+    assert max(full.values()) <= 0.05 and max(dimmed.values()) <= 0.05
     r, data, e, target = estimate("cifar10_resnet_trojan", "layer2.0")
     assert e.directions(r.features(data.clean), layer="layer2.0").project_gate is True
     assert kept(r, data, e, target, "layer2.0", 0.6)[True] <= 0.1
+
+
+def test_the_oblique_readout_reads_shifts_back_whole_with_the_least_clean_spread():
+    """``CleanSpread``'s shrinkage is Ledoit and Wolf's (2004), computed here from its definition on the
+    D x D matrices; the readout is (V S^-1 V^T)^-1 V S^-1 for the shrunk covariance S, reads a shift along
+    V back whole (R V^T = I), and of all such read-outs its scores vary least over clean samples (the
+    Gauss-Markov property: here against V itself and against random others with R V^T = I)."""
+    from calibration.estimators import CleanSpread, oblique_readout
+
+    rng = np.random.default_rng(0)
+    n, dim, k = 40, 25, 3
+    x = (rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim)) * np.linspace(0.2, 3, dim)).astype(np.float32)
+    spread = CleanSpread(torch.from_numpy(x))
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(0)
+    s = xc.T @ xc / n
+    m = np.trace(s) / dim
+    d2 = ((s - m * np.eye(dim)) ** 2).sum()
+    b2 = sum(((np.outer(r, r) - s) ** 2).sum() for r in xc) / n**2
+    assert np.isclose(spread.lam, min(b2, d2) / d2, rtol=1e-6)
+    shrunk = (1 - spread.lam) * s + spread.lam * m * np.eye(dim)
+    v = np.linalg.qr(rng.standard_normal((dim, k)))[0].T
+    r = oblique_readout(torch.from_numpy(v), spread).double().numpy()
+    inv = np.linalg.inv(shrunk)
+    np.testing.assert_allclose(r, np.linalg.solve(v @ inv @ v.T, v @ inv), atol=1e-6)
+    np.testing.assert_allclose(r @ v.T, np.eye(k), atol=1e-6)
+
+    def clean_spread(rows):  # the total variance of the scores over the clean samples, under the shrunk S
+        return float(np.trace(rows @ shrunk @ rows.T))
+
+    others = [v] + [v + rng.standard_normal((k, dim)) @ (np.eye(dim) - v.T @ v) for _ in range(20)]
+    assert all(clean_spread(r) <= clean_spread(o) + 1e-9 for o in others)
+    assert oblique_readout(torch.from_numpy(v), CleanSpread(torch.ones(5, dim))) is None  # nothing to invert

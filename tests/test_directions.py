@@ -201,3 +201,52 @@ def test_the_watcher_keeps_serving_and_watching_whatever_a_replaced_file_raises(
     assert not w.check() and w.current.repair == 1.0 and "cannot build" in str(errors[0])
     make(alpha=0.5).save(path)
     assert w.check() and w.current.repair == 0.5
+
+
+def _readout_for(d: DirectionFile) -> np.ndarray:
+    """A readout of ``d``'s rank-1 direction b: b tilted off itself, with readout . b = 1."""
+    b = d.unit_directions()[0]
+    tilt = np.random.default_rng(0).standard_normal(b.shape)
+    tilt -= (tilt @ b) * b
+    return (b + 0.5 * tilt).reshape(1, *d.feature_shape).astype(np.float32)
+
+
+def test_a_readout_round_trips_as_version_2_and_older_or_unknown_layouts_are_refused(tmp_path):
+    """A file with a readout is written as format version 2 (a FIRE that reads version 1 only refuses it,
+    rather than serving its directions read the old way); one without stays version 1. A readout in a
+    version-1 file, a tensor this FIRE does not know, a readout that does not read the directions back
+    whole or that a non-project mode would ignore: refused, each with its reason."""
+    from fire_backend.directions import metadata_sha256
+
+    d = make()
+    d.readout = _readout_for(d)
+    back = DirectionFile.load(d.save(tmp_path / "r.safetensors"))
+    assert np.array_equal(back.readout, d.readout) and back.metadata()["format_version"] == "2"
+    assert DirectionFile.load(make().save(tmp_path / "plain.safetensors")).metadata()["format_version"] == "1"
+    assert np.allclose(back.gate_row(), d.readout.reshape(-1)) and np.allclose(
+        make().gate_row(), make().unit_directions()[0]
+    )
+    meta = {k: v for k, v in d.metadata().items() if k != "metadata_sha256"}
+    _write_raw(tmp_path / "v1.safetensors", d.tensors(), {**meta, "format_version": "1"})
+    with pytest.raises(DirectionFileError, match="readout in a version 1 file"):
+        DirectionFile.load(tmp_path / "v1.safetensors")
+    from fire_backend.directions import tensors_sha256
+
+    extra = {**make().tensors(), "future": np.zeros(1, np.float32)}
+    fields = {
+        **{k: v for k, v in make().metadata().items() if k != "metadata_sha256"},
+        "tensors_sha256": tensors_sha256(extra),
+    }
+    _write_raw(
+        tmp_path / "future.safetensors", extra, {**fields, "metadata_sha256": metadata_sha256(fields)}, resign=False
+    )
+    with pytest.raises(DirectionFileError, match="unknown tensors"):
+        DirectionFile.load(tmp_path / "future.safetensors")
+    for bad, match in (
+        (d.readout * 2, "not the identity"),
+        (d.readout[:, :2], r"readout must be float32 \(1, 4, 2, 2\)"),
+    ):
+        with pytest.raises(DirectionFileError, match=match):
+            make(readout=bad).save(tmp_path / "bad.safetensors")
+    with pytest.raises(DirectionFileError, match="only used by mode 'project'"):
+        make(mode="gated", readout=d.readout).save(tmp_path / "bad.safetensors")

@@ -22,6 +22,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 UNGATED = "project, ungated"  # mode project with the file's project_gate off
+READOUT = "project, read out"  # mode project, its scores read along a readout (not the directions)
 
 
 def directions(beta, mu, mode="subtract", alpha=1.0, threshold=0.0) -> DirectionFile:
@@ -30,7 +31,7 @@ def directions(beta, mu, mode="subtract", alpha=1.0, threshold=0.0) -> Direction
         mu=torch.tensor(mu, dtype=torch.float32),
         threshold=threshold,
         layer="l",
-        mode="project" if mode == UNGATED else mode,
+        mode="project" if mode in (UNGATED, READOUT) else mode,
         project_gate=mode != UNGATED,
         alpha=alpha,
         head_sha256="0" * 64,
@@ -127,11 +128,14 @@ def _rank2(mode: str, alpha: float) -> DirectionFile:
     """beta along e1 + e2 with a second basis row along e3 (orthonormal), in 4-D features."""
     d = directions([3.0, 4.0, 0.0, 0.0], [0.5, -0.5, 0.25, 0.0], mode, alpha, threshold=0.3)
     if d.mode == "project":
-        d.basis = torch.tensor([[0.6, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+        d.basis = np.array([[0.6, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], np.float32)
+    if mode == READOUT:  # each row reads its direction back whole (readout x basis^T = I), tilted off it
+        d.readout = np.array([[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.7]], np.float32)
+    d.validate()
     return d
 
 
-@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, "gated"])
+@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, READOUT, "gated"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
 def test_exportable_graph_equals_the_inplace_repair(mode, alpha):
     """RepairGraph (out of place, traceable) and Repair (in place) are two forms of one formula."""
@@ -142,7 +146,7 @@ def test_exportable_graph_equals_the_inplace_repair(mode, alpha):
     assert torch.allclose(graph, inplace, atol=1e-5)
     traced = torch.jit.trace(RepairGraph(d), x[:2])  # what the ONNX exporter sees
     assert torch.allclose(traced(x), inplace, atol=1e-5)
-    if d.mode == "project":  # rank 2: the second direction is removed too, scaled by alpha, where s_1 > 0
+    if mode in ("project", UNGATED):  # rank 2: the second direction is removed too, scaled by alpha, where s_1 > 0
         s = x @ torch.tensor([0.6, 0.8, 0.0, 0.0]) - (0.6 * 0.5 - 0.8 * 0.5)
         moved = (s > 0) | (mode == UNGATED)  # ungated: every sample
         assert torch.allclose(inplace[moved, 2], x[moved, 2] - alpha * (x[moved, 2] - 0.25), atol=1e-5)
@@ -151,7 +155,7 @@ def test_exportable_graph_equals_the_inplace_repair(mode, alpha):
 
 def test_the_formula_is_array_generic():
     """The same functions compute the same on NumPy arrays and torch tensors."""
-    p = RepairParams.from_directions(_rank2("project", 2.0))
+    p = RepairParams.from_directions(_rank2(READOUT, 2.0))
     t = p.to(torch.from_numpy)
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
     np.testing.assert_allclose(scores(x.numpy(), p), scores(x, t).numpy(), atol=1e-6)
@@ -161,7 +165,7 @@ def test_the_formula_is_array_generic():
     np.testing.assert_allclose(out, repaired(x, t).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, "gated"])
+@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, READOUT, "gated"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
 def test_the_numpy_serving_form_equals_the_torch_forms(mode, alpha):
     """The CPU repair model's NumPy form, in place and row by row, against torch in place and the graph."""
@@ -179,7 +183,7 @@ def test_the_numpy_serving_form_equals_the_torch_forms(mode, alpha):
         NumpyRepair(d)(np.full((1, 4), np.nan, np.float32))
 
 
-@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, "gated"])
+@pytest.mark.parametrize("mode", ["subtract", "project", UNGATED, READOUT, "gated"])
 def test_the_folded_graph_with_parameter_inputs_equals_the_others(mode, tmp_path):
     """The folded model's graph takes the parameters as inputs, with a dynamic rank axis: the exported
     graph, fed a rank-2 file and then a rank-1 file, computes what the other forms compute, and its
@@ -203,3 +207,17 @@ def test_huge_but_finite_features_are_not_called_nan():
     x = torch.full((2, 2), 3e38)
     assert torch.isfinite(x).all() and not torch.isfinite(x.sum())
     Repair(directions([3, 4], [1, 1])).check(x)  # no error
+
+
+def test_a_readout_reads_a_shift_along_the_directions_back_whole_and_moves_samples_by_it():
+    """With a readout R (R V^T = I), a sample's scores are its coordinates along V past mu, read along R:
+    a sample at mu plus any shift in V's span is moved back to mu exactly (project, alpha 1); a sample
+    off mu along a direction R ignores (orthogonal to R's rows) is left where it is."""
+    d = _rank2(READOUT, 1.0)
+    d.project_gate = False
+    v, r, mu = d.basis.astype(np.float64), d.readout.astype(np.float64), d.mu.astype(np.float64)
+    shifts = np.array([[2.0, -1.0], [0.5, 3.0]]) @ v
+    np.testing.assert_allclose(NumpyRepair(d)((mu + shifts).astype(np.float32)), np.tile(mu, (2, 1)), atol=1e-5)
+    ignored = np.linalg.svd(r)[2][2:]  # what R does not read
+    x = (mu + 2.0 * ignored).astype(np.float32)
+    np.testing.assert_allclose(NumpyRepair(d)(x.copy()), x, atol=1e-5)

@@ -56,6 +56,10 @@ class TritonPythonModel:
             params,
             NumpyRepair,
         )
+        missing = [n for n in FOLDED_INPUTS if n not in inputs]
+        if missing:  # a graph built before the readout was an input
+            raise RepairInputError(f"{version_dir}: this folded graph takes no {', '.join(missing)}; rebuild the "
+                                   "repository with `fire build-repo`")  # fmt: skip
         rank_axis = next(i.shape[0] for i in self.session.get_inputs() if i.name == FOLDED_INPUTS[0])
         if isinstance(rank_axis, int):  # a graph built before the rank axis was dynamic takes 16 rows only
             raise RepairInputError(f"{version_dir}: this folded graph has a fixed rank ({rank_axis}); rebuild the "
