@@ -182,11 +182,12 @@ class CleanSpread:
         a = self.lam * self.m
         if not a > 0:
             return None
-        v = v.double()
         e = (1 - self.lam) * self.g / self.n  # S's eigenvalues, shrunk
-        coords = (self.u / self.g.sqrt()).T @ (self.centred.double() @ v.T)  # P^T V^T (r, k)
-        back = self.centred.double().T @ ((self.u / self.g.sqrt()) @ ((e / (e + a))[:, None] * coords))
-        return v.T - back  # a * Sigma^-1 V^T
+        scaled = self.u / self.g.sqrt()  # P = Xc^T scaled
+        # the N x D products in float32 (the features' own precision), the small ones in float64
+        coords = scaled.T @ (self.centred @ v.float().T).double()  # P^T V^T (r, k)
+        back = (self.centred.T @ (scaled @ ((e / (e + a))[:, None] * coords)).float()).double()
+        return v.double().T - back  # a * Sigma^-1 V^T
 
 
 _SPREADS: dict[int, tuple] = {}  # id of a clean features array -> (a weak reference to it, its version, CleanSpread)
