@@ -42,6 +42,7 @@ from fire_backend.names import (
     ADMIN_HEADER,
     DIRECTIONS_FILE,
     FOLDED_INPUTS,
+    FOLDED_PER_DIRECTION,
     MODEL_VERSION,
     PROJECT_ROOT,
     WHOLE_ONNX,
@@ -196,15 +197,16 @@ def _inputs(cfg: ServingBenchConfig, export_dir: Path, n: int) -> np.ndarray:
     return pre.apply(np.random.default_rng(1).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8))
 
 
-def _products(flat: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """The repair's two k x D products alone (NumPy's BLAS, no graph around them)."""
-    return (flat @ v.T) @ v
+def _products(flat: np.ndarray, r: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The repair's two k x D products alone (NumPy's BLAS, no graph around them): the scores along the
+    readout ``r``, the move along the directions ``v``."""
+    return (flat @ r.T) @ v
 
 
 def _first_direction(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The folded graph's inputs for the same repair at rank 1 (its first direction): the graph's ops,
     copies and dispatch with almost none of the rank's arithmetic."""
-    return {k: v[:1] if k in FOLDED_INPUTS[:4] else v for k, v in feed.items()}
+    return {k: v[:1] if k in FOLDED_PER_DIRECTION else v for k, v in feed.items()}
 
 
 def graph_timings(cfg: ServingBenchConfig, inputs: np.ndarray, repeats: int = 5) -> dict[str, float]:
@@ -224,7 +226,7 @@ def graph_timings(cfg: ServingBenchConfig, inputs: np.ndarray, repeats: int = 5)
             for k, s in sessions.items()
         }
         runs[RANK1] = functools.partial(sessions["folded"].run, None, {**images, **_first_direction(feed)})
-        runs[PRODUCTS] = functools.partial(_products, np.ones((b, v.shape[1]), np.float32), v)
+        runs[PRODUCTS] = functools.partial(_products, np.ones((b, v.shape[1]), np.float32), feed[FOLDED_INPUTS[5]], v)
         t0 = time.perf_counter()
         runs["whole"]()
         calls = max(1, int(0.2 / (time.perf_counter() - t0)))  # ~0.2 s per timing

@@ -19,6 +19,7 @@ REPAIRED = "REPAIRED"  # the repair model's output
 GUARDED = "GUARDED"  # the GPU profile's input check: the pixels it let through
 # the folded model's graph: the repair's parameters as inputs (formula.RepairParams.ARRAYS, in order), and s_1
 FOLDED_INPUTS = ("FIRE_DIRECTIONS", "FIRE_OFFSETS", "FIRE_WEIGHTS", "FIRE_SHIFTS", "FIRE_THRESHOLD", "FIRE_READOUT")
+FOLDED_PER_DIRECTION = tuple(n for n in FOLDED_INPUTS if n != "FIRE_THRESHOLD")  # a row per direction (rank axis)
 FOLDED_SCORE = "FIRE_SCORE"
 
 # Files

@@ -28,6 +28,7 @@ from fire_backend.names import (
     FEATURES,
     FEATURES2,
     FOLDED_INPUTS,
+    FOLDED_PER_DIRECTION,
     FOLDED_SCORE,
     HEAD_ONNX,
     MID_ONNX,
@@ -162,9 +163,8 @@ def export_repair_inputs_graph(feature_shape: tuple[int, ...], path: Path, opset
     d = int(np.prod(feature_shape))
     example = (torch.zeros(2, *feature_shape), torch.zeros(3, d), torch.zeros(3), torch.zeros(3), torch.zeros(3),
                torch.zeros(1), torch.zeros(3, d))  # fmt: skip
-    per_direction = [n for n in FOLDED_INPUTS if n != FOLDED_INPUTS[4]]  # a row per direction, not the threshold
     axes = {FEATURES: {0: "batch"}, REPAIRED: {0: "batch"}, FOLDED_SCORE: {0: "batch"},
-            **{name: {0: "rank"} for name in per_direction}}  # fmt: skip
+            **{name: {0: "rank"} for name in FOLDED_PER_DIRECTION}}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but exact and dependency-free
         torch.onnx.export(RepairInputsGraph(feature_shape), example, str(path), dynamo=False,
