@@ -356,8 +356,7 @@ def _prepare(cfg: FleetBenchConfig) -> dict:
     export = cfg.work_dir / "export_layer2"
     files = {"v1": DirectionFile.load(export / DIRECTIONS_FILE)}
     for key, mode, alpha in (("v2", "subtract", 2.0), ("v3", "subtract", 0.5)):  # changes seen in every answer
-        d = DirectionFile.load(export / DIRECTIONS_FILE)
-        d.mode, d.alpha, d.basis = mode, alpha, None
+        d = DirectionFile.load(export / DIRECTIONS_FILE).with_mode(mode, alpha)
         d.save(cfg.work_dir / f"{key}.safetensors")
         files[key] = d
     x = to_tensor_batch(load_dataset("cifar10", "test").subset(8, seed=3).images)

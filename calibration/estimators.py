@@ -190,28 +190,32 @@ class CleanSpread:
         return v.double().T - back  # a * Sigma^-1 V^T
 
 
-_SPREADS: dict[int, tuple] = {}  # id of a clean features array -> (a weak reference to it, its version, CleanSpread)
+_SPREADS: dict[int, tuple] = {}  # id of a clean features array -> (a weak reference to it, its fingerprint, spread)
 
 
-def _version(x) -> int | None:
-    """A torch tensor's in-place edit counter; None for a NumPy array or an inference tensor (which has none)."""
-    try:
-        return x._version
-    except (AttributeError, RuntimeError):
-        return None
+def _fingerprint(x) -> tuple:
+    """The array's shape and float64 sum: an array edited in place (through any view of its memory) since
+    is computed again. A pass over the features, nothing beside the N x N Gram it saves."""
+    total = torch.sum(x, dtype=torch.float64) if isinstance(x, torch.Tensor) else np.sum(x, dtype=np.float64)
+    return tuple(x.shape), float(total)
 
 
 def spread_of(clean) -> CleanSpread:
     """``CleanSpread`` of clean features (a torch tensor or a NumPy array), computed once while that array
     lives unchanged (the cut search fits a repair per view set and strength on the same clean fold, the
-    traffic search one per class: one N x N Gram each). A torch tensor's edits in place are seen (its
-    version counter); a NumPy array is taken as never edited."""
-    key, version = id(clean), _version(clean)
+    traffic search one per class: one N x N Gram each). Anything that cannot be weakly referenced is
+    computed every time."""
+    try:
+        ref = weakref.ref(clean)
+    except TypeError:
+        return CleanSpread(clean)
+    key, mark = id(clean), _fingerprint(clean)
     cached = _SPREADS.get(key)
-    if cached is not None and cached[0]() is clean and cached[1] == version:
+    if cached is not None and cached[0]() is clean and cached[1] == mark:
         return cached[2]
     spread = CleanSpread(clean)
-    _SPREADS[key] = (weakref.ref(clean, lambda _, key=key: _SPREADS.pop(key, None)), version, spread)
+    del ref
+    _SPREADS[key] = (weakref.ref(clean, lambda _, key=key: _SPREADS.pop(key, None)), mark, spread)
     return spread
 
 

@@ -24,6 +24,8 @@ from fire_backend.directions import DirectionFile
 from fire_backend.errors import InvalidInputError
 from fire_backend.repair import Repair
 
+READOUT_TOLERANCE = 1e-4  # a readout that reads the directions back less exactly (in float32) is not written
+
 
 def _tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
@@ -51,8 +53,8 @@ def make_directions(
     ``mu`` defaults to the clean mean; ``threshold`` (gated) to the clean score quantile at ``fpr``;
     ``basis`` (k, *feature shape) makes a rank-k project repair; ``project_gate`` off repairs every sample
     (``calibration.augment.spatial_estimate`` says when). A project repair reads its scores along the
-    clean features' ``oblique_readout`` of its directions (none from fewer than 2 clean samples: it
-    reads along the directions)."""
+    clean features' ``oblique_readout`` of its directions (none at alpha 0, from fewer than 2 clean
+    samples, or where float32 cannot hold it to ``READOUT_TOLERANCE``: it reads along the directions)."""
     given, clean = clean, _tensor(clean)
     beta = _tensor(beta).float()
     mu = clean.double().mean(0).float() if mu is None else _tensor(mu).float()
@@ -74,9 +76,12 @@ def make_directions(
     )
     if threshold is None:
         d.threshold = clean_threshold(Repair(d, mode="gated").scores(clean).numpy(), fpr)
-    if mode == "project" and len(clean) >= 2:
+    if mode == "project" and alpha != 0 and len(clean) >= 2:  # alpha 0 (observe) moves nothing: read nothing
         readout = oblique_readout(d.unit_directions(), spread_of(given))
-        d.readout = None if readout is None else readout.numpy().reshape(d.rank, *d.feature_shape)
+        if readout is not None:
+            r = readout.numpy().reshape(d.rank, -1).astype(np.float64)
+            if np.abs(r @ d.unit_directions().T - np.eye(d.rank)).max() <= READOUT_TOLERANCE:
+                d.readout = readout.numpy().reshape(d.rank, *d.feature_shape)
     return d
 
 

@@ -94,20 +94,44 @@ def trusted_file(path: str | Path) -> Path:
 
 
 def trusted_code(path: str | Path) -> Path:
-    """``path`` (a Python module or a TorchScript file) may be run: a regular file, after any symbolic
-    link, owned by this user or root, that group and others cannot write to, in a directory that they
-    cannot write to either (unless sticky, like /tmp): no other account can have planted or swapped it."""
-    path = Path(path).resolve()
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafePathError(f"{path}: not a regular file; refusing to run it")
-    for p, s in ((path, st), (path.parent, path.parent.stat())):
-        writable = s.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (p != path and s.st_mode & stat.S_ISVTX)
-        why = f"owned by uid {s.st_uid}" if not _owner_ok(s) else "writable by others" if writable else None
-        if why:
-            raise UnsafePathError(f"{p}: {why} (mode {stat.S_IMODE(s.st_mode):04o}): another account could have "
-                                  f"changed the code in {path.name}; refusing to run it")  # fmt: skip
-    return path
+    """``path`` (a Python module or a TorchScript file) may be run: a regular file owned by this user or
+    root that group and others cannot write to, and so is its compiled copy in ``__pycache__`` if it has
+    one (Python runs that instead); the directories holding them (and a symbolic link on the way) no
+    other account can write to, not even sticky ones like /tmp, where another account could drop a
+    module or a compiled copy beside it that Python prefers; and no directory above them another
+    account could use to swap them (owned by this user or root, writable by others only if sticky).
+    Returns the resolved path."""
+    import importlib.util
+
+    given = Path(path).absolute()
+    real = given.resolve()
+    files = [real]
+    if real.suffix == ".py":
+        cached = Path(importlib.util.cache_from_source(str(real)))
+        if cached.exists():
+            files.append(cached)
+    for f in files:
+        st = f.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"{f}: not a regular file; refusing to run it")
+        _code_path_ok(f, st, real)
+    for d in dict.fromkeys([given.parent, *(f.parent for f in files)]):
+        _code_path_ok(d, d.stat(), real)
+    for parent in real.parent.parents:
+        st = parent.stat()
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
+        if not _owner_ok(st) or writable:
+            raise UnsafePathError(f"{parent}: owned by uid {st.st_uid} or writable by others: another account "
+                                  f"could swap the code in {real.name} below it; refusing to run it")  # fmt: skip
+    return real
+
+
+def _code_path_ok(p: Path, st: os.stat_result, code: Path) -> None:
+    why = (f"owned by uid {st.st_uid}" if not _owner_ok(st)
+           else "writable by others" if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else None)  # fmt: skip
+    if why:
+        raise UnsafePathError(f"{p}: {why} (mode {stat.S_IMODE(st.st_mode):04o}): another account could have "
+                              f"changed the code in {code.name}; refusing to run it")  # fmt: skip
 
 
 def write_private(path: str | Path, data: bytes) -> Path:

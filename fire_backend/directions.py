@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -96,6 +96,13 @@ class DirectionFile:
             self.basis = _array(self.basis)
         if self.readout is not None:
             self.readout = _array(self.readout)
+
+    def with_mode(self, mode: str, alpha: float | None = None) -> DirectionFile:
+        """A copy repairing in ``mode`` (at ``alpha`` when given); a mode other than ``project`` drops the
+        basis and the readout, which only ``project`` uses."""
+        keep = mode == "project"
+        return replace(self, mode=mode, alpha=self.alpha if alpha is None else alpha,
+                       basis=self.basis if keep else None, readout=self.readout if keep else None)  # fmt: skip
 
     def unit_directions(self) -> np.ndarray:
         """The repair's directions, flattened (rank, D) float64: the basis, or beta / |beta|."""

@@ -12,8 +12,11 @@ module and its packages' ``__init__`` files, a TorchScript file).
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -84,7 +87,9 @@ def _factory(spec: str):
 def _checked_import(module_name: str):
     """``module_name`` imported once each of its files is checked (``cache.trusted_code``) before it runs:
     the package's ``__init__`` files one level at a time (finding ``a.b`` runs ``a``, checked the step
-    before), then the module's own. A module already imported is not run again, and so not checked."""
+    before), then the module's own; and while it imports, every module it pulls in from outside the
+    installed packages and the standard library (``_CodeCheck``). A module already imported is not run
+    again, and so not checked."""
     parts = module_name.split(".")
     for i in range(1, len(parts) + 1):
         name = ".".join(parts[:i])
@@ -95,7 +100,32 @@ def _checked_import(module_name: str):
             raise ImportError(f"no module named {name!r}")
         if found.has_location and found.origin:
             trusted_code(found.origin)
-    return importlib.import_module(module_name)
+    check = _CodeCheck()
+    sys.meta_path.insert(0, check)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.meta_path.remove(check)
+
+
+class _CodeCheck(importlib.abc.MetaPathFinder):
+    """A finder that finds nothing itself: it looks a module up as the path finder will and checks its
+    file (``cache.trusted_code``) unless it lies in the installed packages or the standard library (whose
+    owners installed this Python), then lets the usual finders load it."""
+
+    installed = tuple(
+        str(Path(p).resolve())
+        for k, p in sysconfig.get_paths().items()
+        if k in ("stdlib", "platstdlib", "purelib", "platlib")
+    )
+
+    def find_spec(self, name, path, target=None):
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.has_location and spec.origin:
+            origin = str(Path(spec.origin).resolve())
+            if not origin.startswith(tuple(p + "/" for p in self.installed)):
+                trusted_code(spec.origin)
+        return None
 
 
 def load_torch_model(spec: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:

@@ -412,30 +412,52 @@ def build_repository(
 ) -> list[BuiltModel]:
     """Write the repository for ``models`` into ``out_dir`` (their old directories are replaced).
 
-    Every directory is written beside ``out_dir`` first and moved in only once all of them are: a build
-    that fails leaves the repository as it was (a served model is never half replaced), and a server
-    polling it never sees a half-written model. With ``tensorrt=True`` also build the GPU profile's
+    Every directory is written into a hidden staging directory in ``out_dir`` first and moved in only
+    once all of them are, the old ones moved aside (``_swap_in``): a build that fails leaves the
+    repository as it was (a served model is never half replaced). With ``tensorrt=True`` also build the GPU profile's
     engines (GPU machine with TensorRT only)."""
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise InvalidInputError(f"protected model names must be unique, got {names}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))  # same file system: moves
+    staging = Path(tempfile.mkdtemp(prefix=".fire-build-", dir=out))  # hidden, in the repository: renames
     try:
         w = _Writer(staging, settings or ServingSettings())
         built = [_build_one(w, m) for m in models]
         for name in w.written:
             restrict(staging / name)
-            shutil.rmtree(out / name, ignore_errors=True)
-            (staging / name).rename(out / name)
+        _swap_in(staging, out, w.written)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # the new directories not moved in, the old ones moved out
     if tensorrt:
         build_engines(out)
         for name in w.written:
             restrict(out / name)
     return built
+
+
+def _swap_in(staging: Path, out: Path, names: list[str]) -> None:
+    """Each model directory ``names`` from ``staging`` into ``out``, its old one moved aside into
+    ``staging`` first (renames within one file system: nothing is deleted before every new directory is
+    in). If a move fails, the ones done are undone, old directories back in place, and the error raised."""
+    aside = staging / ".replaced"
+    aside.mkdir(exist_ok=True)
+    done: list[tuple[str, bool]] = []  # (name, whether an old directory was moved aside)
+    try:
+        for name in names:
+            had_old = (out / name).exists() or (out / name).is_symlink()
+            if had_old:
+                (out / name).rename(aside / name)
+            done.append((name, had_old))
+            (staging / name).rename(out / name)
+    except OSError:
+        for name, had_old in reversed(done):
+            if (out / name).exists() and not (staging / name).exists():
+                (out / name).rename(staging / name)
+            if had_old:
+                (aside / name).rename(out / name)
+        raise
 
 
 def restrict(path: Path) -> None:

@@ -144,8 +144,7 @@ def test_hot_reload_under_load_switches_once_with_zero_failures(default_server, 
     server, repo, a = default_server
     x = batch_of(a)
     old = DirectionFile.load(repo / "cifar10_fire" / "1" / "directions.safetensors")
-    new = DirectionFile.load(a.directions)
-    new.mode, new.alpha, new.basis = "subtract", 3.0, None  # a visible change in every output (rank 1)
+    new = DirectionFile.load(a.directions).with_mode("subtract", 3.0)  # a visible change in every output (rank 1)
     new_path = new.save(tmp_path / "new.safetensors")
     expected_old, expected_new = pipeline(a, x, old), pipeline(a, x, new)
     assert np.abs(expected_old - expected_new).max() > 0.1
@@ -176,8 +175,7 @@ def switched_once(load: Load, expected_old: np.ndarray, expected_new: np.ndarray
 
 
 def _subtract_3(a, tmp_path) -> tuple[DirectionFile, object]:
-    new = DirectionFile.load(a.directions)
-    new.mode, new.alpha, new.basis = "subtract", 3.0, None  # a visible change in every output (rank 1)
+    new = DirectionFile.load(a.directions).with_mode("subtract", 3.0)  # a visible change in every output (rank 1)
     return new, new.save(tmp_path / "new.safetensors")
 
 
@@ -229,8 +227,7 @@ def test_reload_verify_and_rollback_accept_the_folded_models_name(default_server
 
     server, repo, a = default_server
     x = batch_of(a)
-    new = DirectionFile.load(a.directions)
-    new.mode, new.alpha, new.basis = "subtract", 2.0, None
+    new = DirectionFile.load(a.directions).with_mode("subtract", 2.0)
     new_path = new.save(tmp_path / "new.safetensors")
     main(["verify", str(new_path), str(repo / "cifar10_folded")])
     assert "OK:" in capsys.readouterr().out

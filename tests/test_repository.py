@@ -188,3 +188,24 @@ def test_a_build_that_fails_leaves_the_repository_as_it_was(artifacts, tmp_path,
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_a_swap_that_fails_part_way_puts_every_old_directory_back(tmp_path):
+    """``_swap_in`` moves the old directories aside before the new ones in; when a move fails (here the
+    second model's new directory is missing), the first swap is undone: both old directories are back,
+    unchanged, and the error is raised."""
+    from serving.repository import _swap_in
+
+    out, staging = tmp_path / "repo", tmp_path / "repo" / ".fire-build-x"
+    for name in ("a", "b"):
+        (out / name).mkdir(parents=True)
+        (out / name / "old").write_text(name)
+    staging.mkdir()
+    (staging / "a").mkdir()
+    (staging / "a" / "new").write_text("a")
+    with pytest.raises(FileNotFoundError):
+        _swap_in(staging, out, ["a", "b"])
+    assert [(out / n / "old").read_text() for n in "ab"] == ["a", "b"] and (staging / "a" / "new").is_file()
+    assert not (out / "a" / "new").exists()
+    _swap_in(staging, out, ["a"])
+    assert (out / "a" / "new").is_file() and (staging / ".replaced" / "a" / "old").is_file()

@@ -513,8 +513,9 @@ def test_per_sample_scores_are_not_on_the_metrics_port_by_default(hardened):
 
 def test_a_users_model_code_runs_only_from_files_no_other_account_can_change(tmp_path, monkeypatch):
     """``fire protect --torch package.module:factory`` (and a TorchScript file) runs the user's code: a
-    module, a package ``__init__`` on the way to it, or a TorchScript file that another account owns or
-    can write to, or that sits in a directory others can write to, is refused before any of it runs."""
+    module, a package ``__init__`` on the way to it, a module it imports, or a TorchScript file that
+    another account owns or can write to, or that sits in a directory others can write to (sticky or
+    not: there they could drop a module Python prefers), is refused before it runs."""
     import pwd
     import sys
 
@@ -537,15 +538,20 @@ def test_a_users_model_code_runs_only_from_files_no_other_account_can_change(tmp
         for name in ("pkg_fire_test", "pkg_fire_test.net"):
             sys.modules.pop(name, None)
 
+    (pkg / "helper.py").write_text(f"open({str(ran)!r}, 'a').write('helper ')\n")
+    (pkg / "net.py").write_text(
+        (pkg / "net.py").read_text().replace("import torch", "import torch\nfrom . import helper")
+    )
     for path, mode, match in ((pkg / "net.py", 0o666, "writable by others"), (pkg / "__init__.py", 0o664, "writable"),
-                              (pkg, 0o777, "writable by others")):  # fmt: skip
+                              (pkg, 0o777, "writable by others"), (pkg, 0o1777, "writable by others"),
+                              (pkg / "helper.py", 0o646, "writable by others")):  # fmt: skip
         old = path.stat().st_mode & 0o777
         path.chmod(mode)
         fresh()
         with pytest.raises(UnsafePathError, match=match):
             load_torch_model("pkg_fire_test.net:make")
         path.chmod(old)
-        assert not ran.exists() or "net" not in ran.read_text()  # refused before the module ran
+        assert not ran.exists() or "helper" not in ran.read_text()  # refused before the helper ran
     nobody = pwd.getpwnam("nobody")
     os.chown(pkg / "net.py", nobody.pw_uid, nobody.pw_gid)
     fresh()
@@ -555,7 +561,7 @@ def test_a_users_model_code_runs_only_from_files_no_other_account_can_change(tmp
     fresh()
     ran.unlink(missing_ok=True)
     assert isinstance(load_torch_model("pkg_fire_test.net:make"), torch.nn.Linear)
-    assert ran.read_text().split() == ["init", "net"]
+    assert ran.read_text().split() == ["init", "net", "helper"]
 
     scripted = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))

@@ -42,6 +42,10 @@ class TritonPythonModel:
         self.session = onnx_session(version_dir / params.get(PARAM_ONNX_FILE, WHOLE_ONNX),
                                     int(params.get(PARAM_THREADS, "1")))  # fmt: skip
         inputs = [i.name for i in self.session.get_inputs()]
+        missing = [n for n in FOLDED_INPUTS if n not in inputs]
+        if missing:  # a graph built before the readout was an input
+            raise RepairInputError(f"{version_dir}: this folded graph takes no {', '.join(missing)}; rebuild the "
+                                   "repository with `fire build-repo`")  # fmt: skip
         (self.input_name,) = [n for n in inputs if n not in FOLDED_INPUTS]
         (self.output_name,) = [o.name for o in self.session.get_outputs() if o.name != FOLDED_SCORE]
         require_io(config, [self.input_name], [self.output_name])
@@ -56,10 +60,6 @@ class TritonPythonModel:
             params,
             NumpyRepair,
         )
-        missing = [n for n in FOLDED_INPUTS if n not in inputs]
-        if missing:  # a graph built before the readout was an input
-            raise RepairInputError(f"{version_dir}: this folded graph takes no {', '.join(missing)}; rebuild the "
-                                   "repository with `fire build-repo`")  # fmt: skip
         rank_axis = next(i.shape[0] for i in self.session.get_inputs() if i.name == FOLDED_INPUTS[0])
         if isinstance(rank_axis, int):  # a graph built before the rank axis was dynamic takes 16 rows only
             raise RepairInputError(f"{version_dir}: this folded graph has a fixed rank ({rank_axis}); rebuild the "
