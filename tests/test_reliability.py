@@ -270,7 +270,7 @@ CORRUPTIONS = {
     "truncated": lambda p, d: p.write_bytes(p.read_bytes()[:100]),
     "bad header": lambda p, d: p.write_bytes((2**40).to_bytes(8, "little") + p.read_bytes()[8:]),
     "wrong feature shape": lambda p, d: _rewrite(
-        p, d, beta=np.ones((4, 2, 2), np.float32), mu=np.zeros((4, 2, 2), np.float32), basis=None
+        p, d, beta=np.ones((4, 2, 2), np.float32), mu=np.zeros((4, 2, 2), np.float32), basis=None, readout=None
     ),
     "non-finite values": lambda p, d: _forge(p, d, nan=True),
     "other head": lambda p, d: _rewrite(p, d, head_sha256="0" * 64),
