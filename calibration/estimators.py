@@ -160,7 +160,7 @@ class CleanSpread:
     Sigma = (1 - lam) S + lam m I, S = Xc^T Xc / N (Xc the centred features), m = tr(S) / D."""
 
     def __init__(self, clean):
-        x = _tensor(clean).float().reshape(len(clean), -1)
+        x = as_tensor(clean).float().reshape(len(clean), -1)
         self.n, self.dim = x.shape
         self.centred = x - x.double().mean(0).float()
         gram = (self.centred @ self.centred.T).double()  # float32 product, float64 from here on
@@ -205,18 +205,16 @@ def spread_of(clean) -> CleanSpread:
     lives unchanged (the cut search fits a repair per view set and strength on the same clean fold, the
     traffic search one per class: one N x N Gram each). Anything that cannot be weakly referenced is
     computed every time."""
+    key = id(clean)
     try:
-        ref = weakref.ref(clean)
+        ref = weakref.ref(clean, lambda _: _SPREADS.pop(key, None))
     except TypeError:
         return CleanSpread(clean)
-    key, mark = id(clean), _fingerprint(clean)
-    cached = _SPREADS.get(key)
+    mark, cached = _fingerprint(clean), _SPREADS.get(key)
     if cached is not None and cached[0]() is clean and cached[1] == mark:
         return cached[2]
-    spread = CleanSpread(clean)
-    del ref
-    _SPREADS[key] = (weakref.ref(clean, lambda _, key=key: _SPREADS.pop(key, None)), mark, spread)
-    return spread
+    _SPREADS[key] = (ref, mark, CleanSpread(clean))
+    return _SPREADS[key][2]
 
 
 def oblique_readout(directions, spread: CleanSpread):
@@ -227,7 +225,7 @@ def oblique_readout(directions, spread: CleanSpread):
     along V; this reads across the clean spread instead, so the same trigger shift is removed while clean
     samples move far less (a minimum-variance unbiased read-out, the Gauss-Markov estimate of the shift's
     coordinates). float32 rows; None when there is nothing to invert (``CleanSpread.inverse_times``)."""
-    v = _tensor(directions).double().reshape(len(directions), -1)
+    v = as_tensor(directions).double().reshape(len(directions), -1)
     y = spread.inverse_times(v)
     if y is None:
         return None
@@ -237,7 +235,8 @@ def oblique_readout(directions, spread: CleanSpread):
     return readout.float()
 
 
-def _tensor(x) -> torch.Tensor:
+def as_tensor(x) -> torch.Tensor:
+    """``x`` as a torch tensor (a NumPy array's memory shared, made contiguous first)."""
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from calibration.estimators import (
+    as_tensor,
     clean_threshold,
     gate_holds,
     oblique_readout,
@@ -25,10 +26,6 @@ from fire_backend.errors import InvalidInputError
 from fire_backend.repair import Repair
 
 READOUT_TOLERANCE = 1e-4  # a readout that reads the directions back less exactly (in float32) is not written
-
-
-def _tensor(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
 
 def make_directions(
@@ -55,9 +52,9 @@ def make_directions(
     (``calibration.augment.spatial_estimate`` says when). A project repair reads its scores along the
     clean features' ``oblique_readout`` of its directions (none at alpha 0, from fewer than 2 clean
     samples, or where float32 cannot hold it to ``READOUT_TOLERANCE``: it reads along the directions)."""
-    given, clean = clean, _tensor(clean)
-    beta = _tensor(beta).float()
-    mu = clean.double().mean(0).float() if mu is None else _tensor(mu).float()
+    given, clean = clean, as_tensor(clean)
+    beta = as_tensor(beta).float()
+    mu = clean.double().mean(0).float() if mu is None else as_tensor(mu).float()
     d = DirectionFile(
         beta=beta.reshape(mu.shape),
         mu=mu,
@@ -71,7 +68,7 @@ def make_directions(
         n_clean=len(clean),
         fpr=fpr,
         extra=dict(extra or {}),
-        basis=None if basis is None else _tensor(basis).float().reshape(-1, *mu.shape),
+        basis=None if basis is None else as_tensor(basis).float().reshape(-1, *mu.shape),
         project_gate=bool(project_gate),
     )
     if threshold is None:
@@ -79,9 +76,9 @@ def make_directions(
     if mode == "project" and alpha != 0 and len(clean) >= 2:  # alpha 0 (observe) moves nothing: read nothing
         readout = oblique_readout(d.unit_directions(), spread_of(given))
         if readout is not None:
-            r = readout.numpy().reshape(d.rank, -1).astype(np.float64)
-            if np.abs(r @ d.unit_directions().T - np.eye(d.rank)).max() <= READOUT_TOLERANCE:
-                d.readout = readout.numpy().reshape(d.rank, *d.feature_shape)
+            d.readout = readout.numpy().reshape(d.rank, *d.feature_shape)
+            if d.readout_error() > READOUT_TOLERANCE:
+                d.readout = None
     return d
 
 
@@ -112,7 +109,7 @@ def fit_directions(
         beta = paired_direction(inputs.pair_clean, inputs.pair_poisoned)
     basis = None
     if rank > 1:
-        diffs = (_tensor(inputs.pair_poisoned).double() - _tensor(inputs.pair_clean).double()).numpy()
+        diffs = (as_tensor(inputs.pair_poisoned).double() - as_tensor(inputs.pair_clean).double()).numpy()
         basis = principal_basis(diffs, rank)
     d = make_directions(
         beta, inputs.clean, layer=layer, mode=mode, alpha=alpha, fpr=fpr, estimator=estimator,
@@ -122,7 +119,7 @@ def fit_directions(
         n = len(inputs.pair_poisoned)
         if n % inputs.views:
             raise InvalidInputError(f"{n} triggered samples do not split into {inputs.views} equal views")
-        per_view = np.split(_tensor(inputs.pair_poisoned).numpy(), inputs.views)
-        originals = np.split(_tensor(inputs.pair_clean).numpy(), inputs.views)
+        per_view = np.split(as_tensor(inputs.pair_poisoned).numpy(), inputs.views)
+        originals = np.split(as_tensor(inputs.pair_clean).numpy(), inputs.views)
         d.project_gate = gate_holds(d.gate_row(), d.mu, per_view, originals)
     return d

@@ -111,6 +111,13 @@ class DirectionFile:
         beta = self.beta.reshape(1, -1).astype(np.float64)
         return beta / np.linalg.norm(beta)
 
+    def readout_error(self) -> float:
+        """How far readout x directions^T is from the identity (largest entry off); 0 without a readout."""
+        if self.readout is None:
+            return 0.0
+        r = self.readout.reshape(len(self.readout), -1).astype(np.float64)
+        return float(np.abs(r @ self.unit_directions().T - np.eye(len(r))).max())
+
     def gate_row(self) -> np.ndarray:
         """The row the project repair's gate reads (flattened, float64): the readout's first, else the
         first direction. A sample moves when its score along it is past mu's."""
@@ -226,7 +233,7 @@ class DirectionFile:
             flat = r.reshape(len(r), -1).astype(np.float64)
             if not bool(np.isfinite(flat).all()):
                 fail("readout contains NaN or Inf values")
-            if float(np.abs(flat @ self.unit_directions().T - np.eye(self.rank)).max()) > 1e-3:
+            if self.readout_error() > 1e-3:
                 fail(
                     "readout x directions^T is not the identity: a shift along the directions would not read back whole"
                 )

@@ -6,7 +6,8 @@
   weights, with ``num_classes`` passed to the constructor.
 Weights: ``.safetensors``, or a state dict in a ``.pt``/``.pth`` file read with ``torch.load(weights_only=True)``.
 Code runs only from files no other account can have changed (``fire_backend.cache.trusted_code``: the
-module and its packages' ``__init__`` files, a TorchScript file).
+module, its packages' ``__init__`` files and what they import from outside the installed packages, a
+TorchScript file).
 """
 
 from __future__ import annotations
@@ -91,18 +92,18 @@ def _checked_import(module_name: str):
     installed packages and the standard library (``_CodeCheck``). A module already imported is not run
     again, and so not checked."""
     parts = module_name.split(".")
-    for i in range(1, len(parts) + 1):
-        name = ".".join(parts[:i])
-        if name in sys.modules:
-            continue
-        found = importlib.util.find_spec(name)
-        if found is None:
-            raise ImportError(f"no module named {name!r}")
-        if found.has_location and found.origin:
-            trusted_code(found.origin)
     check = _CodeCheck()
-    sys.meta_path.insert(0, check)
+    sys.meta_path.insert(0, check)  # before the chain: finding a.b runs a, and what a imports
     try:
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            if name in sys.modules:
+                continue
+            found = importlib.util.find_spec(name)
+            if found is None:
+                raise ImportError(f"no module named {name!r}")
+            if found.has_location and found.origin:
+                trusted_code(found.origin)
         return importlib.import_module(module_name)
     finally:
         sys.meta_path.remove(check)
