@@ -23,7 +23,11 @@ none:
   its views anyway, and the tie-break rewarded the overshoot (GTSRB 12x12 at ``layer2.0``: equal gain,
   transfer 57 at strength 1 and 69 at 2; strength 2 costs the scaled triggers 1-2 points of ASR).
 The (cut, strength) with the highest gain within the cost bound wins; ties (common: with 50 triggered
-images one image is 2 points) go to the higher transfer, then lower cost, then the weaker repair. Works
+images one image is 2 points) go to the weaker repair, then the higher transfer, then the lower cost.
+The weaker first: a strength past 1 pushes the features beyond the estimated clean point, and on the
+calibration pairs (training images the model is sure of) that overshoot shows no cost, while on images
+the model has not seen it gives back fewer labels (``fire bench adaptive --every-cut``: at equal gain,
+test PA falls as the strength rises on nearly every cut). A stronger repair is taken when it gains. Works
 for an ONNX model (tensors, ``OnnxRunner``) and a torch module (sub-modules,
 ``calibration.inprocess.SplitRunner``).
 """
@@ -347,8 +351,9 @@ def widest_affordable(scores: list[CutScore], max_ca_drop: float) -> list[CutSco
 
 
 def preference(s: CutScore) -> tuple[float, float, float, float]:
-    """How ``choose_cut`` orders the candidates within the cost bound: gain, transfer, lower cost, weaker."""
-    return s.gain, s.transfer, -s.cost, -s.alpha
+    """How ``choose_cut`` orders the candidates within the cost bound: gain, weaker, transfer, lower cost
+    (the module docstring says why)."""
+    return s.gain, -s.alpha, s.transfer, -s.cost
 
 
 def _agreement(scores: list[CutScore], within: list[CutScore]) -> list[CutScore]:

@@ -335,6 +335,8 @@ def test_gain_ties_go_to_the_cut_whose_direction_transfers_across_placements():
     early, deep = candidate("early", 76.0, 16.0, cost=-0.2), candidate("deep", 76.0, 31.0)
     assert max([early, deep], key=preference).cut == "deep"  # a tie on gain: transfer before cost
     assert max([early, deep, candidate("best", 80.0, 0.0)], key=preference).cut == "best"  # gain first
+    stronger = candidate("stronger", 76.0, 40.0, cost=-0.5, alpha=1.5)
+    assert max([early, deep, stronger], key=preference).cut == "deep"  # a tie on gain: the weaker before transfer
 
 
 def test_each_fold_s_unpaired_reference_is_its_own_and_never_empty():
