@@ -366,8 +366,10 @@ def write_cuts(rows: list[dict], cfg: AdaptiveConfig) -> None:
              f"`fire bench adaptive --every-cut`: the search's scores on the defender's {cfg.n_poisoned} pairs "
              "(gain: held-out PA %; cost: CA drop in points, argmax or expected; transfer: %, see "
              "`calibration/cutsearch.py`) beside the test split: CA, and over the counted variants the mean ASR / "
-             "PA and the rows meeting the targets (ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5). The search "
-             f"takes the highest gain with cost <= 0.5; its choice is in bold.", "",
+             "PA and the rows meeting the targets (ASR <= floor + 3, PA >= CA - 5, CA drop <= 0.5), on "
+             f"{f'{cfg.test_limit} test images' if cfg.test_limit else 'the whole test split'}. The search takes the "
+             "highest gain with cost <= 0.5 (`calibration.cutsearch.preference` breaks ties); its choice is in "
+             "bold.", "",
              "| model | cut | strength | gain | cost | transfer | CA (drop) | mean ASR | mean PA | met |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     groups = {(r["model"], r["cut"], r["strength"]): [] for r in rows}

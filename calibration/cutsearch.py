@@ -26,8 +26,9 @@ The (cut, strength) with the highest gain within the cost bound wins; ties (comm
 images one image is 2 points) go to the weaker repair, then the higher transfer, then the lower cost.
 The weaker first: a strength past 1 pushes the features beyond the estimated clean point, and on the
 calibration pairs (training images the model is sure of) that overshoot shows no cost, while on images
-the model has not seen it gives back fewer labels (``fire bench adaptive --every-cut``: at equal gain,
-test PA falls as the strength rises on nearly every cut). A stronger repair is taken when it gains. Works
+the model has not seen it gives back fewer labels (``results/adaptive_cuts.md``, five models: the mean
+test PA over the variants is lower at the stronger of two strengths of one cut in 94 of 120 pairs, and
+in 13 of the 15 whose calibration gains are equal). A stronger repair is taken when it gains. Works
 for an ONNX model (tensors, ``OnnxRunner``) and a torch module (sub-modules,
 ``calibration.inprocess.SplitRunner``).
 """
