@@ -4,17 +4,20 @@ CIFAR-10 subsets."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.efficacy import CSV_FIELDS, EfficacyConfig, run_efficacy
+from benchmarks.efficacy.run import source_fingerprint
 from calibration.augment import views
 from calibration.auto import AutoConfig, Scored, Setting, _pick, auto_calibrate_model
 from calibration.estimators import principal_basis
 from calibration.inprocess import ChainRunner, SplitRunner
 from fire_backend.directions import DirectionFile, DirectionFileError
+from fire_backend.names import PROJECT_ROOT
 from fire_backend.repair import Repair
 from modelio.export import ExportInfo
 from zoo.checkpoint import load_model
@@ -164,3 +167,16 @@ def test_efficacy_benchmark_end_to_end(tmp_path):
     stamp = cached.stat().st_mtime_ns
     run_efficacy(cfg)
     assert cached.stat().st_mtime_ns == stamp
+    assert json.loads(json.loads(cached.read_text())["config"])["code"] == source_fingerprint(PROJECT_ROOT)
+
+
+def test_source_fingerprint_follows_the_code_only(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    code, notes = tmp_path / "pkg" / "sub" / "a.py", tmp_path / "pkg" / "notes.md"
+    code.write_text("x = 1\n")
+    notes.write_text("a")
+    before = source_fingerprint(tmp_path, ("pkg",))
+    notes.write_text("b")  # not code: the cached rows still hold
+    assert source_fingerprint(tmp_path, ("pkg",)) == before
+    code.write_text("x = 2\n")  # a changed line of code: they do not
+    assert source_fingerprint(tmp_path, ("pkg",)) != before

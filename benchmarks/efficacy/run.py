@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -15,16 +16,28 @@ from benchmarks.efficacy.report import write_report
 from fire_backend.files import sha256_file
 from fire_backend.names import PROJECT_ROOT
 
+# The packages whose code decides a model's rows: a cached row from other code is not reused.
+ROW_CODE = ("benchmarks", "calibration", "fire_backend", "modelio", "zoo")
+
+
+def source_fingerprint(root: Path, packages: tuple[str, ...] = ROW_CODE) -> str:
+    """sha256 over the path and bytes of every .py file under ``root/PACKAGE`` for ``packages``."""
+    h = hashlib.sha256()
+    for path in sorted(p for pkg in packages for p in (root / pkg).rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
 
 def run_efficacy(cfg: EfficacyConfig | None = None, models_dir: str | Path | None = None) -> list[Path]:
     """Evaluate every model and write the report. Each model's rows are kept in
-    ``OUT/efficacy_runs/MODEL.json`` and reused by a later run with the same config and weights, so an
-    interrupted run resumes where it stopped (delete the folder to start over)."""
+    ``OUT/efficacy_runs/MODEL.json`` and reused by a later run with the same config, weights and code
+    (``source_fingerprint``), so an interrupted run resumes where it stopped (delete the folder to start over)."""
     cfg = cfg or EfficacyConfig()
     models_dir = Path(models_dir) if models_dir else PROJECT_ROOT / "models"
     runs = Path(cfg.out) / "efficacy_runs"
     runs.mkdir(parents=True, exist_ok=True)
-    key = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("models", "out", "plots")}, sort_keys=True)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("models", "out", "plots")}
+    key = json.dumps({**settings, "code": source_fingerprint(PROJECT_ROOT)}, sort_keys=True)
     rows: list[dict] = []
     seconds = 0.0
     for model in tqdm(cfg.models, desc="efficacy", unit="model", disable=None):
