@@ -4,7 +4,9 @@ scores over the whole span (the sum of their squares) instead of on the first sc
 The served project repair moves a sample when its score along the first direction is past the clean mean
 (about half the clean images), or every sample when that gate would let a view or a half-strength trigger
 through (``calibration.estimators.covers``). Clean images moved cost clean accuracy; a gate whose threshold
-is a high quantile of the clean calibration images' energy would leave most of them alone. This measures,
+is a high quantile of clean images' energy would leave most of them alone. The quantiles are read on clean
+training images the estimate did not see: its readout is fitted to the clean calibration images and reads
+them at an energy of about 0, so their quantiles would put every other image above the gate. This measures,
 in process, what that gate would do to CA and to the trigger variants, on the FIRE paired estimate at
 ``layer2`` (the same file ``fire bench adaptive`` measures as "FIRE paired"), each model's whole test
 split. Nothing here is served: it is the measurement behind docs/benchmarks/adaptive.md's "Measured, not
@@ -25,9 +27,10 @@ from benchmarks.adaptive import AdaptiveConfig, _metrics, _Model, fire_repairs
 from benchmarks.variants import variants
 from fire_backend.formula import scores
 from fire_backend.names import PROJECT_ROOT
+from zoo.data import load_dataset
 
 MODELS = ("cifar10_resnet_badnets", "cifar10_resnet_blended", "cifar10_resnet_sig", "cifar10_resnet_wanet")
-QUANTILES = (0.5, 0.9, 0.95)  # the energy gate's threshold: these quantiles of the clean calibration energy
+QUANTILES = (0.5, 0.9, 0.95)  # the energy gate's threshold: these quantiles of the held-out clean energy
 VARIANTS = ("calibrated", "mirrored left-right", "scaled 2.5x", "dimmed 60 %")
 
 
@@ -44,13 +47,22 @@ def energy_gated(params, tau: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return edit
 
 
+def held_out_clean(m: _Model, cfg: AdaptiveConfig) -> np.ndarray:
+    """``cfg.n_clean`` clean training images, none of them one the estimate saw (clean or paired original)."""
+    train = load_dataset(m.dataset, "train")
+    seen = {x.tobytes() for x in (*m.calib.clean, *m.calib.originals)}
+    order = np.random.default_rng(cfg.seed + 1).permutation(len(train.images))
+    return np.stack([train.images[i] for i in order if train.images[i].tobytes() not in seen][: cfg.n_clean])
+
+
 def probe(name: str, cfg: AdaptiveConfig) -> list[str]:
     m = _Model(name, cfg)
     r = m.runner
     repair = fire_repairs(m, cfg.layer)["FIRE paired"]
     p = repair.params
     energy = lambda f: (scores(f.reshape(len(f), -1), p) ** 2).sum(1).numpy()  # noqa: E731
-    clean_energy = energy(r.features(m.calib.clean))
+    clean_energy = energy(r.features(held_out_clean(m, cfg)))
+    calib_energy = energy(r.features(m.calib.clean))
     triggered_energy = energy(r.features(m.calib.triggered))
     gates = {"served (first score" + (", off)" if p.tau == -np.inf else ")"): repair}
     gates |= {
@@ -68,8 +80,9 @@ def probe(name: str, cfg: AdaptiveConfig) -> list[str]:
                  for v in VARIANTS]  # fmt: skip  # a variant the attack has not (scaled: WaNet, SIG): blank
         lines.append(f"| {name} | {gate} | {ca0 - ca:.2f} | " + " | ".join(cells) + " |")
     q = np.quantile(clean_energy, (0.5, 0.99))
-    lines.append(f"| {name} | energy: clean calibration median {q[0]:.0f}, q99 {q[1]:.0f}; triggered least "
-                 f"{triggered_energy.min():.0f}, median {np.median(triggered_energy):.0f} | | | | | |")  # fmt: skip
+    lines.append(f"| {name} | energy: clean held out median {q[0]:.0f}, q99 {q[1]:.0f} (clean calibration "
+                 f"median {np.median(calib_energy):.2g}); triggered calibration least {triggered_energy.min():.0f}, "
+                 f"median {np.median(triggered_energy):.0f} | | | | | |")  # fmt: skip
     return lines
 
 
@@ -82,7 +95,8 @@ def main(models: tuple[str, ...] = MODELS, out: Path = PROJECT_ROOT / "results" 
         "",
         f"`python -m benchmarks.gate_probe` ({time.time() - t0:.0f} s, 2 cores): FIRE paired at `{cfg.layer}` "
         f"(the default views, {cfg.n_poisoned} pairs, {cfg.n_clean} clean training images), in process, each "
-        "model's whole test split: CA drop, and ASR / PA on the non-target test images with each variant.",
+        "model's whole test split: CA drop, and ASR / PA on the non-target test images with each variant. The "
+        f"energy gate's threshold: a quantile of {cfg.n_clean} other clean training images' energy.",
         "",
         "| model | gate | CA drop | " + " | ".join(VARIANTS) + " |",
         "|---|---|---:|" + "---:|" * len(VARIANTS),
