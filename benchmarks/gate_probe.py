@@ -1,8 +1,8 @@
 """A probe of a repair gate FIRE does not serve: gating the ``project`` repair on the energy of a sample's
 scores over the whole span (the sum of their squares) instead of on the first score.
 
-The served project repair moves a sample when its score along the first direction is past the clean mean
-(about half the clean images), or every sample when that gate would let a view or a half-strength trigger
+The served project repair moves a sample when its score along the first direction is past the clean mean,
+or every sample when that gate would let a view or a half-strength trigger
 through (``calibration.estimators.covers``). Clean images moved cost clean accuracy; a gate whose threshold
 is a high quantile of clean images' energy would leave most of them alone. The quantiles are read on clean
 training images the estimate did not see: its readout is fitted to the clean calibration images and reads

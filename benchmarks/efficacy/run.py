@@ -21,10 +21,11 @@ ROW_CODE = ("benchmarks", "calibration", "fire_backend", "modelio", "zoo")
 
 
 def source_fingerprint(root: Path, packages: tuple[str, ...] = ROW_CODE) -> str:
-    """sha256 over the path and bytes of every .py file under ``root/PACKAGE`` for ``packages``."""
+    """sha256 over the path and bytes of every .py file under ``root/PACKAGE`` for ``packages``: whole
+    packages, not only the modules an evaluation imports (some import lazily), so it errs toward recomputing."""
     h = hashlib.sha256()
     for path in sorted(p for pkg in packages for p in (root / pkg).rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
