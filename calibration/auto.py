@@ -41,7 +41,9 @@ from zoo.checkpoint import load_model
 class AutoConfig:
     layers: tuple[str, ...] = ()  # empty: every top-level child a single-tensor cut is possible after
     modes: tuple[str, ...] = ("subtract", "project", "gated")
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # none below 1: such a repair leaves part of the trigger's component, which the attacker brings back by
+    # strengthening the trigger (the cut search, ``cutsearch.ALPHAS``, starts at 1 too)
+    alphas: tuple[float, ...] = (1.0, 2.0)
     ranks: tuple[int, ...] = (1, 2)  # tried with mode project (with spatial views: one per view)
     augment: str = DEFAULT_AUGMENT  # spatial views of the pairs the directions are fitted on (calibration.augment)
     folds: int = 5

@@ -13,7 +13,8 @@ import torch
 from benchmarks.efficacy import CSV_FIELDS, EfficacyConfig, run_efficacy
 from benchmarks.efficacy.run import source_fingerprint
 from calibration.augment import views
-from calibration.auto import AutoConfig, Scored, Setting, _pick, auto_calibrate_model
+from calibration.auto import AutoConfig, Scored, Setting, _pick, auto_calibrate_model, settings_for
+from calibration.cutsearch import ALPHAS
 from calibration.estimators import principal_basis
 from calibration.inprocess import ChainRunner, SplitRunner
 from fire_backend.directions import DirectionFile, DirectionFileError
@@ -106,6 +107,12 @@ def test_pick_prefers_pa_within_the_ca_bound():
     assert ok and best.setting.mode == "project"
     best, ok = _pick([sc("subtract", 90, 2.0), sc("project", 80, 1.0)], 0.5)
     assert not ok and best.setting.mode == "project"  # none feasible: the least harmful
+
+
+def test_no_search_tries_a_strength_below_one():
+    # below 1 a project repair leaves (1 - alpha) of the trigger's component: a stronger trigger brings it back
+    tried = {s.alpha for s in settings_for("layer2", AutoConfig())} | set(ALPHAS)
+    assert min(tried) >= 1.0
 
 
 def test_auto_calibration_writes_a_deployable_export(tmp_path, artifacts):
